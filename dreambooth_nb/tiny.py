@@ -1,0 +1,142 @@
+"""Tiny Stable Diffusion components built from configs, with no download.
+
+Used by the tests (a random pipeline proves the code *runs*), by `bench/` (an SD 1.5-shaped random UNet
+for GPU memory numbers) and by the toy-model trainer (`tools/train_toy_model.py`), which trains one of
+these from scratch so that the project has a model that really *learns*.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+import tempfile
+from pathlib import Path
+
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+# Every single character a prompt may contain gets a token, alone and as a word end (`a</w>`).
+_ALPHABET = string.ascii_lowercase + string.digits + ".,'!?-:;()/&"
+_SPECIAL = ["<|startoftext|>", "<|endoftext|>"]
+
+
+def build_tokenizer(words, *, model_max_length: int = 16) -> CLIPTokenizer:
+    """A real CLIP BPE tokenizer whose vocabulary holds `words` as single tokens.
+
+    With an empty merges list every word falls apart into characters, so prompts still tokenize, but
+    words we name are whole tokens: for each word we add the chain of merges that builds it
+    (`p h`, `ph o`, `pho t`, `phot o</w>`) and every intermediate piece to the vocabulary.
+    """
+    vocab: dict[str, int] = {}
+
+    def add(token: str) -> None:
+        vocab.setdefault(token, len(vocab))
+
+    for ch in _ALPHABET:
+        add(ch)
+        add(ch + "</w>")
+    merges: list[str] = []
+    seen = set()
+    for word in sorted({w.lower() for w in words}):
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            pair = (pieces[0], pieces[1])
+            merged = pieces[0] + pieces[1]
+            if pair not in seen:
+                seen.add(pair)
+                merges.append(f"{pair[0]} {pair[1]}")
+            add(merged)
+            pieces = [merged] + pieces[2:]
+    for token in _SPECIAL:
+        add(token)
+    # Files + from_pretrained is the one constructor that transformers 4.x (Colab) and 5.x share.
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(folder) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+        return CLIPTokenizer.from_pretrained(folder, model_max_length=model_max_length)
+
+
+def build_text_encoder(tokenizer: CLIPTokenizer, *, hidden_size: int = 32, layers: int = 2, seed: int = 0):
+    import torch
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModel(config)
+
+
+def build_unet(*, cross_attention_dim: int = 32, sample_size: int = 16, channels=(16, 32), seed: int = 0):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=tuple(channels),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(channels) - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (len(channels) - 1) + ("UpBlock2D",),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+
+
+def build_vae(*, channels=(16, 32), seed: int = 0):
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        block_out_channels=tuple(channels),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+    )
+
+
+TINY_WORDS = ["a", "photo", "of", "sks", "dog", "cat", "in", "the", "snow", "as", "an", "oil", "painting", "on", "beach"]
+
+
+def build_tiny_pipeline(path, *, words=TINY_WORDS, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+    """Save a random tiny `StableDiffusionPipeline` to `path` (32 px images, 16 px latents) and return it.
+
+    `StableDiffusionPipeline.from_pretrained(path)` loads it with no network; a training step takes
+    milliseconds on CPU.
+    """
+    from diffusers import DDPMScheduler, PNDMScheduler, StableDiffusionPipeline
+
+    tokenizer = build_tokenizer(words)
+    scheduler = PNDMScheduler.from_config(
+        DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                      prediction_type=prediction_type).config,
+        skip_prk_steps=True,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=build_vae(seed=seed),
+        text_encoder=build_text_encoder(tokenizer, seed=seed),
+        tokenizer=tokenizer,
+        unet=build_unet(seed=seed),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    path = Path(path)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
