@@ -1,0 +1,317 @@
+"""`TrainConfig`: every knob of a Dreambooth run, its presets, its validation and its JSON form.
+
+Field names follow the diffusers `train_dreambooth.py` script wherever it has one, so people coming from
+that script feel at home. The config is the only thing the notebooks hand to each other: notebook 1
+writes it as JSON into the project folder, the others read it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+ATTENTION = ("sdpa", "xformers")
+
+
+@dataclass
+class TrainConfig:
+    # --- Base model -------------------------------------------------------------------------------------
+    pretrained_model_name_or_path: str = SD15
+    """Hub id (needs internet, as on Colab) or a local folder in diffusers layout (never touches the network)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of the base model."""
+    variant: str | None = None
+    """Weight variant to download, e.g. "fp16" halves the download; trained parts are upcast to fp32 anyway."""
+
+    # --- Data -------------------------------------------------------------------------------------------
+    instance_data_dir: str = ""
+    """Folder with the 3–10 photos of your subject."""
+    instance_prompt: str = "a photo of sks dog"
+    """Prompt for the photos. A rare token like `sks` is not required (the study): "a photo of Bob's dog" works."""
+    class_data_dir: str | None = None
+    """Folder for the class images used by prior preservation; missing ones are generated."""
+    class_prompt: str | None = None
+    """Prompt for the class images, the subject's class without the identifier: "a photo of a dog"."""
+    with_prior_preservation: bool = False
+    """Train on generated class images too, so the model keeps what the class looks like. The study: needed for faces."""
+    prior_loss_weight: float = 1.0
+    """Weight of the class-image loss against the instance loss."""
+    num_class_images: int = 100
+    """How many class images prior preservation uses (generated once, reused by every run)."""
+    sample_batch_size: int = 4
+    """Batch size when generating class images."""
+    resolution: int = 512
+    """Training resolution in pixels (images are resized so the shorter side matches, then cropped square)."""
+    center_crop: bool = True
+    """Center crop (True) or a random crop per step (False; not possible with cached latents)."""
+    random_flip: bool = False
+    """Flip images horizontally at random: more variety, but wrong for asymmetric subjects (text, logos)."""
+
+    # --- Optimisation -----------------------------------------------------------------------------------
+    train_batch_size: int = 1
+    """Instance images per micro-batch (prior preservation adds as many class images)."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches summed into one optimizer step: batch 4 = batch 1 × 4 accumulated, at a quarter of the memory."""
+    max_train_steps: int = 400
+    """Optimizer steps. The study: ~400 for objects, 800–1200 for faces. Overfitting comes fast."""
+    learning_rate: float = 2e-6
+    """UNet learning rate. The study: 2e-6 for objects, 1e-6 (or 2e-6) for faces; 5e-6 already overfits."""
+    lr_scheduler: str = "constant"
+    """One of constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial."""
+    lr_warmup_steps: int = 0
+    """Steps of linear warm-up at the start of the schedule."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    """Gradient clipping over every trained parameter (UNet and text encoder together)."""
+
+    # --- Text encoder -----------------------------------------------------------------------------------
+    train_text_encoder: bool = False
+    """Train the text encoder too: better quality (the study), costs ≈1 GB more on 16 GB cards."""
+    text_encoder_learning_rate: float | None = None
+    """Its own learning rate; None means the same as `learning_rate`."""
+    stop_text_encoder_training: int | None = None
+    """Step after which the text encoder is frozen (None: train it to the end)."""
+
+    # --- Memory and speed -------------------------------------------------------------------------------
+    mixed_precision: str = "no"
+    """"fp16" (T4, P100), "bf16" (Ampere and newer, also CPU) or "no". Trained weights stay fp32 masters under autocast."""
+    use_8bit_adam: bool = False
+    """8-bit AdamW from bitsandbytes: optimizer state 2 bytes/param instead of 8 (saves ≈5 GB on SD 1.5's UNet)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: ~6× less activation memory for ~30 % more time."""
+    attention_backend: str = "sdpa"
+    """"sdpa" (PyTorch, always works) or "xformers" (used only if installed and it actually runs)."""
+    cache_latents: bool = False
+    """Encode every image with the VAE once and free the VAE from the GPU (saves memory and ~25 % of a step)."""
+    pre_compute_text_embeddings: bool = False
+    """Encode the prompts once and free the text encoder (only when the text encoder is frozen)."""
+
+    # --- Loss -------------------------------------------------------------------------------------------
+    offset_noise: float = 0.0
+    """Offset-noise strength (e.g. 0.1): lets the model learn very dark or bright images. 0 disables it."""
+    snr_gamma: float | None = None
+    """Min-SNR loss weighting gamma (5.0 is the paper's value). None disables it."""
+    use_ema: bool = False
+    """Keep an exponential moving average of the UNet and save it. The study saw no clear difference."""
+    ema_decay: float = 0.9999
+
+    # --- Run, saving, resume ----------------------------------------------------------------------------
+    seed: int = 0
+    """Seeds data order, noise and timesteps: the same config gives the same weights, resumed or not."""
+    output_dir: str = "dreambooth-output"
+    """Where states (for resume) and snapshots (for comparison) go. On Colab put it on Drive."""
+    checkpointing_steps: int = 100
+    """Save the full training state every N steps, so a disconnect loses at most N steps."""
+    checkpoints_total_limit: int | None = 2
+    """Keep only the last K training states (snapshots are never deleted). None keeps all."""
+    resume_from_checkpoint: str | None = "latest"
+    """"latest" continues from the newest complete state if there is one; a state folder path; None starts over."""
+    snapshot_steps: list[int] = field(default_factory=list)
+    """Steps at which an inference-ready pipeline is saved for comparison; the final step is always saved."""
+
+    # ------------------------------------------------------------------------------------------------------
+    def validate(self, *, check_paths: bool = True) -> "TrainConfig":
+        """Raise one `ConfigError` naming the field and the fix for the first impossible or dangerous value.
+
+        Runs before any model is loaded, so a typo never costs a download.
+        """
+        def fail(name: str, message: str):
+            raise ConfigError(f"{name}: {message}")
+
+        if not self.pretrained_model_name_or_path:
+            fail("pretrained_model_name_or_path", "is empty; give a Hub id such as "
+                 f"'{SD15}' or a local folder in diffusers layout.")
+        if not 0 < self.learning_rate <= 1e-3:
+            fail("learning_rate", f"{self.learning_rate!r} is out of range; use a value in (0, 1e-3]. "
+                 "Dreambooth works best at 1e-6 to 5e-6.")
+        te_lr = self.text_encoder_learning_rate
+        if te_lr is not None and not 0 < te_lr <= 1e-3:
+            fail("text_encoder_learning_rate", f"{te_lr!r} is out of range; use a value in (0, 1e-3] or None.")
+        for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "resolution",
+                     "checkpointing_steps", "num_class_images", "sample_batch_size"):
+            if getattr(self, name) <= 0:
+                fail(name, f"must be a positive whole number, got {getattr(self, name)!r}.")
+        if self.resolution % 8:
+            fail("resolution", f"{self.resolution} is not a multiple of 8 (the VAE downsamples by 8); try 512.")
+        if self.lr_warmup_steps < 0:
+            fail("lr_warmup_steps", "must be 0 or more.")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            fail("lr_scheduler", f"{self.lr_scheduler!r} is unknown; choose one of {', '.join(LR_SCHEDULERS)}.")
+        if self.mixed_precision not in MIXED_PRECISION:
+            fail("mixed_precision", f"{self.mixed_precision!r} is unknown; choose 'no', 'fp16' or 'bf16'.")
+        if self.attention_backend not in ATTENTION:
+            fail("attention_backend", f"{self.attention_backend!r} is unknown; choose 'sdpa' or 'xformers'.")
+        if self.mixed_precision == "fp16" and not _cuda_available():
+            fail("mixed_precision", "'fp16' needs a CUDA GPU and none is available; use 'no' or 'bf16' on CPU.")
+        if self.train_text_encoder and self.pre_compute_text_embeddings:
+            fail("pre_compute_text_embeddings", "cannot be used with train_text_encoder=True (the embeddings "
+                 "change as the encoder trains); turn one of them off.")
+        if self.stop_text_encoder_training is not None and self.stop_text_encoder_training < 0:
+            fail("stop_text_encoder_training", "must be a step number (0 or more) or None.")
+        if self.cache_latents and not self.center_crop:
+            fail("cache_latents", "needs center_crop=True (a cached latent has one fixed crop); "
+                 "set center_crop=True or cache_latents=False.")
+        if self.prior_loss_weight < 0:
+            fail("prior_loss_weight", "must be 0 or more (1.0 is usual).")
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            fail("snr_gamma", "must be positive (5.0 is usual) or None to disable min-SNR weighting.")
+        if self.offset_noise < 0:
+            fail("offset_noise", "must be 0 or more (0.1 is usual).")
+        if not 0 < self.ema_decay < 1:
+            fail("ema_decay", "must be between 0 and 1 (0.9999 is usual).")
+        if self.max_grad_norm <= 0:
+            fail("max_grad_norm", "must be positive (1.0 is usual).")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            fail("checkpoints_total_limit", "must be 1 or more, or None to keep every state.")
+        if not self.instance_prompt.strip():
+            fail("instance_prompt", "is empty; describe the photos, e.g. 'a photo of sks dog'.")
+        bad_steps = [s for s in self.snapshot_steps if not 0 < s <= self.max_train_steps]
+        if bad_steps:
+            fail("snapshot_steps", f"{bad_steps} fall outside 1..max_train_steps={self.max_train_steps}.")
+        if self.with_prior_preservation:
+            if not self.class_prompt or not self.class_prompt.strip():
+                fail("class_prompt", "is needed with prior preservation, e.g. 'a photo of a dog'.")
+            if not self.class_data_dir:
+                fail("class_data_dir", "is needed with prior preservation: a folder for the class images.")
+        if self.resume_from_checkpoint not in (None, "latest") and check_paths \
+                and not Path(self.resume_from_checkpoint).is_dir():
+            fail("resume_from_checkpoint", f"folder {self.resume_from_checkpoint!r} does not exist; "
+                 "use 'latest', None, or a state folder under output_dir/states.")
+        if check_paths:
+            if not self.instance_data_dir:
+                fail("instance_data_dir", "is empty; point it at the folder with your photos.")
+            if not Path(self.instance_data_dir).is_dir():
+                fail("instance_data_dir", f"folder {self.instance_data_dir!r} does not exist; upload your "
+                     "photos there or fix the path.")
+            local = Path(self.pretrained_model_name_or_path)
+            looks_local = local.is_absolute() or self.pretrained_model_name_or_path.startswith(".") \
+                or self.pretrained_model_name_or_path.count("/") != 1
+            if looks_local and not (local / "model_index.json").is_file():
+                fail("pretrained_model_name_or_path", f"{str(local)!r} is neither a Hub id ('owner/name') "
+                     "nor a folder with model_index.json.")
+        return self
+
+    # --- JSON round trip --------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path=None) -> str:
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            from .storage import atomic_write_text
+
+            atomic_write_text(Path(path), text + "\n")
+        return text
+
+    @classmethod
+    def from_dict(cls, data: dict, *, source: str = "config") -> "TrainConfig":
+        """Build a config from a dict, rejecting unknown keys and wrong types with the key's name."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a JSON object of settings, got {type(data).__name__}.")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        hints = typing.get_type_hints(cls)
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise ConfigError(f"{source}: unknown setting(s) {', '.join(unknown)}; "
+                              "check the spelling against dreambooth_nb.TrainConfig.")
+        values = {}
+        for key, value in data.items():
+            values[key] = _coerce(key, value, hints[key], source)
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, path) -> "TrainConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no config file there; run notebook 01 (setup) first, or fix PROJECT_DIR.")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: not valid JSON ({err}); fix it or delete it and rerun setup.") from None
+        return cls.from_dict(data, source=str(path))
+
+    def replace(self, **changes) -> "TrainConfig":
+        """A copy with some fields changed (unknown names raise ConfigError)."""
+        return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+
+def _coerce(key: str, value, hint, source: str):
+    """Check one JSON value against the field's type; ints are accepted where floats are expected."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ConfigError(f"{source}: {key} must not be null.")
+    if args and type(None) in args:  # Optional[X]
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is list:
+        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"{source}: {key} must be a list of whole numbers, got {value!r}.")
+        return list(value)
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif hint is str:
+        ok = isinstance(value, str)
+    else:  # pragma: no cover - every field type is listed above
+        ok = True
+    if not ok:
+        raise ConfigError(f"{source}: {key} must be {hint.__name__}, got {type(value).__name__} {value!r}.")
+    return value
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# --- Presets from the Diffusers Dreambooth study ----------------------------------------------------------
+PRESETS: dict[str, dict] = {
+    # Objects: low LR and few steps; prior preservation not needed.
+    "object": dict(learning_rate=2e-6, max_train_steps=400, train_batch_size=4, with_prior_preservation=False),
+    # Faces: lower LR, more steps, smaller batch, and prior preservation so "a person" stays a person.
+    "face": dict(learning_rate=1e-6, max_train_steps=1200, train_batch_size=2, with_prior_preservation=True,
+                 num_class_images=200),
+    # 16 GB memory profile: combines with either of the above.
+    "16gb": dict(use_8bit_adam=True, gradient_checkpointing=True, mixed_precision="fp16",
+                 attention_backend="sdpa", cache_latents=True),
+}
+
+
+def preset(*names: str, **overrides) -> TrainConfig:
+    """`preset("face", "16gb", instance_data_dir=...)`: presets applied left to right, then the overrides.
+
+    Under the 16gb profile a batch that would not fit is reached by accumulation instead: batch 4 becomes
+    batch 1 × 4 accumulated steps (same effective batch, same result, a quarter of the activation memory).
+    """
+    values: dict = {}
+    for name in names:
+        if name not in PRESETS:
+            raise ConfigError(f"preset {name!r} is unknown; choose from {', '.join(PRESETS)}.")
+        values.update(PRESETS[name])
+    if "16gb" in names and values.get("train_batch_size", 1) > 1:
+        values["gradient_accumulation_steps"] = values.pop("train_batch_size")
+        values["train_batch_size"] = 1
+    if "16gb" in names and not _cuda_available():
+        values["mixed_precision"] = "no"  # fp16 autocast needs a GPU; the same preset still runs on CPU
+    values.update(overrides)
+    return TrainConfig.from_dict(values)

@@ -1,0 +1,126 @@
+"""Training examples: which image, which crop and flip, which noise — all derived from (seed, position).
+
+Every random choice for the k-th sample of the run comes from its own generator seeded by (seed, k).
+So the data order and the noise do not depend on how samples are grouped into batches (batch 2 equals
+batch 1 × 2 accumulated), and resuming at step N needs no saved data-loader state: the stream simply
+continues at position N × batch × accumulation.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import DataError
+from .images import load_image, scan_images
+
+INSTANCE, CLASS = 0, 1  # stream ids: instance and class samples draw from separate, independent streams
+
+
+def sample_generator(seed: int, stream: int, position: int) -> torch.Generator:
+    """The generator for one sample: independent of batch size, of resume, and of the other stream."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + stream * 7_919 + position * 2_654_435_761) % 2**63)
+
+
+def item_index(seed: int, stream: int, position: int, n_items: int) -> int:
+    """Which image the sample at `position` uses: each epoch is a fresh permutation of all images."""
+    epoch, offset = divmod(position, n_items)
+    order = list(range(n_items))
+    random.Random(seed * 31 + stream * 1_000_033 + epoch).shuffle(order)
+    return order[offset]
+
+
+def resize_and_crop(image: Image.Image, *, resolution: int, center_crop: bool, gen: torch.Generator) -> Image.Image:
+    """Resize so the shorter side is `resolution`, then crop a square (center or random)."""
+    w, h = image.size
+    scale = resolution / min(w, h)
+    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+    image = image.resize(size, Image.BICUBIC)
+    w, h = image.size
+    if center_crop:
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+    else:
+        left = int(torch.randint(0, w - resolution + 1, (1,), generator=gen))
+        top = int(torch.randint(0, h - resolution + 1, (1,), generator=gen))
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB → float tensor CHW in [-1, 1], the VAE's input range."""
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+@dataclass
+class ImageFolder:
+    """The usable photos of one folder, loaded once, with the prompt that describes them."""
+
+    images: list[Image.Image]
+    prompt: str
+    names: list[str]
+
+    @classmethod
+    def load(cls, folder, *, prompt: str, resolution: int, min_images: int = 1) -> "ImageFolder":
+        report = scan_images(folder, resolution=resolution)
+        for warning in report.warnings:
+            print(f"Warning: {warning}")
+        for path, reason in report.skipped:
+            print(f"Skipped {path.name}: {reason}")
+        if len(report.usable) < min_images:
+            raise DataError(f"{folder}: {len(report.usable)} usable images, need at least {min_images}.")
+        images = [load_image(path, max_side=resolution) for path in report.usable]
+        return cls(images=images, prompt=prompt, names=[p.name for p in report.usable])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def pixels(self, index: int, *, resolution: int, center_crop: bool, flip: bool, gen: torch.Generator) -> torch.Tensor:
+        image = resize_and_crop(self.images[index], resolution=resolution, center_crop=center_crop, gen=gen)
+        if flip:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        return to_tensor(image)
+
+
+class LatentSource:
+    """Latents for (image, flip): encoded once and cached (`cache_latents`), or encoded on every use.
+
+    The cache keeps the VAE's distribution (mean and std) rather than one sample, so a cached run draws a
+    fresh latent sample per step exactly as an uncached one does.
+    """
+
+    def __init__(self, folder: ImageFolder, *, vae, resolution: int, center_crop: bool, cache: bool,
+                 flips: tuple[bool, ...], device: torch.device, dtype: torch.dtype):
+        self.folder, self.vae, self.device, self.dtype = folder, vae, device, dtype
+        self.resolution, self.center_crop = resolution, center_crop
+        self.scaling_factor = vae.config.scaling_factor
+        self.cached: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+        if cache:
+            for index in range(len(folder)):
+                for flip in flips:
+                    self.cached[index, flip] = self._encode(index, flip=flip, gen=torch.Generator())
+
+    @torch.no_grad()
+    def _encode(self, index: int, *, flip: bool, gen: torch.Generator):
+        pixels = self.folder.pixels(index, resolution=self.resolution, center_crop=self.center_crop,
+                                    flip=flip, gen=gen)
+        dist = self.vae.encode(pixels[None].to(self.device, self.dtype)).latent_dist
+        return dist.mean[0].float().cpu(), dist.std[0].float().cpu()
+
+    def sample(self, index: int, *, flip: bool, gen: torch.Generator) -> torch.Tensor:
+        mean, std = self.cached.get((index, flip)) or self._encode(index, flip=flip, gen=gen)
+        eps = torch.randn(mean.shape, generator=gen)
+        return (mean + std * eps) * self.scaling_factor
+
+
+@torch.no_grad()
+def encode_prompt(prompt: str, *, tokenizer, text_encoder, device: torch.device) -> torch.Tensor:
+    return text_encoder(tokenize(prompt, tokenizer=tokenizer).to(device))[0].float().cpu()
+
+
+def tokenize(prompt: str, *, tokenizer) -> torch.Tensor:
+    return tokenizer(prompt, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                     return_tensors="pt").input_ids

@@ -1,0 +1,178 @@
+"""Everything training writes to disk, written so that nothing is ever half there.
+
+Layout of `output_dir`:
+
+    config.json                 the config of the run
+    history.json                loss and learning rate per step
+    states/state-000100/        everything needed to resume (rotated: the last K are kept)
+    snapshots/step-000400/      inference-ready pipelines kept for comparison (never rotated)
+
+Every file and folder is written under a temporary name and renamed into place when complete, so a
+Colab disconnect or a kill at any moment leaves either the old version or the new one, never a mix.
+Leftover temporary folders are removed on the next start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import TrainingStopped
+
+_TMP_PREFIX = ".tmp-"
+_OLD_PREFIX = ".old-"
+STATE_MARKER = "state.json"  # written last inside a state: its presence means the state is complete
+_STATE_RE = re.compile(r"^state-(\d+)$")
+_SNAPSHOT_RE = re.compile(r"^step-(\d+)$")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some FUSE file systems (Drive) do not open folders; rename is still ordered there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: Path, data) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+@contextmanager
+def atomic_folder(final: Path):
+    """Yield a temporary folder beside `final`; on success it replaces `final` in one rename.
+
+    If the block raises, the temporary folder is removed and `final` is untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f"{_TMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                with open(file, "rb+") as handle:
+                    os.fsync(handle.fileno())
+        if final.exists():  # replacing: move the old one aside first, so some complete version always exists
+            old = final.with_name(f"{_OLD_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}")
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def remove_partial(root: Path) -> list[Path]:
+    """Delete temporary leftovers of an interrupted write anywhere under `root`; return what was removed."""
+    root = Path(root)
+    removed = []
+    if not root.is_dir():
+        return removed
+    for folder in [root, root / "states", root / "snapshots"]:
+        if not folder.is_dir():
+            continue
+        for child in folder.iterdir():
+            if child.name.startswith((_TMP_PREFIX, _OLD_PREFIX)):
+                if child.is_dir():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
+                removed.append(child)
+    return removed
+
+
+# --- Training states (for resume) ---------------------------------------------------------------------
+def state_path(output_dir, step: int) -> Path:
+    return Path(output_dir) / "states" / f"state-{step:06d}"
+
+
+def list_states(output_dir) -> list[tuple[int, Path]]:
+    """Complete training states, oldest first."""
+    folder = Path(output_dir) / "states"
+    if not folder.is_dir():
+        return []
+    found = []
+    for child in folder.iterdir():
+        match = _STATE_RE.match(child.name)
+        if match and (child / STATE_MARKER).is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_state(output_dir) -> Path | None:
+    states = list_states(output_dir)
+    return states[-1][1] if states else None
+
+
+def rotate_states(output_dir, *, keep: int | None) -> list[Path]:
+    """Delete all but the newest `keep` states; return the deleted folders."""
+    if keep is None:
+        return []
+    states = list_states(output_dir)
+    doomed = [path for _, path in states[:-keep]] if len(states) > keep else []
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+# --- Snapshots (inference-ready pipelines) -------------------------------------------------------------
+def snapshot_path(output_dir, step: int) -> Path:
+    return Path(output_dir) / "snapshots" / f"step-{step:06d}"
+
+
+def list_snapshots(output_dir) -> list[tuple[int, Path]]:
+    folder = Path(output_dir) / "snapshots"
+    if not folder.is_dir():
+        return []
+    found = []
+    for child in folder.iterdir():
+        match = _SNAPSHOT_RE.match(child.name)
+        if match and (child / "model_index.json").is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+# --- Disk space ---------------------------------------------------------------------------------------
+def check_free_space(output_dir, *, needed_bytes: int, what: str) -> None:
+    """Stop before training when what will be written cannot fit, with the numbers."""
+    folder = Path(output_dir)
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed_bytes:
+        raise TrainingStopped(
+            f"Not enough disk space in {folder}: {what} need about {needed_bytes / 1e9:.2f} GB but only "
+            f"{free / 1e9:.2f} GB are free. Free some space, lower checkpoints_total_limit, save fewer "
+            "snapshot_steps, or choose another output_dir.")
