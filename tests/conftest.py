@@ -1,0 +1,63 @@
+"""Shared fixtures: a tiny random Stable Diffusion pipeline built from configs once per test run.
+
+Tests run on CPU and offline. One thread per process: the tiny models gain nothing from more, and
+two processes each spinning two OpenMP threads on a 2-core machine run ~100× slower.
+"""
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """Folder of a random tiny `StableDiffusionPipeline` (32 px images, 16 px latents)."""
+    from dreambooth_nb.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_vpred(tmp_path_factory):
+    from dreambooth_nb.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-model-v"), prediction_type="v_prediction")
+
+
+def write_photos(folder, n=4, *, size=(40, 48), seed=0):
+    """`n` random RGB photos, each a different size-jittered noise pattern."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.RandomState(seed)
+    for i in range(n):
+        array = (rng.rand(size[0] + i, size[1], 3) * 255).astype("uint8")
+        Image.fromarray(array).save(folder / f"photo-{i}.png")
+    return folder
+
+
+@pytest.fixture
+def photos(tmp_path):
+    return write_photos(tmp_path / "photos")
+
+
+@pytest.fixture
+def make_config(tiny_model, photos, tmp_path):
+    """`make_config(**overrides)`: a valid tiny TrainConfig writing into this test's tmp folder."""
+    from dreambooth_nb import TrainConfig
+
+    def make(**overrides):
+        values = dict(pretrained_model_name_or_path=str(tiny_model), instance_data_dir=str(photos),
+                      instance_prompt="a photo of sks dog", resolution=32, max_train_steps=4,
+                      learning_rate=1e-4, checkpointing_steps=1000, output_dir=str(tmp_path / "out"))
+        values.update(overrides)
+        return TrainConfig(**values)
+
+    return make
