@@ -146,7 +146,7 @@ class TrainConfig:
         if self.resolution % 8:
             fail("resolution", f"{self.resolution} is not a multiple of 8 (the VAE downsamples by 8); try 512.")
         if self.lr_warmup_steps < 0:
-            fail("lr_warmup_steps", "must be 0 or more.")
+            fail("lr_warmup_steps", "must be 0 or more (0 turns warm-up off).")
         if self.lr_scheduler not in LR_SCHEDULERS:
             fail("lr_scheduler", f"{self.lr_scheduler!r} is unknown; choose one of {', '.join(LR_SCHEDULERS)}.")
         if self.mixed_precision not in MIXED_PRECISION:
