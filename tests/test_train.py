@@ -1,0 +1,218 @@
+"""The trainer, run for real at tiny size: every option, the optimizer, accumulation, the losses, saving."""
+
+import importlib
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dreambooth_nb import train
+from dreambooth_nb.data import CLASS, INSTANCE, ImageFolder, LatentSource
+from dreambooth_nb.models import load_components
+from dreambooth_nb.train import compute_loss, make_batch, make_optimizer
+
+# The package exports the function `train`, which hides the module of the same name as an attribute.
+train_module = importlib.import_module("dreambooth_nb.train")
+
+
+def _weights(folder, part="unet"):
+    name = "diffusion_pytorch_model.safetensors" if part in ("unet", "vae") else "model.safetensors"
+    return load_file(folder / part / name)
+
+
+def _max_diff(a, b):
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+MEMORY_OPTIONS = {
+    "8bit-adam": dict(use_8bit_adam=True),
+    "checkpointing": dict(gradient_checkpointing=True),
+    "cache-latents": dict(cache_latents=True),
+    "precomputed-text": dict(pre_compute_text_embeddings=True),
+    "bf16": dict(mixed_precision="bf16"),
+    "xformers-falls-back": dict(attention_backend="xformers"),
+    "accumulation": dict(gradient_accumulation_steps=2),
+    "all-16gb": dict(use_8bit_adam=True, gradient_checkpointing=True, cache_latents=True,
+                     pre_compute_text_embeddings=True, gradient_accumulation_steps=2),
+    "all-with-text-encoder": dict(use_8bit_adam=True, gradient_checkpointing=True, cache_latents=True,
+                                  train_text_encoder=True, gradient_accumulation_steps=2, random_flip=True),
+}
+
+
+@pytest.mark.parametrize("name", MEMORY_OPTIONS)
+def test_each_memory_option_and_their_combination_trains(make_config, name):
+    losses = []
+    final = train(make_config(max_train_steps=2, **MEMORY_OPTIONS[name]), on_step=lambda s, loss, lr: losses.append(loss))
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert (final / "model_index.json").is_file()
+
+
+def test_8bit_adamw_is_the_optimizer_in_use(make_config, capsys):
+    config = make_config(use_8bit_adam=True, max_train_steps=2, checkpointing_steps=1)
+    train(config)
+    assert "AdamW8bit" in capsys.readouterr().out
+    state = torch.load(f"{config.output_dir}/states/state-000001/optimizer.pt", weights_only=True)["state"]
+
+    def tensors(value):  # bitsandbytes nests its quantized state in a dict per parameter
+        if torch.is_tensor(value):
+            yield value
+        elif isinstance(value, dict):
+            for inner in value.values():
+                yield from tensors(inner)
+
+    dtypes = {t.dtype for t in tensors(state)}
+    assert torch.uint8 in dtypes  # 8-bit moments for the large tensors, not float32
+
+
+def test_8bit_falls_back_when_bitsandbytes_cannot_run(make_config, capsys, monkeypatch):
+    monkeypatch.setattr(train_module, "bitsandbytes_works", lambda device: (False, "no CUDA setup"))
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    optimizer = make_optimizer([{"params": params, "lr": 1e-3}], config=make_config(use_8bit_adam=True),
+                               device=torch.device("cpu"))
+    assert type(optimizer) is torch.optim.AdamW
+    assert "8-bit Adam is not available (no CUDA setup)" in capsys.readouterr().out
+
+
+def test_accumulating_two_batches_of_one_matches_one_batch_of_two(make_config, tmp_path):
+    one_batch = train(make_config(train_batch_size=2, max_train_steps=3, output_dir=str(tmp_path / "a")))
+    accumulated = train(make_config(train_batch_size=1, gradient_accumulation_steps=2, max_train_steps=3,
+                                    output_dir=str(tmp_path / "b")))
+    base_diff = _max_diff(_weights(one_batch), load_file(
+        make_config().pretrained_model_name_or_path + "/unet/diffusion_pytorch_model.safetensors"))
+    assert base_diff > 1e-4  # the weights did move
+    assert _max_diff(_weights(one_batch), _weights(accumulated)) < 1e-5
+
+
+def test_accumulation_with_text_encoder_and_prior_preservation(make_config, tmp_path):
+    common = dict(max_train_steps=2, train_text_encoder=True, with_prior_preservation=True,
+                  class_prompt="a photo of a dog", class_data_dir=str(tmp_path / "class"), num_class_images=2)
+    a = train(make_config(train_batch_size=2, output_dir=str(tmp_path / "a"), **common))
+    b = train(make_config(train_batch_size=1, gradient_accumulation_steps=2, output_dir=str(tmp_path / "b"), **common))
+    for part in ("unet", "text_encoder"):
+        assert _max_diff(_weights(a, part), _weights(b, part)) < 1e-5
+
+
+class _FakeOutput:
+    def __init__(self, sample):
+        self.sample = sample
+
+
+def test_prior_loss_is_computed_on_the_class_half_only(make_config, tiny_model, tmp_path):
+    """A UNet that predicts the noise exactly for instance rows and is off by 1 on class rows."""
+    config = make_config(with_prior_preservation=True, class_prompt="a dog", class_data_dir=str(tmp_path),
+                         train_batch_size=2)
+    parts = load_components(config, device=torch.device("cpu"))
+    folder = ImageFolder.load(config.instance_data_dir, prompt="p", resolution=32)
+    sources = [LatentSource(folder, vae=parts.vae, resolution=32, center_crop=True, cache=True, flips=(False,),
+                            device=torch.device("cpu"), dtype=torch.float32)] * 2
+    batch = make_batch(0, config=config, latents=sources, folders=[folder, folder], num_timesteps=1000)
+    assert batch["stream"].tolist() == [INSTANCE, INSTANCE, CLASS, CLASS]
+
+    def unet(noisy, timesteps, hidden):
+        off = (batch["stream"] == CLASS).float().view(-1, 1, 1, 1)
+        return _FakeOutput(batch["noise"] + off)
+
+    embeddings = torch.zeros(2, 16, 32)
+    for weight in (0.0, 1.0, 2.5):
+        loss = compute_loss(batch, unet=unet, text_encoder=None, embeddings=embeddings, token_ids=None,
+                            parts=parts, config=config.replace(prior_loss_weight=weight), device=torch.device("cpu"))
+        assert loss.item() == pytest.approx(weight)  # instance half contributes 0, class half 1 × weight
+
+
+@pytest.mark.parametrize("schedule,warmup,expected", [
+    ("constant", 0, [1e-4] * 6),
+    ("constant_with_warmup", 2, [5e-5, 1e-4, 1e-4, 1e-4, 1e-4, 1e-4]),
+    ("linear", 2, [5e-5, 1e-4, 0.75e-4, 0.5e-4, 0.25e-4, 0.0]),
+])
+def test_lr_schedule_steps_once_per_optimizer_step(make_config, schedule, warmup, expected):
+    lrs = []
+    train(make_config(lr_scheduler=schedule, lr_warmup_steps=warmup, max_train_steps=6, gradient_accumulation_steps=2),
+          on_step=lambda step, loss, lr: lrs.append(lr))
+    assert lrs == pytest.approx(expected)
+
+
+def test_text_encoder_frozen_stays_identical_and_trained_changes(make_config, tiny_model, tmp_path):
+    base = load_file(tiny_model / "text_encoder" / "model.safetensors")
+    frozen = train(make_config(output_dir=str(tmp_path / "frozen"), max_train_steps=2))
+    trained = train(make_config(output_dir=str(tmp_path / "trained"), max_train_steps=2, train_text_encoder=True,
+                                text_encoder_learning_rate=1e-3))
+    assert _max_diff(_weights(frozen, "text_encoder"), base) == 0.0
+    assert _max_diff(_weights(trained, "text_encoder"), base) > 1e-5
+
+
+def test_text_encoder_stops_training_at_its_stop_step(make_config, tmp_path):
+    stopped_at_1 = train(make_config(output_dir=str(tmp_path / "a"), max_train_steps=3, train_text_encoder=True,
+                                     stop_text_encoder_training=1, snapshot_steps=[1]))
+    after_1 = _weights(stopped_at_1.parent / "step-000001", "text_encoder")
+    assert _max_diff(_weights(stopped_at_1, "text_encoder"), after_1) == 0.0
+    unet_moved = _max_diff(_weights(stopped_at_1), _weights(stopped_at_1.parent / "step-000001"))
+    assert unet_moved > 0.0
+
+
+def test_loss_falls_on_a_fixed_batch(make_config):
+    config = make_config(learning_rate=1e-3, train_batch_size=2)
+    parts = load_components(config, device=torch.device("cpu"))
+    folder = ImageFolder.load(config.instance_data_dir, prompt=config.instance_prompt, resolution=32)
+    source = LatentSource(folder, vae=parts.vae, resolution=32, center_crop=True, cache=True, flips=(False,),
+                          device=torch.device("cpu"), dtype=torch.float32)
+    batch = make_batch(0, config=config, latents=[source], folders=[folder], num_timesteps=1000)
+    from dreambooth_nb.data import tokenize
+
+    token_ids = tokenize(config.instance_prompt, tokenizer=parts.tokenizer)
+    embeddings = parts.text_encoder(token_ids)[0].detach()
+    optimizer = make_optimizer([{"params": parts.unet.parameters(), "lr": 1e-3}], config=config,
+                               device=torch.device("cpu"))
+    losses = []
+    for _ in range(40):
+        loss = compute_loss(batch, unet=parts.unet, text_encoder=None, embeddings=embeddings, token_ids=token_ids,
+                            parts=parts, config=config, device=torch.device("cpu"))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+
+
+@pytest.mark.parametrize("options", [dict(), dict(snr_gamma=5.0, offset_noise=0.1), dict(use_ema=True)])
+def test_loss_options_run(make_config, options):
+    assert (train(make_config(max_train_steps=2, **options)) / "unet").is_dir()
+
+
+def test_v_prediction_models_train(make_config, tiny_model_vpred):
+    assert train(make_config(pretrained_model_name_or_path=str(tiny_model_vpred), max_train_steps=2)).is_dir()
+
+
+def test_ema_snapshot_differs_from_raw_weights(make_config, tmp_path):
+    raw = train(make_config(output_dir=str(tmp_path / "raw"), max_train_steps=3))
+    ema = train(make_config(output_dir=str(tmp_path / "ema"), max_train_steps=3, use_ema=True, ema_decay=0.5))
+    assert _max_diff(_weights(raw), _weights(ema)) > 0
+
+
+def test_saved_snapshots_reload_and_generate(make_config):
+    from diffusers import StableDiffusionPipeline
+
+    config = make_config(max_train_steps=3, snapshot_steps=[1, 2])
+    final = train(config)
+    steps = sorted(p.name for p in final.parent.iterdir())
+    assert steps == ["step-000001", "step-000002", "step-000003"]
+    pipe = StableDiffusionPipeline.from_pretrained(final, local_files_only=True)
+    image = pipe(config.instance_prompt, num_inference_steps=2, height=32, width=32,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32)
+
+
+def test_finished_run_is_not_trained_again(make_config, monkeypatch):
+    config = make_config(max_train_steps=2)
+    first = train(config)
+    monkeypatch.setattr(train_module.models, "load_components", lambda *a, **k: pytest.fail("trained again"))
+    assert train(config) == first
+
+
+def test_restarting_a_run_with_other_settings_is_refused(make_config):
+    from dreambooth_nb import ConfigError
+
+    train(make_config(max_train_steps=2, checkpointing_steps=1, snapshot_steps=[1]))
+    with pytest.raises(ConfigError, match="learning_rate"):
+        train(make_config(max_train_steps=2, learning_rate=5e-5))
+    with pytest.raises(ConfigError, match="already holds a training run"):
+        train(make_config(max_train_steps=2, resume_from_checkpoint=None))
