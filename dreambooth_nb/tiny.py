@@ -140,3 +140,37 @@ def build_tiny_pipeline(path, *, words=TINY_WORDS, seed: int = 0, prediction_typ
     path = Path(path)
     pipe.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def build_sd15_shaped_pipeline(path, *, seed: int = 0) -> Path:
+    """A randomly initialised pipeline with Stable Diffusion 1.5's exact shapes (UNet 859.5 M parameters).
+
+    For memory and speed measurements on a GPU where the real weights cannot be downloaded: memory and
+    FLOPs depend on the shapes only, not on the values.
+    """
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    tokenizer = build_tokenizer(TINY_WORDS, model_max_length=77)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
+        attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    config = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                            num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id)
+    scheduler = PNDMScheduler.from_config(
+        DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).config,
+        skip_prk_steps=True, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=CLIPTextModel(config), tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    path = Path(path)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path

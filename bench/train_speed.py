@@ -1,0 +1,133 @@
+"""Steps per second and peak memory of `dreambooth_nb.train` for each memory option, as ratios to a baseline.
+
+    python bench/train_speed.py            # CPU: the tiny pipeline, 32 px (under 2 minutes)
+    python bench/train_speed.py --cuda     # GPU: an SD 1.5-shaped random model at 512 px
+
+Each option runs in its own subprocess (peak RSS only grows within a process); the table gives s/step,
+peak memory (RSS on CPU, `torch.cuda.max_memory_allocated` on CUDA) and both as ratios to the first row,
+the baseline, measured by the same command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CPU_OPTIONS = {
+    "baseline (fp32, AdamW)": {},
+    "8-bit AdamW": dict(use_8bit_adam=True),
+    "gradient checkpointing": dict(gradient_checkpointing=True),
+    "cached latents": dict(cache_latents=True),
+    "pre-computed text embeddings": dict(pre_compute_text_embeddings=True),
+    "bf16 autocast": dict(mixed_precision="bf16"),
+    "all savers (16gb profile, bf16)": dict(use_8bit_adam=True, gradient_checkpointing=True, cache_latents=True,
+                                            pre_compute_text_embeddings=True, mixed_precision="bf16"),
+    "all savers + text encoder": dict(use_8bit_adam=True, gradient_checkpointing=True, cache_latents=True,
+                                      mixed_precision="bf16", train_text_encoder=True),
+}
+CUDA_OPTIONS = {
+    "baseline (fp32, AdamW)": {},
+    "fp16 autocast": dict(mixed_precision="fp16"),
+    "fp16 + checkpointing": dict(mixed_precision="fp16", gradient_checkpointing=True),
+    "fp16 + checkpointing + 8-bit AdamW": dict(mixed_precision="fp16", gradient_checkpointing=True, use_8bit_adam=True),
+    "16gb profile (+ cached latents, text emb.)": dict(mixed_precision="fp16", gradient_checkpointing=True,
+                                                       use_8bit_adam=True, cache_latents=True,
+                                                       pre_compute_text_embeddings=True),
+    "16gb profile + text encoder": dict(mixed_precision="fp16", gradient_checkpointing=True, use_8bit_adam=True,
+                                        cache_latents=True, train_text_encoder=True),
+    "16gb profile + text encoder, batch 4 (1 x 4 acc.)": dict(
+        mixed_precision="fp16", gradient_checkpointing=True, use_8bit_adam=True, cache_latents=True,
+        train_text_encoder=True, gradient_accumulation_steps=4),
+}
+
+
+def run_one(model: str, photos: str, options: dict, *, steps: int, resolution: int) -> dict:
+    """Train `steps` steps in this process and measure; called in a fresh subprocess per option."""
+    import resource
+
+    import torch
+
+    from dreambooth_nb import TrainConfig, train
+
+    cuda = torch.cuda.is_available()
+    times = []
+    with tempfile.TemporaryDirectory() as out:
+        config = TrainConfig(pretrained_model_name_or_path=model, instance_data_dir=photos, resolution=resolution,
+                             max_train_steps=steps, checkpointing_steps=10**6, learning_rate=1e-6, output_dir=out,
+                             **options)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        train(config, on_step=lambda *_: times.append(time.perf_counter()))
+    # The first steps include lazy initialisation: time the rest.
+    warm = times[len(times) // 4:]
+    result = {"s_per_step": (warm[-1] - warm[0]) / (len(warm) - 1),
+              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if cuda:
+        result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cuda", action="store_true", help="SD 1.5-shaped model at 512 px on the GPU")
+    parser.add_argument("--steps", type=int, default=None, help="steps per option (default 12 CPU, 8 CUDA)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: JSON of (model, photos, options, steps, res)
+    args = parser.parse_args()
+    if args.one:
+        job = json.loads(args.one)
+        print("RESULT " + json.dumps(run_one(job["model"], job["photos"], job["options"], steps=job["steps"],
+                                             resolution=job["resolution"])))
+        return
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from PIL import Image
+    import numpy as np
+
+    from dreambooth_nb.tiny import build_sd15_shaped_pipeline, build_tiny_pipeline
+
+    options = CUDA_OPTIONS if args.cuda else CPU_OPTIONS
+    steps = args.steps or (8 if args.cuda else 12)
+    resolution = 512 if args.cuda else 32
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        photos = work / "photos"
+        photos.mkdir()
+        rng = np.random.RandomState(0)
+        for i in range(4):
+            Image.fromarray((rng.rand(resolution + 8, resolution, 3) * 255).astype("uint8")).save(photos / f"{i}.png")
+        print("Building the model ...", flush=True)
+        model = (build_sd15_shaped_pipeline if args.cuda else build_tiny_pipeline)(work / "model")
+        env = {**os.environ, "TQDM_DISABLE": "1"}
+        if not args.cuda:
+            env.setdefault("OMP_NUM_THREADS", "1")  # steadier numbers on a shared 2-core machine
+        rows = []
+        for name, opts in options.items():
+            job = json.dumps({"model": str(model), "photos": str(photos), "options": opts, "steps": steps,
+                              "resolution": resolution})
+            proc = subprocess.run([sys.executable, __file__, "--one", job], capture_output=True, text=True, env=env)
+            line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+            if line is None:
+                print(f"{name}: failed\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+                continue
+            rows.append((name, json.loads(line[len("RESULT "):])))
+            print(f"  done: {name}", flush=True)
+    if not rows:
+        sys.exit("every option failed")
+    mem_key = "peak_cuda_mb" if args.cuda else "peak_rss_mb"
+    base = rows[0][1]
+    device = "CUDA, SD 1.5-shaped UNet at 512 px" if args.cuda else "CPU, tiny pipeline at 32 px"
+    print(f"\n{device}, batch 1, {steps} steps per option; ratios are to the baseline row")
+    print(f"{'option':52s} {'s/step':>8s} {'ratio':>6s} {mem_key:>13s} {'ratio':>6s}")
+    for name, r in rows:
+        print(f"{name:52s} {r['s_per_step']:8.3f} {r['s_per_step'] / base['s_per_step']:6.2f} "
+              f"{r[mem_key]:13.0f} {r[mem_key] / base[mem_key]:6.2f}")
+
+
+if __name__ == "__main__":
+    main()
