@@ -29,6 +29,7 @@ _OLD_PREFIX = ".old-"
 STATE_MARKER = "state.json"  # written last inside a state: its presence means the state is complete
 _STATE_RE = re.compile(r"^state-(\d+)$")
 _SNAPSHOT_RE = re.compile(r"^step-(\d+)$")
+_OLD_RE = re.compile(r"^\.old-(.+)-[0-9a-f]{8}$")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -102,7 +103,13 @@ def remove_partial(root: Path) -> list[Path]:
     for folder in [root, root / "states", root / "snapshots"]:
         if not folder.is_dir():
             continue
-        for child in folder.iterdir():
+        for child in sorted(folder.iterdir()):
+            # `.old-NAME-xxxxxxxx` without NAME: killed between `atomic_folder`'s two renames. The old
+            # version is complete (it was renamed whole) and the new one is not: put the old one back.
+            match = _OLD_RE.match(child.name)
+            if match and child.is_dir() and not (folder / match.group(1)).exists():
+                os.rename(child, folder / match.group(1))
+                continue
             if child.name.startswith((_TMP_PREFIX, _OLD_PREFIX)):
                 if child.is_dir():
                     shutil.rmtree(child, ignore_errors=True)
@@ -142,7 +149,11 @@ def rotate_states(output_dir, *, keep: int | None) -> list[Path]:
     states = list_states(output_dir)
     doomed = [path for _, path in states[:-keep]] if len(states) > keep else []
     for path in doomed:
-        shutil.rmtree(path, ignore_errors=True)
+        # Renamed first, so a kill during the deletion leaves a `.tmp-` leftover, never a state that
+        # still has its marker but lost some of its files.
+        trash = path.with_name(f"{_TMP_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}")
+        os.rename(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
     return doomed
 
 
