@@ -95,6 +95,9 @@ class TrainConfig:
     """"sdpa" (PyTorch, always works) or "xformers" (used only if installed and it actually runs)."""
     cache_latents: bool = False
     """Encode every image with the VAE once and free the VAE from the GPU (saves memory and ~25 % of a step)."""
+    latent_cache_dir: str | None = None
+    """With cache_latents: also keep the encoded latents in this folder, so later runs on the same photos
+    (a sweep, a rerun after a disconnect) skip the VAE. None keeps them in memory only."""
     pre_compute_text_embeddings: bool = False
     """Encode the prompts once and free the text encoder (only when the text encoder is frozen)."""
 

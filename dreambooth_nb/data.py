@@ -8,8 +8,11 @@ continues at position N × batch × accumulation.
 
 from __future__ import annotations
 
+import hashlib
 import random
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -93,7 +96,8 @@ class LatentSource:
     """
 
     def __init__(self, folder: ImageFolder, *, vae, resolution: int, center_crop: bool, cache: bool,
-                 flips: tuple[bool, ...], device: torch.device, dtype: torch.dtype):
+                 flips: tuple[bool, ...], device: torch.device, dtype: torch.dtype, cache_dir=None,
+                 model_key: str = ""):
         self.folder, self.vae, self.device, self.dtype = folder, vae, device, dtype
         self.resolution, self.center_crop = resolution, center_crop
         self.scaling_factor = vae.config.scaling_factor
@@ -101,7 +105,28 @@ class LatentSource:
         if cache:
             for index in range(len(folder)):
                 for flip in flips:
-                    self.cached[index, flip] = self._encode(index, flip=flip, gen=torch.Generator())
+                    self.cached[index, flip] = self._cached_or_encode(index, flip=flip, cache_dir=cache_dir,
+                                                                     model_key=model_key)
+
+    def _cached_or_encode(self, index: int, *, flip: bool, cache_dir, model_key: str):
+        """From `cache_dir` when an earlier run encoded the same pixels with the same VAE, else encode now."""
+        if cache_dir is None:
+            return self._encode(index, flip=flip, gen=torch.Generator())
+        from safetensors.torch import load_file, save_file
+
+        from .storage import atomic_write_bytes
+
+        key = hashlib.sha256(f"{model_key}|{self.resolution}|{self.center_crop}|{flip}|{self.dtype}".encode()
+                             + self.folder.images[index].tobytes()).hexdigest()[:32]
+        path = Path(cache_dir) / f"{key}.safetensors"
+        if path.is_file():
+            tensors = load_file(path)
+            return tensors["mean"], tensors["std"]
+        mean, std = self._encode(index, flip=flip, gen=torch.Generator())
+        with tempfile.TemporaryDirectory() as tmp:  # safetensors writes to a path; publish it atomically
+            save_file({"mean": mean, "std": std}, f"{tmp}/latent.safetensors")
+            atomic_write_bytes(path, Path(f"{tmp}/latent.safetensors").read_bytes())
+        return mean, std
 
     @torch.no_grad()
     def _encode(self, index: int, *, flip: bool, gen: torch.Generator):

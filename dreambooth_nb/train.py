@@ -27,7 +27,7 @@ OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryErro
 
 # Settings that may change between a run and its resumption without changing what is being trained.
 _RESUMABLE_CHANGES = {"resume_from_checkpoint", "checkpointing_steps", "checkpoints_total_limit", "snapshot_steps",
-                      "max_train_steps", "num_class_images", "sample_batch_size", "output_dir"}
+                      "max_train_steps", "num_class_images", "sample_batch_size", "output_dir", "latent_cache_dir"}
 
 
 @dataclass
@@ -86,7 +86,8 @@ def train(config: TrainConfig, *, on_step=None) -> Path:
         folders.append(ImageFolder.load(config.class_data_dir, prompt=config.class_prompt,
                                         resolution=config.resolution))
     latents = [LatentSource(folder, vae=parts.vae, resolution=config.resolution, center_crop=config.center_crop,
-                            cache=config.cache_latents, flips=flips, device=device, dtype=frozen_dtype)
+                            cache=config.cache_latents, flips=flips, device=device, dtype=frozen_dtype,
+                            cache_dir=config.latent_cache_dir, model_key=_model_key(config))
                for folder in folders]
     if config.cache_latents and device.type == "cuda":
         parts.vae.to("cpu")  # kept on CPU for saving snapshots; the GPU memory goes to training
@@ -399,6 +400,13 @@ def _new_accelerator(config: TrainConfig):
     GradientState._reset_state()
     return Accelerator(mixed_precision=config.mixed_precision,
                        gradient_accumulation_steps=config.gradient_accumulation_steps)
+
+
+def _model_key(config: TrainConfig) -> str:
+    """Identifies the VAE that encoded a cached latent."""
+    model = config.pretrained_model_name_or_path
+    where = str(Path(model).resolve()) if models.is_local(model) else model
+    return f"{where}@{config.revision}/{config.variant}"
 
 
 def _text_encoder_stopped(config: TrainConfig, step: int) -> bool:
