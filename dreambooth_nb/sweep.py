@@ -1,0 +1,105 @@
+"""The study's core experiment in one call: the same subject at several learning rates, seen at several steps.
+
+    result = sweep(config, lrs=(5e-6, 2e-6), save_at=(400, 800, 1200))
+    display(Image(result.grid))
+
+One training run per learning rate, each by `train.train` (the one training loop), into
+`<output_dir>/sweep/lr-<lr>/`, saving a snapshot at every step of `save_at`. Runs that already finished
+are skipped on a rerun and interrupted ones resume (with resume_from_checkpoint="latest", the default).
+With prior preservation the class images are generated once, before the first run, and shared by all.
+
+Then every snapshot is rendered with the evaluation spec (cached, see `evaluate`) and drawn as one grid:
+rows = learning rate (in the order given), columns = steps (ascending). When the spec has several
+prompts or seeds, each LR gets one row per prompt and seed (rows = ("lr", "prompt", "seed")), so every
+rendered image is in the grid. The grid and its JSON sidecar are written to
+`<output_dir>/sweep-grid.png` and `<output_dir>/sweep-grid.json`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .compare import compare
+from .errors import ConfigError
+from .evaluate import EvalSpec
+from .train import train
+
+
+@dataclass
+class SweepResult:
+    grid: Path
+    """The grid PNG: rows = learning rate (× prompt × seed), columns = steps."""
+    sidecar: Path
+    """The grid's JSON sidecar: axes, labels and every cell in row-major order."""
+    runs: list[Path]
+    """One run folder per learning rate, in the order of `lrs`."""
+    lrs: list[float]
+    """The learning rates, in the order of `runs`."""
+
+
+def run_folder(output_dir, lr: float) -> Path:
+    """`<output_dir>/sweep/lr-5e-06`: where the sweep trains the run with learning rate `lr`."""
+    return Path(output_dir) / "sweep" / f"lr-{lr:g}"
+
+
+def sweep(config, *, lrs=(5e-6, 2e-6), save_at=(400, 800, 1200), spec: EvalSpec | None = None, on_step=None,
+          device=None) -> SweepResult:
+    """Train one run per learning rate, render each snapshot with `spec`, draw the LR × steps grid.
+
+    `config` is the base run; the sweep overrides learning_rate, max_train_steps (= max(save_at)),
+    snapshot_steps (= save_at) and output_dir per run. `spec` defaults to `EvalSpec.for_config(config)`.
+    `on_step(step, loss, lr)` is passed to every run's training (the live loss plot).
+    """
+    lrs = _learning_rates(lrs)
+    save_at = _save_points(save_at)
+    spec = EvalSpec.for_config(config) if spec is None else spec
+    if not isinstance(spec, EvalSpec):
+        raise ConfigError(f"spec: expected an EvalSpec or None, got {type(spec).__name__}.")
+    runs = [config.replace(learning_rate=lr, max_train_steps=max(save_at), snapshot_steps=save_at,
+                           output_dir=str(run_folder(config.output_dir, lr))) for lr in lrs]
+    for run in runs:  # every run checked before the first one starts: a typo never costs a finished run
+        run.validate()
+
+    if config.with_prior_preservation:
+        from . import priors
+
+        priors.generate_class_images(config, device=None if device is None else _device(device))
+
+    for number, run in enumerate(runs, 1):
+        print(f"Sweep run {number}/{len(runs)}: learning_rate={run.learning_rate:g} → {run.output_dir}")
+        train(run, on_step=on_step)
+
+    folders = [Path(run.output_dir) for run in runs]
+    grid = compare({f"lr-{lr:g}": folder for lr, folder in zip(lrs, folders)}, spec, rows="lr", cols="step",
+                   steps=save_at, out=Path(config.output_dir) / "sweep-grid.png", device=device,
+                   title=f"{config.instance_prompt}: learning rate × steps")
+    return SweepResult(grid=grid, sidecar=grid.with_suffix(".json"), runs=folders, lrs=lrs)
+
+
+def _learning_rates(lrs) -> list[float]:
+    lrs = [lrs] if isinstance(lrs, (int, float)) else list(lrs)
+    if not lrs:
+        raise ConfigError("lrs: give at least one learning rate, e.g. (5e-6, 2e-6).")
+    for lr in lrs:
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr <= 1e-3:
+            raise ConfigError(f"lrs: {lr!r} is not a learning rate in (0, 1e-3]; the study uses 1e-6 to 5e-6.")
+    names = [f"{lr:g}" for lr in lrs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"lrs: {lrs} lists the same learning rate twice (at 6 significant digits); "
+                          "remove the repeat.")
+    return [float(lr) for lr in lrs]
+
+
+def _save_points(save_at) -> list[int]:
+    save_at = [save_at] if isinstance(save_at, int) else list(save_at)
+    if not save_at or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in save_at):
+        raise ConfigError(f"save_at: give the steps to compare as positive whole numbers, e.g. (400, 800, 1200), "
+                          f"got {save_at!r}.")
+    return sorted(set(save_at))
+
+
+def _device(device):
+    import torch
+
+    return torch.device(device)
