@@ -8,6 +8,10 @@
 from .config import PRESETS, TrainConfig, preset
 from .errors import ConfigError, DataError, DreamboothError, TrainingStopped
 from .train import train
+from .priors import generate_class_images
+from .evaluate import EvalSpec
+from .compare import compare
+from .sweep import sweep
 
 __all__ = ["TrainConfig", "preset", "PRESETS", "train", "DreamboothError", "ConfigError", "DataError",
-           "TrainingStopped"]
+           "TrainingStopped", "generate_class_images", "EvalSpec", "compare", "sweep"]
