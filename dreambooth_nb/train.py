@@ -178,6 +178,8 @@ def train(config: TrainConfig, *, on_step=None) -> Path:
             embeddings = _embed(token_ids, text_encoder, device)
         # Snapshot before state: a kill between the two then resumes from the earlier state and redoes both.
         if step in config.snapshot_steps or step == config.max_train_steps:
+            if step == config.max_train_steps:  # a finished run is never trained again: its history goes first
+                storage.write_json(out / "history.json", history.to_dict())
             save_snapshot(storage.snapshot_path(out, step), parts=parts, unet=accelerator.unwrap_model(unet),
                           text_encoder=accelerator.unwrap_model(text_encoder), ema=ema, config=config)
         if step % config.checkpointing_steps == 0 and step < config.max_train_steps:
