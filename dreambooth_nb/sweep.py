@@ -56,8 +56,12 @@ def sweep(config, *, lrs=(5e-6, 2e-6), save_at=(400, 800, 1200), spec: EvalSpec 
     spec = EvalSpec.for_config(config) if spec is None else spec
     if not isinstance(spec, EvalSpec):
         raise ConfigError(f"spec: expected an EvalSpec or None, got {type(spec).__name__}.")
+    # With cached latents the runs share one latent folder: the VAE encodes each photo once per sweep.
+    latent_cache = config.latent_cache_dir or (str(Path(config.output_dir) / "latent-cache")
+                                               if config.cache_latents else None)
     runs = [config.replace(learning_rate=lr, max_train_steps=max(save_at), snapshot_steps=save_at,
-                           output_dir=str(run_folder(config.output_dir, lr))) for lr in lrs]
+                           output_dir=str(run_folder(config.output_dir, lr)), latent_cache_dir=latent_cache)
+            for lr in lrs]
     for run in runs:  # every run checked before the first one starts: a typo never costs a finished run
         run.validate()
 

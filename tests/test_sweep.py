@@ -117,3 +117,14 @@ def test_sweep_passes_each_run_to_train_and_makes_class_images_first(make_config
     side = json.loads(result.sidecar.read_text())
     assert [(c["labels"]["lr"], c["labels"]["step"]) for c in side["cells"]] == [(2e-6, 3), (2e-6, 6), (1e-6, 3),
                                                                                   (1e-6, 6)]
+
+
+def test_sweep_runs_share_one_latent_cache(make_config, tmp_path):
+    config = make_config(output_dir=str(tmp_path / "project"), cache_latents=True)
+    spec = EvalSpec(prompts=["a photo of sks dog"], seeds=[0], num_inference_steps=2)
+    sweep(config, lrs=(5e-4, 1e-4), save_at=(2,), spec=spec)
+    cache = tmp_path / "project" / "latent-cache"
+    assert len(list(cache.glob("*.safetensors"))) == 4  # four photos encoded once, not once per run
+    for lr in (5e-4, 1e-4):
+        saved = json.loads((run_folder(config.output_dir, lr) / "config.json").read_text())
+        assert saved["latent_cache_dir"] == str(cache)
