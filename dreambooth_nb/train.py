@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import json
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +54,21 @@ def train(config: TrainConfig, *, on_step=None) -> Path:
     `on_step(step, loss, lr)` is called after every optimizer step (the notebook's live plot).
     Returns the folder of the final inference-ready pipeline.
     """
+    try:
+        return _train(config, on_step=on_step)
+    except (TrainingStopped, KeyboardInterrupt) as stop:
+        # The traceback holds the loop's frames, and in them the models, the optimizer and the last
+        # activations. A notebook keeps the last exception, so a rerun with the advised setting would find
+        # the GPU still full: clear those frames (the message says it all; the stack adds nothing).
+        error = stop
+        while error is not None:
+            traceback.clear_frames(error.__traceback__)
+            error = error.__cause__ or error.__context__
+        _free_memory()
+        raise
+
+
+def _train(config: TrainConfig, *, on_step=None) -> Path:
     config.validate()
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
