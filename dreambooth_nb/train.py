@@ -171,7 +171,11 @@ def _train(config: TrainConfig, *, on_step=None) -> Path:
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         params = [p for m in (unet, text_encoder) for p in m.parameters() if p.requires_grad]
-                        accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                        norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                        if norm is not None and accelerator.scaler is None:  # (fp16's scaler skips such steps)
+                            # A finite loss can still give NaN gradients: never let them into the weights,
+                            # or the next state saved would be a broken "last good state".
+                            _stop_if_not_finite(norm, step=step, config=config, what="gradient norm")
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 except OutOfMemoryError:
@@ -442,14 +446,14 @@ def _embed(token_ids, text_encoder, device) -> torch.Tensor:
     return text_encoder(token_ids.to(device))[0].float()
 
 
-def _stop_if_not_finite(loss: torch.Tensor, *, step: int, config: TrainConfig) -> None:
+def _stop_if_not_finite(loss: torch.Tensor, *, step: int, config: TrainConfig, what: str = "loss") -> None:
     if torch.isfinite(loss):
         return
     last = storage.latest_state(config.output_dir)
     kept = f"The last good state is kept: {last}." if last else "No state had been saved yet."
     advice = "use mixed_precision='bf16' if your GPU supports it (Ampere or newer), or " \
         if config.mixed_precision == "fp16" else ""
-    raise TrainingStopped(f"The loss became {loss.item()} at step {step + 1}: training diverged. Lower "
+    raise TrainingStopped(f"The {what} became {loss.item()} at step {step + 1}: training diverged. Lower "
                           f"learning_rate (now {config.learning_rate:g}), {advice}check the photos. {kept}")
 
 
