@@ -184,6 +184,11 @@ def check_free_space(output_dir, *, needed_bytes: int, what: str) -> None:
     free = shutil.disk_usage(probe).free
     if free < needed_bytes:
         raise TrainingStopped(
-            f"Not enough disk space in {folder}: {what} need about {needed_bytes / 1e9:.2f} GB but only "
-            f"{free / 1e9:.2f} GB are free. Free some space, lower checkpoints_total_limit, save fewer "
+            f"Not enough disk space in {folder}: {what} need about {_size(needed_bytes)} but only "
+            f"{_size(free)} are free. Free some space, lower checkpoints_total_limit, save fewer "
             "snapshot_steps, or choose another output_dir.")
+
+
+def _size(n: int) -> str:
+    """Bytes for people: GB with two decimals, MB below 1 GB (a tiny run must not read "0.00 GB")."""
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
