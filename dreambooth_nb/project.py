@@ -1,0 +1,186 @@
+"""The project folder the notebooks share: one config file and fixed places for everything else.
+
+    PROJECT_DIR/
+        config.json        written by notebook 01 (setup), read by 02-05
+        instance/          your photos (unless INSTANCE_DIR points elsewhere)
+        class_images/      prior-preservation images (notebook 02)
+        runs/<name>/       one training run each (notebook 03): states/, snapshots/, renders/
+        sweeps/            learning-rate x steps sweeps (notebook 05)
+        comparisons/       comparison grids, PNG + JSON (notebook 04)
+
+On Colab the default PROJECT_DIR is on Google Drive, so all of it survives a disconnect: rerunning a
+notebook skips what is done and resumes what is not.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import platform as _platform
+from . import storage
+from .config import TrainConfig, preset
+from .errors import ConfigError, DataError
+
+
+@dataclass(frozen=True)
+class Project:
+    root: Path
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def instance_dir(self) -> Path:
+        return self.root / "instance"
+
+    @property
+    def class_dir(self) -> Path:
+        return self.root / "class_images"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def sweeps_dir(self) -> Path:
+        return self.root / "sweeps"
+
+    @property
+    def comparisons_dir(self) -> Path:
+        return self.root / "comparisons"
+
+    # --- The shared config ----------------------------------------------------------------------------
+    def load_config(self) -> TrainConfig:
+        if not self.config_path.is_file():
+            raise ConfigError(f"No project config at {self.config_path}. Run notebook 01 (setup) first with "
+                              "the same PROJECT_DIR, or fix PROJECT_DIR.")
+        return TrainConfig.from_json(self.config_path)
+
+    def save_config(self, config: TrainConfig) -> Path:
+        config.to_json(self.config_path)
+        return self.config_path
+
+    # --- Training runs --------------------------------------------------------------------------------
+    def run_dir_for(self, config: TrainConfig) -> Path:
+        """The run folder for `config`: named after its settings (`lr2e-06`, `lr1e-06-te-prior`), so the same
+        settings resume the same run and new settings never collide with an old run (`-2`, `-3`, ...)."""
+        base = run_name(config)
+        for n in range(1, 1000):
+            candidate = self.runs_dir / (base if n == 1 else f"{base}-{n}")
+            if same_training(candidate, config):
+                return candidate
+        raise ConfigError(f"{self.runs_dir}: too many runs named {base}; delete old ones.")
+
+    def runs(self) -> dict[str, Path]:
+        """Run folders (training runs and sweep runs) that hold at least one snapshot, by name."""
+        found: dict[str, Path] = {}
+        for config_file in sorted(self.runs_dir.glob("*/config.json")):
+            if storage.list_snapshots(config_file.parent):
+                found[config_file.parent.name] = config_file.parent
+        sweeps = [self.sweeps_dir] + sorted(self.root.glob(f"{self.sweeps_dir.name}-*"), key=_number_suffix)
+        for sweep in sweeps:
+            for config_file in sorted((sweep / "sweep").glob("*/config.json")):
+                if storage.list_snapshots(config_file.parent):
+                    found[f"{sweep.name}/{config_file.parent.name}"] = config_file.parent
+        return found
+
+    def select_runs(self, names: str = "") -> dict[str, Path]:
+        """The runs named in `names` ("lr2e-6, sweep/lr-5e-06"; empty: every run with a snapshot)."""
+        available = self.runs()
+        if not available:
+            raise DataError(f"No trained run with a snapshot in {self.runs_dir} or {self.sweeps_dir}. "
+                            "Train first (notebook 3 or 5) with the same PROJECT_DIR.")
+        wanted = [n.strip() for n in str(names or "").split(",") if n.strip()]
+        if not wanted:
+            return available
+        unknown = [n for n in wanted if n not in available]
+        if unknown:
+            raise ConfigError(f"RUNS: {', '.join(unknown)} not found; the runs with snapshots are: "
+                              f"{', '.join(available)}.")
+        return {n: available[n] for n in wanted}
+
+    def sweep_dir_for(self, config: TrainConfig) -> Path:
+        """The sweep's base folder (`sweep()` trains into `<it>/sweep/lr-*`): the same settings reuse it (finished
+        runs are skipped, interrupted ones resume); other settings get `sweeps-2`, `sweeps-3`, ..."""
+        for n in range(1, 1000):
+            candidate = self.sweeps_dir if n == 1 else self.root / f"{self.sweeps_dir.name}-{n}"
+            runs = sorted((candidate / "sweep").glob("*/config.json"))
+            if all(same_training(run.parent, config, ignore=("learning_rate",)) for run in runs):
+                return candidate
+        raise ConfigError(f"{self.sweeps_dir}: too many sweeps; delete old ones.")
+
+
+def open_project(project_dir=None, *, create: bool = True) -> Project:
+    """The project at PROJECT_DIR ("" = the platform default; Drive is mounted on Colab when needed)."""
+    root = _platform.resolve_project_dir(project_dir)
+    _platform.mount_drive_if_needed(root)
+    root = root.resolve()
+    if create:
+        root.mkdir(parents=True, exist_ok=True)
+    elif not root.is_dir():
+        raise ConfigError(f"PROJECT_DIR: {root} does not exist. Run notebook 01 (setup) first with the same "
+                          "PROJECT_DIR.")
+    return Project(root)
+
+
+def setup_config(project: Project, *, kind: str = "object", memory_16gb: bool = True, model: str, instance_dir="",
+                 instance_prompt: str, class_prompt: str = "", prior_preservation: str = "preset",
+                 num_class_images: int = 0, resolution: int = 512, learning_rate: float = 0.0, max_steps: int = 0,
+                 **overrides) -> TrainConfig:
+    """The project config from the setup notebook's parameters: a preset, then the user's choices.
+
+    `kind` is "object" or "face"; `memory_16gb` adds the 16 GB profile; `prior_preservation` is
+    "preset" (faces on, objects off), "on" or "off"; `num_class_images`, `learning_rate` and `max_steps` at 0 keep the preset's values.
+    """
+    if kind not in ("object", "face"):
+        raise ConfigError(f"PRESET: {kind!r} is unknown; choose 'object' or 'face'.")
+    if prior_preservation not in ("preset", "on", "off"):
+        raise ConfigError(f"PRIOR_PRESERVATION: {prior_preservation!r} is unknown; choose 'preset', 'on' or 'off'.")
+    values = dict(pretrained_model_name_or_path=str(model),
+                  instance_data_dir=str(Path(instance_dir).resolve()) if instance_dir else str(project.instance_dir),
+                  instance_prompt=instance_prompt, class_prompt=class_prompt or None,
+                  class_data_dir=str(project.class_dir), resolution=int(resolution),
+                  output_dir=str(project.runs_dir / "run"))
+    if prior_preservation != "preset":
+        values["with_prior_preservation"] = prior_preservation == "on"
+    if num_class_images:
+        values["num_class_images"] = int(num_class_images)
+    if learning_rate:
+        values["learning_rate"] = float(learning_rate)
+    if max_steps:
+        values["max_train_steps"] = int(max_steps)
+    values.update(overrides)
+    names = (kind, "16gb") if memory_16gb else (kind,)
+    config = preset(*names, **values)
+    return config.validate()
+
+
+def run_name(config: TrainConfig) -> str:
+    name = f"lr{config.learning_rate:.0e}".replace("e-0", "e-")
+    if config.train_text_encoder:
+        name += "-te"
+    if config.with_prior_preservation:
+        name += "-prior"
+    return name
+
+
+def same_training(folder: Path, config: TrainConfig, *, ignore=()) -> bool:
+    """True if `folder` is free, or holds a run of `config` (same settings apart from resumable ones)."""
+    from .train import _RESUMABLE_CHANGES
+
+    saved = Path(folder) / "config.json"
+    if not saved.is_file():
+        return not (Path(folder) / "snapshots").exists() and not (Path(folder) / "states").exists()
+    try:
+        before = json.loads(saved.read_text())
+    except (OSError, ValueError):
+        return False
+    return all(before.get(k) == v for k, v in config.to_dict().items() if k not in _RESUMABLE_CHANGES and k not in ignore)
+
+
+def _number_suffix(path: Path) -> int:
+    tail = path.name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else 0

@@ -1,0 +1,571 @@
+"""What the notebooks show: the training panel, the live loss plot, image grids, short error messages.
+
+The rule: widgets only *collect values*. A plain function (`config_from_widgets`) turns those values into
+a `TrainConfig`, and the Train button and a headless run call the very same code path
+(`TrainingPanel.train`), so what a test executes is what a user's click executes.
+
+Only ipywidgets API common to 7.7 (Colab) and 8 is used.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+from .config import MIXED_PRECISION, TrainConfig
+from .errors import ConfigError, DreamboothError
+
+# --- Errors: the message, not a stack trace ----------------------------------------------------------
+
+
+def _short_error(shell, etype, value, tb, tb_offset=None):
+    """IPython custom exception handler: show `DreamboothError`s as one red message, no traceback."""
+    stb = [f"\x1b[31m{etype.__name__}: {value}\x1b[0m"]
+    # _showtraceback publishes an `error` output (kernel) or prints (terminal); the cell still fails, so
+    # "Run all" stops here and headless runs (nbclient, papermill, tests) raise CellExecutionError.
+    shell._showtraceback(etype, value, stb)
+    return stb
+
+
+def show_errors_as_messages(shell=None) -> bool:
+    """Make every `DreamboothError` in this notebook show as its message only. Returns False outside IPython.
+
+    Other exceptions (bugs) keep their full traceback. The cell is still marked as failed.
+    """
+    if shell is None:
+        try:
+            from IPython import get_ipython
+
+            shell = get_ipython()
+        except ImportError:
+            return False
+    if shell is None:
+        return False
+    shell.set_custom_exc((DreamboothError,), _short_error)
+    return True
+
+
+# --- Parsing text fields --------------------------------------------------------------------------------
+def parse_int_list(text, *, name: str = "steps", allow_zero: bool = False) -> list[int]:
+    """"400, 800 1200" -> [400, 800, 1200] (sorted, no repeats); a list passes through."""
+    if isinstance(text, (list, tuple)):
+        items = list(text)
+    else:
+        items = [t for t in str(text or "").replace(",", " ").split() if t]
+    values = []
+    for item in items:
+        try:
+            value = int(item) if not isinstance(item, float) or item.is_integer() else None
+        except (TypeError, ValueError):
+            value = None
+        if value is None or value < 0 or (value == 0 and not allow_zero):
+            kind = "whole number (0 or more)" if allow_zero else "positive whole number"
+            raise ConfigError(f"{name}: {item!r} is not a {kind}; write e.g. '400, 800'.")
+        values.append(value)
+    return sorted(set(values))
+
+
+def parse_float_list(text, *, name: str = "learning rates") -> list[float]:
+    """"5e-6, 2e-6" -> [5e-06, 2e-06] (order kept, no repeats)."""
+    if isinstance(text, (list, tuple)):
+        items = list(text)
+    else:
+        items = [t for t in str(text or "").replace(",", " ").split() if t]
+    values: list[float] = []
+    for item in items:
+        try:
+            value = float(item)
+        except (TypeError, ValueError):
+            value = math.nan
+        if not value > 0 or math.isinf(value):
+            raise ConfigError(f"{name}: {item!r} is not a positive number; write e.g. '5e-6, 2e-6'.")
+        if value not in values:
+            values.append(value)
+    if not values:
+        raise ConfigError(f"{name}: the list is empty; write e.g. '5e-6, 2e-6'.")
+    return values
+
+
+def default_snapshot_steps(max_steps: int) -> list[int]:
+    """Halfway and the end (the end is always saved): enough to see overfitting coming, light on disk."""
+    return [max_steps // 2] if max_steps >= 2 else []
+
+
+# --- Config <-> widget values (pure) ----------------------------------------------------------------------
+PANEL_FIELDS = ("learning_rate", "max_train_steps", "train_batch_size", "gradient_accumulation_steps",
+                "with_prior_preservation", "prior_loss_weight", "train_text_encoder", "use_8bit_adam",
+                "gradient_checkpointing", "mixed_precision", "snapshot_steps")
+
+
+def widget_values(config: TrainConfig) -> dict:
+    """The panel's initial values for `config` (snapshot steps as editable text)."""
+    values = {name: getattr(config, name) for name in PANEL_FIELDS}
+    values["snapshot_steps"] = ", ".join(str(s) for s in config.snapshot_steps)
+    return values
+
+
+def config_from_widgets(values: dict, base: TrainConfig) -> TrainConfig:
+    """`base` with the panel's values applied; the function both the Train button and headless runs use.
+
+    `values` holds TrainConfig field names (see `PANEL_FIELDS`); `snapshot_steps` may be text
+    ("200, 400"). Snapshot steps past the last step are dropped (the last step is always saved).
+    Raises `ConfigError` for an unknown name or an impossible value, before anything is loaded.
+    """
+    unknown = sorted(set(values) - set(PANEL_FIELDS))
+    if unknown:
+        raise ConfigError(f"Unknown panel setting(s): {', '.join(unknown)}.")
+    changes = dict(values)
+    for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps"):
+        if name in changes:
+            changes[name] = int(changes[name])
+    for name in ("learning_rate", "prior_loss_weight"):
+        if name in changes:
+            changes[name] = float(changes[name])
+    for name in ("with_prior_preservation", "train_text_encoder", "use_8bit_adam", "gradient_checkpointing"):
+        if name in changes:
+            changes[name] = bool(changes[name])
+    steps = changes.get("max_train_steps", base.max_train_steps)
+    if "snapshot_steps" in changes:
+        changes["snapshot_steps"] = [s for s in parse_int_list(changes["snapshot_steps"], name="snapshot steps")
+                                     if s < steps]
+    else:
+        changes["snapshot_steps"] = [s for s in base.snapshot_steps if s < steps]
+    config = base.replace(**changes)
+    if config.train_text_encoder and config.pre_compute_text_embeddings:
+        config = config.replace(pre_compute_text_embeddings=False)  # they change while the encoder trains
+    return config.validate(check_paths=False)
+
+
+def apply_parameters(config: TrainConfig, **values) -> TrainConfig:
+    """`config` with notebook parameters applied; 0, "" and None mean "keep the value from setup".
+
+    Keys are TrainConfig field names; `snapshot_steps` may be text. With a new step count and no explicit
+    snapshot steps, snapshots default to halfway (`default_snapshot_steps`).
+    """
+    changes = {k: v for k, v in values.items() if v not in (0, 0.0, "", None)}
+    if "snapshot_steps" in changes:
+        changes["snapshot_steps"] = parse_int_list(changes["snapshot_steps"], name="SNAPSHOT_STEPS")
+    steps = int(changes.get("max_train_steps", config.max_train_steps))
+    if "snapshot_steps" not in changes and (not config.snapshot_steps or "max_train_steps" in changes):
+        changes["snapshot_steps"] = default_snapshot_steps(steps)
+    changes["snapshot_steps"] = [s for s in changes["snapshot_steps"] if s < steps]
+    return config.replace(**changes)
+
+
+def config_summary(config: TrainConfig) -> str:
+    """The settings a user chose or should check, one per line."""
+    batch = config.train_batch_size * config.gradient_accumulation_steps
+    prior = (f"on: {config.num_class_images} class images of '{config.class_prompt}', weight {config.prior_loss_weight:g}"
+             if config.with_prior_preservation else "off")
+    memory = ", ".join(name for name, on in (("8-bit Adam", config.use_8bit_adam),
+                                             ("gradient checkpointing", config.gradient_checkpointing),
+                                             ("cached latents", config.cache_latents)) if on) or "none"
+    return "\n".join([
+        f"Model:              {config.pretrained_model_name_or_path}",
+        f"Photos:             {config.instance_data_dir}",
+        f"Instance prompt:    {config.instance_prompt}",
+        f"Prior preservation: {prior}",
+        f"Learning rate:      {config.learning_rate:.1e}",
+        f"Steps:              {config.max_train_steps} (snapshots at {config.snapshot_steps or 'the end only'})",
+        f"Batch:              {config.train_batch_size} x {config.gradient_accumulation_steps} accumulated = {batch}",
+        f"Text encoder:       {'trained' if config.train_text_encoder else 'frozen'}",
+        f"Resolution:         {config.resolution}",
+        f"Mixed precision:    {config.mixed_precision}; memory savers: {memory}",
+    ])
+
+
+# --- Pictures ---------------------------------------------------------------------------------------------
+def figure_png(fig) -> bytes:
+    """PNG bytes of a matplotlib Figure, without pyplot (no global state, works in any backend)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def loss_plot_png(steps, losses, *, total: int | None = None, title: str = "") -> bytes:
+    """The training loss per step (light) and its moving average (dark) as a PNG."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 2.8))
+    ax = fig.add_subplot(1, 1, 1)
+    if steps:
+        ax.plot(steps, losses, color="#9ecae1", linewidth=0.8, label="loss")
+        window = max(1, len(losses) // 20)
+        smooth, acc = [], 0.0
+        for i, value in enumerate(losses):
+            acc += value
+            if i >= window:
+                acc -= losses[i - window]
+            smooth.append(acc / min(i + 1, window))
+        ax.plot(steps, smooth, color="#08519c", linewidth=1.6, label=f"average of {window}")
+        ax.legend(loc="upper right", fontsize=8)
+    ax.set_xlim(0, max(total or 0, steps[-1] if steps else 1))
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    return figure_png(fig)
+
+
+def show_png(data: bytes) -> None:
+    from IPython.display import Image, display
+
+    display(Image(data=data))
+
+
+def show_image(image, *, width: int | None = None) -> None:
+    """Display a PIL image or an image file inline."""
+    from IPython.display import Image, display
+
+    if isinstance(image, (str, Path)):
+        display(Image(filename=str(image), width=width))
+        return
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    display(Image(data=buffer.getvalue(), width=width))
+
+
+def show_rendered(rendered, *, size: int = 128) -> None:
+    """Rendered images (evaluate.render) as one grid: a row per prompt, a column per seed."""
+    from .images import thumbnail_grid
+
+    rendered = list(rendered)
+    if not rendered:
+        return
+    seeds = list(dict.fromkeys(r.seed for r in rendered))
+    prompts = list(dict.fromkeys(r.prompt for r in rendered))
+    print("Rows: " + " | ".join(f"{i + 1}. {p}" for i, p in enumerate(prompts)) + f"; columns: seeds {seeds}")
+    show_image(thumbnail_grid([r.image for r in rendered], size=size, columns=len(seeds)))
+
+
+# --- Live progress -----------------------------------------------------------------------------------------
+class LiveLoss:
+    """`on_step(step, loss, lr)` for `train`: moves a progress bar every step and redraws the loss plot into
+    an Output widget every `plot_every` steps (or `plot_seconds`), and at the last step."""
+
+    def __init__(self, *, total: int, progress=None, status=None, plot=None, plot_every: int = 25,
+                 plot_seconds: float = 20.0, history: dict | None = None, title: str = ""):
+        self.total = total
+        self.progress, self.status, self.plot = progress, status, plot
+        self.plot_every, self.plot_seconds = plot_every, plot_seconds
+        self.steps = list((history or {}).get("steps", []))
+        self.losses = list((history or {}).get("losses", []))
+        self.title = title
+        self._t0 = time.monotonic()
+        self._first_step = self.steps[-1] if self.steps else 0
+        self._last_plot = 0.0
+
+    def __call__(self, step: int, loss: float, lr: float) -> None:
+        self.steps.append(step)
+        self.losses.append(loss)
+        if self.progress is not None:
+            self.progress.value = step
+        if self.status is not None:
+            done = step - self._first_step
+            per_step = (time.monotonic() - self._t0) / max(done, 1)
+            eta = per_step * (self.total - step)
+            self.status.value = (f"step {step}/{self.total} · loss {loss:.4f} · lr {lr:.1e} · "
+                                 f"{per_step:.2f} s/step · {eta / 60:.1f} min left")
+        now = time.monotonic()
+        if step == self.total or step % self.plot_every == 0 or now - self._last_plot > self.plot_seconds:
+            self.redraw()
+            self._last_plot = now
+
+    def redraw(self) -> None:
+        if self.plot is None or not self.steps:
+            return
+        from IPython.display import clear_output
+
+        png = loss_plot_png(self.steps, self.losses, total=self.total, title=self.title)
+        with self.plot:
+            clear_output(wait=True)
+            show_png(png)
+
+
+# --- The training panel ------------------------------------------------------------------------------------
+def _lr_slider(value: float, widgets):
+    low = min(-7.0, math.floor(math.log10(value)))
+    high = max(-5.0, math.ceil(math.log10(value)))
+    return widgets.FloatLogSlider(value=value, base=10, min=low, max=high, step=0.01, description="Learning rate",
+                                  readout_format=".1e", continuous_update=False)
+
+
+class TrainingPanel:
+    """Widgets for the settings that matter, a Train button, a progress bar, the loss plot and samples.
+
+    `panel.train()` is what the button runs; call it directly to train without a click (headless runs).
+    """
+
+    def __init__(self, config: TrainConfig, *, run_dir_for=None, sample_steps: int = 50, sample_seeds=(0, 1)):
+        import ipywidgets as widgets
+
+        self.base = config
+        self.run_dir_for = run_dir_for
+        self.sample_steps = sample_steps
+        self.sample_seeds = list(sample_seeds)
+        self.final: Path | None = None
+        v = widget_values(config)
+        wide = {"description_width": "170px"}
+        layout = widgets.Layout(width="520px")
+        steps_max = max(3000, v["max_train_steps"])
+        self.fields = {
+            "learning_rate": _lr_slider(v["learning_rate"], widgets),
+            "max_train_steps": widgets.IntSlider(value=v["max_train_steps"], min=min(10, v["max_train_steps"]),
+                                                 max=steps_max, step=10, description="Steps",
+                                                 continuous_update=False),
+            "train_batch_size": widgets.IntSlider(value=v["train_batch_size"], min=1,
+                                                  max=max(8, v["train_batch_size"]), description="Batch size"),
+            "gradient_accumulation_steps": widgets.IntSlider(
+                value=v["gradient_accumulation_steps"], min=1, max=max(8, v["gradient_accumulation_steps"]),
+                description="Grad. accumulation"),
+            "with_prior_preservation": widgets.Checkbox(value=v["with_prior_preservation"],
+                                                        description="Prior preservation"),
+            "prior_loss_weight": widgets.BoundedFloatText(value=v["prior_loss_weight"], min=0.0, max=10.0,
+                                                          step=0.1, description="Prior loss weight"),
+            "train_text_encoder": widgets.Checkbox(value=v["train_text_encoder"],
+                                                   description="Train text encoder (+≈1 GB)"),
+            "use_8bit_adam": widgets.Checkbox(value=v["use_8bit_adam"], description="8-bit Adam"),
+            "gradient_checkpointing": widgets.Checkbox(value=v["gradient_checkpointing"],
+                                                       description="Gradient checkpointing"),
+            "mixed_precision": widgets.Dropdown(options=list(MIXED_PRECISION), value=v["mixed_precision"],
+                                                description="Mixed precision"),
+            "snapshot_steps": widgets.Text(value=v["snapshot_steps"], description="Snapshots at steps",
+                                           placeholder="e.g. 200, 400 (the last step is always saved)"),
+        }
+        for widget in self.fields.values():
+            widget.style = wide
+            widget.layout = layout
+        self.button = widgets.Button(description="Train", button_style="primary", icon="play")
+        self.progress = widgets.IntProgress(value=0, min=0, max=v["max_train_steps"], description="Progress",
+                                            style=wide, layout=layout)
+        self.status = widgets.HTML(value="Ready: press Train.")
+        self.plot = widgets.Output()
+        self.log = widgets.Output()
+        self.button.on_click(self._clicked)
+        self.box = widgets.VBox([*self.fields.values(), self.button, self.progress, self.status, self.plot, self.log])
+
+    def values(self) -> dict:
+        return {name: widget.value for name, widget in self.fields.items()}
+
+    def config(self) -> TrainConfig:
+        """The config the panel describes, with its run folder (same settings → same folder → resume)."""
+        config = config_from_widgets(self.values(), self.base)
+        if self.run_dir_for is not None:
+            config = config.replace(output_dir=str(self.run_dir_for(config)))
+        return config
+
+    def show(self) -> "TrainingPanel":
+        from IPython.display import display
+
+        display(self.box)
+        return self
+
+    def _clicked(self, _button=None) -> None:
+        self.button.disabled = True
+        try:
+            with self.log:
+                try:
+                    self.train(output=self.log)
+                except DreamboothError as err:  # the message, not a traceback
+                    self.status.value = f"<b style='color:#c00'>Stopped:</b> {err}"
+                    print(f"{type(err).__name__}: {err}")
+        finally:
+            self.button.disabled = False
+
+    def train(self, *, output=None) -> Path:
+        """Train with the panel's settings (resuming if this run was interrupted), then show samples."""
+        from .storage import list_snapshots
+        from .train import train
+
+        config = self.config()
+        history_file = Path(config.output_dir) / "history.json"
+        history = None
+        if history_file.is_file():
+            import json
+
+            saved = json.loads(history_file.read_text())
+            history = {"steps": saved.get("steps", []), "losses": saved.get("losses", [])}
+        self.progress.max = config.max_train_steps
+        self.progress.value = history["steps"][-1] if history and history["steps"] else 0
+        live = LiveLoss(total=config.max_train_steps, progress=self.progress, status=self.status, plot=self.plot,
+                        plot_every=max(1, config.max_train_steps // 20), history=history,
+                        title=f"{Path(config.output_dir).name}: lr {config.learning_rate:.1e}")
+        print(f"Run folder: {config.output_dir}")
+        final = train(config, on_step=live)
+        live.redraw()
+        self.progress.value = config.max_train_steps
+        self.status.value = f"Done: {config.max_train_steps} steps. Final snapshot: {final}"
+        self.final = final
+        snapshots = list_snapshots(config.output_dir)
+        print("Snapshots: " + ", ".join(f"step {s}" for s, _ in snapshots))
+        if output is None and live.steps:  # headless: the final plot also goes into the cell's own output
+            show_png(loss_plot_png(live.steps, live.losses, total=live.total, title=live.title))
+        with _display_into(output):
+            self.show_samples(config, final)
+        return final
+
+    def show_samples(self, config: TrainConfig, snapshot: Path) -> None:
+        """Fixed-seed samples of `snapshot` (cached on disk: showing them again costs nothing)."""
+        from .evaluate import EvalSpec, render
+
+        spec = EvalSpec.for_config(config, seeds=self.sample_seeds, num_inference_steps=self.sample_steps)
+        print(f"Samples from {snapshot.name} (DDIM, {spec.num_inference_steps} steps):")
+        show_rendered(render(snapshot, spec))
+
+
+# --- Comparison and sweep panels -----------------------------------------------------------------------------
+SCHEDULER_CHOICES = [("DDIM (recommended)", "ddim"), ("PNDM (SD 1.5's default)", "pndm"), ("DPM-Solver++", "dpm")]
+COLUMN_CHOICES = [("training steps", "step"), ("prompts", "prompt")]
+
+
+def grid_axes(columns: str) -> tuple:
+    """(rows, cols) for `compare`: runs down and steps across, or runs × steps down and prompts across."""
+    if columns == "step":
+        return "run", "step"
+    if columns == "prompt":
+        return ("run", "step"), "prompt"
+    raise ConfigError(f"COLUMNS: {columns!r} is unknown; choose 'step' or 'prompt'.")
+
+
+def _display_into(output):
+    """A context that sends displays into `output` (an Output widget) or, with None, into the cell."""
+    return output if output is not None else nullcontext()
+
+
+class ComparePanel:
+    """Scheduler, inference steps and layout widgets plus a Draw button over `compare`; `draw()` draws now."""
+
+    def __init__(self, runs: dict, spec, *, out_dir, columns: str = "step", title: str | None = None):
+        import ipywidgets as widgets
+
+        self.runs, self.base_spec, self.out_dir, self.title = runs, spec, Path(out_dir), title
+        style = {"description_width": "150px"}
+        self.scheduler = widgets.Dropdown(options=SCHEDULER_CHOICES, value=spec.scheduler, description="Scheduler",
+                                          style=style)
+        self.steps = widgets.IntSlider(value=spec.num_inference_steps, min=min(10, spec.num_inference_steps),
+                                       max=max(150, spec.num_inference_steps), step=5, description="Inference steps",
+                                       continuous_update=False, style=style)
+        self.columns = widgets.Dropdown(options=COLUMN_CHOICES, value=columns, description="Columns", style=style)
+        self.button = widgets.Button(description="Draw", button_style="primary", icon="th")
+        self.output = widgets.Output()
+        self.button.on_click(self._clicked)
+        self.box = widgets.VBox([self.scheduler, self.steps, self.columns, self.button, self.output])
+        self.grid: Path | None = None
+
+    def spec(self):
+        return self.base_spec.replace(scheduler=self.scheduler.value, num_inference_steps=int(self.steps.value))
+
+    def show(self) -> "ComparePanel":
+        from IPython.display import display
+
+        display(self.box)
+        return self
+
+    def draw(self, *, output=None) -> Path:
+        from .compare import compare
+
+        rows, cols = grid_axes(self.columns.value)
+        spec = self.spec()
+        with _display_into(output):
+            print(f"{len(self.runs)} run(s): {', '.join(self.runs)}; {spec.scheduler.upper()}, "
+                  f"{spec.num_inference_steps} steps, seeds {spec.seeds}. Rendered images are cached: redrawing "
+                  "with the same settings is instant.")
+            self.grid = compare(self.runs, spec, rows=rows, cols=cols, out=self.out_dir, title=self.title)
+            print(f"Saved {self.grid} (+ {self.grid.with_suffix('.json').name})")
+            show_image(self.grid)
+        return self.grid
+
+    def _clicked(self, _button=None) -> None:
+        from IPython.display import clear_output
+
+        self.button.disabled = True
+        try:
+            with self.output:
+                clear_output()
+                try:
+                    self.draw()
+                except DreamboothError as err:
+                    print(f"{type(err).__name__}: {err}")
+        finally:
+            self.button.disabled = False
+
+
+class SweepPanel:
+    """Learning-rate and step lists plus a Run button over `sweep`; `run()` is what the button does."""
+
+    def __init__(self, config: TrainConfig, *, lrs, save_at, spec=None, sweep_dir_for=None):
+        import ipywidgets as widgets
+
+        self.base, self.spec, self.sweep_dir_for = config, spec, sweep_dir_for
+        style, layout = {"description_width": "150px"}, widgets.Layout(width="520px")
+        self.lrs = widgets.Text(value=", ".join(f"{lr:g}" for lr in parse_float_list(lrs)),
+                                description="Learning rates", style=style, layout=layout)
+        self.save_at = widgets.Text(value=", ".join(str(s) for s in parse_int_list(save_at, name="SAVE_AT")),
+                                    description="Compare at steps", style=style, layout=layout)
+        self.button = widgets.Button(description="Run sweep", button_style="primary", icon="play")
+        self.progress = widgets.IntProgress(value=0, min=0, max=1, description="Progress", style=style,
+                                            layout=layout)
+        self.status = widgets.HTML(value="Ready: press Run sweep.")
+        self.plot = widgets.Output()
+        self.output = widgets.Output()
+        self.button.on_click(self._clicked)
+        self.box = widgets.VBox([self.lrs, self.save_at, self.button, self.progress, self.status, self.plot,
+                                 self.output])
+        self.result = None
+
+    def values(self) -> tuple[list[float], list[int]]:
+        return (parse_float_list(self.lrs.value, name="learning rates"),
+                parse_int_list(self.save_at.value, name="steps"))
+
+    def show(self) -> "SweepPanel":
+        from IPython.display import display
+
+        display(self.box)
+        return self
+
+    def run(self, *, output=None):
+        from .sweep import sweep
+
+        lrs, save_at = self.values()
+        config = self.base
+        if self.sweep_dir_for is not None:
+            config = config.replace(output_dir=str(self.sweep_dir_for(config)))
+        total = max(save_at)
+        self.progress.max = total
+        live = _RunsLoss(total=total, progress=self.progress, status=self.status, plot=self.plot,
+                         plot_every=max(1, total // 10))
+        with _display_into(output):
+            print(f"Sweep: learning rates {lrs} × snapshots at steps {save_at} into {config.output_dir}")
+            self.result = sweep(config, lrs=lrs, save_at=save_at, spec=self.spec, on_step=live)
+            print(f"Saved {self.result.grid}")
+            show_image(self.result.grid)
+        return self.result
+
+    def _clicked(self, _button=None) -> None:
+        self.button.disabled = True
+        try:
+            with self.output:
+                try:
+                    self.run()
+                except DreamboothError as err:
+                    self.status.value = f"<b style='color:#c00'>Stopped:</b> {err}"
+                    print(f"{type(err).__name__}: {err}")
+        finally:
+            self.button.disabled = False
+
+
+class _RunsLoss(LiveLoss):
+    """LiveLoss over several runs in a row: a step lower than the last one starts a new curve."""
+
+    def __call__(self, step: int, loss: float, lr: float) -> None:
+        if self.steps and step <= self.steps[-1]:
+            self.steps, self.losses = [], []
+            self._t0, self._first_step = time.monotonic(), step - 1
+        self.title = f"lr {lr:.1e}"
+        super().__call__(step, loss, lr)

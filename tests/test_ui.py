@@ -1,0 +1,273 @@
+"""Pure functions behind the notebooks: config from widget values, platform detection, the token, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from dreambooth_nb import platform, project as projects, ui
+from dreambooth_nb.config import TrainConfig, preset
+from dreambooth_nb.errors import ConfigError, DataError
+
+FAKE_TOKEN = "hf_FAKEdoNotLeak0123456789abcdefghijklmn"
+
+
+@pytest.fixture
+def base(tmp_path):
+    return preset("object", instance_data_dir=str(tmp_path), instance_prompt="a photo of sks mug",
+                  class_prompt="a photo of a mug", class_data_dir=str(tmp_path / "class"),
+                  output_dir=str(tmp_path / "runs" / "run"))
+
+
+# --- Config from widget values ---------------------------------------------------------------------------
+def test_widget_values_round_trip_to_the_same_config(base):
+    assert ui.config_from_widgets(ui.widget_values(base), base) == base
+
+
+def test_config_from_widgets_applies_every_panel_field(base):
+    values = {"learning_rate": 1e-6, "max_train_steps": 1200, "train_batch_size": 2,
+              "gradient_accumulation_steps": 3, "with_prior_preservation": True, "prior_loss_weight": 0.5,
+              "train_text_encoder": True, "use_8bit_adam": True, "gradient_checkpointing": True,
+              "mixed_precision": "bf16", "snapshot_steps": "800, 400 400 1200 2000"}
+    config = ui.config_from_widgets(values, base)
+    for name, value in values.items():
+        if name != "snapshot_steps":
+            assert getattr(config, name) == value, name
+    assert config.snapshot_steps == [400, 800]  # sorted, repeats gone, the last step and beyond dropped
+    assert config.instance_prompt == base.instance_prompt  # untouched fields kept
+
+
+def test_config_from_widgets_turns_off_precomputed_embeddings_when_the_text_encoder_trains(base):
+    config = ui.config_from_widgets({"train_text_encoder": True}, base.replace(pre_compute_text_embeddings=True))
+    assert config.train_text_encoder and not config.pre_compute_text_embeddings
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"learning_rate": 0.5}, "learning_rate"),
+    ({"snapshot_steps": "200, abc"}, "snapshot steps"),
+    ({"no_such_field": 1}, "no_such_field"),
+    ({"with_prior_preservation": True, "prior_loss_weight": -1.0}, "prior_loss_weight"),
+])
+def test_config_from_widgets_rejects_bad_values_with_the_field_name(base, values, message):
+    with pytest.raises(ConfigError, match=message):
+        ui.config_from_widgets(values, base)
+
+
+def test_apply_parameters_keeps_setup_values_for_zero_and_empty(base):
+    assert ui.apply_parameters(base, learning_rate=0.0, max_train_steps=0, snapshot_steps="") == \
+        base.replace(snapshot_steps=ui.default_snapshot_steps(base.max_train_steps))
+    changed = ui.apply_parameters(base, learning_rate=1e-6, max_train_steps=800, snapshot_steps="")
+    assert (changed.learning_rate, changed.max_train_steps, changed.snapshot_steps) == (1e-6, 800, [400])
+    explicit = ui.apply_parameters(base, max_train_steps=600, snapshot_steps="200, 600, 900")
+    assert explicit.snapshot_steps == [200]
+
+
+def test_parse_lists():
+    assert ui.parse_int_list("400, 800 1200,") == [400, 800, 1200]
+    assert ui.parse_int_list("1, 0", allow_zero=True) == [0, 1]
+    assert ui.parse_float_list("5e-6, 2e-6, 5e-6") == [5e-6, 2e-6]
+    with pytest.raises(ConfigError, match="positive"):
+        ui.parse_int_list("0")
+    with pytest.raises(ConfigError, match="empty"):
+        ui.parse_float_list(" ")
+    with pytest.raises(ConfigError, match="'-1e-6'"):
+        ui.parse_float_list("-1e-6")
+
+
+def test_grid_axes():
+    assert ui.grid_axes("step") == ("run", "step")
+    assert ui.grid_axes("prompt") == (("run", "step"), "prompt")
+    with pytest.raises(ConfigError):
+        ui.grid_axes("seed")
+
+
+# --- The panel (widgets built, no frontend needed) --------------------------------------------------------
+def test_training_panel_builds_the_config_the_button_uses(base, tmp_path):
+    project = projects.Project(tmp_path / "project")
+    panel = ui.TrainingPanel(base.replace(learning_rate=1e-3, max_train_steps=4), run_dir_for=project.run_dir_for)
+    assert panel.fields["learning_rate"].value == pytest.approx(1e-3)  # the slider range widened to hold it
+    assert panel.fields["max_train_steps"].value == 4
+    panel.fields["learning_rate"].value = 2e-6
+    panel.fields["max_train_steps"].value = 400
+    panel.fields["train_text_encoder"].value = True
+    panel.fields["snapshot_steps"].value = "200"
+    config = panel.config()
+    assert (config.learning_rate, config.max_train_steps, config.snapshot_steps) == (2e-6, 400, [200])
+    assert config.output_dir == str(project.runs_dir / "lr2e-6-te")
+    assert set(ui.PANEL_FIELDS) == set(panel.values())
+
+
+def test_live_loss_moves_the_progress_bar_and_plots(base):
+    import ipywidgets as widgets
+
+    progress, status = widgets.IntProgress(max=10), widgets.HTML()
+    live = ui.LiveLoss(total=10, progress=progress, status=status, plot=None, history={"steps": [1], "losses": [0.5]})
+    live(2, 0.25, 1e-6)
+    assert progress.value == 2 and "step 2/10" in status.value and live.steps == [1, 2]
+    png = ui.loss_plot_png(live.steps, live.losses, total=10)
+    assert png.startswith(b"\x89PNG")
+
+
+# --- Project folder ---------------------------------------------------------------------------------------
+def test_setup_config_applies_presets_and_choices(tmp_path):
+    project = projects.Project(tmp_path)
+    project.instance_dir.mkdir()
+    face = projects.setup_config(project, kind="face", memory_16gb=True, model="owner/model",
+                                 instance_prompt="a photo of sks person", class_prompt="a photo of a person",
+                                 resolution=512)
+    assert face.with_prior_preservation and face.learning_rate == 1e-6 and face.max_train_steps == 1200
+    assert (face.train_batch_size, face.gradient_accumulation_steps) == (1, 2)  # 16gb: batch via accumulation
+    assert face.use_8bit_adam and face.gradient_checkpointing
+    assert face.class_data_dir == str(project.class_dir) and face.instance_data_dir == str(project.instance_dir)
+    obj = projects.setup_config(project, kind="object", memory_16gb=False, model="owner/model",
+                                instance_prompt="a photo of sks mug", prior_preservation="on",
+                                class_prompt="a photo of a mug", num_class_images=50, learning_rate=5e-6,
+                                max_steps=800)
+    assert obj.with_prior_preservation and obj.num_class_images == 50 and obj.train_batch_size == 4
+    assert (obj.learning_rate, obj.max_train_steps) == (5e-6, 800)
+    with pytest.raises(ConfigError, match="PRESET"):
+        projects.setup_config(project, kind="pet", model="owner/model", instance_prompt="x")
+
+
+def test_run_dir_for_resumes_the_same_settings_and_never_mixes_others(base, tmp_path):
+    project = projects.Project(tmp_path / "p")
+    first = project.run_dir_for(base)
+    assert first.name == "lr2e-6"
+    first.mkdir(parents=True)
+    (first / "config.json").write_text(json.dumps(base.replace(output_dir=str(first)).to_dict()))
+    assert project.run_dir_for(base.replace(max_train_steps=800)) == first  # resumable change: same run
+    other = project.run_dir_for(base.replace(seed=1))
+    assert other.name == "lr2e-6-2"
+
+
+def test_runs_lists_runs_with_snapshots(tmp_path):
+    project = projects.Project(tmp_path)
+    for folder in (project.runs_dir / "lr2e-6", project.sweeps_dir / "sweep" / "lr-5e-06"):
+        (folder / "snapshots" / "step-000400").mkdir(parents=True)
+        (folder / "snapshots" / "step-000400" / "model_index.json").write_text("{}")
+        (folder / "config.json").write_text("{}")
+    (project.runs_dir / "empty").mkdir()
+    (project.runs_dir / "empty" / "config.json").write_text("{}")
+    assert list(project.runs()) == ["lr2e-6", "sweeps/lr-5e-06"]
+    assert list(project.select_runs("sweeps/lr-5e-06")) == ["sweeps/lr-5e-06"]
+    with pytest.raises(ConfigError, match="nope"):
+        project.select_runs("nope")
+    with pytest.raises(DataError, match="Train first"):
+        projects.Project(tmp_path / "fresh").select_runs()
+
+
+def test_load_config_without_setup_says_what_to_do(tmp_path):
+    with pytest.raises(ConfigError, match="Run notebook 01"):
+        projects.Project(tmp_path).load_config()
+    with pytest.raises(ConfigError, match="Run notebook 01"):
+        projects.open_project(tmp_path / "missing", create=False)
+
+
+# --- Platform -----------------------------------------------------------------------------------------------
+def test_detect_platform(tmp_path):
+    none = tmp_path / "no-kaggle"
+    assert platform.detect_platform(modules={"google.colab": object()}, environ={}, kaggle_dir=none) == "colab"
+    assert platform.detect_platform(modules={}, environ={"KAGGLE_KERNEL_RUN_TYPE": "Interactive"},
+                                    kaggle_dir=none) == "kaggle"
+    assert platform.detect_platform(modules={}, environ={}, kaggle_dir=tmp_path) == "kaggle"
+    assert platform.detect_platform(modules={}, environ={}, kaggle_dir=none) == "local"
+
+
+def test_project_dir_defaults_per_platform():
+    assert platform.resolve_project_dir("", platform="colab") == Path("/content/drive/MyDrive/dreambooth")
+    assert platform.resolve_project_dir(None, platform="kaggle") == Path("/kaggle/working/dreambooth")
+    assert platform.resolve_project_dir("", platform="local") == Path("dreambooth-project")
+    assert platform.resolve_project_dir("/data/x", platform="colab") == Path("/data/x")
+    with pytest.raises(ConfigError, match="read-only"):
+        platform.resolve_project_dir("/kaggle/input/photos", platform="kaggle")
+
+
+def test_mount_drive_only_on_colab_for_drive_paths(tmp_path):
+    assert platform.mount_drive_if_needed(Path("/content/drive/MyDrive/x"), platform="local") is False
+    assert platform.mount_drive_if_needed(tmp_path, platform="colab") is False
+
+
+def test_headless_detection():
+    assert platform.is_headless(environ={}, kernel=SimpleNamespace(_allow_stdin=False)) is True
+    assert platform.is_headless(environ={}, kernel=SimpleNamespace(_allow_stdin=True)) is False
+    assert platform.is_headless(environ={"DREAMBOOTH_NB_HEADLESS": "1"}, kernel=SimpleNamespace(_allow_stdin=True))
+    assert not platform.is_headless(environ={"DREAMBOOTH_NB_HEADLESS": "0"}, kernel=SimpleNamespace(_allow_stdin=False))
+    assert platform.is_headless(environ={}) is True  # plain Python: no kernel, nobody to click
+
+
+def test_environment_report_on_cpu():
+    env = platform.check_environment(probe=False)
+    assert env.platform in ("local", "colab", "kaggle")
+    text = env.summary()
+    assert "8-bit Adam" in text and "xformers" in text
+
+
+def test_upload_elsewhere_than_colab_only_says_where(tmp_path, capsys):
+    assert platform.upload_photos(tmp_path / "photos", platform="local") == []
+    assert "Put your photos into" in capsys.readouterr().out
+    (tmp_path / "photos" / "a.png").write_bytes(b"x")
+    assert platform.upload_photos(tmp_path / "photos", platform="local") == []
+    assert capsys.readouterr().out == ""  # a folder with photos is left alone
+
+
+# --- The Hugging Face token never shows -----------------------------------------------------------------------
+def test_hf_login_from_env_never_prints_or_saves_the_token(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(platform, "_whoami", lambda token: "someone")
+    env = {"HF_TOKEN": FAKE_TOKEN}
+    assert platform.hf_login(environ=env) is True
+    out = capsys.readouterr()
+    assert "someone" in out.out and FAKE_TOKEN not in out.out + out.err and "hf_FAKE" not in out.out + out.err
+    assert not any(FAKE_TOKEN.encode() in p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+
+
+def test_hf_login_from_the_prompt_sets_the_session_only(monkeypatch, capsys):
+    monkeypatch.setattr(platform, "_whoami", lambda token: None)
+    monkeypatch.setattr(platform, "_colab_secret", lambda name: None)
+    monkeypatch.setattr(platform, "_kaggle_secret", lambda name: None)
+    env: dict = {}
+    assert platform.hf_login(environ=env, ask=lambda prompt: f" {FAKE_TOKEN} \n") is True
+    assert env["HF_TOKEN"] == FAKE_TOKEN
+    assert "hf_FAKE" not in capsys.readouterr().out
+
+
+def test_hf_login_offline_verification_never_echoes_the_token(monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert platform.hf_login(environ={"HF_TOKEN": FAKE_TOKEN}) is True  # whoami fails offline: no user shown
+    out = capsys.readouterr()
+    assert "hf_FAKE" not in out.out + out.err
+
+
+def test_hf_login_headless_without_a_token_skips(monkeypatch, capsys):
+    monkeypatch.setattr(platform, "_colab_secret", lambda name: None)
+    monkeypatch.setattr(platform, "_kaggle_secret", lambda name: None)
+    assert platform.hf_login(environ={"DREAMBOOTH_NB_HEADLESS": "1"}) is False
+    assert "No Hugging Face token" in capsys.readouterr().out
+
+
+# --- Errors: the message, not a stack trace -------------------------------------------------------------------
+def test_dreambooth_errors_show_as_their_message_and_still_fail(capsys):
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    try:
+        assert ui.show_errors_as_messages(shell) is True
+        result = shell.run_cell("from dreambooth_nb.errors import ConfigError\n"
+                                "def deep():\n    raise ConfigError('learning_rate: 1.0 is out of range')\ndeep()")
+        assert not result.success and isinstance(result.error_in_exec, ConfigError)
+        out = capsys.readouterr().out
+        assert "ConfigError: learning_rate: 1.0 is out of range" in out
+        assert "Traceback" not in out and "deep()" not in out
+        result = shell.run_cell("1 / 0")  # a bug keeps its full traceback
+        assert not result.success
+        assert "ZeroDivisionError" in capsys.readouterr().out
+    finally:
+        shell.set_custom_exc((), None)
+        InteractiveShell.clear_instance()
+
+
+def test_show_errors_outside_ipython_is_harmless():
+    assert ui.show_errors_as_messages(None) in (True, False)
