@@ -1,0 +1,114 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 1 · Setup: GPU, project folder, photos, settings
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/dreambooth-nb/dreambooth-nb/blob/main/notebooks/01_setup.ipynb)
+#
+# Dreambooth teaches Stable Diffusion one new subject (your dog, your mug, your face) from 3–10 photos.
+# This notebook checks the machine, makes the project folder, checks your photos and writes the
+# settings (`config.json`) that notebooks 2–5 read. Run it top to bottom; nothing here trains yet.
+
+# %%
+#@title Install (Colab and Kaggle only; keeps the preinstalled torch)
+import importlib.util, os, sys
+from importlib.metadata import version
+
+HOSTED = "google.colab" in sys.modules or "KAGGLE_KERNEL_RUN_TYPE" in os.environ or os.path.isdir("/kaggle/working")
+if HOSTED and importlib.util.find_spec("dreambooth_nb") is None:
+    torch_before = version("torch")
+    # This is `%pip install -q ...` (pip of this kernel), written as a call so that it can sit under `if`.
+    get_ipython().run_line_magic("pip", "install -q dreambooth-nb@git+https://github.com/dreambooth-nb/dreambooth-nb.git")
+    if version("torch") != torch_before:
+        print("pip replaced torch: Runtime > Restart session, then run this notebook again.")
+
+# %% [markdown]
+# ## Settings
+# `PRESET` follows the Diffusers Dreambooth study: **object** = learning rate 2e-6, 400 steps, batch 4;
+# **face** = learning rate 1e-6, 1200 steps, batch 2, with prior preservation. `MEMORY_16GB` adds 8-bit
+# Adam, gradient checkpointing, fp16 and cached latents so that training fits a 16 GB GPU (T4, P100).
+# A rare token like `sks` is not required: "a photo of Bob's mug" works too. 0 means "the preset's value".
+
+# %% tags=["parameters"]
+#@title Settings { display-mode: "form" }
+#@markdown Project folder (empty: Google Drive `MyDrive/dreambooth` on Colab, `/kaggle/working/dreambooth` on Kaggle, `./dreambooth-project` locally).
+PROJECT_DIR = ""  #@param {type:"string"}
+#@markdown Photo folder (empty: `PROJECT_DIR/instance`). On Colab an upload button appears when it is empty.
+INSTANCE_DIR = ""  #@param {type:"string"}
+UPLOAD_PHOTOS = True  #@param {type:"boolean"}
+MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"  #@param {type:"string"}
+HF_LOGIN = False  #@param {type:"boolean"}
+PRESET = "object"  #@param ["object", "face"]
+MEMORY_16GB = True  #@param {type:"boolean"}
+INSTANCE_PROMPT = "a photo of sks dog"  #@param {type:"string"}
+CLASS_PROMPT = "a photo of a dog"  #@param {type:"string"}
+PRIOR_PRESERVATION = "preset"  #@param ["preset", "on", "off"]
+NUM_CLASS_IMAGES = 0  #@param {type:"integer"}
+RESOLUTION = 512  #@param {type:"integer"}
+LEARNING_RATE = 0.0  #@param {type:"number"}
+MAX_STEPS = 0  #@param {type:"integer"}
+
+# %% [markdown]
+# ## The machine
+# Which GPU and how much memory; whether 8-bit Adam (bitsandbytes) and xformers actually *run* here (both
+# are optional: without them training falls back to torch AdamW and PyTorch's own fast attention).
+
+# %%
+from pathlib import Path
+
+from dreambooth_nb import images, platform, project as projects, ui
+
+ui.show_errors_as_messages()  # our errors show as one message, not a stack trace
+print(platform.check_environment().summary())
+
+# %% [markdown]
+# ## Hugging Face login (optional)
+# The default model needs no login. For a gated model add a secret named `HF_TOKEN` (Colab: the key icon
+# on the left; Kaggle: Add-ons › Secrets) or type it when asked. The token is never printed or saved.
+
+# %%
+if HF_LOGIN:
+    platform.hf_login()
+
+# %% [markdown]
+# ## Project folder
+# Everything lives here: photos, class images, training states and snapshots, comparison grids. On Colab it
+# is on Google Drive, so a disconnect loses nothing: rerun the notebook and it continues where it stopped.
+
+# %%
+project = projects.open_project(PROJECT_DIR)
+print(f"Project folder: {project.root}")
+
+# %% [markdown]
+# ## Your photos
+# 3–5 photos for an object, 5–10 for a face or pet: different angles, backgrounds and light, the subject
+# clearly visible. Files that cannot be used are listed with the reason; they are skipped, not fatal.
+
+# %%
+instance_dir = Path(INSTANCE_DIR) if INSTANCE_DIR else project.instance_dir
+if UPLOAD_PHOTOS:
+    platform.upload_photos(instance_dir)
+report = images.scan_images(instance_dir, resolution=RESOLUTION)
+print(report.summary())
+ui.show_image(images.thumbnail_grid(report.usable))
+
+# %% [markdown]
+# ## Save the settings
+# Written to `PROJECT_DIR/config.json`; notebooks 2–5 read it. Change a setting above and rerun this cell
+# to update it.
+
+# %%
+config = projects.setup_config(
+    project, kind=PRESET, memory_16gb=MEMORY_16GB, model=MODEL_ID, instance_dir=instance_dir,
+    instance_prompt=INSTANCE_PROMPT, class_prompt=CLASS_PROMPT, prior_preservation=PRIOR_PRESERVATION,
+    num_class_images=NUM_CLASS_IMAGES, resolution=RESOLUTION, learning_rate=LEARNING_RATE, max_steps=MAX_STEPS)
+print(f"Saved {project.save_config(config)}\n")
+print(ui.config_summary(config))

@@ -1,0 +1,60 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 2 · Class images for prior preservation
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/dreambooth-nb/dreambooth-nb/blob/main/notebooks/02_class_images.ipynb)
+#
+# With prior preservation the model trains on your photos *and* on images of the class ("a photo of a
+# dog") that the base model makes itself, so it keeps knowing what an ordinary dog looks like and does not
+# turn every dog into yours. The study found it necessary for faces; objects usually do without. The images
+# are made once (about 7 s each on a T4) and kept in the project folder; a rerun makes only the missing ones.
+
+# %%
+#@title Install (Colab and Kaggle only; keeps the preinstalled torch)
+import importlib.util, os, sys
+from importlib.metadata import version
+
+HOSTED = "google.colab" in sys.modules or "KAGGLE_KERNEL_RUN_TYPE" in os.environ or os.path.isdir("/kaggle/working")
+if HOSTED and importlib.util.find_spec("dreambooth_nb") is None:
+    torch_before = version("torch")
+    # This is `%pip install -q ...` (pip of this kernel), written as a call so that it can sit under `if`.
+    get_ipython().run_line_magic("pip", "install -q dreambooth-nb@git+https://github.com/dreambooth-nb/dreambooth-nb.git")
+    if version("torch") != torch_before:
+        print("pip replaced torch: Runtime > Restart session, then run this notebook again.")
+
+# %% tags=["parameters"]
+#@title Settings { display-mode: "form" }
+#@markdown The project folder of notebook 1 (empty: the same default as there).
+PROJECT_DIR = ""  #@param {type:"string"}
+
+# %%
+from dreambooth_nb import images, project as projects, ui
+from dreambooth_nb.priors import generate_class_images
+
+ui.show_errors_as_messages()  # our errors show as one message, not a stack trace
+project = projects.open_project(PROJECT_DIR, create=False)
+config = project.load_config()
+print(ui.config_summary(config))
+
+# %% [markdown]
+# ## Generate the missing class images
+# Image *i* always comes from the same seed, so an interrupted run continues with the very same images.
+
+# %%
+if config.with_prior_preservation:
+    folder = generate_class_images(config)
+    files = sorted(folder.glob("class-*.png"))[: config.num_class_images]
+    print(f"{len(files)} class images of '{config.class_prompt}' in {folder}. A sample:")
+    ui.show_image(images.thumbnail_grid(files[:16], size=128))
+else:
+    print("Prior preservation is off in this project's settings: no class images are needed. "
+          "(Turn it on in notebook 1 with PRIOR_PRESERVATION = 'on', or in the training panel of notebook 3.)")

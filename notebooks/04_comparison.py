@@ -1,0 +1,67 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 4 · Compare snapshots and runs
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/dreambooth-nb/dreambooth-nb/blob/main/notebooks/04_comparison.ipynb)
+#
+# Every snapshot of every run, rendered with the same prompts and seeds, in one labelled grid: rows are
+# runs (learning rates), columns are training steps (or prompts). Look for the step where the subject is
+# right *and* the new contexts ("in the snow") still work; after it, images get noisy or copy your photos.
+# That is overfitting: use the earlier snapshot or a lower learning rate. Noisy images also improve with
+# the DDIM scheduler or ~100 inference steps (the study).
+
+# %%
+#@title Install (Colab and Kaggle only; keeps the preinstalled torch)
+import importlib.util, os, sys
+from importlib.metadata import version
+
+HOSTED = "google.colab" in sys.modules or "KAGGLE_KERNEL_RUN_TYPE" in os.environ or os.path.isdir("/kaggle/working")
+if HOSTED and importlib.util.find_spec("dreambooth_nb") is None:
+    torch_before = version("torch")
+    # This is `%pip install -q ...` (pip of this kernel), written as a call so that it can sit under `if`.
+    get_ipython().run_line_magic("pip", "install -q dreambooth-nb@git+https://github.com/dreambooth-nb/dreambooth-nb.git")
+    if version("torch") != torch_before:
+        print("pip replaced torch: Runtime > Restart session, then run this notebook again.")
+
+# %% tags=["parameters"]
+#@title Settings { display-mode: "form" }
+PROJECT_DIR = ""  #@param {type:"string"}
+SCHEDULER = "ddim"  #@param ["ddim", "pndm", "dpm"]
+INFERENCE_STEPS = 50  #@param {type:"slider", min:10, max:150, step:5}
+#@markdown New settings for the subject, added after the instance prompt; separate them with `;`.
+CONTEXTS = "in the snow; as an oil painting"  #@param {type:"string"}
+SEEDS = "0, 1"  #@param {type:"string"}
+#@markdown Runs to compare (folder names under `PROJECT_DIR/runs`, separated by `,`; empty: all of them).
+RUNS = ""  #@param {type:"string"}
+COLUMNS = "step"  #@param ["step", "prompt"]
+
+# %%
+from dreambooth_nb import project as projects, ui
+from dreambooth_nb.evaluate import EvalSpec
+
+ui.show_errors_as_messages()  # our errors show as one message, not a stack trace
+project = projects.open_project(PROJECT_DIR, create=False)
+config = project.load_config()
+runs = project.select_runs(RUNS)
+spec = EvalSpec.for_config(config, contexts=[c.strip() for c in CONTEXTS.split(";") if c.strip()],
+                           seeds=ui.parse_int_list(SEEDS, name="SEEDS", allow_zero=True), scheduler=SCHEDULER,
+                           num_inference_steps=INFERENCE_STEPS)
+
+# %% [markdown]
+# ## The grid
+# Drawn at once with the settings above and saved as PNG (with a JSON file listing every cell) in
+# `PROJECT_DIR/comparisons`. Change the scheduler or the steps in the panel and press **Draw** to redraw.
+
+# %%
+panel = ui.ComparePanel(runs, spec, out_dir=project.comparisons_dir, columns=COLUMNS,
+                        title=f"{config.instance_prompt}").show()
+grid = panel.draw()

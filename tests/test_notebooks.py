@@ -1,0 +1,235 @@
+"""The notebook suite, executed headless top to bottom in the order a user runs it, sharing one project.
+
+A tiny random Stable Diffusion pipeline stands in for the model (these tests prove the notebooks *run*;
+the toy-model demo shows that training learns). Each notebook runs in its own kernel via nbclient, exactly
+as `python -m dreambooth_nb.demo` does. A planted fake Hugging Face token must never reach any output.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from dreambooth_nb.demo import ORDER, inject_parameters, run_notebook
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ROOT / "notebooks"
+FAKE_TOKEN = "hf_FAKEdoNotLeak0123456789abcdefghijklmn"
+
+
+def _load_sync_tool():
+    spec = importlib.util.spec_from_file_location("sync_notebooks", ROOT / "tools" / "sync_notebooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def widget_states(nb) -> list[dict]:
+    state = nb.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state", {})
+    return [model["state"] for model in state.values()]
+
+
+def stream_text(nb) -> str:
+    return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
+                   if o.output_type == "stream")
+
+
+def has_image(nb) -> bool:
+    return any("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+
+
+class Suite:
+    """Runs the notebooks in order on first use; a failure is remembered and fails the later notebooks."""
+
+    def __init__(self, root: Path, model: Path):
+        self.root, self.model = root, model
+        self.project = root / "project"
+        self.executed = root / "executed"
+        self.results: dict[str, object] = {}
+        self.seconds: dict[str, float] = {}
+        photos = self.project / "instance"
+        from dreambooth_nb.demo import write_subject
+
+        self.instance_prompt, self.class_prompt, _ = write_subject(photos, n=4)
+        p = str(self.project)
+        self.parameters = {
+            "01_setup": dict(PROJECT_DIR=p, MODEL_ID=str(model), UPLOAD_PHOTOS=False, HF_LOGIN=True,
+                             PRESET="object", MEMORY_16GB=True, INSTANCE_PROMPT="a photo of sks dog",
+                             CLASS_PROMPT="a photo of a dog", PRIOR_PRESERVATION="on", NUM_CLASS_IMAGES=3,
+                             RESOLUTION=32, LEARNING_RATE=1e-4, MAX_STEPS=6),
+            "02_class_images": dict(PROJECT_DIR=p),
+            # MAX_STEPS differs from setup's 6: the executed panel must show the injected value.
+            "03_training": dict(PROJECT_DIR=p, MAX_STEPS=4, SNAPSHOT_STEPS="2", CHECKPOINTING_STEPS=2,
+                                SAMPLE_INFERENCE_STEPS=3),
+            "04_comparison": dict(PROJECT_DIR=p, INFERENCE_STEPS=3, SEEDS="0", CONTEXTS="in the snow"),
+            "05_sweep": dict(PROJECT_DIR=p, LEARNING_RATES="1e-4, 5e-5", SAVE_AT="1, 2", INFERENCE_STEPS=3,
+                             CONTEXTS="in the snow"),
+        }
+
+    def execute(self, name: str, parameters: dict, *, label: str | None = None):
+        label = label or name
+        t0 = time.monotonic()
+        try:
+            return run_notebook(NOTEBOOKS / f"{name}.ipynb", parameters, workdir=self.root,
+                                out=self.executed / f"{label}.ipynb", env={"HF_TOKEN": FAKE_TOKEN})
+        finally:
+            self.seconds[label] = time.monotonic() - t0
+
+    def run(self, name: str):
+        for earlier in ORDER[: ORDER.index(name) + 1]:
+            if earlier not in self.results:
+                try:
+                    self.results[earlier] = self.execute(earlier, self.parameters[earlier])
+                except Exception as err:  # remembered: the notebooks after it cannot run either
+                    self.results[earlier] = err
+            result = self.results[earlier]
+            if isinstance(result, Exception):
+                pytest.fail(f"notebook {earlier} failed (see {self.executed / earlier}.ipynb): {result}")
+        return self.results[name]
+
+
+@pytest.fixture(scope="module")
+def suite(tiny_model, tmp_path_factory):
+    suite = Suite(tmp_path_factory.mktemp("suite"), tiny_model)
+    yield suite
+    if suite.seconds:
+        print("\nnotebook seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in suite.seconds.items()))
+
+
+# --- The committed notebooks ---------------------------------------------------------------------------
+def test_ipynb_match_their_py_sources():
+    tool = _load_sync_tool()
+    assert [p.stem for p in tool.sources()] == list(ORDER)
+    for source in tool.sources():
+        target = source.with_suffix(".ipynb")
+        assert target.is_file(), f"{target.name} missing: run python tools/sync_notebooks.py"
+        assert target.read_text() == tool.build(source), \
+            f"{target.name} differs from {source.name}: run python tools/sync_notebooks.py"
+        assert tool.roundtrip_ok(source), f"jupytext would rewrite {source.name}"
+    assert tool.main(["--check"]) == 0
+
+
+@pytest.mark.parametrize("name", ORDER)
+def test_committed_notebook_is_clean(name):
+    nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    nbformat.validate(nb)
+    assert nb.metadata.kernelspec.name == "python3"
+    assert "widgets" not in nb.metadata
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.outputs == [] and c.execution_count is None for c in code)
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, "exactly one parameters cell"
+    params = tagged[0].source
+    assert params.startswith("#@title") and "#@param" in params and "PROJECT_DIR = " in params
+    # first code cell: the conditional pip install that never touches torch
+    assert "run_line_magic(\"pip\", \"install -q" in code[0].source and "torch" not in code[0].source.split("pip")[1]
+    badge = f"https://colab.research.google.com/github/dreambooth-nb/dreambooth-nb/blob/main/notebooks/{name}.ipynb"
+    assert badge in nb.cells[0].source
+
+
+def test_inject_parameters_refuses_unknown_names():
+    nb = nbformat.read(NOTEBOOKS / "03_training.ipynb", as_version=4)
+    with pytest.raises(ValueError, match="NOT_A_PARAMETER"):
+        inject_parameters(nb, {"NOT_A_PARAMETER": 1})
+    injected = inject_parameters(nb, {"MAX_STEPS": 7})
+    index = next(i for i, c in enumerate(injected.cells) if "parameters" in c.metadata.get("tags", []))
+    assert injected.cells[index + 1].source.endswith("MAX_STEPS = 7")
+
+
+# --- Executed top to bottom, in order --------------------------------------------------------------------
+def test_01_setup_writes_the_project_config(suite):
+    nb = suite.run("01_setup")
+    config = json.loads((suite.project / "config.json").read_text())
+    assert config["pretrained_model_name_or_path"] == str(suite.model)
+    assert config["resolution"] == 32 and config["with_prior_preservation"] is True
+    assert config["num_class_images"] == 3 and config["max_train_steps"] == 6
+    assert config["instance_data_dir"] == str(suite.project / "instance")
+    text = stream_text(nb)
+    assert "4 usable, 0 skipped" in text
+    assert "Hugging Face token from the HF_TOKEN environment variable is set" in text
+    assert has_image(nb)  # the thumbnail grid
+
+
+def test_02_makes_the_class_images(suite):
+    nb = suite.run("02_class_images")
+    assert sorted(p.name for p in (suite.project / "class_images").glob("*.png")) == \
+        [f"class-{i:05d}.png" for i in range(3)]
+    assert has_image(nb)
+
+
+def test_03_trains_headless_with_the_panel_values(suite):
+    nb = suite.run("03_training")
+    run = suite.project / "runs" / "lr1e-4-prior"
+    assert sorted(p.name for p in (run / "snapshots").iterdir()) == ["step-000002", "step-000004"]
+    states = widget_states(nb)
+    steps = [s for s in states if s.get("_model_name") == "IntSliderModel" and s.get("description") == "Steps"]
+    assert len(steps) == 1 and steps[0]["value"] == 4  # the injected MAX_STEPS, not setup's 6
+    lr = [s for s in states if s.get("_model_name") == "FloatLogSliderModel"]
+    assert len(lr) == 1 and lr[0]["value"] == pytest.approx(1e-4)
+    progress = [s for s in states if s.get("_model_name") == "IntProgressModel"]
+    assert progress and progress[0]["value"] == progress[0]["max"] == 4
+    text = stream_text(nb)
+    assert f"Run folder: {run}" in text and "Snapshots: step 2, step 4" in text
+    assert has_image(nb)  # loss plot and samples
+    assert list((run / "renders" / "step-000004").rglob("*.png"))
+
+
+def test_03_rerun_resumes_from_the_saved_state(suite):
+    suite.run("03_training")
+    params = {**suite.parameters["03_training"], "MAX_STEPS": 6}
+    nb = suite.execute("03_training", params, label="03_training_rerun")
+    text = stream_text(nb)
+    assert "Resuming from state-000002: step 2 of 6." in text
+    run = suite.project / "runs" / "lr1e-4-prior"
+    assert (run / "snapshots" / "step-000006" / "model_index.json").is_file()
+
+
+def test_04_draws_the_comparison_grid(suite):
+    nb = suite.run("04_comparison")
+    grids = list((suite.project / "comparisons").glob("*.png"))
+    assert len(grids) == 1 and grids[0].with_suffix(".json").is_file()
+    sidecar = json.loads(grids[0].with_suffix(".json").read_text())
+    assert "lr1e-4-prior" in json.dumps(sidecar)
+    assert has_image(nb)
+    states = widget_states(nb)
+    assert any(s.get("_model_name") == "DropdownModel" and s.get("description") == "Scheduler" for s in states)
+
+
+def test_05_sweep_trains_each_rate_and_draws_the_grid(suite):
+    nb = suite.run("05_sweep")
+    sweep = suite.project / "sweeps"
+    assert (sweep / "sweep-grid.png").is_file() and (sweep / "sweep-grid.json").is_file()
+    for lr in ("0.0001", "5e-05"):
+        assert (sweep / "sweep" / f"lr-{lr}" / "snapshots" / "step-000002" / "model_index.json").is_file()
+    assert has_image(nb)
+
+
+def test_the_token_never_reaches_any_file(suite):
+    for name in ORDER:
+        suite.run(name)
+    needle = FAKE_TOKEN.encode()
+    leaks = [p for p in suite.root.rglob("*") if p.is_file() and needle in p.read_bytes()]
+    assert leaks == []
+    assert not re.search(r"hf_FAKE", "".join(p.read_text() for p in suite.executed.glob("*.ipynb")))
+
+
+def test_a_dreambooth_error_shows_its_message_only_and_fails_the_cell(tmp_path):
+    from nbclient.exceptions import CellExecutionError
+
+    out = tmp_path / "02_failed.ipynb"
+    with pytest.raises(CellExecutionError, match="Run notebook 01"):
+        run_notebook(NOTEBOOKS / "02_class_images.ipynb", {"PROJECT_DIR": str(tmp_path / "nothing")},
+                     workdir=tmp_path, out=out)
+    nb = nbformat.read(out, as_version=4)
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert len(errors) == 1
+    assert errors[0].ename == "ConfigError"
+    assert len(errors[0].traceback) == 1 and "Run notebook 01" in errors[0].traceback[0]
+    assert "Traceback" not in errors[0].traceback[0] and "File " not in errors[0].traceback[0]
