@@ -29,6 +29,10 @@ OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryErro
 # Settings that may change between a run and its resumption without changing what is being trained.
 _RESUMABLE_CHANGES = {"resume_from_checkpoint", "checkpointing_steps", "checkpoints_total_limit", "snapshot_steps",
                       "max_train_steps", "num_class_images", "sample_batch_size", "output_dir", "latent_cache_dir"}
+# The memory savers the out-of-memory advice names (and mixed precision, which the NaN advice names): a run
+# stopped for memory resumes with them. 8-bit Adam restarts the optimizer moments; see `load_state`.
+_RESUMABLE_CHANGES |= {"gradient_checkpointing", "use_8bit_adam", "cache_latents", "pre_compute_text_embeddings",
+                       "attention_backend", "mixed_precision"}
 
 
 @dataclass
@@ -362,7 +366,8 @@ def save_state(path: Path, *, step: int, history: History, config: TrainConfig, 
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, tmp / "rng.pt")
         storage.write_json(tmp / storage.STATE_MARKER,
-                           {"step": step, "history": history.to_dict(), "config": config.to_dict()})
+                           {"step": step, "history": history.to_dict(), "config": config.to_dict(),
+                            "optimizer": type(getattr(optimizer, "optimizer", optimizer)).__name__})
     storage.write_json(Path(config.output_dir) / "history.json", history.to_dict())
 
 
@@ -374,10 +379,26 @@ def load_state(path: Path, *, parts, optimizer, lr_scheduler, accelerator, ema, 
 
     meta = json.loads((path / storage.STATE_MARKER).read_text())
     parts.unet.load_state_dict(load_file(path / "unet.safetensors"))
-    if config.train_text_encoder:
+    if (path / "text_encoder.safetensors").is_file():  # trained so far; it may be frozen from now on
         parts.text_encoder.load_state_dict(load_file(path / "text_encoder.safetensors"))
-    optimizer.load_state_dict(load("optimizer.pt"))
-    lr_scheduler.load_state_dict(load("lr_scheduler.pt"))
+    saved, groups = load("optimizer.pt"), len(optimizer.param_groups)
+    kind = type(getattr(optimizer, "optimizer", optimizer)).__name__
+    if meta.get("optimizer", kind) != kind:  # e.g. 8-bit Adam turned on after running out of memory
+        print(f"The optimizer changed ({meta['optimizer']} → {kind}): its moments start afresh; the weights, "
+              "the schedule and the step count carry on.")
+    else:
+        if len(saved["param_groups"]) > groups:  # the text encoder's group is gone: keep the UNet's moments
+            saved["param_groups"] = saved["param_groups"][:groups]
+            kept = {i for group in saved["param_groups"] for i in group["params"]}
+            saved["state"] = {i: v for i, v in saved["state"].items() if i in kept}
+        optimizer.load_state_dict(saved)
+    schedule = load("lr_scheduler.pt")
+    for key in ("base_lrs", "_last_lr", "lr_lambdas"):
+        if isinstance(schedule.get(key), list):
+            schedule[key] = schedule[key][:groups]
+    lr_scheduler.load_state_dict(schedule)
+    for group, lr in zip(optimizer.param_groups, lr_scheduler.get_last_lr()):
+        group["lr"] = lr  # (already so, unless the optimizer's own state could not be loaded)
     if accelerator.scaler is not None and (path / "scaler.pt").is_file():
         accelerator.scaler.load_state_dict(load("scaler.pt"))
     if ema is not None:
@@ -406,6 +427,12 @@ def _resume_source(config: TrainConfig) -> Path | None:
         before = json.loads(saved.read_text())
         changed = sorted(k for k, v in config.to_dict().items()
                          if k not in _RESUMABLE_CHANGES and before.get(k) != v)
+        if before.get("train_batch_size", 0) * before.get("gradient_accumulation_steps", 0) == \
+                config.train_batch_size * config.gradient_accumulation_steps:  # same samples per step
+            changed = [k for k in changed if k not in ("train_batch_size", "gradient_accumulation_steps")]
+        if before.get("train_text_encoder") and not config.train_text_encoder:  # frozen as trained so far
+            changed = [k for k in changed if k not in ("train_text_encoder", "text_encoder_learning_rate",
+                                                       "stop_text_encoder_training")]
         if changed:
             raise ConfigError(f"output_dir: {out} holds a run with other settings ({', '.join(changed)} changed). "
                               "Choose a new output_dir for the new settings, or restore them to resume.")
