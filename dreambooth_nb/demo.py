@@ -50,9 +50,11 @@ def inject_parameters(nb, parameters: dict):
     return nb
 
 
-def run_notebook(path, parameters: dict | None = None, *, workdir=None, out=None, timeout: int = 900, env=None):
+def run_notebook(path, parameters: dict | None = None, *, workdir=None, out=None, timeout: int = 900, env=None,
+                 extra_cells=()):
     """Execute the notebook at `path` top to bottom with `parameters`, headless; return the executed notebook.
 
+    `extra_cells` are code cells appended at the end (tests use them to press a panel's button).
     The executed copy (outputs and widget state included) is written to `out` when given, also when a
     cell fails (then `nbclient.exceptions.CellExecutionError` is raised after writing).
     """
@@ -60,6 +62,7 @@ def run_notebook(path, parameters: dict | None = None, *, workdir=None, out=None
     from nbclient import NotebookClient
 
     nb = inject_parameters(nbformat.read(str(path), as_version=4), parameters or {})
+    nb.cells.extend(nbformat.v4.new_code_cell(source) for source in extra_cells)
     workdir = Path(workdir or Path(path).parent)
     kernel_env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1",
                   "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}

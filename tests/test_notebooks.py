@@ -73,12 +73,13 @@ class Suite:
                              CONTEXTS="in the snow"),
         }
 
-    def execute(self, name: str, parameters: dict, *, label: str | None = None):
+    def execute(self, name: str, parameters: dict, *, label: str | None = None, env=None, extra_cells=()):
         label = label or name
         t0 = time.monotonic()
         try:
             return run_notebook(NOTEBOOKS / f"{name}.ipynb", parameters, workdir=self.root,
-                                out=self.executed / f"{label}.ipynb", env={"HF_TOKEN": FAKE_TOKEN})
+                                out=self.executed / f"{label}.ipynb", env={"HF_TOKEN": FAKE_TOKEN, **(env or {})},
+                                extra_cells=extra_cells)
         finally:
             self.seconds[label] = time.monotonic() - t0
 
@@ -181,14 +182,22 @@ def test_03_trains_headless_with_the_panel_values(suite):
     assert list((run / "renders" / "step-000004").rglob("*.png"))
 
 
-def test_03_rerun_resumes_from_the_saved_state(suite):
+def test_03_interactive_rerun_waits_for_the_button_which_resumes(suite):
+    """As a person runs it (a frontend that allows stdin): nothing trains until Train is pressed; the button
+    runs the same code as the headless path, and after a "disconnect" it resumes from the saved state."""
     suite.run("03_training")
     params = {**suite.parameters["03_training"], "MAX_STEPS": 6}
-    nb = suite.execute("03_training", params, label="03_training_rerun")
-    text = stream_text(nb)
-    assert "Resuming from state-000002: step 2 of 6." in text
     run = suite.project / "runs" / "lr1e-4-prior"
+    check = f"import os\nassert not os.path.exists({str(run / 'snapshots' / 'step-000006')!r}), 'trained without a click'"
+    nb = suite.execute("03_training", params, label="03_training_button", env={"DREAMBOOTH_NB_HEADLESS": "0"},
+                       extra_cells=[check, "panel.button.click()"])
     assert (run / "snapshots" / "step-000006" / "model_index.json").is_file()
+    outputs = json.dumps([s.get("outputs", []) for s in widget_states(nb)])  # the panel's Output widgets
+    assert "Resuming from state-000002: step 2 of 6." in outputs
+    assert "Samples from step-000006" in outputs
+    states = widget_states(nb)
+    button = [s for s in states if s.get("_model_name") == "ButtonModel" and s.get("description") == "Train"]
+    assert button and button[0]["disabled"] is False  # enabled again after training
 
 
 def test_04_draws_the_comparison_grid(suite):

@@ -100,6 +100,13 @@ def test_training_panel_builds_the_config_the_button_uses(base, tmp_path):
     assert set(ui.PANEL_FIELDS) == set(panel.values())
 
 
+def test_the_train_button_shows_a_dreambooth_error_as_a_message(base, tmp_path, capsys):
+    panel = ui.TrainingPanel(base.replace(instance_data_dir=str(tmp_path / "no-photos"), max_train_steps=4))
+    panel._clicked()  # what a click runs; the error must not escape into the kernel log
+    assert "Stopped" in panel.status.value and "instance_data_dir" in panel.status.value
+    assert panel.button.disabled is False
+
+
 def test_live_loss_moves_the_progress_bar_and_plots(base):
     import ipywidgets as widgets
 
