@@ -124,6 +124,8 @@ def config_from_widgets(values: dict, base: TrainConfig) -> TrainConfig:
     for name in ("learning_rate", "prior_loss_weight"):
         if name in changes:
             changes[name] = float(changes[name])
+    if "learning_rate" in changes:  # a log slider gives 1.9953e-06 for "2.0e-06": keep what the readout shows
+        changes["learning_rate"] = float(f"{changes['learning_rate']:.2g}")
     for name in ("with_prior_preservation", "train_text_encoder", "use_8bit_adam", "gradient_checkpointing"):
         if name in changes:
             changes[name] = bool(changes[name])

@@ -40,6 +40,11 @@ def test_config_from_widgets_applies_every_panel_field(base):
     assert config.instance_prompt == base.instance_prompt  # untouched fields kept
 
 
+def test_config_from_widgets_rounds_the_log_slider_to_its_readout(base):
+    assert ui.config_from_widgets({"learning_rate": 1.9952623149688787e-06}, base).learning_rate == 2e-6
+    assert ui.config_from_widgets({"learning_rate": 2.5e-6}, base).learning_rate == 2.5e-6
+
+
 def test_config_from_widgets_turns_off_precomputed_embeddings_when_the_text_encoder_trains(base):
     config = ui.config_from_widgets({"train_text_encoder": True}, base.replace(pre_compute_text_embeddings=True))
     assert config.train_text_encoder and not config.pre_compute_text_embeddings
