@@ -14,6 +14,7 @@ Leftover temporary folders are removed on the next start.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -49,11 +50,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{_TMP_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        _stop_if_disk_full(err, path)
+        raise
     _fsync_dir(path.parent)
 
 
@@ -89,9 +95,20 @@ def atomic_folder(final: Path):
         else:
             os.rename(tmp, final)
         _fsync_dir(final.parent)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        _stop_if_disk_full(err, final)
         raise
+
+
+def _stop_if_disk_full(err: BaseException, path: Path) -> None:
+    """A full disk or quota mid-run (Drive, a shared disk) is a message to act on, not an OSError trace."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise TrainingStopped(
+            f"No space left on the disk while saving {path} ({err.strerror}). That save was dropped whole; "
+            "everything saved before it is intact. Free some space (or lower checkpoints_total_limit, save "
+            "fewer snapshot_steps, choose another output_dir), then run training again: it resumes from "
+            "the last complete state.") from err
 
 
 def remove_partial(root: Path) -> list[Path]:
