@@ -1,0 +1,274 @@
+"""Nothing crashes: a full disk, a diverging loss, a GPU out of memory and a bad config each stop training
+with a message that says what to do, before any work is lost; and nothing on disk can execute code."""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import os
+import json
+import re
+import weakref
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from safetensors.torch import load_file
+
+import dreambooth_nb
+from dreambooth_nb import ConfigError, TrainConfig, TrainingStopped, storage, train
+
+train_module = importlib.import_module("dreambooth_nb.train")
+
+
+def unet_calls(monkeypatch, *, fail_at: int | None = None, error=None, output=None):
+    """Patch the UNet's forward: call number `fail_at` (1-based) raises `error` or returns `output(sample)`.
+    Returns the list of UNet modules seen (as weak references) so tests can check they get freed."""
+    real_forward = UNet2DConditionModel.forward
+    seen = []
+
+    def forward(self, *args, **kwargs):
+        seen.append(weakref.ref(self))
+        if len(seen) == fail_at:
+            if error is not None:
+                raise error
+            result = real_forward(self, *args, **kwargs)
+            return type(result)(sample=output(result.sample))
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", forward)
+    return seen
+
+
+def assert_freed(refs) -> None:
+    """The models of a stopped run are garbage, even while the exception is still referenced (a notebook
+    keeps the last one): else a rerun in the same kernel finds the GPU still full."""
+    gc.collect()
+    alive = {id(r()) for r in refs if r() is not None}
+    assert not alive, "the stopped run's UNet is still alive"
+
+
+# --- 5. Disk space ----------------------------------------------------------------------------------------
+def test_not_enough_disk_stops_before_any_step_with_the_numbers(make_config, monkeypatch):
+    config = make_config(max_train_steps=4, checkpointing_steps=2, snapshot_steps=[2])
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(storage.shutil, "disk_usage", lambda path: Usage(10**12, 10**12 - 1_234_567, 1_234_567))
+    steps = []
+    with pytest.raises(TrainingStopped) as info:
+        train(config, on_step=lambda *a: steps.append(a))
+    message = str(info.value)
+    assert steps == []
+    needed = re.search(r"need about (\d+\.\d) MB but only 1\.2 MB are free", message)
+    assert needed and float(needed.group(1)) > 1.2, message
+    assert "checkpoints_total_limit" in message and str(config.output_dir) in message
+    out = Path(config.output_dir)
+    assert storage.list_states(out) == [] and storage.list_snapshots(out) == []
+    monkeypatch.setattr(storage.shutil, "disk_usage", lambda path: Usage(10**12, 10**12 - 2 * 10**9, 2 * 10**9))
+    with pytest.raises(TrainingStopped, match=r"need about 5\.50 GB but only 2\.00 GB are free"):
+        storage.check_free_space(out / "not" / "there" / "yet", needed_bytes=5_500_000_000, what="the states")
+
+
+@pytest.mark.parametrize("fail_on", ["state", "snapshot", "history"])
+def test_a_disk_filling_up_midway_stops_cleanly_and_resumes(make_config, tmp_path, monkeypatch, fail_on):
+    """Drive quotas and shared disks fill up during a run: the save in progress is dropped whole, earlier
+    ones stay, training stops with a message (not an OSError trace), and a rerun resumes exactly."""
+    import errno
+
+    config = make_config(max_train_steps=5, checkpointing_steps=2, snapshot_steps=[3])
+    real_fsync, history_writes = os.fsync, []
+
+    def fsync(fd):  # where a full disk (or a FUSE mount like Drive) reports it: writing the data out
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if ".tmp-history.json" in name:
+            history_writes.append(name)
+        if (fail_on == "state" and ".tmp-state-000004" in name) or \
+                (fail_on == "snapshot" and ".tmp-step-000003" in name) or \
+                (fail_on == "history" and len(history_writes) == 2 and ".tmp-history.json" in name):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(storage.os, "fsync", fsync)
+    with pytest.raises(TrainingStopped, match="No space left") as info:
+        train(config)
+    assert "resumes from the last complete state" in str(info.value)
+    out = Path(config.output_dir)
+    assert [p for p in out.rglob(".tmp-*")] == []
+    assert storage.latest_state(out).name == ("state-000004" if fail_on == "history" else "state-000002")
+    monkeypatch.undo()
+    final = train(config)
+    unbroken = train(config.replace(output_dir=str(tmp_path / "unbroken")))
+    a, b = load_file(final / "unet" / "diffusion_pytorch_model.safetensors"), \
+        load_file(unbroken / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (storage.snapshot_path(out, 3) / "model_index.json").is_file()
+
+
+# --- 6. A diverging loss ----------------------------------------------------------------------------------
+def test_nan_loss_stops_at_once_and_keeps_the_last_good_state(make_config, monkeypatch):
+    config = make_config(max_train_steps=6, checkpointing_steps=2)
+    seen = unet_calls(monkeypatch, fail_at=4, output=lambda sample: sample * float("nan"))
+    steps = []
+    with pytest.raises(TrainingStopped) as info:
+        train(config, on_step=lambda step, loss, lr: steps.append(step))
+    message = str(info.value)
+    assert steps == [1, 2, 3] and len(seen) == 4  # stopped at once: no backward, no optimizer step
+    assert "nan" in message and "step 4" in message and "learning_rate" in message
+    assert "state-000002" in message
+    state = storage.latest_state(config.output_dir)
+    assert state.name == "state-000002"
+    weights = load_file(state / "unet.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert_freed(seen)
+
+
+def test_nan_gradients_with_a_finite_loss_never_reach_a_saved_state(make_config, monkeypatch):
+    """A finite loss can still backpropagate NaN: those weights must not be saved as the 'good' state."""
+    config = make_config(max_train_steps=6, checkpointing_steps=1, checkpoints_total_limit=1)
+
+    def nan_gradient(sample):
+        sample.register_hook(lambda grad: grad * float("nan"))
+        return sample
+
+    seen = unet_calls(monkeypatch, fail_at=3, output=nan_gradient)
+    with pytest.raises(TrainingStopped) as info:
+        train(config)
+    message = str(info.value)
+    assert "step 3" in message and "learning_rate" in message and "state-000002" in message, message
+    state = storage.latest_state(config.output_dir)
+    assert state.name == "state-000002"
+    assert all(torch.isfinite(w).all() for w in load_file(state / "unet.safetensors").values())
+    assert_freed(seen)
+
+
+# --- 7. Out of GPU memory ---------------------------------------------------------------------------------
+ALL_ON = dict(gradient_checkpointing=True, use_8bit_adam=True, cache_latents=True)
+LADDER = [  # (settings when memory ran out, the saver the message must name next, that saver as settings)
+    ({}, "gradient_checkpointing=True", dict(gradient_checkpointing=True)),
+    (dict(gradient_checkpointing=True), "use_8bit_adam=True", dict(use_8bit_adam=True)),
+    (dict(gradient_checkpointing=True, use_8bit_adam=True), "cache_latents=True", dict(cache_latents=True)),
+    (dict(ALL_ON, train_batch_size=2), "train_batch_size=1 with gradient_accumulation_steps=2",
+     dict(train_batch_size=1, gradient_accumulation_steps=2)),
+    (dict(ALL_ON, train_text_encoder=True), "train_text_encoder=False", dict(train_text_encoder=False)),
+    (dict(ALL_ON), None, None),
+]
+
+
+@pytest.mark.parametrize("settings,saver,fix", LADDER, ids=[s or "all-savers-on" for _, s, _ in LADDER])
+def test_out_of_memory_names_the_next_saver_and_the_advice_resumes(make_config, monkeypatch, capsys,
+                                                                    settings, saver, fix):
+    config = make_config(max_train_steps=3, checkpointing_steps=2, **settings)
+    seen = unet_calls(monkeypatch, fail_at=3, error=torch.OutOfMemoryError("CUDA out of memory. Tried to allocate"))
+    with pytest.raises(TrainingStopped) as info:
+        train(config)
+    message = str(info.value)
+    assert "ran out of memory" in message and "peak unknown" in message  # no CUDA here: no peak to measure
+    if saver is None:
+        assert "Every memory saver is already on" in message
+    else:
+        assert f"Turn on {saver}" in message and "resumes from the last saved state" in message
+    assert storage.latest_state(config.output_dir).name == "state-000002"
+    assert_freed(seen)
+    monkeypatch.undo()
+    if fix is None:
+        return
+    capsys.readouterr()
+    final = train(config.replace(**fix))  # the advice, followed, continues the same run
+    printed = capsys.readouterr().out
+    assert "Resuming from state-000002" in printed
+    assert (final / "model_index.json").is_file()
+    if fix == dict(use_8bit_adam=True):
+        assert "The optimizer changed (AdamW → AdamW8bit)" in printed
+    if fix == dict(train_text_encoder=False):  # the encoder keeps what it learned, frozen from then on
+        learned = load_file(storage.state_path(config.output_dir, 2) / "text_encoder.safetensors")
+        saved = load_file(final / "text_encoder" / "model.safetensors")
+        base = load_file(Path(config.pretrained_model_name_or_path) / "text_encoder" / "model.safetensors")
+        assert all(torch.equal(saved[k], learned[k]) for k in learned)
+        assert not all(torch.equal(base[k], learned[k]) for k in learned)
+
+
+def test_the_memory_savers_come_in_the_documented_order():
+    from dreambooth_nb.memory import next_memory_saver
+
+    config = TrainConfig(train_batch_size=2, train_text_encoder=True)
+    order = []
+    while (saver := next_memory_saver(config)) is not None:
+        order.append(saver.split("=")[0].split(" ")[0])
+        name = order[-1]
+        config = config.replace(**({"train_batch_size": 1} if name == "train_batch_size" else
+                                   {name: not getattr(config, name)}))
+    assert order == ["gradient_checkpointing", "use_8bit_adam", "cache_latents", "train_batch_size",
+                     "train_text_encoder"]
+
+
+def test_an_interrupted_run_frees_its_models(make_config, monkeypatch):
+    """Stopping a notebook cell (KeyboardInterrupt) must not keep the models alive in the traceback."""
+    seen = unet_calls(monkeypatch)
+
+    def stop(step, loss, lr):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as info:  # kept, as a notebook keeps the last exception
+        train(make_config(max_train_steps=3), on_step=stop)
+    assert seen and info.value is not None
+    assert_freed(seen)
+
+
+# --- 8. Config JSON ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("data,key", [
+    ({"max_train_step": 400}, "max_train_step"),
+    ({"learning_rate": 2e-6, "use_8bit_adm": True}, "use_8bit_adm"),
+    ({"checkpoints_total_limit": "2"}, "checkpoints_total_limit"),
+    ({"resume_from_checkpoint": 5}, "resume_from_checkpoint"),
+    ({"gradient_accumulation_steps": True}, "gradient_accumulation_steps"),
+    ({"snapshot_steps": 400}, "snapshot_steps"),
+    ({"mixed_precision": None}, "mixed_precision"),
+])
+def test_config_json_rejects_unknown_keys_and_wrong_types_naming_the_key(tmp_path, data, key):
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        TrainConfig.from_dict(data)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=re.escape(key)) as info:
+        TrainConfig.from_json(path)
+    assert str(path) in str(info.value)
+
+
+def test_a_run_refuses_a_config_json_with_a_typo_before_loading_anything(tmp_path, make_config, monkeypatch):
+    data = make_config().to_dict()
+    data["checkpointing_step"] = data.pop("checkpointing_steps")
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    monkeypatch.setattr(train_module.models, "load_components", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(ConfigError, match="checkpointing_step"):
+        train(TrainConfig.from_json(tmp_path / "config.json"))
+
+
+# --- 9. Nothing on disk can execute code ------------------------------------------------------------------
+def test_every_torch_load_in_the_package_is_weights_only():
+    package = Path(dreambooth_nb.__file__).parent
+    calls = []
+    for source in sorted(package.rglob("*.py")):
+        text = source.read_text()
+        for match in re.finditer(r"torch\.load\(", text):
+            depth, end = 0, match.end() - 1
+            for end in range(match.end() - 1, len(text)):  # the call's text up to its closing parenthesis
+                depth += {"(": 1, ")": -1}.get(text[end], 0)
+                if depth == 0:
+                    break
+            calls.append((source.name, text[match.start():end + 1]))
+    assert calls, "no torch.load found: the check is looking in the wrong place"
+    unsafe = [(name, call) for name, call in calls if not re.search(r"weights_only\s*=\s*True", call)]
+    assert not unsafe, f"torch.load without weights_only=True: {unsafe}"
+    assert not [p for p in package.rglob("*.py") if re.search(r"\bpickle\.loads?\(", p.read_text())]
+
+
+def test_states_are_safetensors_and_plain_tensors(make_config):
+    config = make_config(max_train_steps=3, checkpointing_steps=2, use_ema=True, train_text_encoder=True)
+    train(config)
+    state = storage.latest_state(config.output_dir)
+    assert load_file(state / "unet.safetensors") and load_file(state / "text_encoder.safetensors")
+    for name in ("optimizer.pt", "lr_scheduler.pt", "ema.pt", "rng.pt"):
+        torch.load(state / name, weights_only=True)  # loads without unpickling any code
+    snapshot = storage.snapshot_path(config.output_dir, 3)
+    assert sorted(p.name for p in snapshot.rglob("*") if p.suffix in (".bin", ".pt", ".pkl", ".ckpt")) == []
