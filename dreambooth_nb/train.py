@@ -478,10 +478,11 @@ def _stop_if_not_finite(loss: torch.Tensor, *, step: int, config: TrainConfig, w
         return
     last = storage.latest_state(config.output_dir)
     kept = f"The last good state is kept: {last}." if last else "No state had been saved yet."
-    advice = "use mixed_precision='bf16' if your GPU supports it (Ampere or newer), or " \
-        if config.mixed_precision == "fp16" else ""
-    raise TrainingStopped(f"The {what} became {loss.item()} at step {step + 1}: training diverged. Lower "
-                          f"learning_rate (now {config.learning_rate:g}), {advice}check the photos. {kept}")
+    resume = "If your GPU supports bf16 (Ampere or newer), set mixed_precision='bf16' and run again: it " \
+        "resumes from that state. Otherwise s" if config.mixed_precision == "fp16" else "S"
+    raise TrainingStopped(f"The {what} became {loss.item()} at step {step + 1}: training diverged. {kept} "
+                          f"{resume}tart a new run with a lower learning_rate (now {config.learning_rate:g}) in a "
+                          "new output_dir, and check the photos.")
 
 
 def _free_memory() -> None:
