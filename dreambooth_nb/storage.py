@@ -141,17 +141,21 @@ def state_path(output_dir, step: int) -> Path:
     return Path(output_dir) / "states" / f"state-{step:06d}"
 
 
-def list_states(output_dir) -> list[tuple[int, Path]]:
-    """Complete training states, oldest first."""
-    folder = Path(output_dir) / "states"
+def _numbered(folder: Path, pattern: re.Pattern, marker: str) -> list[tuple[int, Path]]:
+    """(step, path) of the complete folders in `folder` named by `pattern`, oldest first."""
     if not folder.is_dir():
         return []
     found = []
     for child in folder.iterdir():
-        match = _STATE_RE.match(child.name)
-        if match and (child / STATE_MARKER).is_file():
+        match = pattern.match(child.name)
+        if match and (child / marker).is_file():
             found.append((int(match.group(1)), child))
     return sorted(found)
+
+
+def list_states(output_dir) -> list[tuple[int, Path]]:
+    """Complete training states, oldest first."""
+    return _numbered(Path(output_dir) / "states", _STATE_RE, STATE_MARKER)
 
 
 def latest_state(output_dir) -> Path | None:
@@ -180,15 +184,8 @@ def snapshot_path(output_dir, step: int) -> Path:
 
 
 def list_snapshots(output_dir) -> list[tuple[int, Path]]:
-    folder = Path(output_dir) / "snapshots"
-    if not folder.is_dir():
-        return []
-    found = []
-    for child in folder.iterdir():
-        match = _SNAPSHOT_RE.match(child.name)
-        if match and (child / "model_index.json").is_file():
-            found.append((int(match.group(1)), child))
-    return sorted(found)
+    """Complete snapshots, oldest first."""
+    return _numbered(Path(output_dir) / "snapshots", _SNAPSHOT_RE, "model_index.json")
 
 
 # --- Disk space ---------------------------------------------------------------------------------------
