@@ -1,0 +1,54 @@
+"""GPU-only paths, run for real when a CUDA device is present (the project's lent GPU machine).
+
+On the CPU-only CI these are skipped: fp16 autocast, the CUDA memory report and xformers need a GPU.
+`python bench/train_speed.py --cuda` measures the same paths at SD 1.5 size.
+"""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dreambooth_nb import TrainingStopped, train
+from dreambooth_nb.models import xformers_works
+from dreambooth_nb.train import bitsandbytes_works
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_fp16_training_keeps_fp32_masters_and_saves_fp16_snapshots(make_config):
+    final = train(make_config(mixed_precision="fp16", train_text_encoder=True, max_train_steps=3,
+                              use_8bit_adam=True, gradient_checkpointing=True))
+    unet = load_file(final / "unet" / "diffusion_pytorch_model.safetensors")
+    assert {t.dtype for t in unet.values()} == {torch.float16}
+    assert all(torch.isfinite(t.float()).all() for t in unet.values())
+
+
+@cuda
+def test_bitsandbytes_runs_on_the_gpu():
+    ok, why = bitsandbytes_works(torch.device("cuda"))
+    assert ok, why
+
+
+@cuda
+def test_xformers_probe_answers_and_training_runs_either_way(make_config, capsys):
+    ok, why = xformers_works(torch.device("cuda"))
+    train(make_config(attention_backend="xformers", mixed_precision="fp16", max_train_steps=2))
+    out = capsys.readouterr().out
+    assert ("xformers attention" in out) if ok else ("using PyTorch SDPA instead" in out and "sdpa attention" in out)
+
+
+@cuda
+def test_out_of_memory_message_gives_the_measured_peak(make_config, monkeypatch):
+    import importlib
+
+    train_module = importlib.import_module("dreambooth_nb.train")
+    real = train_module.compute_loss
+
+    def explode(*args, **kwargs):
+        real(*args, **kwargs)
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(train_module, "compute_loss", explode)
+    with pytest.raises(TrainingStopped, match=r"peak \d+\.\d GiB allocated.*gradient_checkpointing=True"):
+        train(make_config(mixed_precision="fp16", max_train_steps=2))
