@@ -124,7 +124,7 @@ def demo_parameters(project: Path, model: Path, *, instance_prompt: str, class_p
         "03_training": dict(PROJECT_DIR=str(project), SNAPSHOT_STEPS=f"{steps // 3}, {2 * steps // 3}",
                             SAMPLE_INFERENCE_STEPS=25),
         "04_comparison": dict(PROJECT_DIR=str(project), INFERENCE_STEPS=25, CONTEXTS=context, SEEDS="0, 1"),
-        "05_sweep": dict(PROJECT_DIR=str(project), LEARNING_RATES=f"{lr * 3:g}, {lr:g}",
+        "05_sweep": dict(PROJECT_DIR=str(project), LEARNING_RATES=f"{lr:g}, {lr / 5:g}",
                          SAVE_AT=f"{steps // 3}, {2 * steps // 3}", INFERENCE_STEPS=25, CONTEXTS=context),
     }
 
@@ -134,6 +134,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("demo-output"), help="folder for all results")
     parser.add_argument("--notebooks", type=Path, default=NOTEBOOK_DIR, help="folder with 01_setup.ipynb ...")
     parser.add_argument("--keep", action="store_true", help="keep an existing project folder (resume)")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="a local 32 px toy-world pipeline folder to use instead of the embedded toy model")
     args = parser.parse_args(argv)
     out = args.out.resolve()
     project = out / "project"
@@ -147,7 +149,7 @@ def main(argv=None) -> int:
         return 1
 
     start = time.monotonic()
-    model, trained = toy_model_or_tiny(out)
+    model, trained = (args.model.resolve(), True) if args.model else toy_model_or_tiny(out)
     if not trained:
         print("The trained toy model is not in the package; using a random tiny model (images will be noise).")
     instance_prompt, class_prompt, context = write_subject(project / "instance")

@@ -416,7 +416,8 @@ class TrainingPanel:
         """Fixed-seed samples of `snapshot` (cached on disk: showing them again costs nothing)."""
         from .evaluate import EvalSpec, render
 
-        spec = EvalSpec.for_config(config, seeds=self.sample_seeds, num_inference_steps=self.sample_steps)
+        # The subject and its class only: new contexts are notebook 4's job (and each prompt costs ~7 s on a T4).
+        spec = EvalSpec.for_config(config, contexts=(), seeds=self.sample_seeds, num_inference_steps=self.sample_steps)
         print(f"Samples from {snapshot.name} (DDIM, {spec.num_inference_steps} steps):")
         show_rendered(render(snapshot, spec))
 
