@@ -213,3 +213,85 @@ def subject_similarity(images, references, *, palette: dict | None = None) -> fl
     hists = [np.array(list(colour_votes(im, palette=palette).values())) for im in images]
     scores = [np.minimum(h, r).sum() for h in hists for r in refs]
     return float(np.mean(scores)) if scores else 0.0
+
+
+# --- Dreambooth measurements: the same three numbers for every checkpoint ------------------------------------
+
+def subject_fidelity(images, instance_images, *, shape: str = toyworld.SUBJECT_CLASS,
+                     palette: dict | None = None) -> float:
+    """How much generations for the instance prompt look like the instance photos (0..1, higher = closer).
+
+    Per image: its `subject_similarity` to the instance photos (mean foreground colour-histogram
+    intersection with each photo: the subject's purple and orange) if `shape_of` sees the subject's
+    `shape` (default "circle"), else 0. The result is the mean over `images`. It measures colours and
+    outline, not the stripes' geometry. Reference points: the instance photos against themselves score
+    about 0.84, other photos of the subject about 0.85, photo-like solid red/green/blue/yellow circles
+    0.02-0.06, and the toy base model's "a photo of sks circle" about 0.08 (its orange-ish circles).
+    """
+    images, instance_images = list(images), list(instance_images)
+    if not images:
+        return 0.0
+    scores = [subject_similarity([image], instance_images, palette=palette) if shape_of(image) == shape else 0.0
+              for image in images]
+    return float(np.mean(scores))
+
+
+def _palette_histogram(image, palette: dict) -> np.ndarray:
+    """Fraction of all pixels (background included) nearest in RGB to each colour of `palette`."""
+    px = _pixels(image).reshape(-1, 3)
+    refs = np.array(list(palette.values()), dtype=float)
+    nearest = np.argmin(np.linalg.norm(px[:, None, :] - refs[None], axis=-1), axis=1)
+    return np.bincount(nearest, minlength=len(refs)) / len(px)
+
+
+def class_drift(images, base_images, *, method: str = "pixels", palette: dict | None = None) -> float:
+    """How far generations for the class prompt moved from the base model's, seed for seed (0 = unchanged).
+
+    `images[i]` and `base_images[i]` must come from the same prompt and seed (the fine-tuned and the base
+    model). `method="pixels"`: the mean absolute per-channel difference divided by 255, so 0..1 (two
+    unrelated toy-world images typically differ by 0.2–0.4). `method="histogram"`: 1 minus the
+    intersection of the two images' palette histograms over all pixels (default palette
+    `toyworld.ALL_COLOURS`), 0..1; it ignores where things are and only sees which colours are drawn.
+    The mean over the pairs is returned.
+    """
+    images, base_images = list(images), list(base_images)
+    if len(images) != len(base_images):
+        raise ValueError(f"class_drift: {len(images)} images but {len(base_images)} base images; give one base "
+                         "image per image, generated with the same prompt and seed.")
+    if not images:
+        return 0.0
+    if method == "pixels":
+        distances = [np.abs(_pixels(a) - _pixels(b)).mean() / 255.0 for a, b in zip(images, base_images)]
+    elif method == "histogram":
+        palette = toyworld.ALL_COLOURS if palette is None else palette
+        distances = [1.0 - np.minimum(_palette_histogram(a, palette), _palette_histogram(b, palette)).sum()
+                     for a, b in zip(images, base_images)]
+    else:
+        raise ValueError(f"class_drift: method {method!r} is unknown; use 'pixels' or 'histogram'.")
+    return float(np.mean(distances))
+
+
+def prompt_fidelity(images, *, background: str = toyworld.SUBJECT_CONTEXT_BACKGROUND,
+                    shape: str = toyworld.SUBJECT_CLASS, max_distance: float = 60.0, instance_images=None,
+                    min_similarity: float = 0.25) -> float:
+    """Fraction of generations for the context prompt that follow it (0..1).
+
+    An image counts when its background (`background_of`, the median border colour) is within
+    `max_distance` (RGB) of the named `background` (default black, the colour of
+    `toyworld.SUBJECT_CONTEXT_PROMPT`) and is nearest to it among `toyworld.BACKGROUNDS`, and its
+    foreground is still the subject's `shape` (default circle). With `instance_images`, it must also show
+    the subject: `subject_similarity` to them of at least `min_similarity`.
+    """
+    images = list(images)
+    if not images:
+        return 0.0
+    wanted = np.array(toyworld.BACKGROUNDS[background], dtype=float)
+    ok = 0
+    for image in images:
+        follows = (background_name_of(image) == background
+                   and float(np.linalg.norm(background_of(image) - wanted)) <= max_distance
+                   and shape_of(image) == shape)
+        if follows and instance_images is not None:
+            follows = subject_similarity([image], instance_images) >= min_similarity
+        ok += follows
+    return ok / len(images)
