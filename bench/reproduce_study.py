@@ -1,6 +1,6 @@
 """The Dreambooth study in miniature: learning rate × steps × prior preservation, on the toy model, on CPU.
 
-    python bench/reproduce_study.py                    # ≈ 7 min on 2 CPU cores (412 s measured for a 4-LR grid)
+    python bench/reproduce_study.py --docs-copy docs/study-grid.png   # 500 s measured, fresh, 2 CPU cores
     python bench/reproduce_study.py --out study-output --lrs 1e-4 1e-3 --steps 100 200 400 --jobs 1
 
 Teaches the shipped toy model (`dreambooth_nb/toy_model`, 32 px) the toy world's Dreambooth subject, a
