@@ -56,10 +56,13 @@ def run_notebook(path, parameters: dict | None = None, *, workdir=None, out=None
 
     `extra_cells` are code cells appended at the end (tests use them to press a panel's button).
     The executed copy (outputs and widget state included) is written to `out` when given, also when a
-    cell fails (then `nbclient.exceptions.CellExecutionError` is raised after writing).
+    cell fails (then `nbclient.exceptions.CellExecutionError` is raised after writing). A cell running
+    longer than `timeout` seconds raises `CellTimeout` with what the kernel had shown by then (the cell's
+    last outputs and the panels' status lines), instead of waiting silently.
     """
     import nbformat
     from nbclient import NotebookClient
+    from nbclient.exceptions import CellTimeoutError
 
     nb = inject_parameters(nbformat.read(str(path), as_version=4), parameters or {})
     nb.cells.extend(nbformat.v4.new_code_cell(source) for source in extra_cells)
@@ -70,11 +73,34 @@ def run_notebook(path, parameters: dict | None = None, *, workdir=None, out=None
                             resources={"metadata": {"path": str(workdir)}})
     try:
         client.execute(env=kernel_env)
+    except CellTimeoutError as err:
+        raise CellTimeout(f"{Path(path).name}: a cell ran longer than {timeout} s.\n{err}\n"
+                          f"{_kernel_state(nb, client)}") from None
     finally:
         if out is not None:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
             nbformat.write(nb, str(out))
     return nb
+
+
+class CellTimeout(RuntimeError):
+    """A notebook cell did not finish within `run_notebook`'s timeout."""
+
+
+def _kernel_state(nb, client) -> str:
+    """What the kernel had shown when a cell timed out: the last outputs and every HTML status line."""
+    running = next((c for c in reversed(nb.cells) if c.cell_type == "code" and c.get("outputs")), None)
+    lines = []
+    if running is not None:
+        for output in running.outputs[-5:]:
+            text = output.get("text") or output.get("data", {}).get("text/plain", "")
+            lines.append(f"  output: {str(text).strip()[-300:]}")
+    for state in getattr(client, "widget_state", {}).values():
+        if state.get("_model_name") == "HTMLModel" and state.get("value"):
+            lines.append(f"  status widget: {state['value'][:300]}")
+        if state.get("_model_name") == "ButtonModel":
+            lines.append(f"  button {state.get('description')!r}: {'disabled' if state.get('disabled') else 'enabled'}")
+    return "The kernel's state at the timeout:\n" + ("\n".join(lines) or "  (no output yet)")
 
 
 def toy_model_or_tiny(out: Path) -> tuple[Path, bool]:

@@ -9,10 +9,11 @@ Only ipywidgets API common to 7.7 (Colab) and 8 is used.
 
 from __future__ import annotations
 
+import contextvars
 import io
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 from .config import MIXED_PRECISION, TrainConfig
@@ -216,21 +217,83 @@ def loss_plot_png(steps, losses, *, total: int | None = None, title: str = "") -
 
 
 def show_png(data: bytes) -> None:
-    from IPython.display import Image, display
+    from IPython.display import Image
 
-    display(Image(data=data))
+    _show(Image(data=data))
 
 
 def show_image(image, *, width: int | None = None) -> None:
-    """Display a PIL image or an image file inline."""
-    from IPython.display import Image, display
+    """Display a PIL image or an image file inline (or into the panel output that `_into` selected)."""
+    from IPython.display import Image
 
     if isinstance(image, (str, Path)):
-        display(Image(filename=str(image), width=width))
+        _show(Image(filename=str(image), width=width))
         return
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    display(Image(data=buffer.getvalue(), width=width))
+    _show(Image(data=buffer.getvalue(), width=width))
+
+
+# --- Writing into a panel's Output widget ---------------------------------------------------------------
+# Panels write into their Output widgets *by value* (the widget's `outputs` list), never by capture
+# (`with output:`). Capture makes a headless executor answer every captured output on the kernel's shell
+# socket while it waits on that same socket for the cell's reply; nbclient then sometimes never sees the
+# reply and waits on an idle kernel until another message arrives (nbclient #312: it hung the button test
+# for 13 minutes). By value, the kernel only publishes widget state, as for any other widget, and every
+# frontend (JupyterLab, Colab, VS Code) renders it the same way.
+_TARGET: contextvars.ContextVar = contextvars.ContextVar("dreambooth_nb_output", default=None)
+
+
+class _StreamInto(io.TextIOBase):
+    """A text stream whose writes are appended to an Output widget as stdout or stderr."""
+
+    def __init__(self, output, name: str):
+        self.append = output.append_stdout if name == "stdout" else output.append_stderr
+
+    def write(self, text: str) -> int:
+        if text:
+            self.append(text)
+        return len(text)
+
+    def isatty(self) -> bool:
+        return False
+
+
+@contextmanager
+def _into(output):
+    """Inside the block, prints and `show_*` images go into `output` (an Output widget), or, with None,
+    into the running cell as usual."""
+    if output is None:
+        yield
+        return
+    token = _TARGET.set(output)
+    try:
+        with redirect_stdout(_StreamInto(output, "stdout")), redirect_stderr(_StreamInto(output, "stderr")):
+            yield
+    finally:
+        _TARGET.reset(token)
+
+
+def _display_data(obj) -> dict:
+    from IPython.core.formatters import format_display_data
+
+    data, metadata = format_display_data(obj)
+    return {"output_type": "display_data", "data": data, "metadata": metadata}
+
+
+def _show(obj) -> None:
+    target = _TARGET.get()
+    if target is None:
+        from IPython.display import display
+
+        display(obj)
+    else:
+        target.outputs = (*target.outputs, _display_data(obj))
+
+
+def _replace_outputs(output, *objs) -> None:
+    """Set what `output` shows in one update (no flicker, no capture)."""
+    output.outputs = tuple(_display_data(obj) for obj in objs)
 
 
 def show_rendered(rendered, *, size: int = 128) -> None:
@@ -282,12 +345,10 @@ class LiveLoss:
     def redraw(self) -> None:
         if self.plot is None or not self.steps:
             return
-        from IPython.display import clear_output
+        from IPython.display import Image
 
-        png = loss_plot_png(self.steps, self.losses, total=self.total, title=self.title)
-        with self.plot:
-            clear_output(wait=True)
-            show_png(png)
+        _replace_outputs(self.plot, Image(data=loss_plot_png(self.steps, self.losses, total=self.total,
+                                                             title=self.title)))
 
 
 # --- The training panel ------------------------------------------------------------------------------------
@@ -371,7 +432,7 @@ class TrainingPanel:
     def _clicked(self, _button=None) -> None:
         self.button.disabled = True
         try:
-            with self.log:
+            with _into(self.log):
                 try:
                     self.train(output=self.log)
                 except DreamboothError as err:  # the message, not a traceback
@@ -408,7 +469,7 @@ class TrainingPanel:
         print("Snapshots: " + ", ".join(f"step {s}" for s, _ in snapshots))
         if output is None and live.steps:  # headless: the final plot also goes into the cell's own output
             show_png(loss_plot_png(live.steps, live.losses, total=live.total, title=live.title))
-        with _display_into(output):
+        with _into(output):
             self.show_samples(config, final)
         return final
 
@@ -434,11 +495,6 @@ def grid_axes(columns: str) -> tuple:
     if columns == "prompt":
         return ("run", "step"), "prompt"
     raise ConfigError(f"COLUMNS: {columns!r} is unknown; choose 'step' or 'prompt'.")
-
-
-def _display_into(output):
-    """A context that sends displays into `output` (an Output widget) or, with None, into the cell."""
-    return output if output is not None else nullcontext()
 
 
 class ComparePanel:
@@ -475,7 +531,7 @@ class ComparePanel:
 
         rows, cols = grid_axes(self.columns.value)
         spec = self.spec()
-        with _display_into(output):
+        with _into(output):
             print(f"{len(self.runs)} run(s): {', '.join(self.runs)}; {spec.scheduler.upper()}, "
                   f"{spec.num_inference_steps} steps, seeds {spec.seeds}. Rendered images are cached: redrawing "
                   "with the same settings is instant.")
@@ -485,12 +541,10 @@ class ComparePanel:
         return self.grid
 
     def _clicked(self, _button=None) -> None:
-        from IPython.display import clear_output
-
         self.button.disabled = True
+        self.output.outputs = ()
         try:
-            with self.output:
-                clear_output()
+            with _into(self.output):
                 try:
                     self.draw()
                 except DreamboothError as err:
@@ -543,7 +597,7 @@ class SweepPanel:
         self.progress.max = total
         live = _RunsLoss(total=total, progress=self.progress, status=self.status, plot=self.plot,
                          plot_every=max(1, total // 10))
-        with _display_into(output):
+        with _into(output):
             print(f"Sweep: learning rates {lrs} × snapshots at steps {save_at} into {config.output_dir}")
             self.result = sweep(config, lrs=lrs, save_at=save_at, spec=self.spec, on_step=live)
             print(f"Saved {self.result.grid}")
@@ -553,7 +607,7 @@ class SweepPanel:
     def _clicked(self, _button=None) -> None:
         self.button.disabled = True
         try:
-            with self.output:
+            with _into(self.output):
                 try:
                     self.run()
                 except DreamboothError as err:

@@ -19,6 +19,13 @@ import pytest
 
 from dreambooth_nb.demo import ORDER, inject_parameters, run_notebook
 
+# The first test that needs a notebook runs every earlier one too, each in its own kernel (imports alone
+# take ~5 s per kernel): the module gets more than the suite's 300 s per test.
+pytestmark = pytest.mark.timeout(600)
+# One cell never needs more than ~20 s here; a cell that passes this fails with the kernel's state
+# instead of waiting (see demo.run_notebook), so a stuck executor cannot eat CI's time.
+CELL_TIMEOUT = 240
+
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 FAKE_TOKEN = "hf_FAKEdoNotLeak0123456789abcdefghijklmn"
@@ -79,7 +86,7 @@ class Suite:
         try:
             return run_notebook(NOTEBOOKS / f"{name}.ipynb", parameters, workdir=self.root,
                                 out=self.executed / f"{label}.ipynb", env={"HF_TOKEN": FAKE_TOKEN, **(env or {})},
-                                extra_cells=extra_cells)
+                                extra_cells=extra_cells, timeout=CELL_TIMEOUT)
         finally:
             self.seconds[label] = time.monotonic() - t0
 

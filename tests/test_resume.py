@@ -34,7 +34,7 @@ class Server:
     def __init__(self, folder: Path):
         self.folder = folder
         self.log = open(folder / "worker.log", "w")
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+        env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
         self.proc = subprocess.Popen([sys.executable, str(WORKER), "--serve"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
         assert "ready" in json.loads(self._line())
@@ -147,7 +147,7 @@ def test_sigkilled_process_resumes_to_bitwise_identical_weights(make_config, tmp
                          output_dir=str(tmp_path / "killed"))
     path = tmp_path / "config.json"
     config.to_json(path)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
     with open(tmp_path / "log.txt", "w") as log:
         proc = subprocess.Popen([sys.executable, str(WORKER), str(path)], stdout=log, stderr=log, env=env)
         out = Path(config.output_dir)

@@ -135,7 +135,6 @@ def toy_pipe():
     import torch
     from diffusers import StableDiffusionPipeline
 
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     pipe = StableDiffusionPipeline.from_pretrained(TOY_MODEL_DIR, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -29,7 +29,7 @@ import traceback  # noqa: E402
 
 import torch  # noqa: E402
 
-torch.set_num_threads(1)
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # as the pytest process (conftest)
 
 from dreambooth_nb import TrainConfig, TrainingStopped, train  # noqa: E402
 
