@@ -94,7 +94,6 @@ def main(argv=None) -> int:
         num_class_images=args.class_images, prior_loss_weight=args.prior_weight, resolution=32,
         train_batch_size=args.batch, seed=args.seed, cache_latents=True,
         train_text_encoder=args.train_text_encoder, text_encoder_learning_rate=args.text_encoder_lr,
-        pre_compute_text_embeddings=not args.train_text_encoder,
         checkpointing_steps=10 * max(args.steps), checkpoints_total_limit=1)
     print(f"The study in miniature: {model.name}, LRs {', '.join(f'{lr:g}' for lr in args.lrs)}, steps "
           f"{', '.join(map(str, args.steps))}, batch {args.batch}, prior off/on ({args.class_images} class images), "
@@ -193,7 +192,7 @@ def main(argv=None) -> int:
     lines = [table, "", *[f"- {c['expectation']}: **{c['verdict']}** — {c['evidence']}" for c in checks]]
     (out / "study.md").write_text("\n".join(lines) + "\n")
     print("\n" + "\n".join(lines))
-    print(f"\nTimes: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
+    print("\nTimes: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
     print(f"Wrote {out / 'study.json'}, {out / 'study.md'}, {overview} and the two sweep grids.")
     return 0
 

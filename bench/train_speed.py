@@ -24,10 +24,9 @@ CPU_OPTIONS = {
     "8-bit AdamW": dict(use_8bit_adam=True),
     "gradient checkpointing": dict(gradient_checkpointing=True),
     "cached latents": dict(cache_latents=True),
-    "pre-computed text embeddings": dict(pre_compute_text_embeddings=True),
     "bf16 autocast": dict(mixed_precision="bf16"),
     "all savers (16gb profile, bf16)": dict(use_8bit_adam=True, gradient_checkpointing=True, cache_latents=True,
-                                            pre_compute_text_embeddings=True, mixed_precision="bf16"),
+                                            mixed_precision="bf16"),
     "all savers + text encoder": dict(use_8bit_adam=True, gradient_checkpointing=True, cache_latents=True,
                                       mixed_precision="bf16", train_text_encoder=True),
 }
@@ -36,9 +35,8 @@ CUDA_OPTIONS = {
     "fp16 autocast": dict(mixed_precision="fp16"),
     "fp16 + checkpointing": dict(mixed_precision="fp16", gradient_checkpointing=True),
     "fp16 + checkpointing + 8-bit AdamW": dict(mixed_precision="fp16", gradient_checkpointing=True, use_8bit_adam=True),
-    "16gb profile (+ cached latents, text emb.)": dict(mixed_precision="fp16", gradient_checkpointing=True,
-                                                       use_8bit_adam=True, cache_latents=True,
-                                                       pre_compute_text_embeddings=True),
+    "16gb profile (+ cached latents)": dict(mixed_precision="fp16", gradient_checkpointing=True,
+                                            use_8bit_adam=True, cache_latents=True),
     "16gb profile + text encoder": dict(mixed_precision="fp16", gradient_checkpointing=True, use_8bit_adam=True,
                                         cache_latents=True, train_text_encoder=True),
     "16gb profile + text encoder, batch 4 (1 x 4 acc.)": dict(

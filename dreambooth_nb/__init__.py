@@ -5,13 +5,17 @@
     final = train(config)
 """
 
-from .config import PRESETS, TrainConfig, preset
-from .errors import ConfigError, DataError, DreamboothError, TrainingStopped
-from .train import train
-from .priors import generate_class_images
-from .evaluate import EvalSpec
-from .compare import compare
-from .sweep import sweep
+from . import quiet
+
+quiet.install()  # before torch, diffusers and transformers load: see quiet.HARMLESS for what and why
+
+from .config import PRESETS, TrainConfig, preset  # noqa: E402
+from .errors import ConfigError, DataError, DreamboothError, TrainingStopped  # noqa: E402
+from .train import train  # noqa: E402
+from .priors import generate_class_images  # noqa: E402
+from .evaluate import EvalSpec  # noqa: E402
+from .compare import compare  # noqa: E402
+from .sweep import sweep  # noqa: E402
 
 __all__ = ["TrainConfig", "preset", "PRESETS", "train", "DreamboothError", "ConfigError", "DataError",
            "TrainingStopped", "generate_class_images", "EvalSpec", "compare", "sweep"]

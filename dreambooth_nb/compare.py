@@ -4,7 +4,7 @@
     compare({"LR 5e-6": "out/a", "LR 2e-6": "out/b"}, spec, rows="lr", steps=[400, 800])
 
 `runs` is a list of run folders (each with `snapshots/step-*`), a dict {label: run folder}, or explicit
-snapshot folders (anything with a `model_index.json`), mixed as you like. A run's learning rate is read
+snapshot folders (see `snapshots`; a base model folder works too), mixed as you like. A run's learning rate is read
 from its `config.json` when present.
 
 Every image of the spec lands in the grid: when the spec has several prompts or seeds and they are not
@@ -20,7 +20,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from . import storage
+from . import snapshots, storage
 from .errors import ConfigError, DataError
 from .evaluate import EvalSpec, render, snapshot_step
 from .grids import draw_grid, resolve_axes
@@ -64,7 +64,7 @@ def collect_snapshots(runs, *, steps=None) -> list[dict]:
     wanted = _steps(steps)
     found = []
     for label, folder in named:
-        if (folder / "model_index.json").is_file():  # one explicit snapshot
+        if snapshots.is_snapshot(folder):  # one explicit snapshot
             run_dir = folder.parent.parent if folder.parent.name == "snapshots" else None
             snaps = [(snapshot_step(folder), folder)]
             if wanted is not None:
@@ -114,7 +114,7 @@ def _learning_rate(run_dir: Path | None):
 def _unique_names(folders: list[Path]) -> list[str]:
     """Short run labels: the run folder's name (for a snapshot, its run's), longer only where two clash."""
     def run_folder(f: Path) -> Path:
-        if (f / "model_index.json").is_file() and f.parent.name == "snapshots":
+        if snapshots.is_snapshot(f) and f.parent.name == "snapshots":
             return f.parent.parent
         return f
 

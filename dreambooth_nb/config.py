@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +19,12 @@ from .errors import ConfigError
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-MIXED_PRECISION = ("no", "fp16", "bf16")
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 ATTENTION = ("sdpa", "xformers")
+RESUMABLE = {"resumable": True}
+"""Field metadata: the setting may change between a run and its resumption without changing what is
+trained (where things are saved, how often, how many steps in all, and the memory savers, which the
+out-of-memory advice asks to turn on)."""
 
 
 @dataclass
@@ -45,9 +50,9 @@ class TrainConfig:
     """Train on generated class images too, so the model keeps what the class looks like. The study: needed for faces."""
     prior_loss_weight: float = 1.0
     """Weight of the class-image loss against the instance loss."""
-    num_class_images: int = 100
+    num_class_images: int = field(default=100, metadata=RESUMABLE)
     """How many class images prior preservation uses (generated once, reused by every run)."""
-    sample_batch_size: int = 4
+    sample_batch_size: int = field(default=4, metadata=RESUMABLE)
     """Batch size when generating class images."""
     resolution: int = 512
     """Training resolution in pixels (images are resized so the shorter side matches, then cropped square)."""
@@ -61,7 +66,7 @@ class TrainConfig:
     """Instance images per micro-batch (prior preservation adds as many class images)."""
     gradient_accumulation_steps: int = 1
     """Micro-batches summed into one optimizer step: batch 4 = batch 1 × 4 accumulated, at a quarter of the memory."""
-    max_train_steps: int = 400
+    max_train_steps: int = field(default=400, metadata=RESUMABLE)
     """Optimizer steps. The study: ~400 for objects, 800–1200 for faces. Overfitting comes fast."""
     learning_rate: float = 2e-6
     """UNet learning rate. The study: 2e-6 for objects, 1e-6 (or 2e-6) for faces; 5e-6 already overfits."""
@@ -85,21 +90,21 @@ class TrainConfig:
     """Step after which the text encoder is frozen (None: train it to the end)."""
 
     # --- Memory and speed -------------------------------------------------------------------------------
-    mixed_precision: str = "no"
-    """"fp16" (T4, P100), "bf16" (Ampere and newer, also CPU) or "no". Trained weights stay fp32 masters under autocast."""
-    use_8bit_adam: bool = False
+    mixed_precision: str = field(default="no", metadata=RESUMABLE)
+    """"auto" (decided where training runs: bf16 on GPUs that have it — compute capability 8.0 and newer —,
+    fp16 on older GPUs such as the T4 and P100, none on CPU), "fp16", "bf16" or "no". Trained weights stay
+    fp32 masters under autocast. "auto" lets a config written on a CPU runtime train in fp16 on a T4."""
+    use_8bit_adam: bool = field(default=False, metadata=RESUMABLE)
     """8-bit AdamW from bitsandbytes: optimizer state 2 bytes/param instead of 8 (saves ≈5 GB on SD 1.5's UNet)."""
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = field(default=False, metadata=RESUMABLE)
     """Recompute activations in the backward pass: ~6× less activation memory for ~30 % more time."""
-    attention_backend: str = "sdpa"
+    attention_backend: str = field(default="sdpa", metadata=RESUMABLE)
     """"sdpa" (PyTorch, always works) or "xformers" (used only if installed and it actually runs)."""
-    cache_latents: bool = False
+    cache_latents: bool = field(default=False, metadata=RESUMABLE)
     """Encode every image with the VAE once and free the VAE from the GPU (saves memory and ~25 % of a step)."""
-    latent_cache_dir: str | None = None
+    latent_cache_dir: str | None = field(default=None, metadata=RESUMABLE)
     """With cache_latents: also keep the encoded latents in this folder, so later runs on the same photos
     (a sweep, a rerun after a disconnect) skip the VAE. None keeps them in memory only."""
-    pre_compute_text_embeddings: bool = False
-    """Encode the prompts once and free the text encoder (only when the text encoder is frozen)."""
 
     # --- Loss -------------------------------------------------------------------------------------------
     offset_noise: float = 0.0
@@ -107,22 +112,33 @@ class TrainConfig:
     snr_gamma: float | None = None
     """Min-SNR loss weighting gamma (5.0 is the paper's value). None disables it."""
     use_ema: bool = False
-    """Keep an exponential moving average of the UNet and save it. The study saw no clear difference."""
+    """Keep an exponential moving average of the UNet and save it. The study saw no clear difference, and
+    on the GPU it costs a full fp32 copy of the UNet (3.44 GB for SD 1.5): see `offload_ema`."""
     ema_decay: float = 0.9999
+    offload_ema: bool = field(default=False, metadata=RESUMABLE)
+    """Keep the EMA copy in CPU memory and bring it to the GPU only for its update after each optimizer
+    step (as diffusers' `--offload_ema`): 3.44 GB less GPU memory for SD 1.5, one round trip per step."""
 
     # --- Run, saving, resume ----------------------------------------------------------------------------
     seed: int = 0
     """Seeds data order, noise and timesteps: the same config gives the same weights, resumed or not."""
-    output_dir: str = "dreambooth-output"
+    output_dir: str = field(default="dreambooth-output", metadata=RESUMABLE)
     """Where states (for resume) and snapshots (for comparison) go. On Colab put it on Drive."""
-    checkpointing_steps: int = 100
-    """Save the full training state every N steps, so a disconnect loses at most N steps."""
-    checkpoints_total_limit: int | None = 2
-    """Keep only the last K training states (snapshots are never deleted). None keeps all."""
-    resume_from_checkpoint: str | None = "latest"
-    """"latest" continues from the newest complete state if there is one; a state folder path; None starts over."""
-    snapshot_steps: list[int] = field(default_factory=list)
-    """Steps at which an inference-ready pipeline is saved for comparison; the final step is always saved."""
+    checkpointing_steps: int | None = field(default=None, metadata=RESUMABLE)
+    """Save the full training state every N steps, so a disconnect loses at most N steps. None: every 100
+    steps, or less often when the states would not fit the disk (on Colab's Google Drive the deleted ones
+    count too: they stay in Drive's Trash for 30 days); the run says which interval it chose and why."""
+    checkpoints_total_limit: int | None = field(default=1, metadata=RESUMABLE)
+    """Keep only the last K training states (snapshots are never deleted). None keeps all. A state of full
+    SD 1.5 fine-tuning is ≈5.2 GB (fp32 UNet + 8-bit Adam), and the new one exists beside the old one while
+    it is written, so every extra kept state costs that much disk."""
+    resume_from_checkpoint: str | None = field(default="latest", metadata=RESUMABLE)
+    """"latest" continues from the newest complete state if there is one; a state folder path resumes from
+    that state. None refuses to touch an `output_dir` that already holds a run (start a new run in a new
+    folder, or delete the old one first)."""
+    snapshot_steps: list[int] = field(default_factory=list, metadata=RESUMABLE)
+    """Steps at which the trained weights are saved for comparison (fp16 with mixed precision, only the
+    trained parts: ≈1.7 GB for SD 1.5's UNet); the final step is always saved as a complete pipeline."""
 
     # ------------------------------------------------------------------------------------------------------
     def validate(self, *, check_paths: bool = True) -> "TrainConfig":
@@ -143,7 +159,7 @@ class TrainConfig:
         if te_lr is not None and not 0 < te_lr <= 1e-3:
             fail("text_encoder_learning_rate", f"{te_lr!r} is out of range; use a value in (0, 1e-3] or None.")
         for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "resolution",
-                     "checkpointing_steps", "num_class_images", "sample_batch_size"):
+                     "num_class_images", "sample_batch_size"):
             if getattr(self, name) <= 0:
                 fail(name, f"must be a positive whole number, got {getattr(self, name)!r}.")
         if self.resolution % 8:
@@ -156,11 +172,6 @@ class TrainConfig:
             fail("mixed_precision", f"{self.mixed_precision!r} is unknown; choose 'no', 'fp16' or 'bf16'.")
         if self.attention_backend not in ATTENTION:
             fail("attention_backend", f"{self.attention_backend!r} is unknown; choose 'sdpa' or 'xformers'.")
-        if self.mixed_precision == "fp16" and not _cuda_available():
-            fail("mixed_precision", "'fp16' needs a CUDA GPU and none is available; use 'no' or 'bf16' on CPU.")
-        if self.train_text_encoder and self.pre_compute_text_embeddings:
-            fail("pre_compute_text_embeddings", "cannot be used with train_text_encoder=True (the embeddings "
-                 "change as the encoder trains); turn one of them off.")
         if self.stop_text_encoder_training is not None and self.stop_text_encoder_training < 0:
             fail("stop_text_encoder_training", "must be a step number (0 or more) or None.")
         if self.cache_latents and not self.center_crop:
@@ -176,6 +187,9 @@ class TrainConfig:
             fail("ema_decay", "must be between 0 and 1 (0.9999 is usual).")
         if self.max_grad_norm <= 0:
             fail("max_grad_norm", "must be positive (1.0 is usual).")
+        if self.checkpointing_steps is not None and self.checkpointing_steps <= 0:
+            fail("checkpointing_steps", f"must be a positive whole number or None (automatic), got "
+                 f"{self.checkpointing_steps!r}.")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             fail("checkpoints_total_limit", "must be 1 or more, or None to keep every state.")
         if not self.instance_prompt.strip():
@@ -198,12 +212,13 @@ class TrainConfig:
             if not Path(self.instance_data_dir).is_dir():
                 fail("instance_data_dir", f"folder {self.instance_data_dir!r} does not exist; upload your "
                      "photos there or fix the path.")
-            local = Path(self.pretrained_model_name_or_path)
-            looks_local = local.is_absolute() or self.pretrained_model_name_or_path.startswith(".") \
-                or self.pretrained_model_name_or_path.count("/") != 1
-            if looks_local and not (local / "model_index.json").is_file():
-                fail("pretrained_model_name_or_path", f"{str(local)!r} is neither a Hub id ('owner/name') "
-                     "nor a folder with model_index.json.")
+            model = self.pretrained_model_name_or_path
+            if model_location(model) == "folder" and not (Path(model) / "model_index.json").is_file():
+                fail("pretrained_model_name_or_path", f"folder {model!r} has no model_index.json; point it "
+                     "at a model saved in diffusers layout (the folder that holds unet/, vae/, ...).")
+            if model_location(model) is None:
+                fail("pretrained_model_name_or_path", f"{model!r} is neither an existing folder nor a Hub id "
+                     "('owner/name'); fix the path or the id.")
         return self
 
     # --- JSON round trip --------------------------------------------------------------------------------
@@ -223,6 +238,7 @@ class TrainConfig:
         """Build a config from a dict, rejecting unknown keys and wrong types with the key's name."""
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a JSON object of settings, got {type(data).__name__}.")
+        data = {k: v for k, v in data.items() if k not in RETIRED}
         fields = {f.name: f for f in dataclasses.fields(cls)}
         hints = typing.get_type_hints(cls)
         unknown = sorted(set(data) - set(fields))
@@ -248,6 +264,60 @@ class TrainConfig:
     def replace(self, **changes) -> "TrainConfig":
         """A copy with some fields changed (unknown names raise ConfigError)."""
         return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+# Settings that earlier versions wrote and that no longer exist, with why; configs holding them still load.
+RETIRED = {
+    "pre_compute_text_embeddings": "a frozen text encoder's embeddings are now always computed once, and the "
+                                   "encoder leaves the GPU",
+}
+
+
+def model_location(name: str) -> str | None:
+    """Where a base model comes from: "folder" (an existing local folder), "hub" (an id such as
+    'owner/name' that is not a local folder) or None (neither). The rule is diffusers' own: an existing
+    folder wins, so a relative path like `models/sd15` is local when it exists and a Hub id otherwise."""
+    if Path(name).expanduser().is_dir():
+        return "folder"
+    if _HUB_ID.match(name):
+        return "hub"
+    return None
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def lr_label(lr: float) -> str:
+    """A learning rate as run folders name it: the shortest exact form, 3.8e-05 → "3.8e-5", 1e-4 → "1e-4"
+    (so a folder name never disagrees with the value it holds)."""
+    import numpy as np
+
+    return np.format_float_scientific(lr, trim="-", exp_digits=1)
+
+
+def resumable(name: str) -> bool:
+    """Whether setting `name` may change when a run resumes (see `RESUMABLE`)."""
+    return bool(_FIELDS[name].metadata.get("resumable"))
+
+
+def changed_settings(before: dict, config: "TrainConfig", *, ignore=()) -> list[str]:
+    """The settings of `config` that differ from `before` (a run's saved config) and change what is trained.
+
+    Resumable settings never count. Batch size and accumulation count only when their product (the samples
+    per optimizer step) changes. A text encoder that trained so far may be frozen from now on.
+    """
+    before = {k: v for k, v in before.items() if k not in RETIRED}
+    now = config.to_dict()
+    changed = sorted(k for k, v in now.items() if not resumable(k) and k not in ignore and before.get(k) != v)
+    if before.get("train_batch_size", 0) * before.get("gradient_accumulation_steps", 0) == \
+            config.train_batch_size * config.gradient_accumulation_steps:
+        changed = [k for k in changed if k not in ("train_batch_size", "gradient_accumulation_steps")]
+    if before.get("train_text_encoder") and not config.train_text_encoder:
+        changed = [k for k in changed if k not in ("train_text_encoder", "text_encoder_learning_rate",
+                                                   "stop_text_encoder_training")]
+    return changed
 
 
 def _coerce(key: str, value, hint, source: str):
@@ -281,12 +351,6 @@ def _coerce(key: str, value, hint, source: str):
     return value
 
 
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 # --- Presets from the Diffusers Dreambooth study ----------------------------------------------------------
 PRESETS: dict[str, dict] = {
     # Objects: low LR and few steps; prior preservation not needed.
@@ -295,7 +359,8 @@ PRESETS: dict[str, dict] = {
     "face": dict(learning_rate=1e-6, max_train_steps=1200, train_batch_size=2, with_prior_preservation=True,
                  num_class_images=200),
     # 16 GB memory profile: combines with either of the above.
-    "16gb": dict(use_8bit_adam=True, gradient_checkpointing=True, mixed_precision="fp16",
+    # Mixed precision "auto": fp16 on a T4 or P100, bf16 where the GPU has it, decided where training runs.
+    "16gb": dict(use_8bit_adam=True, gradient_checkpointing=True, mixed_precision="auto",
                  attention_backend="sdpa", cache_latents=True),
 }
 
@@ -314,7 +379,5 @@ def preset(*names: str, **overrides) -> TrainConfig:
     if "16gb" in names and values.get("train_batch_size", 1) > 1:
         values["gradient_accumulation_steps"] = values.pop("train_batch_size")
         values["train_batch_size"] = 1
-    if "16gb" in names and not _cuda_available():
-        values["mixed_precision"] = "no"  # fp16 autocast needs a GPU; the same preset still runs on CPU
     values.update(overrides)
     return TrainConfig.from_dict(values)

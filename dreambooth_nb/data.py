@@ -9,7 +9,6 @@ continues at position N × batch × accumulation.
 from __future__ import annotations
 
 import hashlib
-import random
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +29,15 @@ def sample_generator(seed: int, stream: int, position: int) -> torch.Generator:
 
 
 def item_index(seed: int, stream: int, position: int, n_items: int) -> int:
-    """Which image the sample at `position` uses: each epoch is a fresh permutation of all images."""
+    """Which image the sample at `position` uses: each epoch is a fresh permutation of all images.
+
+    The permutation's seed is the tuple (seed, stream, epoch) itself (NumPy's SeedSequence hashes it), so
+    no two (seed, epoch) pairs share an order. (Earlier versions used seed × 31 + epoch, where seed 1
+    repeated seed 0's order 31 epochs later; a run started before that change resumes with the new order
+    from its next step on — its weights stay valid, only the data order after the resume differs.)
+    """
     epoch, offset = divmod(position, n_items)
-    order = list(range(n_items))
-    random.Random(seed * 31 + stream * 1_000_033 + epoch).shuffle(order)
-    return order[offset]
+    return int(np.random.default_rng((seed, stream, epoch)).permutation(n_items)[offset])
 
 
 def resize_and_crop(image: Image.Image, *, resolution: int, center_crop: bool, gen: torch.Generator) -> Image.Image:
@@ -139,11 +142,6 @@ class LatentSource:
         mean, std = self.cached.get((index, flip)) or self._encode(index, flip=flip, gen=gen)
         eps = torch.randn(mean.shape, generator=gen)
         return (mean + std * eps) * self.scaling_factor
-
-
-@torch.no_grad()
-def encode_prompt(prompt: str, *, tokenizer, text_encoder, device: torch.device) -> torch.Tensor:
-    return text_encoder(tokenize(prompt, tokenizer=tokenizer).to(device))[0].float().cpu()
 
 
 def tokenize(prompt: str, *, tokenizer) -> torch.Tensor:

@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-from . import priors, storage
-from .errors import ConfigError, DataError
+from . import snapshots, storage
+from .errors import ConfigError
 
 SCHEDULERS = ("ddim", "pndm", "dpm")
 DEFAULT_CONTEXTS = ("in the snow", "as an oil painting")
@@ -183,10 +183,7 @@ def render(snapshot, spec: EvalSpec, *, device=None, cache_dir=None) -> list[Ren
         raise ConfigError(f"spec: expected an EvalSpec, got {type(spec).__name__}; "
                           "build one with EvalSpec(prompts=[...]) or EvalSpec.for_config(config).")
     spec.validate()
-    if not (snapshot / "model_index.json").is_file():
-        raise DataError(f"{snapshot}: not a saved pipeline (no model_index.json). Pass a snapshot folder such as "
-                        "output_dir/snapshots/step-000400, or train first.")
-    resolution = spec.resolution or native_resolution(snapshot)
+    resolution = spec.resolution or snapshots.native_resolution(snapshot)  # (also: is it a snapshot?)
     folder = _prepare_cache(snapshot, cache_dir) / spec.settings_key(resolution=resolution)
     step = snapshot_step(snapshot)
     results = [Rendered(snapshot=snapshot, step=step, prompt=prompt, seed=seed,
@@ -200,7 +197,7 @@ def render(snapshot, spec: EvalSpec, *, device=None, cache_dir=None) -> list[Ren
     storage.write_json(folder / "settings.json", settings)
     device = torch.device(device) if device is not None else \
         torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = priors.load_inference_pipeline(str(snapshot), device=device)
+    pipe = snapshots.load_pipeline(snapshot, device=device)
     try:
         pipe.scheduler = make_scheduler(spec.scheduler, pipe.scheduler.config)
         from tqdm.auto import tqdm
@@ -230,18 +227,6 @@ def make_scheduler(name: str, config):
     if name == "dpm":
         return DPMSolverMultistepScheduler.from_config(config)
     raise ConfigError(f"EvalSpec.scheduler: {name!r} is unknown; choose one of {', '.join(SCHEDULERS)}.")
-
-
-def native_resolution(snapshot) -> int:
-    """The image size the model was made for: UNet sample size × the VAE's downsampling (8 for SD)."""
-    snapshot = Path(snapshot)
-    try:
-        unet = json.loads((snapshot / "unet" / "config.json").read_text())
-        vae = json.loads((snapshot / "vae" / "config.json").read_text())
-        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
-    except (OSError, KeyError, TypeError, ValueError) as err:
-        raise DataError(f"{snapshot}: cannot read the UNet/VAE config to find the native image size ({err}); "
-                        "set EvalSpec.resolution explicitly (512 for SD 1.5).") from None
 
 
 def snapshot_step(snapshot) -> int | None:

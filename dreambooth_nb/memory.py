@@ -1,4 +1,4 @@
-"""Memory and disk arithmetic: what a run will write, and which memory saver to turn on next.
+"""Memory and disk arithmetic: what a run will write and where, and which memory saver to turn on next.
 
 The numbers are the ones in the project notes for SD 1.5: fp32 master weights and gradients take
 4 + 4 bytes per trained parameter; AdamW adds 8 bytes (32-bit) or ≈2 bytes (8-bit bitsandbytes).
@@ -6,9 +6,40 @@ The numbers are the ones in the project notes for SD 1.5: fp32 master weights an
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 # Bytes of optimizer state per trained parameter.
 ADAMW_BYTES = 8.0
-ADAMW_8BIT_BYTES = 2.03  # two uint8 moments + per-block absmax; tensors under 4096 elements stay 32-bit
+ADAMW_8BIT_BYTES = 2.03  # two uint8 moments + a float32 absmax per 256-element block; tensors under 4096 elements stay 32-bit
+PNG_BYTES_PER_PIXEL = 1.6  # a generated 512 px class image is ≈420 KB as PNG (measured on SD 1.5 renders)
+DEFAULT_CHECKPOINTING = 100  # steps between states when the disk allows it
+DISK_MARGIN = 0.05  # of the free space, never planned: logs, rounding, other writers
+DRIVE_MARGIN = 0.20  # on Google Drive: its quota is shared with Gmail and Google Photos, which keep growing,
+# and a quota reached mid-save drops that save; a free 15 GB Drive so plans at most 12 GB
+
+
+@dataclass
+class RunSizes:
+    """Parameter counts of the run's model: what its states and snapshots are made of."""
+
+    unet: int
+    text_encoder: int
+    vae: int
+
+    @property
+    def total(self) -> int:
+        return self.unet + self.text_encoder + self.vae
+
+
+def run_sizes(config) -> RunSizes:
+    """The base model's sizes from its configs (no weights are downloaded)."""
+    from .models import parameter_counts
+
+    return RunSizes(**parameter_counts(config))
+
+
+def trained_params(config, sizes: RunSizes) -> int:
+    return sizes.unet + (sizes.text_encoder if config.train_text_encoder else 0)
 
 
 def state_bytes(config, *, trained_params: int) -> int:
@@ -17,22 +48,145 @@ def state_bytes(config, *, trained_params: int) -> int:
     return int(trained_params * per_param)
 
 
-def snapshot_bytes(config, *, total_params: int) -> int:
-    """Size of one inference-ready snapshot: every component, fp16 when training used mixed precision."""
-    return total_params * (2 if config.mixed_precision != "no" else 4)
+def _weight_bytes(config) -> int:
+    """Bytes per weight in a snapshot: fp16 unless training ran in full precision."""
+    return 4 if config.mixed_precision == "no" else 2
 
 
-def planned_disk_bytes(config, *, trained_params: int, total_params: int, start_step: int = 0) -> int:
-    """What the rest of the run will write at most: the kept states plus every snapshot still to come."""
-    remaining = range(start_step + 1, config.max_train_steps + 1)
-    n_states = sum(1 for s in remaining if s % config.checkpointing_steps == 0 and s < config.max_train_steps)
-    if config.checkpoints_total_limit is not None:
-        n_states = min(n_states, config.checkpoints_total_limit + 1)  # +1: the new one exists before rotation
-    n_snapshots = len({s for s in config.snapshot_steps if s > start_step} | {config.max_train_steps})
-    return n_states * state_bytes(config, trained_params=trained_params) + \
-        n_snapshots * snapshot_bytes(config, total_params=total_params)
+def snapshot_bytes(config, *, sizes: RunSizes, complete: bool) -> int:
+    """An intermediate snapshot holds the trained parts; the final one the complete pipeline."""
+    return (sizes.total if complete else trained_params(config, sizes)) * _weight_bytes(config)
 
 
+def class_image_bytes(config, *, missing: int) -> int:
+    return int(missing * config.resolution**2 * PNG_BYTES_PER_PIXEL)
+
+
+@dataclass
+class DiskPlan:
+    """What a run will write into its output folder, when, and whether it fits the free space."""
+
+    checkpointing_steps: int | None
+    """The interval between training states (None: no state before the end)."""
+    state_steps: list[int]
+    peak_bytes: int
+    """The most the run's new files occupy at one time (on Drive the deleted ones count: see `trash_counts`)."""
+    free_bytes: int | None
+    trash_counts: bool
+    """Deleted files still count against the quota (Colab's Google Drive: they sit in Drive's Trash)."""
+    items: list[tuple[str, int]] = field(default_factory=list)
+    """(what, bytes) of every file group the run writes, in order."""
+    trash_bytes: int = 0
+    """Bytes of states this run deletes; on Drive they stay in the Trash and count for 30 days."""
+    where: str = ""
+
+    @property
+    def margin(self) -> float:
+        return DRIVE_MARGIN if self.trash_counts else DISK_MARGIN
+
+    @property
+    def fits(self) -> bool:
+        return self.free_bytes is None or self.peak_bytes <= self.free_bytes * (1 - self.margin)
+
+    def lines(self) -> list[str]:
+        return [f"  {what}: {_size(size)}" for what, size in self.items]
+
+    def summary(self) -> str:
+        every = f"every {self.checkpointing_steps} steps" if self.checkpointing_steps else "none before the end"
+        free = f" of {_size(self.free_bytes)} free" if self.free_bytes is not None else ""
+        text = [f"Disk plan for {self.where}: at most {_size(self.peak_bytes)}{free}; training states {every} "
+                f"(a disconnect loses at most {self.checkpointing_steps or 'all the'} steps)."]
+        if self.trash_counts and self.trash_bytes:
+            text.append(f"  Deleted states go to Google Drive's Trash and still count against your quota for "
+                        f"30 days: this run puts {_size(self.trash_bytes)} there (included above).")
+        return "\n".join(text)
+
+    def refusal(self) -> str:
+        free = _size(self.free_bytes) if self.free_bytes is not None else "?"
+        advice = ("Free some space (on Google Drive: also empty the Trash at drive.google.com/drive/trash — "
+                  "deleted files keep counting against the quota there), save fewer snapshot_steps, or choose "
+                  "another output_dir." if self.trash_counts else
+                  "Free some space, save fewer snapshot_steps, lower checkpoints_total_limit, or choose "
+                  "another output_dir.")
+        return (f"Not enough disk space in {self.where}: this run writes up to {_size(self.peak_bytes)} and only "
+                f"{free} are free (keeping {self.margin:.0%} spare). The plan:\n" + "\n".join(self.lines()) +
+                f"\n{advice}")
+
+    def trash_note(self) -> str:
+        return (f"This run deleted {_size(self.trash_bytes)} of old training states. On Google Drive they stay in "
+                "the Trash for 30 days and count against your quota until then: empty it at "
+                "drive.google.com/drive/trash to get the space back now.")
+
+
+def disk_plan(config, *, sizes: RunSizes, start_step: int = 0, free_bytes: int | None = None,
+              trash_counts: bool = False, missing_class_images: int | None = None) -> DiskPlan:
+    """The disk plan of `config`: its `checkpointing_steps`, or (None) the most frequent states that fit.
+
+    Simulates the run from `start_step`: a snapshot at each snapshot step (the final one complete), a state
+    every `checkpointing_steps` steps, the oldest states deleted beyond `checkpoints_total_limit` — after
+    the new one is complete, so both exist for a while. Where deletions do not free space (`trash_counts`:
+    Google Drive keeps deleted files in its Trash, counted against the quota for 30 days — Google Drive
+    Help, "How storage works in Google Drive": "Even items moved to Trash take up storage space", and
+    "Delete and restore files": items in the bin are deleted forever after 30 days), every state written
+    counts. Automatic checkpointing tries every 100 steps, then 200, ... and finally none before the end.
+    """
+    if missing_class_images is None:
+        missing_class_images = _missing_class_images(config)
+    candidates = [config.checkpointing_steps] if config.checkpointing_steps else \
+        [k for k in range(DEFAULT_CHECKPOINTING, config.max_train_steps, DEFAULT_CHECKPOINTING)] + [None]
+    plan = None
+    for interval in candidates:
+        plan = _simulate(config, sizes=sizes, interval=interval, start_step=start_step, free_bytes=free_bytes,
+                         trash_counts=trash_counts, missing_class_images=missing_class_images)
+        if plan.fits:
+            break
+    return plan
+
+
+def _simulate(config, *, sizes, interval, start_step, free_bytes, trash_counts, missing_class_images) -> DiskPlan:
+    state = state_bytes(config, trained_params=trained_params(config, sizes))
+    items = []
+    used = peak = trash = 0
+    if missing_class_images:
+        used = peak = class_image_bytes(config, missing=missing_class_images)
+        items.append((f"{missing_class_images} class images (in {config.class_data_dir})", used))
+    kept: list[int] = []
+    state_steps = []
+    snapshot_steps = sorted({s for s in config.snapshot_steps if s > start_step} | {config.max_train_steps})
+    events = sorted(set(snapshot_steps) | ({s for s in range(start_step + 1, config.max_train_steps)
+                                            if interval and s % interval == 0}))
+    for step in events:
+        if step in snapshot_steps:
+            complete = step == config.max_train_steps
+            size = snapshot_bytes(config, sizes=sizes, complete=complete)
+            items.append((f"snapshot of step {step} ({'complete pipeline' if complete else 'trained weights'})", size))
+            used += size
+            peak = max(peak, used)
+        if interval and step % interval == 0 and step < config.max_train_steps:
+            items.append((f"training state of step {step}", state))
+            state_steps.append(step)
+            kept.append(step)
+            used += state
+            peak = max(peak, used)
+            limit = config.checkpoints_total_limit
+            while limit is not None and len(kept) > limit:
+                kept.pop(0)
+                trash += state
+                if not trash_counts:
+                    used -= state
+    return DiskPlan(checkpointing_steps=interval, state_steps=state_steps, peak_bytes=peak, free_bytes=free_bytes,
+                    trash_counts=trash_counts, items=items, trash_bytes=trash, where=str(config.output_dir))
+
+
+def _missing_class_images(config) -> int:
+    if not config.with_prior_preservation or not config.class_data_dir:
+        return 0
+    from .priors import missing_class_images
+
+    return len(missing_class_images(config.class_data_dir, config.num_class_images))
+
+
+# --- Out of memory ------------------------------------------------------------------------------------
 def next_memory_saver(config) -> str | None:
     """The next memory saver to enable, in order of cost to quality and speed (cheapest first)."""
     if not config.gradient_checkpointing:
@@ -41,6 +195,8 @@ def next_memory_saver(config) -> str | None:
         return "use_8bit_adam=True (saves ≈5 GB of optimizer state on SD 1.5)"
     if not config.cache_latents:
         return "cache_latents=True (the VAE leaves the GPU after encoding the photos once)"
+    if config.use_ema and not config.offload_ema:
+        return "offload_ema=True (the EMA copy of the UNet moves to host memory: 3.44 GB on SD 1.5), or use_ema=False"
     if config.train_batch_size > 1:
         return (f"train_batch_size=1 with gradient_accumulation_steps="
                 f"{config.train_batch_size * config.gradient_accumulation_steps} (same effective batch)")
@@ -49,9 +205,23 @@ def next_memory_saver(config) -> str | None:
     return None
 
 
-def out_of_memory_advice(config, *, peak_bytes: int | None) -> str:
+def out_of_memory_advice(config, *, peak_bytes: int | None, stage: str = "training",
+                         adam_fallback: str | None = None) -> str:
     peak = f"peak {peak_bytes / 2**30:.1f} GiB allocated" if peak_bytes else "peak unknown"
+    if adam_fallback:
+        # 8-bit Adam was on in the config but could not run: the ≈5 GB it saves was never saved.
+        advice = (f"8-bit Adam could not run here ({adam_fallback}), so 32-bit AdamW was used and needs ≈6 bytes "
+                  "more per trained parameter: fix bitsandbytes (on Colab: Runtime > Restart session, then run "
+                  "the notebook again) or turn on the next saver. ")
+        saver = next_memory_saver(config)  # (8-bit Adam counts as on: turning it on again would not help)
+        advice += f"Next saver: {saver}." if saver else ""
+        return f"The GPU ran out of memory while {stage} ({peak}). {advice}".strip()
     saver = next_memory_saver(config)
     advice = f"Turn on {saver} and run training again; it resumes from the last saved state." if saver else \
         "Every memory saver is already on; lower resolution or use a GPU with more memory."
-    return f"The GPU ran out of memory ({peak}). {advice}"
+    return f"The GPU ran out of memory while {stage} ({peak}). {advice}"
+
+
+def _size(n: int) -> str:
+    """Bytes for people: GB with two decimals, MB below 1 GB (a tiny run must not read "0.00 GB")."""
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"

@@ -8,13 +8,11 @@ to save memory.
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -30,14 +28,48 @@ class Components:
 
 
 def is_local(model: str) -> bool:
-    return Path(model).is_dir()
+    from .config import model_location
+
+    return model_location(model) == "folder"
 
 
-def weight_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """bf16 runs natively: on CPU, and on GPUs of compute capability 8.0 and newer (Ampere: A100, L4, RTX 30).
+
+    `torch.cuda.is_bf16_supported()` also says True on a T4 (sm_75), where bf16 is emulated and slow.
+    """
+    if device.type != "cuda":
+        return device.type == "cpu"
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """The mixed precision a run uses on `device`: "auto" decided here, impossible choices refused."""
+    from .errors import ConfigError
+
+    if requested == "auto":
+        if device.type != "cuda":
+            return "no"
+        return "bf16" if bf16_supported(device) else "fp16"
+    if requested == "fp16" and device.type != "cuda":
+        raise ConfigError("mixed_precision: 'fp16' needs a CUDA GPU and this runtime has none; use 'auto' "
+                          "(fp32 here, fp16 on a T4), 'no', or 'bf16' on CPU.")
+    if requested == "bf16" and not bf16_supported(device):
+        name = torch.cuda.get_device_name(device)
+        raise ConfigError(f"mixed_precision: this GPU ({name}) has no native bf16 (it needs compute capability "
+                          "8.0 or newer; a T4 is 7.5) and emulating it is slow; use 'fp16' or 'auto'.")
+    return requested
+
+
+def weight_dtype(precision: str, device: torch.device) -> torch.dtype:
     """dtype of the frozen parts: half precision only on a GPU (CPU fp16 kernels are slow or missing)."""
     if device.type != "cuda":
         return torch.float32
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
 
 
 def _read_model_index(model: str, *, revision: str | None) -> dict:
@@ -48,15 +80,41 @@ def _read_model_index(model: str, *, revision: str | None) -> dict:
     return DiffusionPipeline.load_config(model, revision=revision)
 
 
-def load_components(config, *, device: torch.device) -> Components:
-    """Load tokenizer, text encoder, VAE, UNet and the DDPM noise scheduler of `config`'s base model."""
+def transformers_dtype(dtype: torch.dtype) -> dict:
+    """The dtype keyword for a transformers `from_pretrained`: `dtype` from 4.56 (where `torch_dtype` warns
+    that it is deprecated), `torch_dtype` before (Colab may ship an older transformers)."""
+    import transformers
+
+    return _dtype_keyword(dtype, transformers.__version__, since="4.56")
+
+
+def diffusers_dtype(dtype: torch.dtype) -> dict:
+    """The dtype keyword for a diffusers `from_pretrained` (models and pipelines): `dtype` from 0.40, which
+    accepts it (0.42 warns that `torch_dtype` is deprecated), `torch_dtype` before."""
+    import diffusers
+
+    return _dtype_keyword(dtype, diffusers.__version__, since="0.40")
+
+
+def _dtype_keyword(dtype: torch.dtype, version: str, *, since: str) -> dict:
+    from packaging.version import Version
+
+    return {"dtype": dtype} if Version(version) >= Version(since) else {"torch_dtype": dtype}
+
+
+def load_components(config, *, device: torch.device, precision: str) -> Components:
+    """Load tokenizer, text encoder, VAE, UNet and the DDPM noise scheduler of `config`'s base model.
+
+    Each part is loaded in its final dtype (trained parts fp32, frozen parts half precision on a GPU),
+    never cast after loading: diffusers keeps some modules in fp32 only when it knows the dtype at load.
+    """
     import diffusers
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     model = config.pretrained_model_name_or_path
     common = dict(revision=config.revision, local_files_only=is_local(model))
-    frozen = weight_dtype(config.mixed_precision, device)
+    frozen = weight_dtype(precision, device)
     index = _read_model_index(model, revision=config.revision)
 
     tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", **common)
@@ -65,15 +123,40 @@ def load_components(config, *, device: torch.device) -> Components:
                                                                                     **common)
     te_dtype = torch.float32 if config.train_text_encoder else frozen
     text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", variant=config.variant,
-                                                 **common).to(device, te_dtype)
-    vae = AutoencoderKL.from_pretrained(model, subfolder="vae", variant=config.variant, **common).to(device, frozen)
+                                                 **transformers_dtype(te_dtype), **common).to(device)
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae", variant=config.variant, **diffusers_dtype(frozen),
+                                        **common).to(device)
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", variant=config.variant,
-                                                **common).to(device, torch.float32)
+                                                **diffusers_dtype(torch.float32), **common).to(device)
     vae.requires_grad_(False)
     text_encoder.requires_grad_(config.train_text_encoder)
     unet.requires_grad_(True)
     return Components(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet,
                       noise_scheduler=noise_scheduler, inference_scheduler=inference_scheduler)
+
+
+def parameter_counts(config) -> dict[str, int]:
+    """Parameters of the base model's UNet, text encoder and VAE, from their configs alone (a few KB; the
+    modules are built on the meta device, no weights): what the disk plan needs before any download."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    model = config.pretrained_model_name_or_path
+    common = dict(revision=config.revision, local_files_only=is_local(model))
+    with init_empty_weights():
+        modules = {
+            "unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model, subfolder="unet", **common)),
+            "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(model, subfolder="vae", **common)),
+            "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(model, subfolder="text_encoder", **common)),
+        }
+    return {name: count_parameters(module) for name, module in modules.items()}
+
+
+def first_line(err: BaseException, *, limit: int = 160) -> str:
+    """`Type: first line of the message` (an exception may have an empty message)."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:limit]}" if lines else type(err).__name__
 
 
 def xformers_works(device: torch.device) -> tuple[bool, str]:
@@ -87,7 +170,7 @@ def xformers_works(device: torch.device) -> tuple[bool, str]:
         xformers.ops.memory_efficient_attention(q, q, q)
         return True, "xformers works"
     except Exception as err:  # ImportError, or any kernel failure: all mean "use SDPA"
-        return False, f"xformers is not usable ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
+        return False, f"xformers is not usable ({first_line(err, limit=120)})"
 
 
 def set_attention(unet, *, backend: str, device: torch.device) -> str:
@@ -116,6 +199,7 @@ def enable_tf32(device: torch.device) -> bool:
 def enable_gradient_checkpointing(components: Components, *, train_text_encoder: bool) -> None:
     components.unet.enable_gradient_checkpointing()
     if train_text_encoder:
+        # transformers recomputes only in train mode (it checks `self.training`): `train()` sets that mode.
         components.text_encoder.gradient_checkpointing_enable()
 
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
+from .storage import COLAB_DRIVE
 
 COLAB, KAGGLE, LOCAL = "colab", "kaggle", "local"
-COLAB_DRIVE = Path("/content/drive")
 KAGGLE_WORKING = Path("/kaggle/working")
 HEADLESS_ENV = "DREAMBOOTH_NB_HEADLESS"
 """Set to 1 to force headless behaviour (train without a click), 0 to force interactive."""
@@ -125,7 +125,7 @@ def check_environment(*, probe: bool = True) -> Environment:
     """Detect the platform and GPU, and (with `probe`) run bitsandbytes and xformers for real once."""
     import torch
 
-    from .models import xformers_works
+    from .models import bf16_supported, xformers_works
     from .train import bitsandbytes_works
 
     cuda = torch.cuda.is_available()
@@ -135,12 +135,9 @@ def check_environment(*, probe: bool = True) -> Environment:
         props = torch.cuda.get_device_properties(0)
         env.gpu_name = props.name
         env.gpu_memory_gb = props.total_memory / 1024**3
-        env.bf16 = torch.cuda.is_bf16_supported()
-        if env.gpu_memory_gb < 15:
-            env.notes.append("Less than 16 GB of GPU memory: keep the '16gb' profile on and the text encoder "
-                             "frozen.")
-        env.notes.append("Mixed precision: " + ("bf16 is supported (safer than fp16)." if env.bf16 else
-                                                "use fp16 (this GPU has no bf16)."))
+        env.bf16 = bf16_supported(device)  # compute capability ≥ 8.0; a T4 only emulates it
+        env.notes.append("Mixed precision 'auto' uses " + ("bf16 here (native on this GPU; safer than fp16)."
+                                                           if env.bf16 else "fp16 here (this GPU has no native bf16)."))
     else:
         env.notes.append("No GPU: training a real Stable Diffusion model on CPU is far too slow. On Colab: "
                          "Runtime > Change runtime type > T4 GPU. On Kaggle: Settings > Accelerator > GPU.")
@@ -169,6 +166,30 @@ def _kaggle_secret(name: str) -> str | None:
         return None
 
 
+def find_hf_token(*, environ=None) -> tuple[str | None, str]:
+    """(token, where it came from): the `HF_TOKEN` environment variable, else a Colab or Kaggle secret named
+    HF_TOKEN. Every notebook calls this (through `use_hf_token` or `hf_login`): each runs in its own kernel."""
+    environ = os.environ if environ is None else environ
+    if environ.get("HF_TOKEN"):
+        return environ["HF_TOKEN"], "the HF_TOKEN environment variable"
+    for reader, where in ((_colab_secret, "Colab secret HF_TOKEN"), (_kaggle_secret, "Kaggle secret HF_TOKEN")):
+        token = reader("HF_TOKEN")
+        if token:
+            return token, where
+    return None, ""
+
+
+def use_hf_token(*, environ=None) -> bool:
+    """Make a token found by `find_hf_token` available to downloads in this kernel, silently when there is
+    none (the default model needs none); never prints or saves the token itself."""
+    environ = os.environ if environ is None else environ
+    token, source = find_hf_token(environ=environ)
+    if token:
+        environ["HF_TOKEN"] = token
+        print(f"Hugging Face token from {source} is set for this session. It is not printed or saved.")
+    return bool(token)
+
+
 def hf_login(*, environ=None, ask=None, verify: bool = True) -> bool:
     """Make a Hugging Face token available to downloads in this session, without ever showing or saving it.
 
@@ -179,13 +200,7 @@ def hf_login(*, environ=None, ask=None, verify: bool = True) -> bool:
     SD 1.5 (the default model) needs no token; gated or private models do.
     """
     environ = os.environ if environ is None else environ
-    token, source = environ.get("HF_TOKEN"), "the HF_TOKEN environment variable"
-    if not token:
-        for reader, where in ((_colab_secret, "Colab secret HF_TOKEN"), (_kaggle_secret, "Kaggle secret HF_TOKEN")):
-            token = reader("HF_TOKEN")
-            if token:
-                source = where
-                break
+    token, source = find_hf_token(environ=environ)
     if not token and ask is None and not is_headless(environ=environ):
         import getpass
 

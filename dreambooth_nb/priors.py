@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from . import snapshots
 from .errors import DataError
 from .storage import atomic_write_bytes
 
@@ -36,20 +37,6 @@ def image_seed(seed: int, index: int) -> int:
     return seed * 100_003 + index
 
 
-def load_inference_pipeline(model: str, *, device: torch.device, revision: str | None = None,
-                            variant: str | None = None):
-    """The base pipeline for generation: fp16 on a GPU, fp32 on CPU, safety checker off, no progress bar."""
-    from diffusers import StableDiffusionPipeline
-
-    local = Path(model).is_dir()
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    pipe = StableDiffusionPipeline.from_pretrained(
-        model, torch_dtype=dtype, revision=revision, variant=variant, local_files_only=local,
-        safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
-
-
 def generate_class_images(config, *, device: torch.device | None = None, pipe=None) -> Path:
     """Write the missing class images of `config` into `config.class_data_dir`; return the folder.
 
@@ -66,7 +53,7 @@ def generate_class_images(config, *, device: torch.device | None = None, pipe=No
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     own_pipe = pipe is None
     if own_pipe:
-        pipe = load_inference_pipeline(config.pretrained_model_name_or_path, device=device,
+        pipe = snapshots.load_pipeline(config.pretrained_model_name_or_path, device=device,
                                        revision=config.revision, variant=config.variant)
     try:
         with tqdm(total=len(missing), desc="Class images") as bar:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from . import platform as _platform
 from . import storage
-from .config import TrainConfig, preset
+from .config import TrainConfig, changed_settings, lr_label, preset
 from .errors import ConfigError, DataError
 
 
@@ -159,7 +159,7 @@ def setup_config(project: Project, *, kind: str = "object", memory_16gb: bool = 
 
 
 def run_name(config: TrainConfig) -> str:
-    name = f"lr{config.learning_rate:.0e}".replace("e-0", "e-")
+    name = f"lr{lr_label(config.learning_rate)}"
     if config.train_text_encoder:
         name += "-te"
     if config.with_prior_preservation:
@@ -169,8 +169,6 @@ def run_name(config: TrainConfig) -> str:
 
 def same_training(folder: Path, config: TrainConfig, *, ignore=()) -> bool:
     """True if `folder` is free, or holds a run of `config` (same settings apart from resumable ones)."""
-    from .train import _RESUMABLE_CHANGES
-
     saved = Path(folder) / "config.json"
     if not saved.is_file():
         return not (Path(folder) / "snapshots").exists() and not (Path(folder) / "states").exists()
@@ -178,7 +176,7 @@ def same_training(folder: Path, config: TrainConfig, *, ignore=()) -> bool:
         before = json.loads(saved.read_text())
     except (OSError, ValueError):
         return False
-    return all(before.get(k) == v for k, v in config.to_dict().items() if k not in _RESUMABLE_CHANGES and k not in ignore)
+    return not changed_settings(before, config, ignore=ignore)
 
 
 def _number_suffix(path: Path) -> int:

@@ -136,19 +136,64 @@ def remove_partial(root: Path) -> list[Path]:
     return removed
 
 
+# --- Weights, a shard at a time ----------------------------------------------------------------------
+MAX_SHARD_BYTES = 500 * 1024**2
+"""Weights are written in shards of at most this size (measured in the source dtype), each copied to the
+CPU, written and freed before the next: saving never holds a second copy of a model in host RAM (Colab's
+VM has ≈12.7 GB, and SD 1.5's fp32 UNet alone is 3.44 GB). diffusers and transformers load the sharded
+layout (`<name>-00001-of-00007.safetensors` + `<name>.safetensors.index.json`) like a single file."""
+
+
+def save_weights(tensors: dict, folder: Path, *, filename: str, dtype=None,
+                 max_shard_bytes: int = MAX_SHARD_BYTES) -> list[Path]:
+    """Write `tensors` (on any device) as safetensors into `folder/filename`, sharded when large; return the files."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    stem = filename.removesuffix(".safetensors")
+    split = split_torch_state_dict_into_shards(tensors, filename_pattern=stem + "{suffix}.safetensors",
+                                               max_shard_size=max_shard_bytes)
+    written = []
+    for name, keys in split.filename_to_tensors.items():
+        shard = {k: tensors[k].detach().to("cpu", dtype or tensors[k].dtype).contiguous() for k in keys}
+        save_file(shard, Path(folder) / name, metadata={"format": "pt"})
+        written.append(Path(folder) / name)
+        del shard
+    if split.is_sharded:
+        index = {"metadata": {**split.metadata}, "weight_map": split.tensor_to_filename}
+        write_json(Path(folder) / f"{filename}.index.json", index)
+    return written
+
+
+def load_weights(folder: Path, *, filename: str):
+    """Yield the tensors saved by `save_weights` one shard at a time (a dict per shard)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    index = folder / f"{filename}.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [filename]
+    for name in files:
+        yield load_file(folder / name)
+
+
+def weights_exist(folder: Path, *, filename: str) -> bool:
+    folder = Path(folder)
+    return (folder / filename).is_file() or (folder / f"{filename}.index.json").is_file()
+
+
 # --- Training states (for resume) ---------------------------------------------------------------------
 def state_path(output_dir, step: int) -> Path:
     return Path(output_dir) / "states" / f"state-{step:06d}"
 
 
-def _numbered(folder: Path, pattern: re.Pattern, marker: str) -> list[tuple[int, Path]]:
-    """(step, path) of the complete folders in `folder` named by `pattern`, oldest first."""
+def _numbered(folder: Path, pattern: re.Pattern, *markers: str) -> list[tuple[int, Path]]:
+    """(step, path) of the complete folders in `folder` named by `pattern` (holding one of `markers`), oldest first."""
     if not folder.is_dir():
         return []
     found = []
     for child in folder.iterdir():
         match = pattern.match(child.name)
-        if match and (child / marker).is_file():
+        if match and any((child / marker).is_file() for marker in markers):
             found.append((int(match.group(1)), child))
     return sorted(found)
 
@@ -183,26 +228,28 @@ def snapshot_path(output_dir, step: int) -> Path:
     return Path(output_dir) / "snapshots" / f"step-{step:06d}"
 
 
+SNAPSHOT_MARKER = "snapshot.json"  # written into every snapshot (see `snapshots`)
+
+
 def list_snapshots(output_dir) -> list[tuple[int, Path]]:
-    """Complete snapshots, oldest first."""
-    return _numbered(Path(output_dir) / "snapshots", _SNAPSHOT_RE, "model_index.json")
+    """Complete snapshots, oldest first (runs of earlier versions saved full pipelines without a marker)."""
+    return _numbered(Path(output_dir) / "snapshots", _SNAPSHOT_RE, SNAPSHOT_MARKER, "model_index.json")
 
 
 # --- Disk space ---------------------------------------------------------------------------------------
-def check_free_space(output_dir, *, needed_bytes: int, what: str) -> None:
-    """Stop before training when what will be written cannot fit, with the numbers."""
-    folder = Path(output_dir)
-    probe = folder
+def free_bytes(folder) -> int:
+    """Free space where `folder` is (or would be created). On Colab's Drive mount this is the quota left."""
+    probe = Path(folder)
     while not probe.exists():
         probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if free < needed_bytes:
-        raise TrainingStopped(
-            f"Not enough disk space in {folder}: {what} need about {_size(needed_bytes)} but only "
-            f"{_size(free)} are free. Free some space, lower checkpoints_total_limit, save fewer "
-            "snapshot_steps, or choose another output_dir.")
+    return shutil.disk_usage(probe).free
 
 
-def _size(n: int) -> str:
-    """Bytes for people: GB with two decimals, MB below 1 GB (a tiny run must not read "0.00 GB")."""
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+COLAB_DRIVE = Path("/content/drive")
+
+
+def deletes_go_to_trash(folder, *, drive_root: Path = COLAB_DRIVE) -> bool:
+    """Whether deleting under `folder` frees no quota: files deleted on Colab's Google Drive mount go to Drive's
+    Trash and count against the quota until it is emptied or 30 days pass (see `memory.disk_plan`)."""
+    folder = Path(folder).absolute()
+    return folder == drive_root or drive_root in folder.parents

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .compare import compare
+from .config import lr_label
 from .errors import ConfigError
 from .evaluate import EvalSpec
 from .train import train
@@ -39,8 +40,8 @@ class SweepResult:
 
 
 def run_folder(output_dir, lr: float) -> Path:
-    """`<output_dir>/sweep/lr-5e-06`: where the sweep trains the run with learning rate `lr`."""
-    return Path(output_dir) / "sweep" / f"lr-{lr:g}"
+    """`<output_dir>/sweep/lr-5e-6`: where the sweep trains the run with learning rate `lr`."""
+    return Path(output_dir) / "sweep" / f"lr-{lr_label(lr)}"
 
 
 def sweep(config, *, lrs=(5e-6, 2e-6), save_at=(400, 800, 1200), spec: EvalSpec | None = None, on_step=None,
@@ -75,7 +76,7 @@ def sweep(config, *, lrs=(5e-6, 2e-6), save_at=(400, 800, 1200), spec: EvalSpec 
         train(run, on_step=on_step)
 
     folders = [Path(run.output_dir) for run in runs]
-    grid = compare({f"lr-{lr:g}": folder for lr, folder in zip(lrs, folders)}, spec, rows="lr", cols="step",
+    grid = compare({f"lr-{lr_label(lr)}": folder for lr, folder in zip(lrs, folders)}, spec, rows="lr", cols="step",
                    steps=save_at, out=Path(config.output_dir) / "sweep-grid.png", device=device,
                    title=f"{config.instance_prompt}: learning rate × steps")
     return SweepResult(grid=grid, sidecar=grid.with_suffix(".json"), runs=folders, lrs=lrs)

@@ -19,20 +19,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import memory, models, storage
-from .config import TrainConfig
-from .data import CLASS, INSTANCE, ImageFolder, LatentSource, encode_prompt, item_index, sample_generator, tokenize
+from . import memory, models, snapshots, storage
+from .config import TrainConfig, changed_settings
+from .data import CLASS, INSTANCE, ImageFolder, LatentSource, item_index, sample_generator, tokenize
 from .errors import ConfigError, TrainingStopped
 
 OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
-
-# Settings that may change between a run and its resumption without changing what is being trained.
-_RESUMABLE_CHANGES = {"resume_from_checkpoint", "checkpointing_steps", "checkpoints_total_limit", "snapshot_steps",
-                      "max_train_steps", "num_class_images", "sample_batch_size", "output_dir", "latent_cache_dir"}
-# The memory savers the out-of-memory advice names (and mixed precision, which the NaN advice names): a run
-# stopped for memory resumes with them. 8-bit Adam restarts the optimizer moments; see `load_state`.
-_RESUMABLE_CHANGES |= {"gradient_checkpointing", "use_8bit_adam", "cache_latents", "pre_compute_text_embeddings",
-                       "attention_backend", "mixed_precision"}
 
 
 @dataclass
@@ -52,27 +44,56 @@ class History:
         return {"steps": self.steps, "losses": self.losses, "lrs": self.lrs}
 
 
-def train(config: TrainConfig, *, on_step=None) -> Path:
+@dataclass
+class Progress:
+    """Where a run is, for the messages it stops with: what it was doing, and which optimizer runs."""
+
+    stage: str = "starting"
+    step: int = 0
+    optimizer: str | None = None
+    """Set when 8-bit Adam was asked for but could not run: why (the out-of-memory advice says so)."""
+
+
+def train(config: TrainConfig, *, on_step=None, progress_bar: bool = True) -> Path:
     """Run (or resume, or skip if finished) the training described by `config`.
 
-    `on_step(step, loss, lr)` is called after every optimizer step (the notebook's live plot).
+    `on_step(step, loss, lr)` is called after every optimizer step (the notebook's live plot);
+    `progress_bar=False` leaves progress to it (the training panel has its own bar).
     Returns the folder of the final inference-ready pipeline.
     """
+    progress = Progress()
     try:
-        return _train(config, on_step=on_step)
+        final = _train(config, on_step=on_step, progress_bar=progress_bar, progress=progress)
+    except OutOfMemoryError as oom:
+        # Anywhere: loading, EMA, `prepare`, encoding the photos, a step, a save. The same advice, and the
+        # memory freed, so that the advised rerun in the same notebook kernel starts from an empty GPU.
+        _drop_frames(oom)
+        peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+        final = TrainingStopped(memory.out_of_memory_advice(
+            config, peak_bytes=peak, stage=progress.stage, adam_fallback=progress.optimizer))
     except (TrainingStopped, KeyboardInterrupt) as stop:
-        # The traceback holds the loop's frames, and in them the models, the optimizer and the last
-        # activations. A notebook keeps the last exception, so a rerun with the advised setting would find
-        # the GPU still full: clear those frames (the message says it all; the stack adds nothing).
-        error = stop
-        while error is not None:
-            traceback.clear_frames(error.__traceback__)
-            error = error.__cause__ or error.__context__
+        _drop_frames(stop)
         _free_memory()
         raise
+    # Everything the run built goes now, not at some later garbage collection: accelerate's wrapped
+    # `forward`s and the fp16 scaler's closures point back at the models, so a sweep's next run would
+    # otherwise start with the last one's UNet and optimizer still on the GPU.
+    _free_memory()
+    if isinstance(final, TrainingStopped):
+        raise final from None
+    return final
 
 
-def _train(config: TrainConfig, *, on_step=None) -> Path:
+def _drop_frames(error: BaseException | None) -> None:
+    """The traceback holds the loop's frames, and in them the models, the optimizer and the last activations.
+    A notebook keeps the last exception, so a rerun with the advised setting would find the GPU still full:
+    clear those frames (the message says it all; the stack adds nothing)."""
+    while error is not None:
+        traceback.clear_frames(error.__traceback__)
+        error = error.__cause__ or error.__context__
+
+
+def _train(config: TrainConfig, *, on_step, progress_bar: bool, progress: Progress) -> Path:
     config.validate()
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -80,25 +101,38 @@ def _train(config: TrainConfig, *, on_step=None) -> Path:
         print(f"Removed {leftover.name}: an incomplete save from an interrupted run.")
     resume_from = _resume_source(config)
     final = storage.snapshot_path(out, config.max_train_steps)
-    if (final / "model_index.json").is_file():
+    if snapshots.is_snapshot(final):
         print(f"Training already finished: {final}")
         return final
+
+    # --- Before anything is downloaded or encoded: will what this run writes fit the disk?
+    start_step = json.loads((resume_from / storage.STATE_MARKER).read_text())["step"] if resume_from else 0
+    disk = memory.disk_plan(config, sizes=memory.run_sizes(config), start_step=start_step,
+                            free_bytes=storage.free_bytes(out), trash_counts=storage.deletes_go_to_trash(out))
+    if not disk.fits:
+        raise TrainingStopped(disk.refusal())
+    print(disk.summary())
+    checkpointing_steps = disk.checkpointing_steps
 
     if config.with_prior_preservation:
         from .priors import generate_class_images
 
+        progress.stage = "generating the class images"
         generate_class_images(config)
 
-    accelerator = _new_accelerator(config)
+    progress.stage = "loading the model"
+    precision = models.resolve_precision(config.mixed_precision, models.default_device())
+    accelerator = _new_accelerator(config, precision=precision)
     device = accelerator.device
-    parts = models.load_components(config, device=device)
+    parts = models.load_components(config, device=device, precision=precision)
     attention = models.set_attention(parts.unet, backend=config.attention_backend, device=device)
     models.enable_tf32(device)
     if config.gradient_checkpointing:
         models.enable_gradient_checkpointing(parts, train_text_encoder=config.train_text_encoder)
 
     # --- Data: images loaded (and checked) before any step, so a bad photo never stops training midway.
-    frozen_dtype = models.weight_dtype(config.mixed_precision, device)
+    progress.stage = "encoding the photos"
+    frozen_dtype = models.weight_dtype(precision, device)
     flips = (False, True) if config.random_flip else (False,)
     folders = [ImageFolder.load(config.instance_data_dir, prompt=config.instance_prompt,
                                 resolution=config.resolution)]
@@ -109,87 +143,77 @@ def _train(config: TrainConfig, *, on_step=None) -> Path:
                             cache=config.cache_latents, flips=flips, device=device, dtype=frozen_dtype,
                             cache_dir=config.latent_cache_dir, model_key=_model_key(config))
                for folder in folders]
-    if config.cache_latents and device.type == "cuda":
-        parts.vae.to("cpu")  # kept on CPU for saving snapshots; the GPU memory goes to training
-        torch.cuda.empty_cache()
+    if config.cache_latents:
+        _off_the_gpu(parts.vae)  # kept in host memory for the final snapshot; the GPU memory goes to training
     token_ids = torch.cat([tokenize(folder.prompt, tokenizer=parts.tokenizer) for folder in folders])
 
-    # --- Optimizer over the trained parts, each with its own learning rate.
-    trained = [parts.unet] + ([parts.text_encoder] if config.train_text_encoder else [])
-    groups = [{"params": [p for p in parts.unet.parameters() if p.requires_grad], "lr": config.learning_rate}]
+    # --- Optimizer over the trained parts, one named group each with its own learning rate.
+    progress.stage = "setting up the optimizer"
+    trained = {"unet": parts.unet}
     if config.train_text_encoder:
-        groups.append({"params": list(parts.text_encoder.parameters()),
-                       "lr": config.text_encoder_learning_rate or config.learning_rate})
-    optimizer = make_optimizer(groups, config=config, device=device)
+        trained["text_encoder"] = parts.text_encoder
+    learning_rates = {"unet": config.learning_rate,
+                      "text_encoder": config.text_encoder_learning_rate or config.learning_rate}
+    groups = [{"name": name, "params": [p for p in module.parameters() if p.requires_grad],
+               "lr": learning_rates[name]} for name, module in trained.items()]
+    optimizer, progress.optimizer = make_optimizer(groups, config=config, device=device)
     from diffusers.optimization import get_scheduler
 
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=config.max_train_steps)
-    ema = None
-    if config.use_ema:
-        from diffusers.training_utils import EMAModel
-
-        ema = EMAModel(parts.unet.parameters(), decay=config.ema_decay)
-        ema.to(device)
-
-    total_params = sum(models.count_parameters(m) for m in (parts.unet, parts.text_encoder, parts.vae))
-    trained_params = sum(models.count_parameters(m, trainable_only=True) for m in trained)
+    ema = make_ema(parts.unet, config=config, device=device)
 
     # --- Resume: weights, optimizer (8-bit state included), schedule, scaler, EMA, RNG, step, history.
     step, history = 0, History()
     if resume_from is not None:
+        progress.stage = "loading the saved state"
         step, history = load_state(resume_from, parts=parts, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                                   accelerator=accelerator, ema=ema, config=config)
+                                   accelerator=accelerator, ema=ema, config=config, device=device)
         print(f"Resuming from {resume_from.name}: step {step} of {config.max_train_steps}.")
-    storage.check_free_space(out, what="the training states and snapshots of this run", needed_bytes=memory.planned_disk_bytes(
-        config, trained_params=trained_params, total_params=total_params, start_step=step))
     config.to_json(out / "config.json")
 
-    prepared = accelerator.prepare(*trained, optimizer)
+    progress.stage = "preparing the models"
+    prepared = accelerator.prepare(*trained.values(), optimizer)
     unet, optimizer = prepared[0], prepared[-1]
     text_encoder = prepared[1] if config.train_text_encoder else parts.text_encoder
     te_training = config.train_text_encoder and not _text_encoder_stopped(config, step)
-    if config.train_text_encoder and not te_training:
-        _freeze(text_encoder)
-    embeddings = None if te_training else _embed(token_ids, text_encoder, device)
-    if config.pre_compute_text_embeddings and device.type == "cuda":
-        parts.text_encoder.to("cpu")  # frozen and already used: free its GPU memory
-        torch.cuda.empty_cache()
+    if te_training:
+        text_encoder.train()  # also what makes its gradient checkpointing act (transformers checks `training`)
+    embeddings = None if te_training else _embed_and_release(token_ids, text_encoder, device)
 
-    print(f"Training {trained_params / 1e6:.1f} M parameters on {device} ({attention} attention, "
-          f"{type(optimizer.optimizer).__name__}, mixed precision {config.mixed_precision}).")
+    print(f"Training {_count(trained) / 1e6:.1f} M parameters on {device} ({attention} attention, "
+          f"{type(optimizer.optimizer).__name__}, mixed precision {precision}); states every "
+          f"{checkpointing_steps or 'never'} steps.")
     unet.train()
     micro_per_step = config.gradient_accumulation_steps
-    bar = tqdm(total=config.max_train_steps, initial=step, desc="Training")
+    # (`disable` only when asked: passing False would override TQDM_DISABLE, which tests and CI set)
+    bar = tqdm(total=config.max_train_steps, initial=step, desc="Training", **({} if progress_bar else {"disable": True}))
     while step < config.max_train_steps:
+        progress.stage, progress.step = "training", step + 1
         step_losses = []
         for micro in range(step * micro_per_step, (step + 1) * micro_per_step):
             with accelerator.accumulate(*([unet, text_encoder] if te_training else [unet])):
-                try:
-                    batch = make_batch(micro, config=config, latents=latents, folders=folders,
-                                       num_timesteps=parts.noise_scheduler.config.num_train_timesteps)
-                    loss = compute_loss(batch, unet=unet, text_encoder=text_encoder if te_training else None,
-                                        embeddings=embeddings, token_ids=token_ids, parts=parts, config=config,
-                                        device=device)
-                    _stop_if_not_finite(loss, step=step, config=config)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        params = [p for m in (unet, text_encoder) for p in m.parameters() if p.requires_grad]
-                        norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                        if norm is not None and accelerator.scaler is None:  # (fp16's scaler skips such steps)
-                            # A finite loss can still give NaN gradients: never let them into the weights,
-                            # or the next state saved would be a broken "last good state".
-                            _stop_if_not_finite(norm, step=step, config=config, what="gradient norm")
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                except OutOfMemoryError:
-                    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-                    raise TrainingStopped(memory.out_of_memory_advice(config, peak_bytes=peak)) from None
+                batch = make_batch(micro, config=config, latents=latents, folders=folders,
+                                   num_timesteps=parts.noise_scheduler.config.num_train_timesteps)
+                loss = compute_loss(batch, unet=unet, text_encoder=text_encoder if te_training else None,
+                                    embeddings=embeddings, token_ids=token_ids, parts=parts, config=config,
+                                    device=device)
+                _stop_if_not_finite(loss, step=step, config=config)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    params = [p for m in (unet, text_encoder) for p in m.parameters() if p.requires_grad]
+                    norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                    if norm is not None and accelerator.scaler is None:  # (fp16's scaler skips such steps)
+                        # A finite loss can still give NaN gradients: never let them into the weights,
+                        # or the next state saved would be a broken "last good state".
+                        _stop_if_not_finite(norm, step=step, config=config, what="gradient norm")
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             step_losses.append(loss.detach().item())
         # An optimizer step happened: the schedule, EMA and step counter advance once, never per micro-batch.
         lr_scheduler.step()
         if ema is not None:
-            ema.step(accelerator.unwrap_model(unet).parameters())
+            step_ema(ema, accelerator.unwrap_model(unet), config=config, device=device)
         step += 1
         lr = lr_scheduler.get_last_lr()[0]
         history.add(step, sum(step_losses) / len(step_losses), lr)
@@ -199,14 +223,17 @@ def _train(config: TrainConfig, *, on_step=None) -> Path:
         if te_training and _text_encoder_stopped(config, step):
             te_training = False
             _freeze(text_encoder)
-            embeddings = _embed(token_ids, text_encoder, device)
+            embeddings = _embed_and_release(token_ids, text_encoder, device)
         # Snapshot before state: a kill between the two then resumes from the earlier state and redoes both.
         if step in config.snapshot_steps or step == config.max_train_steps:
+            progress.stage = f"saving the snapshot of step {step}"
             if step == config.max_train_steps:  # a finished run is never trained again: its history goes first
                 storage.write_json(out / "history.json", history.to_dict())
-            save_snapshot(storage.snapshot_path(out, step), parts=parts, unet=accelerator.unwrap_model(unet),
-                          text_encoder=accelerator.unwrap_model(text_encoder), ema=ema, config=config)
-        if step % config.checkpointing_steps == 0 and step < config.max_train_steps:
+            save_snapshot(storage.snapshot_path(out, step), step=step, parts=parts,
+                          unet=accelerator.unwrap_model(unet), text_encoder=accelerator.unwrap_model(text_encoder),
+                          ema=ema, config=config, precision=precision)
+        if checkpointing_steps and step % checkpointing_steps == 0 and step < config.max_train_steps:
+            progress.stage = f"saving the training state of step {step}"
             save_state(storage.state_path(out, step), step=step, history=history, config=config,
                        unet=accelerator.unwrap_model(unet), text_encoder=accelerator.unwrap_model(text_encoder),
                        optimizer=optimizer, lr_scheduler=lr_scheduler, accelerator=accelerator, ema=ema)
@@ -214,9 +241,9 @@ def _train(config: TrainConfig, *, on_step=None) -> Path:
         if on_step is not None:
             on_step(step, history.losses[-1], lr)
     bar.close()
-    storage.write_json(out / "history.json", history.to_dict())
-    del unet, text_encoder, optimizer, parts, prepared
-    _free_memory()
+    if disk.trash_bytes:
+        print(disk.trash_note())
+    accelerator.free_memory()  # its references to the models and the optimizer; `train` collects the rest
     return final
 
 
@@ -276,9 +303,12 @@ def _min_snr_weights(scheduler, timesteps, gamma: float) -> torch.Tensor:
     return weights / snr
 
 
-# --- Optimizer ------------------------------------------------------------------------------------------
+# --- Optimizer and EMA --------------------------------------------------------------------------------
 def make_optimizer(groups, *, config: TrainConfig, device: torch.device):
-    """AdamW, 8-bit from bitsandbytes when asked and it really runs here; else torch's with a warning."""
+    """AdamW, 8-bit from bitsandbytes when asked and it really runs here; else torch's with a warning.
+
+    Returns (optimizer, why 8-bit Adam could not run — or None).
+    """
     kwargs = dict(betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.adam_weight_decay,
                   eps=config.adam_epsilon)
     if config.use_8bit_adam:
@@ -286,10 +316,11 @@ def make_optimizer(groups, *, config: TrainConfig, device: torch.device):
         if ok:
             import bitsandbytes as bnb
 
-            return bnb.optim.AdamW8bit(groups, **kwargs)
+            return bnb.optim.AdamW8bit(groups, **kwargs), None
         print(f"Warning: 8-bit Adam is not available ({why}); using torch AdamW, which needs ≈6 bytes "
               "more per trained parameter. On a 16 GB GPU also turn on gradient checkpointing.")
-    return torch.optim.AdamW(groups, **kwargs)
+        return torch.optim.AdamW(groups, **kwargs), why
+    return torch.optim.AdamW(groups, **kwargs), None
 
 
 def bitsandbytes_works(device: torch.device) -> tuple[bool, str]:
@@ -302,65 +333,80 @@ def bitsandbytes_works(device: torch.device) -> tuple[bool, str]:
         bnb.optim.AdamW8bit([probe], lr=1e-3).step()
         return True, "bitsandbytes works"
     except Exception as err:
-        return False, f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+        return False, models.first_line(err)
+
+
+def make_ema(unet, *, config: TrainConfig, device: torch.device):
+    """The UNet's exponential moving average, on the training device or (`offload_ema`) in host memory."""
+    if not config.use_ema:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    ema = EMAModel(unet.parameters(), decay=config.ema_decay)
+    _place_ema(ema, config=config, device=device)
+    return ema
+
+
+def _place_ema(ema, *, config: TrainConfig, device: torch.device) -> None:
+    if config.offload_ema:
+        ema.to("cpu")
+        if device.type == "cuda":
+            ema.pin_memory()  # pinned: the per-step round trip to the GPU runs asynchronously
+    else:
+        ema.to(device)
+
+
+def step_ema(ema, unet, *, config: TrainConfig, device: torch.device) -> None:
+    """One EMA update after an optimizer step (as diffusers' `--offload_ema`: to the GPU for it, then back)."""
+    if config.offload_ema and device.type == "cuda":
+        ema.to(device, non_blocking=True)
+        ema.step(unet.parameters())
+        ema.to("cpu", non_blocking=True)
+    else:
+        ema.step(unet.parameters())
 
 
 # --- Saving and loading ---------------------------------------------------------------------------------
-def save_snapshot(path: Path, *, parts: models.Components, unet, text_encoder, ema, config: TrainConfig) -> None:
-    """An inference-ready pipeline (`StableDiffusionPipeline.from_pretrained(path)`), fp16 if training was."""
-    from diffusers import StableDiffusionPipeline
+def save_snapshot(path: Path, *, step: int, parts: models.Components, unet, text_encoder, ema, config: TrainConfig,
+                  precision: str) -> None:
+    """The trained weights of `step` (fp16 if training used mixed precision); a complete pipeline at the end."""
+    dtype = torch.float16 if precision != "no" else torch.float32
+    weights = {"unet": _unet_weights(unet, ema)}
+    if config.train_text_encoder:
+        weights["text_encoder"] = text_encoder.state_dict()
+    snapshots.save(path, step=step, config=config, parts=parts, trained=weights, dtype=dtype,
+                   complete=step == config.max_train_steps)
 
-    dtype = torch.float16 if config.mixed_precision != "no" else torch.float32
+
+def _unet_weights(unet, ema) -> dict:
+    """The UNet's tensors by name, the EMA's where there is one: read in place, never a second full copy
+    (`EMAModel.store` would make one in host memory: 3.44 GB for SD 1.5 on a 12.7 GB Colab VM)."""
+    tensors = dict(unet.state_dict())
     if ema is not None:
-        ema.store(unet.parameters())
-        ema.copy_to(unet.parameters())
-    try:
-        pipe = StableDiffusionPipeline(vae=parts.vae, text_encoder=text_encoder, tokenizer=parts.tokenizer,
-                                       unet=unet, scheduler=parts.inference_scheduler, safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
-        with storage.atomic_folder(path) as tmp:
-            pipe.save_config(tmp)
-            parts.tokenizer.save_pretrained(tmp / "tokenizer")
-            parts.inference_scheduler.save_pretrained(tmp / "scheduler")
-            _save_module(unet, tmp / "unet", dtype=dtype)
-            _save_module(text_encoder, tmp / "text_encoder", dtype=dtype)
-            _save_module(parts.vae, tmp / "vae", dtype=dtype)
-    finally:
-        if ema is not None:
-            ema.restore(unet.parameters())
-
-
-def _save_module(module, folder: Path, *, dtype: torch.dtype) -> None:
-    """Config + safetensors weights cast tensor by tensor (no second copy of the model on the GPU)."""
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True)
-    if hasattr(module, "save_config"):  # diffusers model
-        module.save_config(folder)
-        weights = "diffusion_pytorch_model.safetensors"
-    else:  # transformers model
-        module.config.save_pretrained(folder)
-        weights = "model.safetensors"
-    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in module.state_dict().items()}
-    save_file(tensors, folder / weights, metadata={"format": "pt"})
+        names = [name for name, _ in unet.named_parameters()]
+        tensors.update(zip(names, ema.shadow_params))
+    return tensors
 
 
 def save_state(path: Path, *, step: int, history: History, config: TrainConfig, unet, text_encoder, optimizer,
                lr_scheduler, accelerator, ema) -> None:
-    """Everything needed to continue bit for bit; written atomically, then the marker last."""
-    from safetensors.torch import save_file
+    """Everything needed to continue bit for bit; written atomically, then the marker last.
 
+    Weights go out a shard at a time (`storage.save_weights`) and `torch.save` copies one tensor at a time
+    to the host, so a save adds at most one shard to host memory, whatever the model's size.
+    """
     with storage.atomic_folder(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}, tmp / "unet.safetensors")
+        storage.save_weights(unet.state_dict(), tmp, filename="unet.safetensors")
         if config.train_text_encoder:
-            save_file({k: v.detach().cpu().contiguous() for k, v in text_encoder.state_dict().items()},
-                      tmp / "text_encoder.safetensors")
+            storage.save_weights(text_encoder.state_dict(), tmp, filename="text_encoder.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
         if accelerator.scaler is not None:
             torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
         if ema is not None:
-            torch.save(ema.state_dict(), tmp / "ema.pt")
+            counters = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
+            storage.write_json(tmp / "ema.json", counters)
+            storage.save_weights(_unet_weights(unet, ema), tmp, filename="ema.safetensors")
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -371,27 +417,23 @@ def save_state(path: Path, *, step: int, history: History, config: TrainConfig, 
     storage.write_json(Path(config.output_dir) / "history.json", history.to_dict())
 
 
-def load_state(path: Path, *, parts, optimizer, lr_scheduler, accelerator, ema, config) -> tuple[int, History]:
-    from safetensors.torch import load_file
-
-    def load(name):  # weights_only: a state file can never execute code
-        return torch.load(path / name, map_location="cpu", weights_only=True)
+def load_state(path: Path, *, parts, optimizer, lr_scheduler, accelerator, ema, config,
+               device: torch.device) -> tuple[int, History]:
+    def load(name):  # weights_only: a state file can never execute code; mmap: no second copy in RAM
+        return torch.load(path / name, map_location="cpu", weights_only=True, mmap=True)
 
     meta = json.loads((path / storage.STATE_MARKER).read_text())
-    parts.unet.load_state_dict(load_file(path / "unet.safetensors"))
-    if (path / "text_encoder.safetensors").is_file():  # trained so far; it may be frozen from now on
-        parts.text_encoder.load_state_dict(load_file(path / "text_encoder.safetensors"))
-    saved, groups = load("optimizer.pt"), len(optimizer.param_groups)
+    _load_weights(parts.unet, path, "unet.safetensors")
+    if storage.weights_exist(path, filename="text_encoder.safetensors"):  # trained so far; maybe frozen from now on
+        _load_weights(parts.text_encoder, path, "text_encoder.safetensors")
+    saved = load("optimizer.pt")
     kind = type(getattr(optimizer, "optimizer", optimizer)).__name__
     if meta.get("optimizer", kind) != kind:  # e.g. 8-bit Adam turned on after running out of memory
         print(f"The optimizer changed ({meta['optimizer']} → {kind}): its moments start afresh; the weights, "
               "the schedule and the step count carry on.")
     else:
-        if len(saved["param_groups"]) > groups:  # the text encoder's group is gone: keep the UNet's moments
-            saved["param_groups"] = saved["param_groups"][:groups]
-            kept = {i for group in saved["param_groups"] for i in group["params"]}
-            saved["state"] = {i: v for i, v in saved["state"].items() if i in kept}
-        optimizer.load_state_dict(saved)
+        optimizer.load_state_dict(_matching_groups(saved, optimizer))
+    groups = len(optimizer.param_groups)
     schedule = load("lr_scheduler.pt")
     for key in ("base_lrs", "_last_lr", "lr_lambdas"):
         if isinstance(schedule.get(key), list):
@@ -402,13 +444,49 @@ def load_state(path: Path, *, parts, optimizer, lr_scheduler, accelerator, ema, 
     if accelerator.scaler is not None and (path / "scaler.pt").is_file():
         accelerator.scaler.load_state_dict(load("scaler.pt"))
     if ema is not None:
-        ema.load_state_dict(load("ema.pt"))
-    rng = load("rng.pt")
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+        ema.load_state_dict(json.loads((path / "ema.json").read_text()))
+        by_name = dict(zip((name for name, _ in parts.unet.named_parameters()), ema.shadow_params))
+        for shard in storage.load_weights(path, filename="ema.safetensors"):
+            for name, tensor in shard.items():
+                if name in by_name:
+                    by_name[name].copy_(tensor)  # in place: the EMA stays where `make_ema` put it
+    restore_rng(load("rng.pt"))
     history = meta["history"]
     return meta["step"], History(history["steps"], history["losses"], history["lrs"])
+
+
+def restore_rng(rng: dict) -> None:
+    """The random generators as saved. CUDA states were saved for as many GPUs as that run had: restore the
+    ones this machine has (a run saved on a 2-GPU Kaggle machine resumes on a 1-GPU Colab)."""
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        for index, state in enumerate(rng["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, index)
+
+
+def _load_weights(module, folder: Path, filename: str) -> None:
+    """Load saved weights shard by shard into `module`, checking that every tensor was there."""
+    missing = set(module.state_dict())
+    for shard in storage.load_weights(folder, filename=filename):
+        module.load_state_dict(shard, strict=False)
+        missing -= set(shard)
+    if missing:
+        raise TrainingStopped(f"{folder}: the saved state lacks {len(missing)} tensors of {filename} (e.g. "
+                              f"{sorted(missing)[0]}). Delete that state folder; training resumes from an earlier one.")
+
+
+def _matching_groups(saved: dict, optimizer) -> dict:
+    """The saved optimizer state for the current groups, matched by name (a text encoder frozen since keeps
+    the UNet's moments and drops its own)."""
+    current = [group.get("name") for group in optimizer.param_groups]
+    by_name = {group.get("name"): group for group in saved["param_groups"]}
+    kept = [by_name[name] for name in current if name in by_name]
+    if len(kept) != len(current):
+        missing = [name for name in current if name not in by_name]
+        raise TrainingStopped(f"The saved optimizer has no group {missing}: this state belongs to another "
+                              "setting; choose a new output_dir.")
+    ids = {i for group in kept for i in group["params"]}
+    return {"param_groups": kept, "state": {i: v for i, v in saved["state"].items() if i in ids}}
 
 
 # --- Small helpers --------------------------------------------------------------------------------------
@@ -424,22 +502,14 @@ def _resume_source(config: TrainConfig) -> Path | None:
         else Path(config.resume_from_checkpoint)
     saved = out / "config.json"
     if saved.is_file() and (state is not None or storage.list_snapshots(out)):
-        before = json.loads(saved.read_text())
-        changed = sorted(k for k, v in config.to_dict().items()
-                         if k not in _RESUMABLE_CHANGES and before.get(k) != v)
-        if before.get("train_batch_size", 0) * before.get("gradient_accumulation_steps", 0) == \
-                config.train_batch_size * config.gradient_accumulation_steps:  # same samples per step
-            changed = [k for k in changed if k not in ("train_batch_size", "gradient_accumulation_steps")]
-        if before.get("train_text_encoder") and not config.train_text_encoder:  # frozen as trained so far
-            changed = [k for k in changed if k not in ("train_text_encoder", "text_encoder_learning_rate",
-                                                       "stop_text_encoder_training")]
+        changed = changed_settings(json.loads(saved.read_text()), config)
         if changed:
             raise ConfigError(f"output_dir: {out} holds a run with other settings ({', '.join(changed)} changed). "
                               "Choose a new output_dir for the new settings, or restore them to resume.")
     return state
 
 
-def _new_accelerator(config: TrainConfig):
+def _new_accelerator(config: TrainConfig, *, precision: str):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
@@ -447,8 +517,7 @@ def _new_accelerator(config: TrainConfig):
     # process-wide singleton that refuses a new mixed-precision mode, so start from a clean one each run.
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    return Accelerator(mixed_precision=config.mixed_precision,
-                       gradient_accumulation_steps=config.gradient_accumulation_steps)
+    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=config.gradient_accumulation_steps)
 
 
 def _model_key(config: TrainConfig) -> str:
@@ -456,6 +525,10 @@ def _model_key(config: TrainConfig) -> str:
     model = config.pretrained_model_name_or_path
     where = str(Path(model).resolve()) if models.is_local(model) else model
     return f"{where}@{config.revision}/{config.variant}"
+
+
+def _count(trained: dict) -> int:
+    return sum(models.count_parameters(m, trainable_only=True) for m in trained.values())
 
 
 def _text_encoder_stopped(config: TrainConfig, step: int) -> bool:
@@ -469,8 +542,18 @@ def _freeze(text_encoder) -> None:
 
 
 @torch.no_grad()
-def _embed(token_ids, text_encoder, device) -> torch.Tensor:
-    return text_encoder(token_ids.to(device))[0].float()
+def _embed_and_release(token_ids, text_encoder, device) -> torch.Tensor:
+    """The prompts' embeddings, computed once; then the frozen text encoder leaves the GPU (it is kept in
+    host memory for the final snapshot)."""
+    embeddings = text_encoder(token_ids.to(device))[0].float()
+    _off_the_gpu(text_encoder)
+    return embeddings
+
+
+def _off_the_gpu(module) -> None:
+    if next(module.parameters()).is_cuda:
+        module.to("cpu")
+        torch.cuda.empty_cache()
 
 
 def _stop_if_not_finite(loss: torch.Tensor, *, step: int, config: TrainConfig, what: str = "loss") -> None:
@@ -479,7 +562,7 @@ def _stop_if_not_finite(loss: torch.Tensor, *, step: int, config: TrainConfig, w
     last = storage.latest_state(config.output_dir)
     kept = f"The last good state is kept: {last}." if last else "No state had been saved yet."
     resume = "If your GPU supports bf16 (Ampere or newer), set mixed_precision='bf16' and run again: it " \
-        "resumes from that state. Otherwise s" if config.mixed_precision == "fp16" else "S"
+        "resumes from that state. Otherwise s" if config.mixed_precision in ("fp16", "auto") else "S"
     raise TrainingStopped(f"The {what} became {loss.item()} at step {step + 1}: training diverged. {kept} "
                           f"{resume}tart a new run with a lower learning_rate (now {config.learning_rate:g}) in a "
                           "new output_dir, and check the photos.")

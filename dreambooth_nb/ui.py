@@ -10,6 +10,7 @@ Only ipywidgets API common to 7.7 (Colab) and 8 is used.
 from __future__ import annotations
 
 import contextvars
+import html
 import io
 import math
 import time
@@ -17,7 +18,7 @@ from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 from .config import MIXED_PRECISION, TrainConfig
-from .errors import ConfigError, DreamboothError
+from .errors import ConfigError, DreamboothError, TrainingStopped
 
 # --- Errors: the message, not a stack trace ----------------------------------------------------------
 
@@ -95,6 +96,26 @@ def default_snapshot_steps(max_steps: int) -> list[int]:
     return [max_steps // 2] if max_steps >= 2 else []
 
 
+def adjust_snapshot_steps(text: str, *, old_steps: int, new_steps: int) -> tuple[str, str]:
+    """The snapshot-steps field after Steps changed from `old_steps` to `new_steps`, and a note for the user.
+
+    The default (halfway) follows the new step count; chosen steps at or past the new end are dropped, and
+    the note says which (the last step is always saved anyway). Text that does not parse is left alone:
+    Train reports it.
+    """
+    try:
+        steps = parse_int_list(text, name="snapshot steps")
+    except ConfigError:
+        return text, ""
+    if steps == default_snapshot_steps(old_steps):
+        steps = default_snapshot_steps(new_steps)
+    kept = [s for s in steps if s < new_steps]
+    dropped = [s for s in steps if s >= new_steps]
+    note = (f"Snapshot step(s) {', '.join(map(str, dropped))} dropped: past the new {new_steps} steps "
+            "(the last step is always saved)." if dropped else "")
+    return ", ".join(map(str, kept)), note
+
+
 # --- Config <-> widget values (pure) ----------------------------------------------------------------------
 PANEL_FIELDS = ("learning_rate", "max_train_steps", "train_batch_size", "gradient_accumulation_steps",
                 "with_prior_preservation", "prior_loss_weight", "train_text_encoder", "use_8bit_adam",
@@ -137,18 +158,24 @@ def config_from_widgets(values: dict, base: TrainConfig) -> TrainConfig:
     else:
         changes["snapshot_steps"] = [s for s in base.snapshot_steps if s < steps]
     config = base.replace(**changes)
-    if config.train_text_encoder and config.pre_compute_text_embeddings:
-        config = config.replace(pre_compute_text_embeddings=False)  # they change while the encoder trains
     return config.validate(check_paths=False)
 
 
+def _keep(value) -> bool:
+    """A notebook parameter that means "keep setup's value": None, empty text, or a number 0 (no number
+    parameter can be 0). False is a value: `TRAIN_TEXT_ENCODER=False` turns it off."""
+    if value is None or isinstance(value, bool):
+        return value is None
+    return value == "" or (isinstance(value, (int, float)) and value == 0)
+
+
 def apply_parameters(config: TrainConfig, **values) -> TrainConfig:
-    """`config` with notebook parameters applied; 0, "" and None mean "keep the value from setup".
+    """`config` with notebook parameters applied; 0 (numbers), "" and None mean "keep the value from setup".
 
     Keys are TrainConfig field names; `snapshot_steps` may be text. With a new step count and no explicit
     snapshot steps, snapshots default to halfway (`default_snapshot_steps`).
     """
-    changes = {k: v for k, v in values.items() if v not in (0, 0.0, "", None)}
+    changes = {k: v for k, v in values.items() if not _keep(v)}
     if "snapshot_steps" in changes:
         changes["snapshot_steps"] = parse_int_list(changes["snapshot_steps"], name="SNAPSHOT_STEPS")
     steps = int(changes.get("max_train_steps", config.max_train_steps))
@@ -198,15 +225,19 @@ def loss_plot_png(steps, losses, *, total: int | None = None, title: str = "") -
     fig = Figure(figsize=(6.4, 2.8))
     ax = fig.add_subplot(1, 1, 1)
     if steps:
-        ax.plot(steps, losses, color="#9ecae1", linewidth=0.8, label="loss")
-        window = max(1, len(losses) // 20)
-        smooth, acc = [], 0.0
-        for i, value in enumerate(losses):
-            acc += value
-            if i >= window:
-                acc -= losses[i - window]
-            smooth.append(acc / min(i + 1, window))
-        ax.plot(steps, smooth, color="#08519c", linewidth=1.6, label=f"average of {window}")
+        # Points are marked while there are few, so a first step shows; the moving average appears once it
+        # averages something (it spans a 20th of the points, at least 2).
+        ax.plot(steps, losses, color="#9ecae1", linewidth=0.8, label="loss per step",
+                marker="o" if len(steps) <= 30 else None, markersize=3)
+        window = len(losses) // 20
+        if window >= 2:
+            smooth, acc = [], 0.0
+            for i, value in enumerate(losses):
+                acc += value
+                if i >= window:
+                    acc -= losses[i - window]
+                smooth.append(acc / min(i + 1, window))
+            ax.plot(steps, smooth, color="#08519c", linewidth=1.6, label=f"average of {window} steps")
         ax.legend(loc="upper right", fontsize=8)
     ax.set_xlim(0, max(total or 0, steps[-1] if steps else 1))
     ax.set_xlabel("step")
@@ -296,17 +327,17 @@ def _replace_outputs(output, *objs) -> None:
     output.outputs = tuple(_display_data(obj) for obj in objs)
 
 
-def show_rendered(rendered, *, size: int = 128) -> None:
-    """Rendered images (evaluate.render) as one grid: a row per prompt, a column per seed."""
-    from .images import thumbnail_grid
+def show_rendered(rendered, *, path, title: str | None = None) -> Path | None:
+    """Rendered images (evaluate.render) as one labelled grid, a row per prompt and a column per seed,
+    saved at `path` and shown."""
+    from .grids import draw_grid
 
     rendered = list(rendered)
     if not rendered:
-        return
-    seeds = list(dict.fromkeys(r.seed for r in rendered))
-    prompts = list(dict.fromkeys(r.prompt for r in rendered))
-    print("Rows: " + " | ".join(f"{i + 1}. {p}" for i, p in enumerate(prompts)) + f"; columns: seeds {seeds}")
-    show_image(thumbnail_grid([r.image for r in rendered], size=size, columns=len(seeds)))
+        return None
+    grid = draw_grid(rendered, rows="prompt", cols="seed", path=path, title=title, cell_size=2.0)
+    show_image(grid)
+    return grid
 
 
 # --- Live progress -----------------------------------------------------------------------------------------
@@ -353,9 +384,9 @@ class LiveLoss:
 
 # --- The training panel ------------------------------------------------------------------------------------
 def _lr_slider(value: float, widgets):
+    """1e-7 to 1e-3 (the highest rate a config accepts), wider only to hold a smaller value."""
     low = min(-7.0, math.floor(math.log10(value)))
-    high = max(-5.0, math.ceil(math.log10(value)))
-    return widgets.FloatLogSlider(value=value, base=10, min=low, max=high, step=0.01, description="Learning rate",
+    return widgets.FloatLogSlider(value=value, base=10, min=low, max=-3.0, step=0.01, description="Learning rate",
                                   readout_format=".1e", continuous_update=False)
 
 
@@ -369,6 +400,7 @@ class TrainingPanel:
         import ipywidgets as widgets
 
         self.base = config
+        self._config: TrainConfig | None = None
         self.run_dir_for = run_dir_for
         self.sample_steps = sample_steps
         self.sample_seeds = list(sample_seeds)
@@ -380,7 +412,7 @@ class TrainingPanel:
         self.fields = {
             "learning_rate": _lr_slider(v["learning_rate"], widgets),
             "max_train_steps": widgets.IntSlider(value=v["max_train_steps"], min=min(10, v["max_train_steps"]),
-                                                 max=steps_max, step=10, description="Steps",
+                                                 max=steps_max, step=10, description="Steps (or type)",
                                                  continuous_update=False),
             "train_batch_size": widgets.IntSlider(value=v["train_batch_size"], min=1,
                                                   max=max(8, v["train_batch_size"]), description="Batch size"),
@@ -404,6 +436,8 @@ class TrainingPanel:
         for widget in self.fields.values():
             widget.style = wide
             widget.layout = layout
+        self.note = widgets.HTML(value="")
+        self.fields["max_train_steps"].observe(self._steps_changed, names="value")
         self.button = widgets.Button(description="Train", button_style="primary", icon="play")
         self.progress = widgets.IntProgress(value=0, min=0, max=v["max_train_steps"], description="Progress",
                                             style=wide, layout=layout)
@@ -411,7 +445,13 @@ class TrainingPanel:
         self.plot = widgets.Output()
         self.log = widgets.Output()
         self.button.on_click(self._clicked)
-        self.box = widgets.VBox([*self.fields.values(), self.button, self.progress, self.status, self.plot, self.log])
+        self.box = widgets.VBox([*self.fields.values(), self.note, self.button, self.progress, self.status,
+                                 self.plot, self.log])
+
+    def _steps_changed(self, change) -> None:
+        field = self.fields["snapshot_steps"]
+        field.value, note = adjust_snapshot_steps(field.value, old_steps=change["old"], new_steps=change["new"])
+        self.note.value = f"<i>{note}</i>" if note else ""
 
     def values(self) -> dict:
         return {name: widget.value for name, widget in self.fields.items()}
@@ -431,22 +471,47 @@ class TrainingPanel:
 
     def _clicked(self, _button=None) -> None:
         self.button.disabled = True
+        self.log.outputs = ()
         try:
             with _into(self.log):
                 try:
                     self.train(output=self.log)
                 except DreamboothError as err:  # the message, not a traceback
-                    self.status.value = f"<b style='color:#c00'>Stopped:</b> {err}"
                     print(f"{type(err).__name__}: {err}")
         finally:
             self.button.disabled = False
 
     def train(self, *, output=None) -> Path:
-        """Train with the panel's settings (resuming if this run was interrupted), then show samples."""
+        """Train with the panel's settings (resuming if this run was interrupted), then show samples.
+
+        Stopping the kernel (Colab's Stop button) ends training with a `TrainingStopped` that says where the
+        run stopped and that Train resumes it, shown as one line like every other stop.
+        """
+        try:
+            return self._train(output=output)
+        except KeyboardInterrupt:
+            stopped = TrainingStopped(self._stopped_message())
+        except DreamboothError as err:
+            self.status.value = f"<b style='color:#c00'>Stopped:</b> {html.escape(str(err))}"
+            raise
+        self.status.value = f"<b style='color:#c00'>Stopped:</b> {html.escape(str(stopped))}"
+        raise stopped
+
+    def _stopped_message(self) -> str:
+        from .storage import latest_state
+
+        step = self.progress.value
+        state = latest_state(self._config.output_dir) if self._config is not None else None
+        kept = f"the last saved state is {state.name} (step {int(state.name.split('-')[1])})" if state else \
+            "no state was saved yet, so it starts over"
+        return f"Training stopped at step {step}; {kept}. Press Train to resume."
+
+    def _train(self, *, output=None) -> Path:
         from .storage import list_snapshots
         from .train import train
 
-        config = self.config()
+        self.status.value = "Loading the model and the photos…"
+        self._config = config = self.config()
         history_file = Path(config.output_dir) / "history.json"
         history = None
         if history_file.is_file():
@@ -460,27 +525,29 @@ class TrainingPanel:
                         plot_every=max(1, config.max_train_steps // 20), history=history,
                         title=f"{Path(config.output_dir).name}: lr {config.learning_rate:.1e}")
         print(f"Run folder: {config.output_dir}")
-        final = train(config, on_step=live)
+        final = train(config, on_step=live, progress_bar=False)  # the panel's bar is the one progress bar
         live.redraw()
         self.progress.value = config.max_train_steps
-        self.status.value = f"Done: {config.max_train_steps} steps. Final snapshot: {final}"
         self.final = final
         snapshots = list_snapshots(config.output_dir)
         print("Snapshots: " + ", ".join(f"step {s}" for s, _ in snapshots))
         if output is None and live.steps:  # headless: the final plot also goes into the cell's own output
             show_png(loss_plot_png(live.steps, live.losses, total=live.total, title=live.title))
+        self.status.value = f"Trained {config.max_train_steps} steps; rendering sample images…"
         with _into(output):
             self.show_samples(config, final)
+        self.status.value = f"Done: {config.max_train_steps} steps. Final snapshot: {final}"
         return final
 
     def show_samples(self, config: TrainConfig, snapshot: Path) -> None:
         """Fixed-seed samples of `snapshot` (cached on disk: showing them again costs nothing)."""
-        from .evaluate import EvalSpec, render
+        from .evaluate import EvalSpec, render, render_dir
 
         # The subject and its class only: new contexts are notebook 4's job (and each prompt costs ~7 s on a T4).
         spec = EvalSpec.for_config(config, contexts=(), seeds=self.sample_seeds, num_inference_steps=self.sample_steps)
         print(f"Samples from {snapshot.name} (DDIM, {spec.num_inference_steps} steps):")
-        show_rendered(render(snapshot, spec))
+        show_rendered(render(snapshot, spec), path=render_dir(snapshot) / f"samples-{spec.key()}.png",
+                      title=f"{snapshot.name}: DDIM, {spec.num_inference_steps} steps, guidance {spec.guidance_scale:g}")
 
 
 # --- Comparison and sweep panels -----------------------------------------------------------------------------
@@ -512,9 +579,10 @@ class ComparePanel:
                                        continuous_update=False, style=style)
         self.columns = widgets.Dropdown(options=COLUMN_CHOICES, value=columns, description="Columns", style=style)
         self.button = widgets.Button(description="Draw", button_style="primary", icon="th")
-        self.output = widgets.Output()
+        self.output = widgets.Output()  # what was drawn, where it was saved (or the error)
+        self.view = widgets.Output()  # the grid: one at a time, replaced by each Draw
         self.button.on_click(self._clicked)
-        self.box = widgets.VBox([self.scheduler, self.steps, self.columns, self.button, self.output])
+        self.box = widgets.VBox([self.scheduler, self.steps, self.columns, self.button, self.output, self.view])
         self.grid: Path | None = None
 
     def spec(self):
@@ -526,29 +594,32 @@ class ComparePanel:
         display(self.box)
         return self
 
-    def draw(self, *, output=None) -> Path:
+    def draw(self) -> Path:
+        """Draw the grid with the panel's settings into the panel (replacing the last one); return its PNG."""
+        from IPython.display import Image
+
         from .compare import compare
 
         rows, cols = grid_axes(self.columns.value)
         spec = self.spec()
-        with _into(output):
-            print(f"{len(self.runs)} run(s): {', '.join(self.runs)}; {spec.scheduler.upper()}, "
-                  f"{spec.num_inference_steps} steps, seeds {spec.seeds}. Rendered images are cached: redrawing "
-                  "with the same settings is instant.")
-            self.grid = compare(self.runs, spec, rows=rows, cols=cols, out=self.out_dir, title=self.title)
+        sampler = f"{spec.scheduler.upper()}, {spec.num_inference_steps} steps, guidance {spec.guidance_scale:g}"
+        self.output.outputs = ()
+        with _into(self.output):
+            print(f"{len(self.runs)} run(s): {', '.join(self.runs)}; {sampler}, seeds {spec.seeds}. Rendered "
+                  "images are cached: redrawing with the same settings is instant.")
+            title = f"{self.title} · {sampler}" if self.title else sampler
+            self.grid = compare(self.runs, spec, rows=rows, cols=cols, out=self.out_dir, title=title)
             print(f"Saved {self.grid} (+ {self.grid.with_suffix('.json').name})")
-            show_image(self.grid)
+        _replace_outputs(self.view, Image(filename=str(self.grid)))
         return self.grid
 
     def _clicked(self, _button=None) -> None:
         self.button.disabled = True
-        self.output.outputs = ()
         try:
+            self.draw()
+        except DreamboothError as err:
             with _into(self.output):
-                try:
-                    self.draw()
-                except DreamboothError as err:
-                    print(f"{type(err).__name__}: {err}")
+                print(f"{type(err).__name__}: {err}")
         finally:
             self.button.disabled = False
 

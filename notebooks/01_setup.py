@@ -76,7 +76,9 @@ print(platform.check_environment().summary())
 
 # %%
 if HF_LOGIN:
-    platform.hf_login()
+    platform.hf_login()  # asks for the token when none is set
+else:
+    platform.use_hf_token()  # a token in HF_TOKEN or a Colab/Kaggle secret, for gated models; never shown
 
 # %% [markdown]
 # ## Project folder

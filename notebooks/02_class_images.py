@@ -37,10 +37,11 @@ if HOSTED and importlib.util.find_spec("dreambooth_nb") is None:
 PROJECT_DIR = ""  #@param {type:"string"}
 
 # %%
-from dreambooth_nb import images, project as projects, ui
+from dreambooth_nb import images, platform, project as projects, ui
 from dreambooth_nb.priors import generate_class_images
 
 ui.show_errors_as_messages()  # our errors show as one message, not a stack trace
+platform.use_hf_token()  # a token in HF_TOKEN or a Colab/Kaggle secret, for gated models; never shown
 project = projects.open_project(PROJECT_DIR, create=False)
 config = project.load_config()
 print(ui.config_summary(config))

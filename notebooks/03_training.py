@@ -50,7 +50,7 @@ MAX_STEPS = 0  #@param {type:"integer"}
 SNAPSHOT_STEPS = ""  #@param {type:"string"}
 #@markdown Inference steps of the sample images shown after training.
 SAMPLE_INFERENCE_STEPS = 50  #@param {type:"slider", min:10, max:150, step:5}
-#@markdown Save the full training state every N steps (0: setup's 100), so a disconnect loses at most N steps.
+#@markdown Save the full training state every N steps, so a disconnect loses at most N steps (0: automatic, every 100 steps where the disk allows it).
 CHECKPOINTING_STEPS = 0  #@param {type:"integer"}
 TRAIN_NOW = False  #@param {type:"boolean"}
 
@@ -58,6 +58,7 @@ TRAIN_NOW = False  #@param {type:"boolean"}
 from dreambooth_nb import platform, project as projects, ui
 
 ui.show_errors_as_messages()  # our errors show as one message, not a stack trace
+platform.use_hf_token()  # a token in HF_TOKEN or a Colab/Kaggle secret, for gated models; never shown
 project = projects.open_project(PROJECT_DIR, create=False)
 config = ui.apply_parameters(project.load_config(), learning_rate=LEARNING_RATE, max_train_steps=MAX_STEPS,
                              snapshot_steps=SNAPSHOT_STEPS, checkpointing_steps=CHECKPOINTING_STEPS)

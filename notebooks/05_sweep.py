@@ -52,6 +52,7 @@ from dreambooth_nb import platform, project as projects, ui
 from dreambooth_nb.evaluate import EvalSpec
 
 ui.show_errors_as_messages()  # our errors show as one message, not a stack trace
+platform.use_hf_token()  # a token in HF_TOKEN or a Colab/Kaggle secret, for gated models; never shown
 project = projects.open_project(PROJECT_DIR, create=False)
 config = project.load_config()
 spec = EvalSpec.for_config(config, contexts=[c.strip() for c in CONTEXTS.split(";") if c.strip()],

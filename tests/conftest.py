@@ -18,6 +18,9 @@ import torch
 from PIL import Image
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+if torch.cuda.is_available() and os.environ.get("DREAMBOOTH_NB_GPU_CAP_GIB"):  # bench/gpu_check.py: act like a T4
+    torch.cuda.set_per_process_memory_fraction(min(1.0, float(os.environ["DREAMBOOTH_NB_GPU_CAP_GIB"]) * 2**30
+                                                   / torch.cuda.get_device_properties(0).total_memory))
 
 
 @pytest.fixture(scope="session")

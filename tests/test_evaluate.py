@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dreambooth_nb import priors
+from dreambooth_nb import snapshots
 from dreambooth_nb.errors import ConfigError, DataError
-from dreambooth_nb.evaluate import EvalSpec, native_resolution, render, render_dir
+from dreambooth_nb.evaluate import EvalSpec, render, render_dir
+from dreambooth_nb.snapshots import native_resolution
 
 
 def pixels(path):
@@ -28,13 +29,13 @@ def snapshot(tiny_model, tmp_path):
 @pytest.fixture
 def count_loads(monkeypatch):
     loads = []
-    real = priors.load_inference_pipeline
+    real = snapshots.load_pipeline
 
     def counting(*args, **kwargs):
         loads.append(args)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(priors, "load_inference_pipeline", counting)
+    monkeypatch.setattr(snapshots, "load_pipeline", counting)
     return loads
 
 

@@ -18,7 +18,7 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
 import dreambooth_nb
-from dreambooth_nb import ConfigError, TrainConfig, TrainingStopped, storage, train
+from dreambooth_nb import ConfigError, TrainConfig, TrainingStopped, snapshots, storage, train
 
 train_module = importlib.import_module("dreambooth_nb.train")
 
@@ -51,23 +51,26 @@ def assert_freed(refs) -> None:
 
 
 # --- 5. Disk space ----------------------------------------------------------------------------------------
-def test_not_enough_disk_stops_before_any_step_with_the_numbers(make_config, monkeypatch):
-    config = make_config(max_train_steps=4, checkpointing_steps=2, snapshot_steps=[2])
+def test_not_enough_disk_stops_before_anything_is_loaded_with_the_plan(make_config, monkeypatch, tmp_path):
+    """The disk check comes first: before the model is loaded, before class images are generated, and its
+    message lists what would be written, with the free space."""
+    config = make_config(max_train_steps=4, checkpointing_steps=2, snapshot_steps=[2], with_prior_preservation=True,
+                         class_prompt="a photo of a dog", class_data_dir=str(tmp_path / "class"), num_class_images=3)
     Usage = namedtuple("Usage", "total used free")
     monkeypatch.setattr(storage.shutil, "disk_usage", lambda path: Usage(10**12, 10**12 - 1_234_567, 1_234_567))
-    steps = []
+    monkeypatch.setattr(train_module.models, "load_components", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr("dreambooth_nb.priors.generate_class_images", lambda *a, **k: pytest.fail("generated"))
     with pytest.raises(TrainingStopped) as info:
-        train(config, on_step=lambda *a: steps.append(a))
+        train(config)
     message = str(info.value)
-    assert steps == []
-    needed = re.search(r"need about (\d+\.\d) MB but only 1\.2 MB are free", message)
-    assert needed and float(needed.group(1)) > 1.2, message
-    assert "checkpoints_total_limit" in message and str(config.output_dir) in message
+    written = re.search(r"this run writes up to (\d+\.\d) MB and only 1\.2 MB are free", message)
+    assert written and float(written.group(1)) > 1.2, message
+    assert str(config.output_dir) in message
+    for item in ("3 class images", "training state of step 2", "snapshot of step 2 (trained weights)",
+                 "snapshot of step 4 (complete pipeline)"):
+        assert item in message, item
     out = Path(config.output_dir)
     assert storage.list_states(out) == [] and storage.list_snapshots(out) == []
-    monkeypatch.setattr(storage.shutil, "disk_usage", lambda path: Usage(10**12, 10**12 - 2 * 10**9, 2 * 10**9))
-    with pytest.raises(TrainingStopped, match=r"need about 5\.50 GB but only 2\.00 GB are free"):
-        storage.check_free_space(out / "not" / "there" / "yet", needed_bytes=5_500_000_000, what="the states")
 
 
 @pytest.mark.parametrize("fail_on", ["state", "snapshot", "history"])
@@ -102,7 +105,7 @@ def test_a_disk_filling_up_midway_stops_cleanly_and_resumes(make_config, tmp_pat
     a, b = load_file(final / "unet" / "diffusion_pytorch_model.safetensors"), \
         load_file(unbroken / "unet" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert (storage.snapshot_path(out, 3) / "model_index.json").is_file()
+    assert snapshots.is_snapshot(storage.snapshot_path(out, 3))
 
 
 # --- 6. A diverging loss ----------------------------------------------------------------------------------
@@ -148,6 +151,7 @@ LADDER = [  # (settings when memory ran out, the saver the message must name nex
     ({}, "gradient_checkpointing=True", dict(gradient_checkpointing=True)),
     (dict(gradient_checkpointing=True), "use_8bit_adam=True", dict(use_8bit_adam=True)),
     (dict(gradient_checkpointing=True, use_8bit_adam=True), "cache_latents=True", dict(cache_latents=True)),
+    (dict(ALL_ON, use_ema=True), "offload_ema=True", dict(offload_ema=True)),
     (dict(ALL_ON, train_batch_size=2), "train_batch_size=1 with gradient_accumulation_steps=2",
      dict(train_batch_size=1, gradient_accumulation_steps=2)),
     (dict(ALL_ON, train_text_encoder=True), "train_text_encoder=False", dict(train_text_encoder=False)),
@@ -177,11 +181,11 @@ def test_out_of_memory_names_the_next_saver_and_the_advice_resumes(make_config, 
     final = train(config.replace(**fix))  # the advice, followed, continues the same run
     printed = capsys.readouterr().out
     assert "Resuming from state-000002" in printed
-    assert (final / "model_index.json").is_file()
+    assert (final / "model_index.json").is_file()  # the final snapshot: a complete pipeline
     if fix == dict(use_8bit_adam=True):
         assert "The optimizer changed (AdamW → AdamW8bit)" in printed
     if fix == dict(train_text_encoder=False):  # the encoder keeps what it learned, frozen from then on
-        learned = load_file(storage.state_path(config.output_dir, 2) / "text_encoder.safetensors")
+        learned = load_file(storage.state_path(config.output_dir, 2) / "text_encoder.safetensors")  # (one shard here)
         saved = load_file(final / "text_encoder" / "model.safetensors")
         base = load_file(Path(config.pretrained_model_name_or_path) / "text_encoder" / "model.safetensors")
         assert all(torch.equal(saved[k], learned[k]) for k in learned)
@@ -191,15 +195,66 @@ def test_out_of_memory_names_the_next_saver_and_the_advice_resumes(make_config, 
 def test_the_memory_savers_come_in_the_documented_order():
     from dreambooth_nb.memory import next_memory_saver
 
-    config = TrainConfig(train_batch_size=2, train_text_encoder=True)
+    config = TrainConfig(train_batch_size=2, train_text_encoder=True, use_ema=True)
     order = []
     while (saver := next_memory_saver(config)) is not None:
         order.append(saver.split("=")[0].split(" ")[0])
         name = order[-1]
         config = config.replace(**({"train_batch_size": 1} if name == "train_batch_size" else
                                    {name: not getattr(config, name)}))
-    assert order == ["gradient_checkpointing", "use_8bit_adam", "cache_latents", "train_batch_size",
+    assert order == ["gradient_checkpointing", "use_8bit_adam", "cache_latents", "offload_ema", "train_batch_size",
                      "train_text_encoder"]
+
+
+@pytest.mark.parametrize("where,stage", [
+    ("models.load_components", "loading the model"),
+    ("LatentSource", "encoding the photos"),
+    ("make_ema", "setting up the optimizer"),
+    ("save_snapshot", "saving the snapshot of step 2"),
+])
+def test_out_of_memory_outside_the_step_gives_the_same_advice_and_frees_memory(make_config, monkeypatch, where,
+                                                                               stage):
+    """Loading, encoding, EMA, `prepare` and saving run out of memory too: the same one-line advice, saying
+    where, and nothing of the run left alive (the advised rerun starts from an empty GPU)."""
+    seen = unet_calls(monkeypatch)
+    target = train_module
+    *path, name = where.split(".")
+    for part in path:
+        target = getattr(target, part)
+    real = getattr(target, name)
+
+    def explode(*args, **kwargs):
+        real(*args, **kwargs)  # (the work is done, its memory allocated, then it runs out)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+    monkeypatch.setattr(target, name, explode)
+    with pytest.raises(TrainingStopped, match=f"ran out of memory while {stage}.*Turn on gradient_checkpointing"):
+        train(make_config(max_train_steps=2, use_ema=True, cache_latents=True))
+    assert_freed(seen)
+
+
+def test_the_advice_says_when_8bit_adam_could_not_run(make_config, monkeypatch):
+    """8-bit Adam on in the config but bitsandbytes failing: the advice must not claim it is on."""
+    monkeypatch.setattr(train_module, "bitsandbytes_works", lambda device: (False, "RuntimeError: no kernel"))
+    unet_calls(monkeypatch, fail_at=1, error=torch.OutOfMemoryError("CUDA out of memory"))
+    with pytest.raises(TrainingStopped) as info:
+        train(make_config(max_train_steps=2, **ALL_ON))
+    message = str(info.value)
+    assert "8-bit Adam could not run here (RuntimeError: no kernel), so 32-bit AdamW was used" in message
+    assert "Every memory saver is already on" not in message
+
+
+def test_a_finished_train_call_leaves_nothing_of_its_models(make_config, tmp_path, monkeypatch):
+    """Two runs in one process (a sweep, a rerun), with mixed precision: when the first `train()` returns,
+    its UNet is gone — no waiting for a later garbage collection (accelerate's wrapped forward points back
+    at the model)."""
+    seen = unet_calls(monkeypatch)
+    train(make_config(max_train_steps=2, mixed_precision="bf16", use_8bit_adam=True,
+                      output_dir=str(tmp_path / "first")))
+    first = list(seen)
+    assert first and all(ref() is None for ref in first), "the first run's UNet outlived train()"
+    train(make_config(max_train_steps=2, mixed_precision="bf16", output_dir=str(tmp_path / "second")))
+    assert len(seen) > len(first)
 
 
 def test_an_interrupted_run_frees_its_models(make_config, monkeypatch):
@@ -268,7 +323,8 @@ def test_states_are_safetensors_and_plain_tensors(make_config):
     train(config)
     state = storage.latest_state(config.output_dir)
     assert load_file(state / "unet.safetensors") and load_file(state / "text_encoder.safetensors")
-    for name in ("optimizer.pt", "lr_scheduler.pt", "ema.pt", "rng.pt"):
+    assert load_file(state / "ema.safetensors") and json.loads((state / "ema.json").read_text())
+    for name in ("optimizer.pt", "lr_scheduler.pt", "rng.pt"):
         torch.load(state / name, weights_only=True)  # loads without unpickling any code
     snapshot = storage.snapshot_path(config.output_dir, 3)
     assert sorted(p.name for p in snapshot.rglob("*") if p.suffix in (".bin", ".pt", ".pkl", ".ckpt")) == []

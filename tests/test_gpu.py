@@ -1,15 +1,17 @@
 """GPU-only paths, run for real when a CUDA device is present (the project's lent GPU machine).
 
 On the CPU-only CI these are skipped: fp16 autocast, the CUDA memory report and xformers need a GPU.
-`python bench/train_speed.py --cuda` measures the same paths at SD 1.5 size.
+`python bench/gpu_check.py` runs them (capped at a T4's 15 GiB) and measures the same paths at SD 1.5 size.
 """
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import importlib
+
 from dreambooth_nb import TrainingStopped, train
-from dreambooth_nb.models import xformers_works
+from dreambooth_nb.models import bf16_supported, resolve_precision, xformers_works
 from dreambooth_nb.train import bitsandbytes_works
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -52,3 +54,38 @@ def test_out_of_memory_message_gives_the_measured_peak(make_config, monkeypatch)
     monkeypatch.setattr(train_module, "compute_loss", explode)
     with pytest.raises(TrainingStopped, match=r"peak \d+\.\d GiB allocated.*gradient_checkpointing=True"):
         train(make_config(mixed_precision="fp16", max_train_steps=2))
+
+
+@cuda
+@pytest.mark.parametrize("offload", [False, True])
+def test_ema_resumes_on_the_gpu_and_offloaded(make_config, offload):
+    """The EMA weights come back where they live (GPU, or host memory with offload_ema) after a resume."""
+    config = make_config(mixed_precision="fp16", use_ema=True, offload_ema=offload, max_train_steps=2,
+                         checkpointing_steps=1)
+    train(config)
+    final = train(config.replace(max_train_steps=4))  # resumes from the state of step 1... then 2, 3
+    unet = load_file(final / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.isfinite(t.float()).all() for t in unet.values())
+
+
+@cuda
+def test_a_frozen_text_encoder_leaves_the_gpu(make_config, monkeypatch):
+    train_module = importlib.import_module("dreambooth_nb.train")
+    real, where = train_module.compute_loss, []
+
+    def spy(batch, **kwargs):
+        where.append((next(kwargs["parts"].text_encoder.parameters()).device.type,
+                      next(kwargs["parts"].vae.parameters()).device.type))
+        return real(batch, **kwargs)
+
+    monkeypatch.setattr(train_module, "compute_loss", spy)
+    train(make_config(mixed_precision="fp16", cache_latents=True, max_train_steps=2))
+    assert where == [("cpu", "cpu")] * 2
+
+
+@cuda
+def test_bf16_counts_as_supported_only_where_it_is_native():
+    device = torch.device("cuda")
+    native = torch.cuda.get_device_capability(device)[0] >= 8
+    assert bf16_supported(device) is native
+    assert resolve_precision("auto", device) == ("bf16" if native else "fp16")

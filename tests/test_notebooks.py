@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -50,6 +49,24 @@ def stream_text(nb) -> str:
 
 def has_image(nb) -> bool:
     return any("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+
+
+def widget_images(nb) -> int:
+    """How many images the notebook's Output widgets show (the panels draw into them)."""
+    return sum("image/png" in o.get("data", {}) for s in widget_states(nb) for o in s.get("outputs", []))
+
+
+def stderr_lines(nb) -> list[str]:
+    """Every line written to stderr, in cells and in the panels' Output widgets."""
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    outputs += [o for s in widget_states(nb) for o in s.get("outputs", [])]
+    return [line for o in outputs if o.get("output_type") == "stream" and o.get("name") == "stderr"
+            for line in o.get("text", "").splitlines()]
+
+
+# Library messages that may reach a notebook's stderr, each with why it is not ours to fix. Empty: every
+# warning the notebooks used to show had a cause in our code, now fixed.
+ALLOWED_STDERR: dict[str, str] = {}
 
 
 class Suite:
@@ -179,7 +196,8 @@ def test_03_trains_headless_with_the_panel_values(suite):
     run = suite.project / "runs" / "lr1e-4-prior"
     assert sorted(p.name for p in (run / "snapshots").iterdir()) == ["step-000002", "step-000004"]
     states = widget_states(nb)
-    steps = [s for s in states if s.get("_model_name") == "IntSliderModel" and s.get("description") == "Steps"]
+    steps = [s for s in states if s.get("_model_name") == "IntSliderModel"
+             and s.get("description", "").startswith("Steps")]
     assert len(steps) == 1 and steps[0]["value"] == 4  # the injected MAX_STEPS, not setup's 6
     lr = [s for s in states if s.get("_model_name") == "FloatLogSliderModel"]
     assert len(lr) == 1 and lr[0]["value"] == pytest.approx(1e-4)
@@ -215,7 +233,8 @@ def test_04_draws_the_comparison_grid(suite):
     assert len(grids) == 1 and grids[0].with_suffix(".json").is_file()
     sidecar = json.loads(grids[0].with_suffix(".json").read_text())
     assert "lr1e-4-prior" in json.dumps(sidecar)
-    assert has_image(nb)
+    assert "DDIM, 3 steps" in sidecar["title"]  # the grid names its sampler
+    assert widget_images(nb) == 1 and not has_image(nb)  # one grid, in the panel; Draw replaces it
     states = widget_states(nb)
     assert any(s.get("_model_name") == "DropdownModel" and s.get("description") == "Scheduler" for s in states)
 
@@ -224,9 +243,20 @@ def test_05_sweep_trains_each_rate_and_draws_the_grid(suite):
     nb = suite.run("05_sweep")
     sweep = suite.project / "sweeps"
     assert (sweep / "sweep-grid.png").is_file() and (sweep / "sweep-grid.json").is_file()
-    for lr in ("0.0001", "5e-05"):
+    for lr in ("1e-4", "5e-5"):
         assert (sweep / "sweep" / f"lr-{lr}" / "snapshots" / "step-000002" / "model_index.json").is_file()
     assert has_image(nb)
+
+
+def test_no_library_warnings_in_any_notebook(suite):
+    """A notebook user sees no red boxes of library noise: causes in our code are fixed (dtype at load, no
+    image processor we do not use); anything else would need an entry in ALLOWED_STDERR with its reason."""
+    for name in ORDER:
+        nb = suite.run(name)
+        noise = [line for line in stderr_lines(nb) if re.search(r"warn|deprecat", line, re.I)
+                 and not any(re.search(pattern, line) for pattern in ALLOWED_STDERR)]
+        assert noise == [], f"{name} shows library warnings: {noise}"
+    assert "token from the HF_TOKEN environment variable" in stream_text(suite.run("04_comparison"))
 
 
 def test_the_token_never_reaches_any_file(suite):

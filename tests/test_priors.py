@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dreambooth_nb import generate_class_images, priors
+from dreambooth_nb import generate_class_images, priors, snapshots
 from dreambooth_nb.errors import DataError
 
 
@@ -34,7 +34,7 @@ def test_generates_the_count_then_nothing_more(class_config, monkeypatch):
     assert all(pixels(folder / f).shape == (32, 32, 3) for f in files)
     mtimes = {f: (folder / f).stat().st_mtime_ns for f in files}
 
-    monkeypatch.setattr(priors, "load_inference_pipeline", no_pipeline)
+    monkeypatch.setattr(snapshots, "load_pipeline", no_pipeline)
     assert generate_class_images(config) == folder  # complete: no pipeline, nothing written
     assert {f: (folder / f).stat().st_mtime_ns for f in files} == mtimes
     assert priors.missing_class_images(folder, 3) == []
@@ -51,8 +51,8 @@ def test_partial_folder_resumes_with_identical_images(class_config, monkeypatch)
     # A disconnect lost image 1 (generated in a batch with image 0); alone now, it comes back pixel-identical.
     priors.class_image_path(folder, 1).unlink()
     loads = []
-    real = priors.load_inference_pipeline
-    monkeypatch.setattr(priors, "load_inference_pipeline", lambda *a, **k: loads.append(a) or real(*a, **k))
+    real = snapshots.load_pipeline
+    monkeypatch.setattr(snapshots, "load_pipeline", lambda *a, **k: loads.append(a) or real(*a, **k))
     generate_class_images(config)
     assert len(loads) == 1
     assert np.array_equal(pixels(priors.class_image_path(folder, 1)), before[1])

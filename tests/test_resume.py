@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from dreambooth_nb import TrainConfig, train
-from dreambooth_nb import storage
+from dreambooth_nb import snapshots, storage
 
 WORKER = Path(__file__).with_name("train_worker.py")
 FIRST_STATE = "states/state-*/state.json"
@@ -79,11 +79,14 @@ def server(tmp_path_factory):
 
 
 # --- Helpers ----------------------------------------------------------------------------------------------
-def snapshot_weights(snapshot: Path, parts=("unet", "text_encoder")) -> dict[str, torch.Tensor]:
+def snapshot_weights(snapshot: Path, parts=("unet", "text_encoder", "vae")) -> dict[str, torch.Tensor]:
+    """Every saved tensor of the snapshot's `parts` (those it holds: an intermediate one has the trained parts)."""
     out = {}
     for part in parts:
         name = "model.safetensors" if part == "text_encoder" else "diffusion_pytorch_model.safetensors"
-        out.update({f"{part}.{k}": v for k, v in load_file(snapshot / part / name).items()})
+        if (snapshot / part).is_dir():
+            for shard in storage.load_weights(snapshot / part, filename=name):
+                out.update({f"{part}.{k}": v for k, v in shard.items()})
     return out
 
 
@@ -106,22 +109,24 @@ def check_state(path: Path) -> dict:
     """Everything in a listed state loads: marker, weights, optimizer, schedule, RNG, EMA."""
     meta = json.loads((path / storage.STATE_MARKER).read_text())
     assert meta["step"] == int(path.name.split("-")[1])
-    assert load_file(path / "unet.safetensors")
-    if meta["config"]["train_text_encoder"]:
-        assert load_file(path / "text_encoder.safetensors")
-    for name in ("optimizer.pt", "lr_scheduler.pt", "rng.pt") + (("ema.pt",) if meta["config"]["use_ema"] else ()):
+    weights = ["unet"] + (["text_encoder"] if meta["config"]["train_text_encoder"] else []) + \
+        (["ema"] if meta["config"]["use_ema"] else [])
+    for name in weights:
+        assert list(storage.load_weights(path, filename=f"{name}.safetensors"))
+    if meta["config"]["use_ema"]:
+        assert json.loads((path / "ema.json").read_text())["optimization_step"] >= 1
+    for name in ("optimizer.pt", "lr_scheduler.pt", "rng.pt"):
         torch.load(path / name, map_location="cpu", weights_only=True)
     return meta
 
 
 def check_snapshot(path: Path, *, full: bool) -> None:
-    """A listed snapshot has every weight file; `full` loads it as a pipeline."""
-    json.loads((path / "model_index.json").read_text())
-    snapshot_weights(path, parts=("unet", "text_encoder", "vae"))
+    """A listed snapshot has every weight file it names; `full` loads it as a pipeline (composed with the
+    base model when it holds only the trained parts)."""
+    meta = snapshots.info(path)
+    assert set(meta["trained"]) <= {part.split(".")[0] for part in snapshot_weights(path)}
     if full:
-        from diffusers import StableDiffusionPipeline
-
-        StableDiffusionPipeline.from_pretrained(path, local_files_only=True)
+        snapshots.load_pipeline(path, device=torch.device("cpu"))
 
 
 def leftovers(out: Path) -> list[Path]:
@@ -134,7 +139,7 @@ def kill_then_resume(server: Server, config: TrainConfig) -> dict:
     assert killed["killed"] and killed["returncode"] == -signal.SIGKILL, (killed, server.log_tail())
     out = Path(config.output_dir)
     assert storage.latest_state(out) is not None
-    assert not (storage.snapshot_path(out, config.max_train_steps) / "model_index.json").exists(), \
+    assert not snapshots.is_snapshot(storage.snapshot_path(out, config.max_train_steps)), \
         "the run finished before the kill: the test proves nothing"
     return killed
 
@@ -157,7 +162,7 @@ def test_sigkilled_process_resumes_to_bitwise_identical_weights(make_config, tmp
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(timeout=30) == -signal.SIGKILL, (tmp_path / "log.txt").read_text()[-3000:]
     assert storage.latest_state(out) is not None
-    assert not (storage.snapshot_path(out, 8) / "model_index.json").exists()
+    assert not snapshots.is_snapshot(storage.snapshot_path(out, 8))
 
     resumed = server.finish(config)
     unbroken = server.finish(config.replace(output_dir=str(tmp_path / "unbroken")))
@@ -267,7 +272,7 @@ def test_partial_saves_are_cleaned_and_never_resumed_from(make_config, capsys):
     assert "Resuming from state-000002" in printed
     assert printed.count("an incomplete save") == 3
     assert leftovers(out) == []
-    assert (storage.snapshot_path(out, 6) / "model_index.json").is_file()
+    assert snapshots.is_snapshot(storage.snapshot_path(out, 6))
 
 
 def test_a_snapshot_caught_between_its_two_renames_is_restored(tmp_path):
@@ -324,7 +329,7 @@ def test_random_kills_never_leave_a_broken_save_and_lose_nothing(make_config, tm
             assert states[-1][0] >= newest, "the newest state went backwards: work was lost"
             newest = states[-1][0]
         for step, path in storage.list_snapshots(out):
-            mtime = (path / "model_index.json").stat().st_mtime
+            mtime = (path / storage.SNAPSHOT_MARKER).stat().st_mtime
             check_snapshot(path, full=verified.get(path) != mtime)
             verified[path] = mtime
         if (out / "history.json").is_file():  # written after each state: at most one state behind

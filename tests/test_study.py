@@ -110,7 +110,7 @@ def test_a_short_run_learns_the_subject(tmp_path, instance_photos):
     config = TrainConfig(pretrained_model_name_or_path=str(TOY_MODEL_DIR), instance_data_dir=str(photos),
                          instance_prompt=toyworld.SUBJECT_INSTANCE_PROMPT, resolution=32, learning_rate=1e-4,
                          train_batch_size=4, max_train_steps=60, cache_latents=True,
-                         pre_compute_text_embeddings=True, checkpointing_steps=1000,
+                         checkpointing_steps=1000,
                          output_dir=str(tmp_path / "run"))
     final = train(config)
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from dreambooth_nb import EvalSpec, compare, models, priors, storage, sweep
+from dreambooth_nb import EvalSpec, compare, models, priors, snapshots, storage, sweep
 from dreambooth_nb.errors import ConfigError
 from dreambooth_nb.sweep import run_folder
 
@@ -23,7 +23,7 @@ def test_sweep_trains_renders_draws_and_reruns_for_free(make_config, monkeypatch
                    on_step=lambda step, loss, lr: steps_seen.append((step, lr)))
 
     assert result.runs == [run_folder(config.output_dir, 5e-4), run_folder(config.output_dir, 1e-4)]
-    assert result.runs[0].name == "lr-0.0005" and result.lrs == [5e-4, 1e-4]
+    assert result.runs[0].name == "lr-5e-4" and result.lrs == [5e-4, 1e-4]
     assert [s for s, _ in steps_seen] == [1, 2, 3, 4, 1, 2, 3, 4]
     for lr, run in zip(result.lrs, result.runs):
         assert [s for s, _ in storage.list_snapshots(run)] == [2, 4]
@@ -42,7 +42,7 @@ def test_sweep_trains_renders_draws_and_reruns_for_free(make_config, monkeypatch
     # Rerun: every run is finished and every image rendered, so no model of any kind is loaded.
     mtimes = {p: p.stat().st_mtime_ns for run in result.runs for _, p in storage.list_snapshots(run)}
     monkeypatch.setattr(models, "load_components", refuse)
-    monkeypatch.setattr(priors, "load_inference_pipeline", refuse)
+    monkeypatch.setattr(snapshots, "load_pipeline", refuse)
     again = sweep(config, lrs=(5e-4, 1e-4), save_at=(2, 4), spec=spec)
     assert json.loads(again.sidecar.read_text()) == side
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
@@ -51,7 +51,7 @@ def test_sweep_trains_renders_draws_and_reruns_for_free(make_config, monkeypatch
     grid = compare(result.runs, spec, title="two runs")
     assert grid.parent == tmp_path / "project" / "sweep" / "grids"
     side = json.loads(grid.with_suffix(".json").read_text())
-    assert side["rows"] == "run" and side["row_labels"] == ["lr-0.0005", "lr-0.0001"]
+    assert side["rows"] == "run" and side["row_labels"] == ["lr-5e-4", "lr-1e-4"]
     assert [c["image"] for c in side["cells"]] == images
 
     # Steps filter, LR rows, an explicit snapshot folder, and a step that one run lacks (empty cell).
@@ -112,8 +112,8 @@ def test_sweep_passes_each_run_to_train_and_makes_class_images_first(make_config
     result = sweep(config, lrs=(2e-6, 1e-6), save_at=(6, 3), spec=spec)
     images = ["class-00000.png", "class-00001.png"]
     assert events == [("class images", str(tmp_path / "class")),
-                      ("train", 2e-6, 6, [3, 6], str(tmp_path / "p" / "sweep" / "lr-2e-06"), images),
-                      ("train", 1e-6, 6, [3, 6], str(tmp_path / "p" / "sweep" / "lr-1e-06"), images)]
+                      ("train", 2e-6, 6, [3, 6], str(tmp_path / "p" / "sweep" / "lr-2e-6"), images),
+                      ("train", 1e-6, 6, [3, 6], str(tmp_path / "p" / "sweep" / "lr-1e-6"), images)]
     side = json.loads(result.sidecar.read_text())
     assert [(c["labels"]["lr"], c["labels"]["step"]) for c in side["cells"]] == [(2e-6, 3), (2e-6, 6), (1e-6, 3),
                                                                                   (1e-6, 6)]

@@ -132,7 +132,6 @@ def test_shipped_model_is_small_and_complete():
 
 @pytest.fixture(scope="module")
 def toy_pipe():
-    import torch
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(TOY_MODEL_DIR, local_files_only=True)

@@ -28,12 +28,11 @@ MEMORY_OPTIONS = {
     "8bit-adam": dict(use_8bit_adam=True),
     "checkpointing": dict(gradient_checkpointing=True),
     "cache-latents": dict(cache_latents=True),
-    "precomputed-text": dict(pre_compute_text_embeddings=True),
     "bf16": dict(mixed_precision="bf16"),
     "xformers-falls-back": dict(attention_backend="xformers"),
     "accumulation": dict(gradient_accumulation_steps=2),
     "all-16gb": dict(use_8bit_adam=True, gradient_checkpointing=True, cache_latents=True,
-                     pre_compute_text_embeddings=True, gradient_accumulation_steps=2),
+                     mixed_precision="auto", gradient_accumulation_steps=2),
     "all-with-text-encoder": dict(use_8bit_adam=True, gradient_checkpointing=True, cache_latents=True,
                                   train_text_encoder=True, gradient_accumulation_steps=2, random_flip=True),
 }
@@ -67,9 +66,9 @@ def test_8bit_adamw_is_the_optimizer_in_use(make_config, capsys):
 def test_8bit_falls_back_when_bitsandbytes_cannot_run(make_config, capsys, monkeypatch):
     monkeypatch.setattr(train_module, "bitsandbytes_works", lambda device: (False, "no CUDA setup"))
     params = [torch.nn.Parameter(torch.zeros(3))]
-    optimizer = make_optimizer([{"params": params, "lr": 1e-3}], config=make_config(use_8bit_adam=True),
-                               device=torch.device("cpu"))
-    assert type(optimizer) is torch.optim.AdamW
+    optimizer, why = make_optimizer([{"params": params, "lr": 1e-3}], config=make_config(use_8bit_adam=True),
+                                    device=torch.device("cpu"))
+    assert type(optimizer) is torch.optim.AdamW and why == "no CUDA setup"
     assert "8-bit Adam is not available (no CUDA setup)" in capsys.readouterr().out
 
 
@@ -91,7 +90,7 @@ def _train_recording_gradients(config, monkeypatch) -> list[torch.Tensor]:
 
     def recording(groups, *, config, device):
         optimizers.append(_RecordingSGD(groups))
-        return optimizers[-1]
+        return optimizers[-1], None
 
     monkeypatch.setattr(train_module, "make_optimizer", recording)
     train(config)
@@ -151,7 +150,7 @@ def test_prior_loss_is_computed_on_the_class_half_only(make_config, tiny_model, 
     """A UNet that predicts the noise exactly for instance rows and is off by 1 on class rows."""
     config = make_config(with_prior_preservation=True, class_prompt="a dog", class_data_dir=str(tmp_path),
                          train_batch_size=2)
-    parts = load_components(config, device=torch.device("cpu"))
+    parts = load_components(config, device=torch.device("cpu"), precision="no")
     folder = ImageFolder.load(config.instance_data_dir, prompt="p", resolution=32)
     sources = [LatentSource(folder, vae=parts.vae, resolution=32, center_crop=True, cache=True, flips=(False,),
                             device=torch.device("cpu"), dtype=torch.float32)] * 2
@@ -190,6 +189,52 @@ def test_text_encoder_frozen_stays_identical_and_trained_changes(make_config, ti
     assert _max_diff(_weights(trained, "text_encoder"), base) > 1e-5
 
 
+def test_a_trained_text_encoder_runs_in_train_mode(make_config, monkeypatch):
+    """transformers checkpoints a text encoder's activations only in train mode (it checks `training`)."""
+    modes = []
+    real = train_module.compute_loss
+
+    def spy(batch, **kwargs):
+        modes.append(kwargs["text_encoder"].training)
+        return real(batch, **kwargs)
+
+    monkeypatch.setattr(train_module, "compute_loss", spy)
+    train(make_config(max_train_steps=2, train_text_encoder=True, gradient_checkpointing=True))
+    assert modes == [True, True]
+
+
+def test_restoring_random_state_saved_on_more_gpus_than_there_are(monkeypatch):
+    """A state saved on Kaggle's two GPUs resumes on Colab's one: the second GPU's state is not needed."""
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, index: restored.append(index))
+    before = torch.get_rng_state()
+    train_module.restore_rng({"torch": before, "cuda": [torch.zeros(8, dtype=torch.uint8)] * 2})
+    assert restored == [0] and torch.equal(torch.get_rng_state(), before)
+
+
+def test_the_xformers_probe_survives_an_error_without_a_message(monkeypatch):
+    from dreambooth_nb import models
+
+    assert models.first_line(RuntimeError()) == "RuntimeError"
+    assert models.first_line(ValueError("bad\nmore")) == "ValueError: bad"
+
+    import sys
+    import types
+
+    def fails(*args, **kwargs):
+        raise RuntimeError()  # as some CUDA kernel failures do: no message at all
+
+    xformers = types.ModuleType("xformers")
+    xformers.ops = types.SimpleNamespace(memory_efficient_attention=fails)
+    monkeypatch.setitem(sys.modules, "xformers", xformers)
+    monkeypatch.setitem(sys.modules, "xformers.ops", xformers.ops)
+    monkeypatch.setattr(models.torch, "randn", lambda *args, **kwargs: torch.zeros(1))
+    ok, why = models.xformers_works(torch.device("cuda"))
+    assert not ok and why == "xformers is not usable (RuntimeError)"
+
+
 def test_text_encoder_stops_training_at_its_stop_step(make_config, tmp_path):
     stopped_at_1 = train(make_config(output_dir=str(tmp_path / "a"), max_train_steps=3, train_text_encoder=True,
                                      stop_text_encoder_training=1, snapshot_steps=[1]))
@@ -201,7 +246,7 @@ def test_text_encoder_stops_training_at_its_stop_step(make_config, tmp_path):
 
 def test_loss_falls_on_a_fixed_batch(make_config):
     config = make_config(learning_rate=1e-3, train_batch_size=2)
-    parts = load_components(config, device=torch.device("cpu"))
+    parts = load_components(config, device=torch.device("cpu"), precision="no")
     folder = ImageFolder.load(config.instance_data_dir, prompt=config.instance_prompt, resolution=32)
     source = LatentSource(folder, vae=parts.vae, resolution=32, center_crop=True, cache=True, flips=(False,),
                           device=torch.device("cpu"), dtype=torch.float32)
@@ -210,8 +255,8 @@ def test_loss_falls_on_a_fixed_batch(make_config):
 
     token_ids = tokenize(config.instance_prompt, tokenizer=parts.tokenizer)
     embeddings = parts.text_encoder(token_ids)[0].detach()
-    optimizer = make_optimizer([{"params": parts.unet.parameters(), "lr": 1e-3}], config=config,
-                               device=torch.device("cpu"))
+    optimizer, _ = make_optimizer([{"params": parts.unet.parameters(), "lr": 1e-3}], config=config,
+                                  device=torch.device("cpu"))
     losses = []
     for _ in range(40):
         loss = compute_loss(batch, unet=parts.unet, text_encoder=None, embeddings=embeddings, token_ids=token_ids,

@@ -45,9 +45,10 @@ def test_config_from_widgets_rounds_the_log_slider_to_its_readout(base):
     assert ui.config_from_widgets({"learning_rate": 2.5e-6}, base).learning_rate == 2.5e-6
 
 
-def test_config_from_widgets_turns_off_precomputed_embeddings_when_the_text_encoder_trains(base):
-    config = ui.config_from_widgets({"train_text_encoder": True}, base.replace(pre_compute_text_embeddings=True))
-    assert config.train_text_encoder and not config.pre_compute_text_embeddings
+def test_a_config_json_of_an_earlier_version_with_retired_settings_still_loads(base, tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**base.to_dict(), "pre_compute_text_embeddings": True}))
+    assert TrainConfig.from_json(path) == base
 
 
 @pytest.mark.parametrize("values, message", [
@@ -123,6 +124,99 @@ def test_live_loss_moves_the_progress_bar_and_plots(base):
     assert png.startswith(b"\x89PNG")
 
 
+def test_apply_parameters_takes_false_as_a_value(base):
+    """`TRAIN_TEXT_ENCODER=False` turns it off; only None, empty text and a number 0 mean "keep"."""
+    on = base.replace(train_text_encoder=True, with_prior_preservation=True)
+    off = ui.apply_parameters(on, train_text_encoder=False, with_prior_preservation=False, learning_rate=0.0)
+    assert (off.train_text_encoder, off.with_prior_preservation, off.learning_rate) == (False, False, base.learning_rate)
+    assert ui.apply_parameters(on, train_text_encoder=None).train_text_encoder is True
+
+
+@pytest.mark.parametrize("text,old,new,expected,note", [
+    ("200", 400, 100, "50", ""),  # the default (halfway) follows the steps
+    ("100, 300", 400, 200, "100", "Snapshot step(s) 300 dropped: past the new 200 steps"),
+    ("100, 300", 400, 800, "100, 300", ""),
+    ("", 400, 100, "", ""),
+    ("abc", 400, 100, "abc", ""),  # left for Train to report
+])
+def test_snapshot_steps_follow_the_steps_slider(text, old, new, expected, note):
+    assert ui.adjust_snapshot_steps(text, old_steps=old, new_steps=new) == (expected, note + (
+        " (the last step is always saved)." if note else ""))
+
+
+def test_the_panel_keeps_snapshot_steps_consistent_and_says_what_it_dropped(base):
+    panel = ui.TrainingPanel(base.replace(max_train_steps=400, snapshot_steps=[100, 300]))
+    panel.fields["max_train_steps"].value = 200
+    assert panel.fields["snapshot_steps"].value == "100" and "300 dropped" in panel.note.value
+    assert panel.config().snapshot_steps == [100]
+
+
+def test_the_learning_rate_slider_spans_1e_7_to_1e_3_from_any_value(base):
+    for lr in (1e-6, 1e-4, 1e-3):
+        slider = ui.TrainingPanel(base.replace(learning_rate=lr)).fields["learning_rate"]
+        assert (slider.min, slider.max) == (-7.0, -3.0) and slider.value == pytest.approx(lr)
+
+
+def test_run_folders_name_the_exact_learning_rate(base, tmp_path):
+    for lr, name in ((3.8e-5, "lr3.8e-5"), (1e-4, "lr1e-4"), (2e-6, "lr2e-6"), (1.25e-6, "lr1.25e-6")):
+        assert projects.run_name(base.replace(learning_rate=lr)) == name
+
+
+def test_the_loss_plot_marks_few_points_and_averages_only_many():
+    from matplotlib.figure import Figure
+
+    drawn = {}
+
+    def capture(fig):
+        ax = fig.axes[0]
+        drawn["labels"] = [line.get_label() for line in ax.get_lines()]
+        drawn["marker"] = ax.get_lines()[0].get_marker()
+        return b"png"
+
+    original = ui.figure_png
+    try:
+        ui.figure_png = capture
+        ui.loss_plot_png([1], [0.5], total=400)
+        assert drawn["labels"] == ["loss per step"] and drawn["marker"] == "o"  # one point, visible
+        ui.loss_plot_png(list(range(1, 41)), [0.1] * 40, total=400)
+        assert drawn["labels"] == ["loss per step", "average of 2 steps"] and drawn["marker"] == "None"
+    finally:
+        ui.figure_png = original
+    assert Figure  # (matplotlib present)
+
+
+def test_stopping_the_kernel_while_training_says_where_and_how_to_resume(base, tmp_path, monkeypatch):
+    """Colab's Stop button raises KeyboardInterrupt in the training loop: the panel shows one line — the
+    step reached, the last state, 'press Train to resume' — not a traceback, and the rerun resumes."""
+    import importlib
+
+    from dreambooth_nb.tiny import build_tiny_pipeline
+    from conftest import write_photos
+
+    train_module = importlib.import_module("dreambooth_nb.train")
+    model = build_tiny_pipeline(tmp_path / "model")
+    config = base.replace(pretrained_model_name_or_path=str(model), instance_data_dir=str(write_photos(tmp_path / "p")),
+                          resolution=32, max_train_steps=6, checkpointing_steps=2, learning_rate=1e-4,
+                          train_batch_size=1)
+    panel = ui.TrainingPanel(config)
+    real = train_module.compute_loss
+    calls = []
+
+    def interrupt_at_step_5(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "compute_loss", interrupt_at_step_5)
+    panel._clicked()  # what the Train button runs
+    log = "".join(o.get("text", "") for o in panel.log.outputs)
+    assert "Training stopped at step 4; the last saved state is state-000004 (step 4). Press Train to resume." \
+        in panel.status.value
+    assert "TrainingStopped: Training stopped at step 4" in log and "Traceback" not in log
+    assert panel.button.disabled is False
+
+
 # --- Project folder ---------------------------------------------------------------------------------------
 def test_setup_config_applies_presets_and_choices(tmp_path):
     project = projects.Project(tmp_path)
@@ -157,14 +251,14 @@ def test_run_dir_for_resumes_the_same_settings_and_never_mixes_others(base, tmp_
 
 def test_runs_lists_runs_with_snapshots(tmp_path):
     project = projects.Project(tmp_path)
-    for folder in (project.runs_dir / "lr2e-6", project.sweeps_dir / "sweep" / "lr-5e-06"):
+    for folder in (project.runs_dir / "lr2e-6", project.sweeps_dir / "sweep" / "lr-5e-6"):
         (folder / "snapshots" / "step-000400").mkdir(parents=True)
         (folder / "snapshots" / "step-000400" / "model_index.json").write_text("{}")
         (folder / "config.json").write_text("{}")
     (project.runs_dir / "empty").mkdir()
     (project.runs_dir / "empty" / "config.json").write_text("{}")
-    assert list(project.runs()) == ["lr2e-6", "sweeps/lr-5e-06"]
-    assert list(project.select_runs("sweeps/lr-5e-06")) == ["sweeps/lr-5e-06"]
+    assert list(project.runs()) == ["lr2e-6", "sweeps/lr-5e-6"]
+    assert list(project.select_runs("sweeps/lr-5e-6")) == ["sweeps/lr-5e-6"]
     with pytest.raises(ConfigError, match="nope"):
         project.select_runs("nope")
     with pytest.raises(DataError, match="Train first"):

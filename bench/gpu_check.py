@@ -1,0 +1,166 @@
+"""The GPU check: one prepared command for a lent GPU machine, ≤ 8 minutes, capped at a T4's 15 GiB.
+
+    python bench/gpu_check.py            # prints a table; with $OUT set, also writes $OUT/gpu_check.json
+
+1. `pytest tests/test_gpu.py` (fp16 masters, 8-bit Adam and xformers on CUDA, EMA on the GPU and offloaded,
+   resume, frozen parts off the GPU), under the same 15 GiB cap.
+2. An SD 1.5-shaped random model (shapes, hence memory and FLOPs, of the real one; its weights cannot be
+   downloaded there) trained at 512 px for 30 steps per case, each case in a fresh process so that its peak
+   is its own: the `16gb` profile UNet only and with the text encoder, EMA with a resume in the same
+   process, and two runs in a row in one process (the second must start from an empty GPU). For each:
+   peak `torch.cuda.max_memory_allocated`, s/step, and whether every loss stayed finite.
+
+The cap (`torch.cuda.set_per_process_memory_fraction`) makes any GPU behave like a T4 for memory: a case
+that would not fit a T4 fails here with an out-of-memory error instead of passing on an 80 GB card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+T4_GIB = 15.0
+STEPS = 30
+PROFILE = dict(use_8bit_adam=True, gradient_checkpointing=True, mixed_precision="fp16", cache_latents=True)
+CASES = {
+    "16gb, UNet": dict(PROFILE),
+    "16gb, UNet + text encoder": dict(PROFILE, train_text_encoder=True),
+    "16gb + prior, batch 1 x 4 accumulated": dict(PROFILE, with_prior_preservation=True, gradient_accumulation_steps=4),
+    "16gb + EMA offloaded, resumed": dict(PROFILE, use_ema=True, offload_ema=True),
+    "two runs in one process": dict(PROFILE),
+}
+
+
+def cap_memory() -> None:
+    import torch
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, T4_GIB * 2**30 / total))
+
+
+def run_case(name: str, model: str, photos: str, classes: str, out: str) -> dict:
+    """One case in this (fresh) process; returns its measurements."""
+    import torch
+
+    from dreambooth_nb import TrainConfig, train
+
+    cap_memory()
+    options = CASES[name]
+    base = dict(pretrained_model_name_or_path=model, instance_data_dir=photos, instance_prompt="a photo of sks dog",
+                class_prompt="a photo of a dog", class_data_dir=classes, num_class_images=4, resolution=512,
+                learning_rate=1e-6, max_train_steps=STEPS, checkpointing_steps=10**6, output_dir=out)
+    losses, times = [], []
+
+    def on_step(step, loss, lr):
+        losses.append(loss)
+        times.append(time.perf_counter())
+
+    result = {"case": name}
+    torch.cuda.reset_peak_memory_stats()
+    if name.endswith("resumed"):
+        half = TrainConfig(**{**base, **options, "max_train_steps": STEPS // 2, "checkpointing_steps": STEPS // 2 - 1})
+        train(half, on_step=on_step)
+        train(TrainConfig(**{**base, **options}), on_step=on_step)  # resumes from the state of step 14
+    elif name == "two runs in one process":
+        train(TrainConfig(**{**base, **options, "output_dir": out + "-first"}), on_step=on_step)
+        result["allocated_between_runs_mib"] = torch.cuda.memory_allocated() / 2**20
+        torch.cuda.reset_peak_memory_stats()
+        times.clear()
+        train(TrainConfig(**{**base, **options}), on_step=on_step)
+    else:
+        train(TrainConfig(**{**base, **options}), on_step=on_step)
+    warm = times[len(times) // 4:]
+    result.update(peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+                  s_per_step=(warm[-1] - warm[0]) / max(1, len(warm) - 1),
+                  finite=all(math.isfinite(x) for x in losses), steps=len(losses))
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: JSON job for one case
+    parser.add_argument("--skip-tests", action="store_true", help="only the training cases")
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    if args.case:
+        job = json.loads(args.case)
+        print("RESULT " + json.dumps(run_case(**job)), flush=True)
+        return 0
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("No CUDA GPU here: this check runs on a lent GPU machine (see README, Development).")
+        return 1
+    props = torch.cuda.get_device_properties(0)
+    header = f"{props.name}, {props.total_memory / 2**30:.1f} GiB (capped at {T4_GIB:g} GiB), torch {torch.__version__}"
+    print(header, flush=True)
+    env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "DREAMBOOTH_NB_GPU_CAP_GIB": str(T4_GIB)}
+    report = {"gpu": header, "tests": None, "cases": []}
+    started = time.monotonic()
+    if not args.skip_tests:
+        tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py"],
+                               cwd=ROOT, env=env, capture_output=True, text=True)
+        tail = tests.stdout.strip().splitlines()[-1] if tests.stdout.strip() else tests.stderr[-500:]
+        report["tests"] = tail
+        print(f"tests/test_gpu.py: {tail} ({time.monotonic() - started:.0f} s)", flush=True)
+        if tests.returncode:
+            print(tests.stdout[-6000:])
+
+    from PIL import Image
+    import numpy as np
+
+    from dreambooth_nb.tiny import build_sd15_shaped_pipeline
+
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        photos, classes = work / "photos", work / "classes"
+        photos.mkdir()
+        classes.mkdir()
+        rng = np.random.RandomState(0)
+        for i in range(4):
+            Image.fromarray((rng.rand(576, 512, 3) * 255).astype("uint8")).save(photos / f"{i}.png")
+            Image.fromarray((rng.rand(512, 512, 3) * 255).astype("uint8")).save(classes / f"class-{i:05d}.png")
+        t0 = time.monotonic()
+        model = build_sd15_shaped_pipeline(work / "model")
+        print(f"SD 1.5-shaped model built in {time.monotonic() - t0:.0f} s", flush=True)
+        for name in CASES:
+            job = json.dumps({"name": name, "model": str(model), "photos": str(photos), "classes": str(classes),
+                              "out": str(work / name.replace(" ", "_").replace(",", ""))})
+            proc = subprocess.run([sys.executable, __file__, "--case", job], env=env, capture_output=True, text=True)
+            line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+            if line is None:
+                error = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
+                report["cases"].append({"case": name, "error": error})
+                print(f"{name}: FAILED: {error}", flush=True)
+                continue
+            report["cases"].append(json.loads(line[len("RESULT "):]))
+            print(f"{name}: done ({time.monotonic() - started:.0f} s)", flush=True)
+
+    print(f"\n{header}; SD 1.5-shaped, 512 px, batch 1, {STEPS} steps per case\n")
+    print("| case | peak allocated | s/step | loss finite | note |")
+    print("|---|---|---|---|---|")
+    for case in report["cases"]:
+        if "error" in case:
+            print(f"| {case['case']} | — | — | — | failed: {case['error']} |")
+            continue
+        note = f"{case['allocated_between_runs_mib']:.0f} MiB still allocated between the runs" \
+            if "allocated_between_runs_mib" in case else ""
+        print(f"| {case['case']} | {case['peak_gib']:.2f} GiB | {case['s_per_step']:.3f} | "
+              f"{'yes' if case['finite'] else 'NO'} | {note} |")
+    print(f"\nTotal {time.monotonic() - started:.0f} s")
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "gpu_check.json").write_text(json.dumps(report, indent=2))
+    return 0 if all("error" not in c and c["finite"] for c in report["cases"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
