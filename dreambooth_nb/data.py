@@ -78,8 +78,16 @@ class ImageFolder:
             print(f"Skipped {path.name}: {reason}")
         if len(report.usable) < min_images:
             raise DataError(f"{folder}: {len(report.usable)} usable images, need at least {min_images}.")
-        images = [load_image(path, max_side=resolution) for path in report.usable]
-        return cls(images=images, prompt=prompt, names=[p.name for p in report.usable])
+        return cls.from_paths(report.usable, prompt=prompt, resolution=resolution)
+
+    @classmethod
+    def from_paths(cls, paths, *, prompt: str, resolution: int) -> "ImageFolder":
+        """These images (already checked, e.g. the class images `priors.class_images` selected)."""
+        paths = list(paths)
+        if not paths:
+            raise DataError("No images to train on: the list is empty.")
+        images = [load_image(path, max_side=resolution) for path in paths]
+        return cls(images=images, prompt=prompt, names=[Path(p).name for p in paths])
 
     def __len__(self) -> int:
         return len(self.images)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import hashlib
-import io
 import json
 import re
 import shutil
@@ -35,6 +34,7 @@ import torch
 
 from . import snapshots, storage
 from .errors import ConfigError
+from .images import png_bytes
 
 SCHEDULERS = ("ddim", "pndm", "dpm")
 DEFAULT_CONTEXTS = ("in the snow", "as an oil painting")
@@ -206,8 +206,8 @@ def render(snapshot, spec: EvalSpec, *, device=None, cache_dir=None) -> list[Ren
             generator = torch.Generator("cpu").manual_seed(item.seed)
             image = pipe(item.prompt, generator=generator, num_inference_steps=spec.num_inference_steps,
                          guidance_scale=spec.guidance_scale, height=resolution, width=resolution).images[0]
-            storage.atomic_write_bytes(item.image, _png_bytes(image, {**settings, "prompt": item.prompt,
-                                                                      "seed": item.seed}))
+            storage.atomic_write_bytes(item.image, png_bytes(image, text={**settings, "prompt": item.prompt,
+                                                                          "seed": item.seed}))
     finally:
         del pipe
         gc.collect()
@@ -284,12 +284,3 @@ def _fingerprint(snapshot: Path) -> str:
 def _hash(data) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode("utf-8")).hexdigest()[:12]
 
-
-def _png_bytes(image, text: dict) -> bytes:
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    info.add_text("dreambooth_nb", json.dumps(text, sort_keys=True))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
-    return buffer.getvalue()

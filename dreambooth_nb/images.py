@@ -51,6 +51,22 @@ _MAGIC = {
     b"MM\x00*": "TIFF",
 }
 _HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1", b"avif")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif", ".avif"}
+"""Names that look like images, for counts that do not open the files (`scan_images` opens every file)."""
+
+
+def png_bytes(image: Image.Image, *, text: dict | None = None) -> bytes:
+    """The image as PNG, with `text` (JSON) in a `dreambooth_nb` chunk when given (what made it)."""
+    import json
+
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    if text is not None:
+        info.add_text("dreambooth_nb", json.dumps(text, sort_keys=True))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
 
 
 class ImageError(DataError):
@@ -300,7 +316,7 @@ class ScanReport:
         return "\n".join(lines)
 
 
-def scan_images(folder, *, resolution: int = 512, min_images: int = 3) -> ScanReport:
+def scan_images(folder, *, resolution: int = 512, min_images: int = 3, allow_empty: bool = False) -> ScanReport:
     """Try every file in `folder` (not its subfolders) and report what training can use, and why not.
 
     Each file is loaded exactly as training will load it (`load_image(path, max_side=resolution)`), so a
@@ -309,12 +325,15 @@ def scan_images(folder, *, resolution: int = 512, min_images: int = 3) -> ScanRe
     training resolution (they get blurry when scaled up), identical pictures (same pixels, so also
     byte-identical copies), and fewer than `min_images` usable photos.
 
-    Raises `DataError` when the folder is missing, empty, or holds no usable photo at all.
+    Raises `DataError` when the folder is missing, empty, or holds no usable photo at all — unless
+    `allow_empty` (a class-image folder, filled later by generation), which reports that as it is.
     """
     folder = Path(folder)
     if resolution < 1 or min_images < 0:
         raise ConfigError(f"resolution must be >= 1 and min_images >= 0, "
                           f"got {resolution!r} and {min_images!r}")
+    if allow_empty and (not folder.is_dir() or not any(folder.iterdir())):
+        return ScanReport(folder=folder)
     if not folder.exists():
         raise DataError(f"Photo folder {folder} does not exist. Upload your photos into it, "
                         "or check the folder path in the settings.")
@@ -348,7 +367,7 @@ def scan_images(folder, *, resolution: int = 512, min_images: int = 3) -> ScanRe
         by_pixels.setdefault(digest.hexdigest(), []).append(path)
     report.usable.sort()
 
-    if not report.usable:
+    if not report.usable and not allow_empty:
         why = "\n".join(f"  - {p.name}: {reason}" for p, reason in report.skipped)
         subfolders = [p.name for p, r in report.skipped if r.startswith("a subfolder")]
         hint = (f" Your photos may be in the subfolder {', '.join(subfolders)}: point the setting at it."

@@ -181,9 +181,9 @@ def _simulate(config, *, sizes, interval, start_step, free_bytes, trash_counts, 
 def _missing_class_images(config) -> int:
     if not config.with_prior_preservation or not config.class_data_dir:
         return 0
-    from .priors import missing_class_images
+    from .priors import class_images
 
-    return len(missing_class_images(config.class_data_dir, config.num_class_images))
+    return len(class_images(config, decode=False).to_generate)
 
 
 # --- Out of memory ------------------------------------------------------------------------------------

@@ -1,13 +1,18 @@
-"""Class images for prior preservation: generated once, deterministically, resumable.
+"""Class images for prior preservation: yours first, the shortfall generated once, deterministically.
 
-Image i is always generated from seed (seed, i), so it is the same image whether it is made in the
-first batch or after a Colab disconnect, and a rerun writes only the images still missing.
+The class folder may already hold images — a regularization set you brought (hundreds of "person" or
+"dog" photos, as kohya's and TheLastBen's guides suggest) — and they count: every usable image in the
+folder is yours unless it is named `class-NNNNN.png`, the name generated images get. Training uses exactly
+`num_class_images`: your images first (in name order), then generated ones by index; only the images
+still missing are generated. Generated image i always comes from seed (seed, i), so it is the same image
+whether it is made in the first batch or after a Colab disconnect, and a rerun writes nothing new.
 """
 
 from __future__ import annotations
 
 import gc
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,6 +20,7 @@ from tqdm.auto import tqdm
 
 from . import snapshots
 from .errors import DataError
+from .images import IMAGE_SUFFIXES, png_bytes, scan_images
 from .storage import atomic_write_bytes
 
 _NAME = "class-{:05d}.png"
@@ -25,29 +31,77 @@ def class_image_path(folder, index: int) -> Path:
     return Path(folder) / _NAME.format(index)
 
 
-def missing_class_images(folder, count: int) -> list[int]:
-    """Indices in 0..count-1 whose image is not on disk yet."""
-    folder = Path(folder)
-    present = {int(m.group(1)) for p in folder.glob("class-*.png") if (m := _NAME_RE.match(p.name))} \
-        if folder.is_dir() else set()
-    return [i for i in range(count) if i not in present]
-
-
 def image_seed(seed: int, index: int) -> int:
     return seed * 100_003 + index
 
 
-def generate_class_images(config, *, device: torch.device | None = None, pipe=None) -> Path:
-    """Write the missing class images of `config` into `config.class_data_dir`; return the folder.
+@dataclass
+class ClassImages:
+    """What the class folder holds for a run that wants `wanted` class images, and what it still needs."""
 
-    Uses `config.pretrained_model_name_or_path`, `class_prompt`, `num_class_images`, `sample_batch_size`,
-    `resolution` and `seed`. Pass `pipe` to reuse an already loaded pipeline.
+    folder: Path
+    wanted: int
+    yours: list[Path] = field(default_factory=list)
+    """Usable images you put in the folder (any name but `class-NNNNN.png`), in name order."""
+    generated: dict[int, Path] = field(default_factory=dict)
+    """Usable generated images by index."""
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    """Files that cannot be used, with the reason (not counted)."""
+
+    @property
+    def to_generate(self) -> list[int]:
+        """Indices of the generated images still needed: the shortfall after your images."""
+        return [i for i in range(max(0, self.wanted - len(self.yours))) if i not in self.generated]
+
+    @property
+    def selected(self) -> list[Path]:
+        """The images training uses, once nothing is missing: yours first, then generated ones by index."""
+        needed = max(0, self.wanted - len(self.yours))
+        return self.yours[:self.wanted] + [self.generated[i] for i in range(needed) if i in self.generated]
+
+    def summary(self) -> str:
+        used_yours = min(len(self.yours), self.wanted)
+        used_generated = max(0, self.wanted - len(self.yours)) - len(self.to_generate)
+        lines = [f"{self.folder}: {self.wanted} class images wanted — {used_yours} of yours"
+                 + (f" (of {len(self.yours)} found)" if len(self.yours) > self.wanted else "")
+                 + f", {used_generated} generated earlier, {len(self.to_generate)} to generate."]
+        lines += [f"  Skipped {path.name}: {reason}" for path, reason in self.skipped]
+        return "\n".join(lines)
+
+
+def class_images(config, *, decode: bool = True) -> ClassImages:
+    """The class folder of `config` as training will use it. `decode=False` trusts file names and
+    extensions instead of opening every image (the disk plan's quick count)."""
+    folder = Path(config.class_data_dir)
+    found = ClassImages(folder=folder, wanted=config.num_class_images)
+    if decode:
+        report = scan_images(folder, resolution=config.resolution, min_images=0, allow_empty=True)
+        usable, found.skipped = report.usable, report.skipped
+    else:
+        usable = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    for path in usable:
+        match = _NAME_RE.match(path.name)
+        if match:
+            found.generated[int(match.group(1))] = path
+        else:
+            found.yours.append(path)
+    return found
+
+
+def generate_class_images(config, *, device: torch.device | None = None, pipe=None) -> Path:
+    """Generate the class images `config` still needs into `config.class_data_dir`; return the folder.
+
+    Counts your own images first (see the module docs). Uses `config.pretrained_model_name_or_path`,
+    `class_prompt`, `num_class_images`, `sample_batch_size`, `resolution` and `seed`. Pass `pipe` to reuse
+    an already loaded pipeline; it is loaded only when something is missing.
     """
     if not config.class_prompt or not config.class_data_dir:
         raise DataError("class_prompt and class_data_dir are needed to generate class images.")
     folder = Path(config.class_data_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    missing = missing_class_images(folder, config.num_class_images)
+    found = class_images(config)
+    print(found.summary())
+    missing = found.to_generate
     if not missing:
         return folder
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -64,7 +118,7 @@ def generate_class_images(config, *, device: torch.device | None = None, pipe=No
                 images = pipe([config.class_prompt] * len(batch), generator=generators,
                               height=config.resolution, width=config.resolution).images
                 for index, image in zip(batch, images):
-                    atomic_write_bytes(class_image_path(folder, index), _png_bytes(image))
+                    atomic_write_bytes(class_image_path(folder, index), png_bytes(image))
                 bar.update(len(batch))
     finally:
         if own_pipe:
@@ -72,16 +126,9 @@ def generate_class_images(config, *, device: torch.device | None = None, pipe=No
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-    still_missing = missing_class_images(folder, config.num_class_images)
+    still_missing = class_images(config).to_generate
     if still_missing:
         raise DataError(f"{folder}: {len(still_missing)} class images are still missing after generation; "
                         "check free disk space and run again (finished images are kept).")
+    print(f"Generated {len(missing)} class images of '{config.class_prompt}'.")
     return folder
-
-
-def _png_bytes(image) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()

@@ -137,8 +137,10 @@ def _train(config: TrainConfig, *, on_step, progress_bar: bool, progress: Progre
     folders = [ImageFolder.load(config.instance_data_dir, prompt=config.instance_prompt,
                                 resolution=config.resolution)]
     if config.with_prior_preservation:
-        folders.append(ImageFolder.load(config.class_data_dir, prompt=config.class_prompt,
-                                        resolution=config.resolution))
+        from .priors import class_images  # exactly num_class_images: yours first, then generated ones
+
+        folders.append(ImageFolder.from_paths(class_images(config).selected, prompt=config.class_prompt,
+                                              resolution=config.resolution))
     latents = [LatentSource(folder, vae=parts.vae, resolution=config.resolution, center_crop=config.center_crop,
                             cache=config.cache_latents, flips=flips, device=device, dtype=frozen_dtype,
                             cache_dir=config.latent_cache_dir, model_key=_model_key(config))

@@ -17,6 +17,8 @@
 # dog") that the base model makes itself, so it keeps knowing what an ordinary dog looks like and does not
 # turn every dog into yours. The study found it necessary for faces; objects usually do without. The images
 # are made once (about 7 s each on a T4) and kept in the project folder; a rerun makes only the missing ones.
+# Have a regularization set already (hundreds of class photos)? Put it in the class folder first: your
+# images count, and only the shortfall up to the number asked for is generated.
 
 # %%
 #@title Install (Colab and Kaggle only; keeps the preinstalled torch)
@@ -37,7 +39,7 @@ if HOSTED and importlib.util.find_spec("dreambooth_nb") is None:
 PROJECT_DIR = ""  #@param {type:"string"}
 
 # %%
-from dreambooth_nb import images, platform, project as projects, ui
+from dreambooth_nb import images, platform, priors, project as projects, ui
 from dreambooth_nb.priors import generate_class_images
 
 ui.show_errors_as_messages()  # our errors show as one message, not a stack trace
@@ -47,14 +49,27 @@ config = project.load_config()
 print(ui.config_summary(config))
 
 # %% [markdown]
+# ## What the class folder already holds
+# Images you put there yourself (a regularization set of "person" or "dog" photos, say) count: training
+# uses yours first and only the shortfall is generated. Unusable files are named and skipped.
+
+# %%
+if config.with_prior_preservation:
+    found = priors.class_images(config)
+    print(found.summary())
+    if found.yours:
+        print("Yours (up to 16):")
+        ui.show_image(images.thumbnail_grid(found.yours[:16], size=96))
+
+# %% [markdown]
 # ## Generate the missing class images
 # Image *i* always comes from the same seed, so an interrupted run continues with the very same images.
 
 # %%
 if config.with_prior_preservation:
-    folder = generate_class_images(config)
-    files = sorted(folder.glob("class-*.png"))[: config.num_class_images]
-    print(f"{len(files)} class images of '{config.class_prompt}' in {folder}. A sample:")
+    generate_class_images(config)
+    files = priors.class_images(config).selected
+    print(f"{len(files)} class images of '{config.class_prompt}' for training. A sample:")
     ui.show_image(images.thumbnail_grid(files[:16], size=128))
 else:
     print("Prior preservation is off in this project's settings: no class images are needed. "

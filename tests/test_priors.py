@@ -1,5 +1,7 @@
 """Class images: the count asked for, deterministic per index, only the missing ones generated."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -20,9 +22,9 @@ def no_pipeline(*args, **kwargs):
 @pytest.fixture
 def class_config(make_config, tmp_path):
     def make(**overrides):
-        return make_config(with_prior_preservation=True, class_prompt="a photo of a dog",
-                           class_data_dir=str(tmp_path / "class"), num_class_images=3, sample_batch_size=2,
-                           **overrides)
+        return make_config(**{"with_prior_preservation": True, "class_prompt": "a photo of a dog",
+                              "class_data_dir": str(tmp_path / "class"), "num_class_images": 3,
+                              "sample_batch_size": 2, **overrides})
     return make
 
 
@@ -37,8 +39,8 @@ def test_generates_the_count_then_nothing_more(class_config, monkeypatch):
     monkeypatch.setattr(snapshots, "load_pipeline", no_pipeline)
     assert generate_class_images(config) == folder  # complete: no pipeline, nothing written
     assert {f: (folder / f).stat().st_mtime_ns for f in files} == mtimes
-    assert priors.missing_class_images(folder, 3) == []
-    assert priors.missing_class_images(folder, 5) == [3, 4]
+    assert priors.class_images(config).to_generate == []
+    assert priors.class_images(config.replace(num_class_images=5)).to_generate == [3, 4]
 
 
 def test_partial_folder_resumes_with_identical_images(class_config, monkeypatch):
@@ -67,3 +69,82 @@ def test_partial_folder_resumes_with_identical_images(class_config, monkeypatch)
 def test_needs_prompt_and_folder(make_config):
     with pytest.raises(DataError, match="class_prompt"):
         generate_class_images(make_config())
+
+
+# --- Bring your own class images (a regularization set in the class folder counts) -----------------------
+def write_own(folder, names, *, size=40, seed=1):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.RandomState(seed)
+    for name in names:
+        Image.fromarray((rng.rand(size, size, 3) * 255).astype("uint8")).save(folder / name)
+    return [folder / name for name in names]
+
+
+def test_your_images_alone_need_no_generation_and_no_model(class_config, monkeypatch, capsys):
+    config = class_config()
+    own = write_own(Path(config.class_data_dir), ["dog1.jpg", "dog2.png", "dog3.png"])
+    monkeypatch.setattr(snapshots, "load_pipeline", no_pipeline)
+    generate_class_images(config)
+    assert "3 class images wanted — 3 of yours, 0 generated earlier, 0 to generate" in capsys.readouterr().out
+    assert priors.class_images(config).selected == sorted(own)
+    assert not list(Path(config.class_data_dir).glob("class-*.png"))
+
+
+def test_yours_and_generated_only_the_shortfall_is_made_and_a_rerun_makes_nothing(class_config, monkeypatch, capsys):
+    config = class_config(num_class_images=4)
+    folder = Path(config.class_data_dir)
+    own = write_own(folder, ["a.png"])
+    generate_class_images(config)
+    assert sorted(p.name for p in folder.glob("class-*.png")) == ["class-00000.png", "class-00001.png",
+                                                                   "class-00002.png"]
+    assert priors.class_images(config).selected == own + [priors.class_image_path(folder, i) for i in range(3)]
+    capsys.readouterr()
+    monkeypatch.setattr(snapshots, "load_pipeline", no_pipeline)
+    generate_class_images(config)
+    assert "1 of yours, 3 generated earlier, 0 to generate" in capsys.readouterr().out
+
+
+def test_more_of_yours_than_wanted_generates_nothing_and_picks_the_same_subset(class_config, monkeypatch):
+    config = class_config(num_class_images=3)
+    own = write_own(Path(config.class_data_dir), [f"reg-{i:03d}.jpg" for i in range(7)])
+    monkeypatch.setattr(snapshots, "load_pipeline", no_pipeline)
+    generate_class_images(config)
+    first = priors.class_images(config).selected
+    assert first == own[:3] and priors.class_images(config).selected == first
+    assert "3 of yours (of 7 found)" in priors.class_images(config).summary()
+
+
+def test_unusable_files_in_the_class_folder_are_named_and_not_counted(class_config, capsys):
+    config = class_config(num_class_images=3)
+    folder = Path(config.class_data_dir)
+    write_own(folder, ["good.png"])
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (folder / "notes.txt").write_text("regularization set v2")
+    generate_class_images(config)
+    out = capsys.readouterr().out
+    assert "Skipped broken.jpg" in out and "Skipped notes.txt" in out
+    found = priors.class_images(config)
+    assert [p.name for p in found.yours] == ["good.png"] and len(found.selected) == 3
+
+
+def test_training_uses_exactly_num_class_images_yours_first(class_config, monkeypatch):
+    """The class half of every batch draws from the selected images only: 10 of yours in the folder and
+    num_class_images=2 train on the first two, and nothing is generated."""
+    import importlib
+
+    from dreambooth_nb import train
+
+    train_module = importlib.import_module("dreambooth_nb.train")
+    config = class_config(num_class_images=2, max_train_steps=1)
+    own = write_own(Path(config.class_data_dir), [f"reg-{i:02d}.png" for i in range(10)])
+    loaded = []
+    real = train_module.ImageFolder.from_paths
+
+    def spy(paths, **kwargs):
+        loaded.append(list(paths))
+        return real(paths, **kwargs)
+
+    monkeypatch.setattr(train_module.ImageFolder, "from_paths", spy)
+    monkeypatch.setattr(snapshots, "load_pipeline", no_pipeline)
+    train(config)
+    assert loaded[-1] == own[:2]
