@@ -8,7 +8,8 @@
    downloaded there) trained at 512 px for 30 steps per case, each case in a fresh process so that its peak
    is its own: the `16gb` profile UNet only and with the text encoder, EMA with a resume in the same
    process, and two runs in a row in one process (the second must start from an empty GPU). For each:
-   peak `torch.cuda.max_memory_allocated`, s/step, and whether every loss stayed finite.
+   peak `torch.cuda.max_memory_allocated` beside the memory plan's allocated peak (`dreambooth_nb.plan`),
+   s/step, and whether every loss stayed finite.
 
 The cap (`torch.cuda.set_per_process_memory_fraction`) makes any GPU behave like a T4 for memory: a case
 that would not fit a T4 fails here with an out-of-memory error instead of passing on an 80 GB card.
@@ -36,6 +37,7 @@ CASES = {
     "16gb + prior, batch 1 x 4 accumulated": dict(PROFILE, with_prior_preservation=True, gradient_accumulation_steps=4),
     "16gb + EMA offloaded, resumed": dict(PROFILE, use_ema=True, offload_ema=True),
     "two runs in one process": dict(PROFILE),
+    "LoRA rank 4, 16gb": dict(PROFILE, method="lora"),
 }
 
 
@@ -77,8 +79,12 @@ def run_case(name: str, model: str, photos: str, classes: str, out: str) -> dict
         train(TrainConfig(**{**base, **options}), on_step=on_step)
     else:
         train(TrainConfig(**{**base, **options}), on_step=on_step)
+    from dreambooth_nb import plan
+
     warm = times[len(times) // 4:]
-    result.update(peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+    planned = plan(TrainConfig(**{**base, **options}), gpu=T4_GIB, advise=False)
+    result.update(planned_gib=planned.gpu_allocated_bytes / 2**30,
+                  peak_gib=torch.cuda.max_memory_allocated() / 2**30,
                   s_per_step=(warm[-1] - warm[0]) / max(1, len(warm) - 1),
                   finite=all(math.isfinite(x) for x in losses), steps=len(losses))
     return result
@@ -146,16 +152,17 @@ def main() -> int:
             print(f"{name}: done ({time.monotonic() - started:.0f} s)", flush=True)
 
     print(f"\n{header}; SD 1.5-shaped, 512 px, batch 1, {STEPS} steps per case\n")
-    print("| case | peak allocated | s/step | loss finite | note |")
-    print("|---|---|---|---|---|")
+    print("| case | peak allocated | planned | plan error | s/step | loss finite | note |")
+    print("|---|---|---|---|---|---|---|")
     for case in report["cases"]:
         if "error" in case:
-            print(f"| {case['case']} | — | — | — | failed: {case['error']} |")
+            print(f"| {case['case']} | — | — | — | — | — | failed: {case['error']} |")
             continue
         note = f"{case['allocated_between_runs_mib']:.0f} MiB still allocated between the runs" \
             if "allocated_between_runs_mib" in case else ""
-        print(f"| {case['case']} | {case['peak_gib']:.2f} GiB | {case['s_per_step']:.3f} | "
-              f"{'yes' if case['finite'] else 'NO'} | {note} |")
+        error = case["planned_gib"] / case["peak_gib"] - 1
+        print(f"| {case['case']} | {case['peak_gib']:.2f} GiB | {case['planned_gib']:.2f} GiB | {error:+.0%} | "
+              f"{case['s_per_step']:.3f} | {'yes' if case['finite'] else 'NO'} | {note} |")
     print(f"\nTotal {time.monotonic() - started:.0f} s")
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "gpu_check.json").write_text(json.dumps(report, indent=2))

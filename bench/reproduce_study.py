@@ -2,6 +2,7 @@
 
     python bench/reproduce_study.py --docs-copy docs/study-grid.png   # 500 s measured, fresh, 2 CPU cores
     python bench/reproduce_study.py --out study-output --lrs 1e-4 1e-3 --steps 100 200 400 --jobs 1
+    python bench/reproduce_study.py --method lora --out study-lora --lrs 3e-4 1e-3 3e-3   # the LoRA rows
 
 Teaches the shipped toy model (`dreambooth_nb/toy_model`, 32 px) the toy world's Dreambooth subject, a
 purple-and-orange striped circle it has never seen, with the package's own `sweep()`: one run per
@@ -36,6 +37,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
+TOY_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                    "conv1", "conv2", "time_emb_proj"]
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,6 +51,11 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, default=4, help="instance images per step (prior adds as many)")
     parser.add_argument("--class-images", type=int, default=32, help="class images for prior preservation")
     parser.add_argument("--prior-weight", type=float, default=1.0, help="prior_loss_weight")
+    parser.add_argument("--method", choices=("full", "lora"), default="full", help="full fine-tuning or LoRA")
+    parser.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (with --method lora)")
+    parser.add_argument("--lora-targets", nargs="+", default=None,
+                        help="LoRA target modules (default: attention, transformer linears and convolutions — the "
+                             "toy UNet's capacity is in its convolutions; see tests/test_study.py)")
     parser.add_argument("--train-text-encoder", action="store_true", help="also train the text encoder")
     parser.add_argument("--text-encoder-lr", type=float, default=None, help="its learning rate (default: --lrs)")
     parser.add_argument("--seeds", type=int, default=16, help="seeds per prompt for the metrics")
@@ -94,9 +104,12 @@ def main(argv=None) -> int:
         num_class_images=args.class_images, prior_loss_weight=args.prior_weight, resolution=32,
         train_batch_size=args.batch, seed=args.seed, cache_latents=True,
         train_text_encoder=args.train_text_encoder, text_encoder_learning_rate=args.text_encoder_lr,
-        checkpointing_steps=10 * max(args.steps), checkpoints_total_limit=1)
+        checkpointing_steps=10 * max(args.steps), checkpoints_total_limit=1, method=args.method,
+        lora_rank=args.lora_rank, lora_target_modules=args.lora_targets or TOY_LORA_TARGETS)
     print(f"The study in miniature: {model.name}, LRs {', '.join(f'{lr:g}' for lr in args.lrs)}, steps "
-          f"{', '.join(map(str, args.steps))}, batch {args.batch}, prior off/on ({args.class_images} class images), "
+          f"{', '.join(map(str, args.steps))}, batch {args.batch}, {args.method}"
+          + (f" rank {args.lora_rank}" if args.method == "lora" else "") +
+          f", prior off/on ({args.class_images} class images), "
           f"text encoder {'trained' if args.train_text_encoder else 'frozen'}; {jobs} process(es) × {threads} "
           "thread(s).", flush=True)
 

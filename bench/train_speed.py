@@ -29,6 +29,9 @@ CPU_OPTIONS = {
                                             mixed_precision="bf16"),
     "all savers + text encoder": dict(use_8bit_adam=True, gradient_checkpointing=True, cache_latents=True,
                                       mixed_precision="bf16", train_text_encoder=True),
+    "LoRA rank 4 (attention)": dict(method="lora"),
+    "LoRA rank 4, all savers (bf16)": dict(method="lora", use_8bit_adam=True, gradient_checkpointing=True,
+                                           cache_latents=True, mixed_precision="bf16"),
 }
 CUDA_OPTIONS = {
     "baseline (fp32, AdamW)": {},
@@ -42,6 +45,12 @@ CUDA_OPTIONS = {
     "16gb profile + text encoder, batch 4 (1 x 4 acc.)": dict(
         mixed_precision="fp16", gradient_checkpointing=True, use_8bit_adam=True, cache_latents=True,
         train_text_encoder=True, gradient_accumulation_steps=4),
+    "LoRA rank 4, fp16 + cached latents": dict(method="lora", mixed_precision="fp16", cache_latents=True),
+    "LoRA rank 4, 16gb profile": dict(method="lora", mixed_precision="fp16", gradient_checkpointing=True,
+                                      use_8bit_adam=True, cache_latents=True),
+    "LoRA rank 4, 16gb profile + text encoder": dict(method="lora", mixed_precision="fp16",
+                                                     gradient_checkpointing=True, use_8bit_adam=True,
+                                                     cache_latents=True, train_text_encoder=True),
 }
 
 

@@ -16,6 +16,10 @@ from .priors import generate_class_images  # noqa: E402
 from .evaluate import EvalSpec  # noqa: E402
 from .compare import compare  # noqa: E402
 from .sweep import sweep  # noqa: E402
+from .export import export  # noqa: E402
+from .hub import push_to_hub  # noqa: E402
+from .planner import MemoryPlan, plan  # noqa: E402
 
 __all__ = ["TrainConfig", "preset", "PRESETS", "train", "DreamboothError", "ConfigError", "DataError",
-           "TrainingStopped", "generate_class_images", "EvalSpec", "compare", "sweep"]
+           "TrainingStopped", "generate_class_images", "EvalSpec", "compare", "sweep", "plan", "MemoryPlan",
+           "export", "push_to_hub"]

@@ -3,10 +3,10 @@
     python -m dreambooth_nb.demo --out demo-output
 
 Writes the toy world's Dreambooth subject (a purple-and-orange striped circle) into a fresh project
-folder, then executes notebooks 01 → 05 in order with nbclient, exactly as a user would run them, sharing
+folder, then executes notebooks 01 → 06 in order with nbclient, exactly as a user would run them, sharing
 that project folder: setup, class images, training (without a click: headless runs train directly),
-comparison grid, learning-rate sweep. The executed notebooks (with their outputs and widget state) and
-the grids are saved into --out.
+comparison grid, learning-rate sweep, single-file export. The executed notebooks (with their outputs and
+widget state) and the grids are saved into --out.
 
 `run_notebook` is also what the tests use: papermill-style parameters (a cell inserted after the one
 tagged `parameters`), widget state stored in the executed notebook.
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
-ORDER = ("01_setup", "02_class_images", "03_training", "04_comparison", "05_sweep")
+ORDER = ("01_setup", "02_class_images", "03_training", "04_comparison", "05_sweep", "06_export")
 
 
 def inject_parameters(nb, parameters: dict):
@@ -154,11 +154,12 @@ def demo_parameters(project: Path, model: Path, *, instance_prompt: str, class_p
         "04_comparison": dict(PROJECT_DIR=str(project), INFERENCE_STEPS=25, CONTEXTS=context, SEEDS="0, 1"),
         "05_sweep": dict(PROJECT_DIR=str(project), LEARNING_RATES=f"{lr * 10:g}, {lr:g}",
                          SAVE_AT=f"{steps // 3}, {2 * steps // 3}", INFERENCE_STEPS=25, CONTEXTS=context),
+        "06_export": dict(PROJECT_DIR=str(project)),
     }
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Run notebooks 01-05 headless on the toy model (CPU).")
+    parser = argparse.ArgumentParser(description="Run notebooks 01-06 headless on the toy model (CPU).")
     parser.add_argument("--out", type=Path, default=Path("demo-output"), help="folder for all results")
     parser.add_argument("--notebooks", type=Path, default=NOTEBOOK_DIR, help="folder with 01_setup.ipynb ...")
     parser.add_argument("--keep", action="store_true", help="keep an existing project folder (resume)")

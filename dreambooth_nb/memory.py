@@ -25,6 +25,8 @@ class RunSizes:
     unet: int
     text_encoder: int
     vae: int
+    trained: int
+    """What the run trains: the UNet (+ text encoder) for full fine-tuning, the adapters for LoRA."""
 
     @property
     def total(self) -> int:
@@ -36,10 +38,6 @@ def run_sizes(config) -> RunSizes:
     from .models import parameter_counts
 
     return RunSizes(**parameter_counts(config))
-
-
-def trained_params(config, sizes: RunSizes) -> int:
-    return sizes.unet + (sizes.text_encoder if config.train_text_encoder else 0)
 
 
 def state_bytes(config, *, trained_params: int) -> int:
@@ -54,8 +52,11 @@ def _weight_bytes(config) -> int:
 
 
 def snapshot_bytes(config, *, sizes: RunSizes, complete: bool) -> int:
-    """An intermediate snapshot holds the trained parts; the final one the complete pipeline."""
-    return (sizes.total if complete else trained_params(config, sizes)) * _weight_bytes(config)
+    """An intermediate snapshot holds the trained parts, the final one the complete pipeline; a LoRA
+    snapshot (every one) its adapters, twice: diffusers' format and kohya's."""
+    if config.method == "lora":
+        return 2 * sizes.trained * _weight_bytes(config)
+    return (sizes.total if complete else sizes.trained) * _weight_bytes(config)
 
 
 def class_image_bytes(config, *, missing: int) -> int:
@@ -144,7 +145,7 @@ def disk_plan(config, *, sizes: RunSizes, start_step: int = 0, free_bytes: int |
 
 
 def _simulate(config, *, sizes, interval, start_step, free_bytes, trash_counts, missing_class_images) -> DiskPlan:
-    state = state_bytes(config, trained_params=trained_params(config, sizes))
+    state = state_bytes(config, trained_params=sizes.trained)
     items = []
     used = peak = trash = 0
     if missing_class_images:
@@ -157,9 +158,10 @@ def _simulate(config, *, sizes, interval, start_step, free_bytes, trash_counts, 
                                             if interval and s % interval == 0}))
     for step in events:
         if step in snapshot_steps:
-            complete = step == config.max_train_steps
+            complete = step == config.max_train_steps and config.method != "lora"
             size = snapshot_bytes(config, sizes=sizes, complete=complete)
-            items.append((f"snapshot of step {step} ({'complete pipeline' if complete else 'trained weights'})", size))
+            what = "complete pipeline" if complete else ("LoRA adapters" if config.method == "lora" else "trained weights")
+            items.append((f"snapshot of step {step} ({what})", size))
             used += size
             peak = max(peak, used)
         if interval and step % interval == 0 and step < config.max_train_steps:
@@ -202,12 +204,16 @@ def next_memory_saver(config) -> str | None:
                 f"{config.train_batch_size * config.gradient_accumulation_steps} (same effective batch)")
     if config.train_text_encoder:
         return "train_text_encoder=False (saves ≈1 GB; quality drops a little)"
+    if config.method != "lora":
+        return "method='lora' with learning_rate=1e-4 (trains ≈0.8 M adapter weights instead of 860 M)"
     return None
 
 
 def out_of_memory_advice(config, *, peak_bytes: int | None, stage: str = "training",
-                         adam_fallback: str | None = None) -> str:
+                         adam_fallback: str | None = None, planned_bytes: int | None = None) -> str:
     peak = f"peak {peak_bytes / 2**30:.1f} GiB allocated" if peak_bytes else "peak unknown"
+    if planned_bytes:
+        peak += f"; the memory plan expected {planned_bytes / 2**30:.1f} GiB at the peak"
     if adam_fallback:
         # 8-bit Adam was on in the config but could not run: the ≈5 GB it saves was never saved.
         advice = (f"8-bit Adam could not run here ({adam_fallback}), so 32-bit AdamW was used and needs ≈6 bytes "
@@ -217,8 +223,13 @@ def out_of_memory_advice(config, *, peak_bytes: int | None, stage: str = "traini
         advice += f"Next saver: {saver}." if saver else ""
         return f"The GPU ran out of memory while {stage} ({peak}). {advice}".strip()
     saver = next_memory_saver(config)
-    advice = f"Turn on {saver} and run training again; it resumes from the last saved state." if saver else \
-        "Every memory saver is already on; lower resolution or use a GPU with more memory."
+    if saver is None:
+        advice = "Every memory saver is already on; lower resolution or use a GPU with more memory."
+    elif saver.startswith("method="):
+        advice = (f"Every memory saver is already on. Train a LoRA instead: {saver}, as a new run in a new "
+                  "output_dir (a LoRA cannot continue a full fine-tuning run).")
+    else:
+        advice = f"Turn on {saver} and run training again; it resumes from the last saved state."
     return f"The GPU ran out of memory while {stage} ({peak}). {advice}"
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .single_file import resolve
 
 
 @dataclass
@@ -73,6 +74,7 @@ def weight_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 
 def _read_model_index(model: str, *, revision: str | None) -> dict:
+    model = resolve(model)
     if is_local(model):
         return json.loads((Path(model) / "model_index.json").read_text())
     from diffusers import DiffusionPipeline
@@ -102,17 +104,20 @@ def _dtype_keyword(dtype: torch.dtype, version: str, *, since: str) -> dict:
     return {"dtype": dtype} if Version(version) >= Version(since) else {"torch_dtype": dtype}
 
 
-def load_components(config, *, device: torch.device, precision: str) -> Components:
+def load_components(config, *, device: torch.device, precision: str, method=None) -> Components:
     """Load tokenizer, text encoder, VAE, UNet and the DDPM noise scheduler of `config`'s base model.
 
-    Each part is loaded in its final dtype (trained parts fp32, frozen parts half precision on a GPU),
-    never cast after loading: diffusers keeps some modules in fp32 only when it knows the dtype at load.
+    Each part is loaded in the dtype `method` (`methods.method_for(config)`) wants — trained parts fp32,
+    frozen parts half precision on a GPU — never cast after loading: diffusers keeps some modules in fp32
+    only when it knows the dtype at load. Which parameters train is the method's business (`setup`).
     """
+    from .methods import method_for
+
     import diffusers
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    model = config.pretrained_model_name_or_path
+    model = resolve(config.pretrained_model_name_or_path)  # a single file: its converted folder
     common = dict(revision=config.revision, local_files_only=is_local(model))
     frozen = weight_dtype(precision, device)
     index = _read_model_index(model, revision=config.revision)
@@ -121,36 +126,43 @@ def load_components(config, *, device: torch.device, precision: str) -> Componen
     noise_scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler", **common)
     inference_scheduler = getattr(diffusers, index["scheduler"][1]).from_pretrained(model, subfolder="scheduler",
                                                                                     **common)
-    te_dtype = torch.float32 if config.train_text_encoder else frozen
-    text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", variant=config.variant,
-                                                 **transformers_dtype(te_dtype), **common).to(device)
+    method = method or method_for(config)
+    text_encoder = CLIPTextModel.from_pretrained(
+        model, subfolder="text_encoder", variant=config.variant,
+        **transformers_dtype(method.load_dtype("text_encoder", frozen=frozen)), **common).to(device)
     vae = AutoencoderKL.from_pretrained(model, subfolder="vae", variant=config.variant, **diffusers_dtype(frozen),
                                         **common).to(device)
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", variant=config.variant,
-                                                **diffusers_dtype(torch.float32), **common).to(device)
-    vae.requires_grad_(False)
-    text_encoder.requires_grad_(config.train_text_encoder)
-    unet.requires_grad_(True)
+                                                **diffusers_dtype(method.load_dtype("unet", frozen=frozen)),
+                                                **common).to(device)
+    for module in (vae, text_encoder, unet):
+        module.requires_grad_(False)
     return Components(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet,
                       noise_scheduler=noise_scheduler, inference_scheduler=inference_scheduler)
 
 
 def parameter_counts(config) -> dict[str, int]:
-    """Parameters of the base model's UNet, text encoder and VAE, from their configs alone (a few KB; the
-    modules are built on the meta device, no weights): what the disk plan needs before any download."""
+    """Parameters of the base model's UNet, text encoder and VAE, and of what `config` trains on them (the
+    LoRA adapters, or the parts themselves), from the configs alone (a few KB; the modules are built on the
+    meta device, no weights): what the disk plan needs before any download."""
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    model = config.pretrained_model_name_or_path
+    from .methods import method_for
+
+    model = resolve(config.pretrained_model_name_or_path)  # a single file: its converted folder
     common = dict(revision=config.revision, local_files_only=is_local(model))
     with init_empty_weights():
-        modules = {
-            "unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model, subfolder="unet", **common)),
-            "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(model, subfolder="vae", **common)),
-            "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(model, subfolder="text_encoder", **common)),
-        }
-    return {name: count_parameters(module) for name, module in modules.items()}
+        parts = Components(
+            tokenizer=None, noise_scheduler=None, inference_scheduler=None,
+            unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model, subfolder="unet", **common)),
+            vae=AutoencoderKL.from_config(AutoencoderKL.load_config(model, subfolder="vae", **common)),
+            text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(model, subfolder="text_encoder", **common)))
+        counts = {name: count_parameters(getattr(parts, name)) for name in ("unet", "text_encoder", "vae")}
+        trained = method_for(config).setup(parts)
+    counts["trained"] = sum(count_parameters(module, trainable_only=True) for module in trained.values())
+    return counts
 
 
 def first_line(err: BaseException, *, limit: int = 160) -> str:
@@ -200,7 +212,13 @@ def enable_gradient_checkpointing(components: Components, *, train_text_encoder:
     components.unet.enable_gradient_checkpointing()
     if train_text_encoder:
         # transformers recomputes only in train mode (it checks `self.training`): `train()` sets that mode.
-        components.text_encoder.gradient_checkpointing_enable()
+        # Non-reentrant: gradients then reach LoRA adapters behind frozen embeddings too. transformers 5
+        # renamed the method (the old name warns); Colab may ship a 4.x that has only the old one.
+        encoder, kwargs = components.text_encoder, {"use_reentrant": False}
+        if hasattr(encoder, "activation_checkpointing_enable"):
+            encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def count_parameters(module: torch.nn.Module, *, trainable_only: bool = False) -> int:

@@ -1,12 +1,13 @@
 """The project folder the notebooks share: one config file and fixed places for everything else.
 
     PROJECT_DIR/
-        config.json        written by notebook 01 (setup), read by 02-05
+        config.json        written by notebook 01 (setup), read by 02-06
         instance/          your photos (unless INSTANCE_DIR points elsewhere)
         class_images/      prior-preservation images (notebook 02)
         runs/<name>/       one training run each (notebook 03): states/, snapshots/, renders/
         sweeps/            learning-rate x steps sweeps (notebook 05)
         comparisons/       comparison grids, PNG + JSON (notebook 04)
+        exports/           single-file checkpoints for AUTOMATIC1111 / ComfyUI (notebook 06)
 
 On Colab the default PROJECT_DIR is on Google Drive, so all of it survives a disconnect: rerunning a
 notebook skips what is done and resumes what is not.
@@ -51,6 +52,10 @@ class Project:
     @property
     def comparisons_dir(self) -> Path:
         return self.root / "comparisons"
+
+    @property
+    def exports_dir(self) -> Path:
+        return self.root / "exports"
 
     # --- The shared config ----------------------------------------------------------------------------
     def load_config(self) -> TrainConfig:
@@ -126,17 +131,21 @@ def open_project(project_dir=None, *, create: bool = True) -> Project:
     return Project(root)
 
 
-def setup_config(project: Project, *, kind: str = "object", memory_16gb: bool = True, model: str, instance_dir="",
+def setup_config(project: Project, *, kind: str = "object", method: str = "full", memory_16gb: bool = True, model: str,
+                 instance_dir="",
                  instance_prompt: str, class_prompt: str = "", prior_preservation: str = "preset",
                  num_class_images: int = 0, resolution: int = 512, learning_rate: float = 0.0, max_steps: int = 0,
                  **overrides) -> TrainConfig:
     """The project config from the setup notebook's parameters: a preset, then the user's choices.
 
-    `kind` is "object" or "face"; `memory_16gb` adds the 16 GB profile; `prior_preservation` is
+    `kind` is "object" or "face"; `method` "full" (the study's fine-tuning) or "lora" (the "lora" preset:
+    adapters, learning rate 1e-4); `memory_16gb` adds the 16 GB profile; `prior_preservation` is
     "preset" (faces on, objects off), "on" or "off"; `num_class_images`, `learning_rate` and `max_steps` at 0 keep the preset's values.
     """
     if kind not in ("object", "face"):
         raise ConfigError(f"PRESET: {kind!r} is unknown; choose 'object' or 'face'.")
+    if method not in ("full", "lora"):
+        raise ConfigError(f"METHOD: {method!r} is unknown; choose 'full' or 'lora'.")
     if prior_preservation not in ("preset", "on", "off"):
         raise ConfigError(f"PRIOR_PRESERVATION: {prior_preservation!r} is unknown; choose 'preset', 'on' or 'off'.")
     values = dict(pretrained_model_name_or_path=str(model),
@@ -153,13 +162,15 @@ def setup_config(project: Project, *, kind: str = "object", memory_16gb: bool = 
     if max_steps:
         values["max_train_steps"] = int(max_steps)
     values.update(overrides)
-    names = (kind, "16gb") if memory_16gb else (kind,)
+    names = (kind,) + (("lora",) if method == "lora" else ()) + (("16gb",) if memory_16gb else ())
     config = preset(*names, **values)
     return config.validate()
 
 
 def run_name(config: TrainConfig) -> str:
     name = f"lr{lr_label(config.learning_rate)}"
+    if config.method != "full":
+        name += f"-{config.method}"
     if config.train_text_encoder:
         name += "-te"
     if config.with_prior_preservation:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+from contextlib import contextmanager
 
 HARMLESS: list[tuple[str, str, str]] = [
     ("transformers.utils.import_utils", r"requires torchvision \(not installed\); falling back",
@@ -35,3 +36,18 @@ def install() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _Drop) and f.pattern.pattern == pattern for f in logger.filters):
             logger.addFilter(_Drop(pattern))
+
+
+@contextmanager
+def silenced(*names: str, level: int = logging.ERROR):
+    """Hold the loggers `names` at `level` for the block: for warnings that a call of ours triggers on purpose
+    and that say nothing to the user (each caller says which and why)."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(level)
+    try:
+        yield
+    finally:
+        for logger, before in zip(loggers, levels):
+            logger.setLevel(before)

@@ -7,6 +7,10 @@
     snapshots/step-000400/      the final snapshot is a complete pipeline folder as well:
         model_index.json, vae/, tokenizer/, scheduler/, ...   `StableDiffusionPipeline.from_pretrained(it)`
 
+    A LoRA run's snapshots (every one, the final too) hold its adapters, a few MB:
+        snapshot.json, pytorch_lora_weights.safetensors     `pipe.load_lora_weights(folder)` (diffusers)
+        lora_kohya.safetensors                              the same in kohya's layout (A1111, ComfyUI)
+
 Why partial: on a free 15 GB Google Drive a complete fp16 SD 1.5 pipeline is 2.13 GB per snapshot, the
 UNet alone 1.72 GB; the VAE, the tokenizer and a frozen text encoder never change, so they are written once,
 in the final snapshot. `load_pipeline` composes a partial snapshot with its base model (from the Hub cache
@@ -21,6 +25,7 @@ from pathlib import Path
 import torch
 
 from . import storage
+from .single_file import resolve
 from .errors import DataError
 
 FORMAT = 1
@@ -60,6 +65,57 @@ def save(path: Path, *, step: int, config, parts, trained: dict[str, dict], dtyp
     return path
 
 
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' name: `pipe.load_lora_weights(folder)` finds it
+KOHYA_WEIGHTS = "lora_kohya.safetensors"  # the same adapters in kohya's layout, for AUTOMATIC1111 and ComfyUI
+
+
+def save_lora(path: Path, *, step: int, config, parts, adapters: dict[str, dict], dtype: torch.dtype,
+              alpha: float) -> Path:
+    """Write a LoRA snapshot atomically: the adapters of each trained part (by parameter name, as
+    `methods.LoRA.saved_tensors` gives them) in diffusers' format and in kohya's (`lora_unet_…`, `lora_te_…`
+    keys, `lora_down`/`lora_up`, a per-module `.alpha`), converted by diffusers' own converters.
+
+    The scale alpha / rank is folded into the up weights and both files say alpha = rank: every loader then
+    applies exactly what training did (diffusers' kohya converter writes alpha = rank whatever the adapter's
+    alpha was, and a diffusers-format file without metadata loads with alpha = rank as well).
+    """
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_kohya
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    scale = alpha / config.lora_rank
+    peft = {}
+    for name, tensors in adapters.items():
+        tensors = {k: v.detach().to("cpu", torch.float32) for k, v in tensors.items()}
+        layer = get_peft_model_state_dict(getattr(parts, name), state_dict=tensors)
+        layer = {k: (v * scale if ".lora_B." in k else v).to(dtype) for k, v in layer.items()}
+        if name == "text_encoder":
+            # Named from the CLIP layout, not from what the installed transformers calls its modules: 5.x
+            # drops the `text_model.` level that every LoRA file (and kohya's `lora_te_text_model_…`) has.
+            layer = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in layer.items()}
+        peft[name] = layer
+    with storage.atomic_folder(path) as tmp:
+        # PEFT's key layout (`….lora_A.weight`), diffusers' current format: its older `lora.down` names
+        # cover linear layers only, and a conv adapter beside them made diffusers drop the linear ones.
+        StableDiffusionPipeline.save_lora_weights(
+            tmp, weight_name=LORA_WEIGHTS, **{f"{name}_lora_layers": layer for name, layer in peft.items()})
+        kohya = convert_state_dict_to_kohya({f"{name}.{k}": v for name, layer in peft.items() for k, v in layer.items()})
+        # diffusers names the text encoder `lora_te1_` (SDXL has two); SD 1.x and 2.x files say `lora_te_`.
+        kohya = {k.replace("lora_te1_", "lora_te_", 1): v for k, v in kohya.items()}
+        save_file({k: v.contiguous() for k, v in kohya.items()}, tmp / KOHYA_WEIGHTS,
+                  metadata={"ss_network_dim": str(config.lora_rank), "ss_network_alpha": str(config.lora_rank),
+                            "ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1"})
+        storage.write_json(tmp / storage.SNAPSHOT_MARKER, {
+            "format": FORMAT, "step": step, "complete": False, "trained": sorted(adapters), "method": "lora",
+            "lora": {"rank": config.lora_rank, "alpha": alpha, "scale_folded_into_up_weights": scale,
+                     "target_modules": list(config.lora_target_modules)},
+            "base": _base_reference(config.pretrained_model_name_or_path), "revision": config.revision,
+            "variant": config.variant, "native_resolution": _native_resolution(parts),
+            "dtype": str(dtype).removeprefix("torch.")})
+    return path
+
+
 def _save_part(module, tensors: dict, folder: Path, *, dtype: torch.dtype) -> None:
     folder.mkdir(parents=True)
     if hasattr(module, "save_config"):  # diffusers model
@@ -72,10 +128,11 @@ def _save_part(module, tensors: dict, folder: Path, *, dtype: torch.dtype) -> No
 
 
 def _base_reference(model: str) -> str:
-    """A Hub id as is; a local folder as an absolute path, so the snapshot loads from any working folder."""
+    """A Hub id as is; a local folder or single file as an absolute path, so the snapshot loads from any
+    working folder (a single file, not its converted folder: that cache is rebuilt in each Colab session)."""
     from .config import model_location
 
-    return str(Path(model).expanduser().resolve()) if model_location(model) == "folder" else model
+    return str(Path(model).expanduser().resolve()) if model_location(model) in ("folder", "file") else model
 
 
 def _native_resolution(parts) -> int:
@@ -130,9 +187,11 @@ def load_pipeline(path, *, device: torch.device, dtype: torch.dtype | None = Non
     path_text = str(path)
     meta = info(path) if model_location(path_text) == "folder" else {"complete": True, "trained": []}
     meta = {"revision": revision, "variant": variant, **{k: v for k, v in meta.items() if v is not None}}
-    source, overrides = path_text, {}
+    source, overrides = resolve(path_text), {}
+    lora = meta.get("method") == "lora"
     if not meta["complete"]:
-        source = meta["base"]
+        source = resolve(meta["base"])  # a single file: its converted folder
+    if not meta["complete"] and not lora:
         overrides["unet"] = UNet2DConditionModel.from_pretrained(Path(path) / "unet", **diffusers_dtype(dtype))
         if "text_encoder" in meta["trained"]:
             overrides["text_encoder"] = CLIPTextModel.from_pretrained(Path(path) / "text_encoder",
@@ -148,5 +207,17 @@ def load_pipeline(path, *, device: torch.device, dtype: torch.dtype | None = Non
         raise DataError(f"{path}: this snapshot holds only the trained weights and needs its base model "
                         f"{source!r}, which could not be loaded ({str(err).splitlines()[0][:200]}). Connect to the "
                         "internet (Hub id) or restore that folder.") from None
+    if lora:
+        _load_adapters(pipe, Path(path), trained=meta["trained"])
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def _load_adapters(pipe, path: Path, *, trained: list[str]) -> None:
+    """A LoRA snapshot's adapters into `pipe` (fused: inference runs at the base model's speed)."""
+    if "text_encoder" in trained:
+        pipe.load_lora_weights(path, weight_name=LORA_WEIGHTS)
+    else:  # UNet only: loading through the pipeline would warn that the text encoder has no adapter
+        # (`load_lora_adapter`: diffusers ≥ 0.32, the floor in pyproject.toml)
+        pipe.unet.load_lora_adapter(str(path), weight_name=LORA_WEIGHTS, prefix="unet")
+    pipe.fuse_lora()

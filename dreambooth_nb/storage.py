@@ -23,7 +23,7 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import TrainingStopped
+from .errors import DataError, TrainingStopped
 
 _TMP_PREFIX = ".tmp-"
 _OLD_PREFIX = ".old-"
@@ -59,6 +59,33 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException as err:
         tmp.unlink(missing_ok=True)
         _stop_if_disk_full(err, path)
+        raise
+    _fsync_dir(path.parent)
+
+
+@contextmanager
+def atomic_file(path: Path):
+    """Yield a binary handle on a temporary file beside `path`, for files written piece by piece (an export
+    streamed tensor by tensor); on success it replaces `path` in one rename, on failure `path` is untouched.
+    Leftovers of an earlier write of `path` that was killed (a Colab disconnect) are deleted first: an export
+    leaves gigabytes there."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in path.parent.glob(f"{_TMP_PREFIX}{path.name}-*"):
+        leftover.unlink(missing_ok=True)
+    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DataError(f"No space left on the disk while writing {path} ({err.strerror}); nothing was left "
+                            "half-written. Free some space (on Google Drive, empty the Trash too: deleted files count "
+                            "until then) and run it again.") from err
         raise
     _fsync_dir(path.parent)
 

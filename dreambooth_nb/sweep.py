@@ -52,7 +52,7 @@ def sweep(config, *, lrs=(5e-6, 2e-6), save_at=(400, 800, 1200), spec: EvalSpec 
     snapshot_steps (= save_at) and output_dir per run. `spec` defaults to `EvalSpec.for_config(config)`.
     `on_step(step, loss, lr)` is passed to every run's training (the live loss plot).
     """
-    lrs = _learning_rates(lrs)
+    lrs = _learning_rates(lrs, config)
     save_at = _save_points(save_at)
     spec = EvalSpec.for_config(config) if spec is None else spec
     if not isinstance(spec, EvalSpec):
@@ -82,13 +82,17 @@ def sweep(config, *, lrs=(5e-6, 2e-6), save_at=(400, 800, 1200), spec: EvalSpec 
     return SweepResult(grid=grid, sidecar=grid.with_suffix(".json"), runs=folders, lrs=lrs)
 
 
-def _learning_rates(lrs) -> list[float]:
+def _learning_rates(lrs, config) -> list[float]:
     lrs = [lrs] if isinstance(lrs, (int, float)) else list(lrs)
     if not lrs:
         raise ConfigError("lrs: give at least one learning rate, e.g. (5e-6, 2e-6).")
     for lr in lrs:
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr <= 1e-3:
-            raise ConfigError(f"lrs: {lr!r} is not a learning rate in (0, 1e-3]; the study uses 1e-6 to 5e-6.")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+            raise ConfigError(f"lrs: {lr!r} is not a number; give learning rates such as (5e-6, 2e-6).")
+        try:  # the config's own range for its method (full fine-tuning or LoRA)
+            config.replace(learning_rate=float(lr)).validate(check_paths=False)
+        except ConfigError as err:
+            raise ConfigError(f"lrs: {lr!r}: {str(err).removeprefix('learning_rate: ')}") from None
     names = [f"{lr:g}" for lr in lrs]
     if len(set(names)) != len(names):
         raise ConfigError(f"lrs: {lrs} lists the same learning rate twice (at 6 significant digits); "

@@ -174,3 +174,54 @@ def build_sd15_shaped_pipeline(path, *, seed: int = 0) -> Path:
     path = Path(path)
     pipe.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def build_sd_topology_pipeline(path, *, version: int = 1, width: int = 16, words=TINY_WORDS, seed: int = 0) -> Path:
+    """A random tiny pipeline with Stable Diffusion's *topology* at a small `width`; 64 px images, 8 px latents.
+
+    Single-file checkpoints (`dreambooth_nb.export`, diffusers' `from_single_file`) name weights by block
+    position, and diffusers' converters assume SD's layout: a UNet of 4 blocks × 2 layers (3 with
+    cross-attention, channels ×1, ×2, ×4, ×4 as SD 1.5's 320, 640, 1280, 1280) and a VAE of 4 blocks ×
+    2 layers. `build_tiny_pipeline`'s 2-block UNet does not have that shape.
+
+    `version=1`: SD 1.x (CLIP text encoder with quick-GELU, convolutional attention projections, PNDM,
+    epsilon). `version=2`: SD 2.x (OpenCLIP's text encoder as diffusers stores it — CLIPTextModel with GELU —,
+    linear attention projections, 64-channel heads scaled down, upcast attention, DDIM, v-prediction), as in
+    stabilityai/stable-diffusion-2-1's configs.
+    """
+    import torch
+    from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline,
+                           UNet2DConditionModel)
+
+    if version not in (1, 2):
+        raise ValueError(f"version must be 1 or 2, got {version!r}")
+    tokenizer = build_tokenizer(words)
+    torch.manual_seed(seed)
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=2 * width, intermediate_size=8 * width, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
+        hidden_act="quick_gelu" if version == 1 else "gelu", bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    channels = (width, 2 * width, 4 * width, 4 * width)
+    heads = 2 if version == 1 else tuple(c // 8 for c in channels)  # SD 2.x: a fixed head width (64 there)
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=channels, layers_per_block=2, cross_attention_dim=2 * width,
+        attention_head_dim=heads, norm_num_groups=8, use_linear_projection=version == 2,
+        upcast_attention=version == 2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16, 32, 32), layers_per_block=2, latent_channels=4, norm_num_groups=8, sample_size=64,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    ddpm = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                         prediction_type="epsilon" if version == 1 else "v_prediction")
+    if version == 1:
+        scheduler = PNDMScheduler.from_config(ddpm.config, skip_prk_steps=True, steps_offset=1)
+    else:
+        scheduler = DDIMScheduler.from_config(ddpm.config, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=CLIPTextModel(text_config), tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    path = Path(path)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path

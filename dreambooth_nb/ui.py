@@ -17,7 +17,7 @@ import time
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
-from .config import MIXED_PRECISION, TrainConfig
+from .config import MIXED_PRECISION, PRESETS, TrainConfig
 from .errors import ConfigError, DreamboothError, TrainingStopped
 
 # --- Errors: the message, not a stack trace ----------------------------------------------------------
@@ -117,7 +117,7 @@ def adjust_snapshot_steps(text: str, *, old_steps: int, new_steps: int) -> tuple
 
 
 # --- Config <-> widget values (pure) ----------------------------------------------------------------------
-PANEL_FIELDS = ("learning_rate", "max_train_steps", "train_batch_size", "gradient_accumulation_steps",
+PANEL_FIELDS = ("method", "learning_rate", "max_train_steps", "train_batch_size", "gradient_accumulation_steps",
                 "with_prior_preservation", "prior_loss_weight", "train_text_encoder", "use_8bit_adam",
                 "gradient_checkpointing", "mixed_precision", "snapshot_steps")
 
@@ -151,6 +151,7 @@ def config_from_widgets(values: dict, base: TrainConfig) -> TrainConfig:
     for name in ("with_prior_preservation", "train_text_encoder", "use_8bit_adam", "gradient_checkpointing"):
         if name in changes:
             changes[name] = bool(changes[name])
+
     steps = changes.get("max_train_steps", base.max_train_steps)
     if "snapshot_steps" in changes:
         changes["snapshot_steps"] = [s for s in parse_int_list(changes["snapshot_steps"], name="snapshot steps")
@@ -198,6 +199,8 @@ def config_summary(config: TrainConfig) -> str:
         f"Photos:             {config.instance_data_dir}",
         f"Instance prompt:    {config.instance_prompt}",
         f"Prior preservation: {prior}",
+        "Method:             " + ("full fine-tuning" if config.method == "full" else
+                                  f"LoRA, rank {config.lora_rank} on {', '.join(config.lora_target_modules)}"),
         f"Learning rate:      {config.learning_rate:.1e}",
         f"Steps:              {config.max_train_steps} (snapshots at {config.snapshot_steps or 'the end only'})",
         f"Batch:              {config.train_batch_size} x {config.gradient_accumulation_steps} accumulated = {batch}",
@@ -410,6 +413,8 @@ class TrainingPanel:
         layout = widgets.Layout(width="520px")
         steps_max = max(3000, v["max_train_steps"])
         self.fields = {
+            "method": widgets.Dropdown(options=[("full fine-tuning (the study)", "full"), ("LoRA", "lora")],
+                                       value=v["method"], description="Method"),
             "learning_rate": _lr_slider(v["learning_rate"], widgets),
             "max_train_steps": widgets.IntSlider(value=v["max_train_steps"], min=min(10, v["max_train_steps"]),
                                                  max=steps_max, step=10, description="Steps (or type)",
@@ -438,6 +443,7 @@ class TrainingPanel:
             widget.layout = layout
         self.note = widgets.HTML(value="")
         self.fields["max_train_steps"].observe(self._steps_changed, names="value")
+        self.fields["method"].observe(self._method_changed, names="value")
         self.button = widgets.Button(description="Train", button_style="primary", icon="play")
         self.progress = widgets.IntProgress(value=0, min=0, max=v["max_train_steps"], description="Progress",
                                             style=wide, layout=layout)
@@ -445,8 +451,25 @@ class TrainingPanel:
         self.plot = widgets.Output()
         self.log = widgets.Output()
         self.button.on_click(self._clicked)
-        self.box = widgets.VBox([*self.fields.values(), self.note, self.button, self.progress, self.status,
-                                 self.plot, self.log])
+        self.memory = widgets.HTML(value="")
+        for widget in self.fields.values():
+            widget.observe(self._settings_changed, names="value")
+        self.box = widgets.VBox([*self.fields.values(), self.note, self.memory, self.button, self.progress,
+                                 self.status, self.plot, self.log])
+        self._settings_changed()
+
+    def _settings_changed(self, _change=None) -> None:
+        """Re-plan the memory for the panel's settings (from the model's configs: milliseconds once a setup
+        has been traced) and show the verdict in one line."""
+        self.memory.value = memory_line(self)
+
+    def _method_changed(self, change) -> None:
+        """LoRA needs ≈50× the learning rate of full fine-tuning: move the slider to the method's preset
+        rate (visibly; it can be moved again) and say so."""
+        lr = PRESETS["lora"]["learning_rate"] if change["new"] == "lora" else self.base.learning_rate \
+            if self.base.method == "full" else PRESETS["object"]["learning_rate"]
+        self.fields["learning_rate"].value = lr
+        self.note.value = f"<i>Learning rate set to {lr:.0e}, the usual rate for {change['new']} training.</i>"
 
     def _steps_changed(self, change) -> None:
         field = self.fields["snapshot_steps"]
@@ -478,6 +501,10 @@ class TrainingPanel:
                     self.train(output=self.log)
                 except DreamboothError as err:  # the message, not a traceback
                     print(f"{type(err).__name__}: {err}")
+                except Exception:  # a bug: its traceback here, not in JupyterLab's log console where nobody looks
+                    import traceback
+
+                    traceback.print_exc()
         finally:
             self.button.disabled = False
 
@@ -493,6 +520,9 @@ class TrainingPanel:
             stopped = TrainingStopped(self._stopped_message())
         except DreamboothError as err:
             self.status.value = f"<b style='color:#c00'>Stopped:</b> {html.escape(str(err))}"
+            raise
+        except Exception as err:  # not ours to word: the status must not keep saying "Loading…" or "step N"
+            self.status.value = f"<b style='color:#c00'>Failed:</b> {html.escape(f'{type(err).__name__}: {err}')}"
             raise
         self.status.value = f"<b style='color:#c00'>Stopped:</b> {html.escape(str(stopped))}"
         raise stopped
@@ -548,6 +578,21 @@ class TrainingPanel:
         print(f"Samples from {snapshot.name} (DDIM, {spec.num_inference_steps} steps):")
         show_rendered(render(snapshot, spec), path=render_dir(snapshot) / f"samples-{spec.key()}.png",
                       title=f"{snapshot.name}: DDIM, {spec.num_inference_steps} steps, guidance {spec.guidance_scale:g}")
+
+
+def memory_line(panel) -> str:
+    """One line for the training panel: the memory plan of its settings on this GPU (a T4 when there is none)."""
+    from .planner import plan
+
+    try:
+        config = config_from_widgets(panel.values(), panel.base)
+        result = plan(config)
+    except (DreamboothError, OSError, ValueError) as err:  # a half-typed field, or configs out of reach
+        return f"<i>Memory plan unavailable: {html.escape(str(err).splitlines()[0][:160])}</i>"
+    colour, verdict = ("#2e7d32", "fits") if result.fits else ("#c62828", "does not fit")
+    advice = f" To fit: {html.escape('; '.join(result.advice))}" if result.advice else ""
+    return (f"<span style='color:{colour}'>Memory plan: {result.gpu_required_bytes / 2**30:.1f} GiB needed of "
+            f"{result.gpu_total_bytes / 2**30:.1f} GiB on {html.escape(result.gpu)}: {verdict}.</span>{advice}")
 
 
 # --- Comparison and sweep panels -----------------------------------------------------------------------------

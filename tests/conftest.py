@@ -12,10 +12,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+
+from photos import write_photos  # (a module of its own: tests/browser has a conftest too)
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 if torch.cuda.is_available() and os.environ.get("DREAMBOOTH_NB_GPU_CAP_GIB"):  # bench/gpu_check.py: act like a T4
@@ -36,16 +36,6 @@ def tiny_model_vpred(tmp_path_factory):
     from dreambooth_nb.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-model-v"), prediction_type="v_prediction")
-
-
-def write_photos(folder, n=4, *, size=(40, 48), seed=0):
-    """`n` random RGB photos, each a different size-jittered noise pattern."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.RandomState(seed)
-    for i in range(n):
-        array = (rng.rand(size[0] + i, size[1], 3) * 255).astype("uint8")
-        Image.fromarray(array).save(folder / f"photo-{i}.png")
-    return folder
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from dreambooth_nb import TrainConfig, memory, preset, storage
 from dreambooth_nb.memory import RunSizes, disk_plan
 
 # SD 1.5's parameter counts (its UNet, CLIP text encoder and VAE).
-SD15 = RunSizes(unet=859_520_964, text_encoder=123_060_480, vae=83_653_863)
+SD15 = RunSizes(unet=859_520_964, text_encoder=123_060_480, vae=83_653_863, trained=859_520_964)
 GB = 10**9
 FREE_DRIVE = 15 * GB  # a free Google Drive, empty
 
@@ -99,9 +99,10 @@ def test_only_colab_drive_keeps_deleted_files(tmp_path):
 def test_parameter_counts_come_from_the_configs_alone(tiny_model, make_config):
     from dreambooth_nb.models import count_parameters, load_components, parameter_counts
 
-    counts = parameter_counts(make_config())
+    counts = parameter_counts(make_config(train_text_encoder=True))
     parts = load_components(make_config(), device=torch.device("cpu"), precision="no")
-    assert counts == {name: count_parameters(getattr(parts, name)) for name in ("unet", "vae", "text_encoder")}
+    sizes = {name: count_parameters(getattr(parts, name)) for name in ("unet", "vae", "text_encoder")}
+    assert counts == {**sizes, "trained": sizes["unet"] + sizes["text_encoder"]}
 
 
 # --- Host memory while saving -----------------------------------------------------------------------------

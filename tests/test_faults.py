@@ -155,7 +155,8 @@ LADDER = [  # (settings when memory ran out, the saver the message must name nex
     (dict(ALL_ON, train_batch_size=2), "train_batch_size=1 with gradient_accumulation_steps=2",
      dict(train_batch_size=1, gradient_accumulation_steps=2)),
     (dict(ALL_ON, train_text_encoder=True), "train_text_encoder=False", dict(train_text_encoder=False)),
-    (dict(ALL_ON), None, None),
+    (dict(ALL_ON), "method='lora'", None),  # a new run, not a resume: the message says so
+    (dict(ALL_ON, method="lora", learning_rate=1e-4), None, None),
 ]
 
 
@@ -169,7 +170,9 @@ def test_out_of_memory_names_the_next_saver_and_the_advice_resumes(make_config, 
     message = str(info.value)
     assert "ran out of memory" in message and "peak unknown" in message  # no CUDA here: no peak to measure
     if saver is None:
-        assert "Every memory saver is already on" in message
+        assert "Every memory saver is already on" in message and "LoRA" not in message
+    elif saver.startswith("method="):
+        assert f"Train a LoRA instead: {saver}" in message and "new output_dir" in message
     else:
         assert f"Turn on {saver}" in message and "resumes from the last saved state" in message
     assert storage.latest_state(config.output_dir).name == "state-000002"
@@ -201,9 +204,10 @@ def test_the_memory_savers_come_in_the_documented_order():
         order.append(saver.split("=")[0].split(" ")[0])
         name = order[-1]
         config = config.replace(**({"train_batch_size": 1} if name == "train_batch_size" else
+                                   {"method": "lora", "learning_rate": 1e-4} if name == "method" else
                                    {name: not getattr(config, name)}))
     assert order == ["gradient_checkpointing", "use_8bit_adam", "cache_latents", "offload_ema", "train_batch_size",
-                     "train_text_encoder"]
+                     "train_text_encoder", "method"]
 
 
 @pytest.mark.parametrize("where,stage", [
@@ -328,3 +332,27 @@ def test_states_are_safetensors_and_plain_tensors(make_config):
         torch.load(state / name, weights_only=True)  # loads without unpickling any code
     snapshot = storage.snapshot_path(config.output_dir, 3)
     assert sorted(p.name for p in snapshot.rglob("*") if p.suffix in (".bin", ".pt", ".pkl", ".ckpt")) == []
+
+
+def test_a_plan_that_does_not_fit_the_gpu_stops_before_any_download_unless_overridden(make_config, monkeypatch,
+                                                                                       capsys):
+    """On a GPU, `train` plans first (configs only) and refuses settings whose plan exceeds the card, with
+    the plan and its advice; check_memory_plan=False trains anyway. (The plan's numbers: tests/test_plan.py.)"""
+    from dreambooth_nb import plan as plan_function
+    from dreambooth_nb.planner import MemoryPlan
+
+    too_big = plan_function(make_config(), gpu=0.001)  # a real plan, for a card of 1 MiB
+    assert not too_big.fits and isinstance(too_big, MemoryPlan)
+    monkeypatch.setattr(importlib.import_module("dreambooth_nb.planner"), "plan", lambda config, gpu=None: too_big)
+    with pytest.raises(TrainingStopped, match=r"(?s)will not fit this GPU.*check_memory_plan=False"):
+        train_module._check_memory_plan(make_config(), progress=train_module.Progress())
+    progress = train_module.Progress()
+    train_module._check_memory_plan(make_config(check_memory_plan=False), progress=progress)
+    assert progress.planned_gpu_bytes == too_big.gpu_allocated_bytes and "Memory plan:" in capsys.readouterr().out
+
+
+def test_the_out_of_memory_message_compares_the_peak_with_the_plan():
+    from dreambooth_nb.memory import out_of_memory_advice
+
+    message = out_of_memory_advice(TrainConfig(), peak_bytes=13 * 2**30, planned_bytes=9 * 2**30)
+    assert "peak 13.0 GiB allocated; the memory plan expected 9.0 GiB at the peak" in message

@@ -95,6 +95,8 @@ class Suite:
             "04_comparison": dict(PROJECT_DIR=p, INFERENCE_STEPS=3, SEEDS="0", CONTEXTS="in the snow"),
             "05_sweep": dict(PROJECT_DIR=p, LEARNING_RATES="1e-4, 5e-5", SAVE_AT="1, 2", INFERENCE_STEPS=3,
                              CONTEXTS="in the snow"),
+            # STEP: the button test may add step 6 to the run before this notebook runs.
+            "06_export": dict(PROJECT_DIR=p, STEP=4, HALF=False),
         }
 
     def execute(self, name: str, parameters: dict, *, label: str | None = None, env=None, extra_cells=()):
@@ -180,6 +182,8 @@ def test_01_setup_writes_the_project_config(suite):
     assert config["instance_data_dir"] == str(suite.project / "instance")
     text = stream_text(nb)
     assert "4 usable, 0 skipped" in text
+    html = "".join(o.get("data", {}).get("text/html", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "Memory plan" in html and "on T4" in html  # the plan of the saved settings (no GPU here: a T4)
     assert "Hugging Face token from the HF_TOKEN environment variable is set" in text
     assert has_image(nb)  # the thumbnail grid
 
@@ -246,6 +250,20 @@ def test_05_sweep_trains_each_rate_and_draws_the_grid(suite):
     for lr in ("1e-4", "5e-5"):
         assert (sweep / "sweep" / f"lr-{lr}" / "snapshots" / "step-000002" / "model_index.json").is_file()
     assert has_image(nb)
+
+
+def test_06_exports_the_single_file(suite):
+    from safetensors import safe_open
+
+    nb = suite.run("06_export")
+    assert [p.name for p in (suite.project / "exports").iterdir()] == ["lr1e-4-prior-step-000004.safetensors"]
+    with safe_open(suite.project / "exports" / "lr1e-4-prior-step-000004.safetensors", framework="pt") as file:
+        assert file.metadata()["modelspec.trigger_phrase"] == "a photo of sks dog"
+        assert "model.diffusion_model.input_blocks.0.0.weight" in file.keys()
+    text = stream_text(nb)
+    assert "Exported lr1e-4-prior/step-000004 (SD 1.x, fp32" in text and "Not pushed to the Hub" in text
+    how_to = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "text/markdown" in o.get("data", {})]
+    assert len(how_to) == 1 and "ComfyUI/models/checkpoints/" in how_to[0]["data"]["text/markdown"]
 
 
 def test_no_library_warnings_in_any_notebook(suite):

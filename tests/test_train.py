@@ -245,8 +245,11 @@ def test_text_encoder_stops_training_at_its_stop_step(make_config, tmp_path):
 
 
 def test_loss_falls_on_a_fixed_batch(make_config):
+    from dreambooth_nb.methods import method_for
+
     config = make_config(learning_rate=1e-3, train_batch_size=2)
     parts = load_components(config, device=torch.device("cpu"), precision="no")
+    method_for(config).setup(parts)  # (which weights train is the method's business)
     folder = ImageFolder.load(config.instance_data_dir, prompt=config.instance_prompt, resolution=32)
     source = LatentSource(folder, vae=parts.vae, resolution=32, center_crop=True, cache=True, flips=(False,),
                           device=torch.device("cpu"), dtype=torch.float32)

@@ -106,6 +106,15 @@ def test_training_panel_builds_the_config_the_button_uses(base, tmp_path):
     assert set(ui.PANEL_FIELDS) == set(panel.values())
 
 
+def test_the_panel_shows_the_memory_plan_of_its_settings(base, tiny_model, monkeypatch):
+    panel = ui.TrainingPanel(base.replace(pretrained_model_name_or_path=str(tiny_model), resolution=32))
+    assert "Memory plan:" in panel.memory.value and "on T4: fits" in panel.memory.value  # no GPU here: a T4
+    seen = []
+    monkeypatch.setattr(ui, "memory_line", lambda p: seen.append(p.values()["gradient_checkpointing"]) or "x")
+    panel.fields["gradient_checkpointing"].value = not panel.fields["gradient_checkpointing"].value
+    assert seen == [panel.fields["gradient_checkpointing"].value] and panel.memory.value == "x"
+
+
 def test_the_train_button_shows_a_dreambooth_error_as_a_message(base, tmp_path, capsys):
     panel = ui.TrainingPanel(base.replace(instance_data_dir=str(tmp_path / "no-photos"), max_train_steps=4))
     panel._clicked()  # what a click runs; the error must not escape into the kernel log
@@ -160,6 +169,27 @@ def test_the_learning_rate_slider_spans_1e_7_to_1e_3_from_any_value(base):
 def test_run_folders_name_the_exact_learning_rate(base, tmp_path):
     for lr, name in ((3.8e-5, "lr3.8e-5"), (1e-4, "lr1e-4"), (2e-6, "lr2e-6"), (1.25e-6, "lr1.25e-6")):
         assert projects.run_name(base.replace(learning_rate=lr)) == name
+    assert projects.run_name(base.replace(method="lora", learning_rate=1e-4)) == "lr1e-4-lora"
+
+
+def test_choosing_lora_in_the_panel_moves_the_learning_rate_to_what_lora_needs(base):
+    panel = ui.TrainingPanel(base)
+    panel.fields["method"].value = "lora"
+    assert panel.fields["learning_rate"].value == pytest.approx(1e-4) and "1e-04" in panel.note.value
+    config = panel.config()
+    assert (config.method, config.learning_rate) == ("lora", 1e-4)
+    panel.fields["method"].value = "full"
+    assert panel.fields["learning_rate"].value == pytest.approx(base.learning_rate)
+
+
+def test_setup_with_lora_uses_the_lora_preset(tmp_path):
+    project = projects.Project(tmp_path)
+    (tmp_path / "instance").mkdir()
+    config = projects.setup_config(project, kind="face", method="lora", model="some-owner/some-model",
+                                   instance_prompt="a photo of sks person", class_prompt="a photo of a person")
+    assert (config.method, config.learning_rate, config.max_train_steps) == ("lora", 1e-4, 1200)
+    with pytest.raises(ConfigError, match="METHOD"):
+        projects.setup_config(project, method="dora", model="a/b", instance_prompt="x")
 
 
 def test_the_loss_plot_marks_few_points_and_averages_only_many():
@@ -191,7 +221,7 @@ def test_stopping_the_kernel_while_training_says_where_and_how_to_resume(base, t
     import importlib
 
     from dreambooth_nb.tiny import build_tiny_pipeline
-    from conftest import write_photos
+    from photos import write_photos
 
     train_module = importlib.import_module("dreambooth_nb.train")
     model = build_tiny_pipeline(tmp_path / "model")
