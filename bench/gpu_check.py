@@ -5,7 +5,7 @@
 1. `pytest tests/test_gpu.py` (fp16 masters, 8-bit Adam and xformers on CUDA, EMA on the GPU and offloaded,
    resume, frozen parts off the GPU), under the same 15 GiB cap.
 2. An SD 1.5-shaped random model (shapes, hence memory and FLOPs, of the real one; its weights cannot be
-   downloaded there) trained at 512 px for 30 steps per case, each case in a fresh process so that its peak
+   downloaded there) trained at 512 px — and an SDXL-shaped one at 1024 px with a LoRA — for 30 steps per case, each case in a fresh process so that its peak
    is its own: the `16gb` profile UNet only and with the text encoder, EMA with a resume in the same
    process, and two runs in a row in one process (the second must start from an empty GPU). For each:
    peak `torch.cuda.max_memory_allocated` beside the memory plan's allocated peak (`dreambooth_nb.plan`),
@@ -38,6 +38,7 @@ CASES = {
     "16gb + EMA offloaded, resumed": dict(PROFILE, use_ema=True, offload_ema=True),
     "two runs in one process": dict(PROFILE),
     "LoRA rank 4, 16gb": dict(PROFILE, method="lora"),
+    "SDXL LoRA rank 4, 1024 px, 16gb": dict(PROFILE, method="lora", sdxl=True, resolution=1024, snr_gamma=5.0),
 }
 
 
@@ -48,14 +49,15 @@ def cap_memory() -> None:
     torch.cuda.set_per_process_memory_fraction(min(1.0, T4_GIB * 2**30 / total))
 
 
-def run_case(name: str, model: str, photos: str, classes: str, out: str) -> dict:
+def run_case(name: str, model: str, sdxl_model: str, photos: str, classes: str, out: str) -> dict:
     """One case in this (fresh) process; returns its measurements."""
     import torch
 
     from dreambooth_nb import TrainConfig, train
 
     cap_memory()
-    options = CASES[name]
+    options = dict(CASES[name])
+    model = sdxl_model if options.pop("sdxl", False) else model
     base = dict(pretrained_model_name_or_path=model, instance_data_dir=photos, instance_prompt="a photo of sks dog",
                 class_prompt="a photo of a dog", class_data_dir=classes, num_class_images=4, resolution=512,
                 learning_rate=1e-6, max_train_steps=STEPS, checkpointing_steps=10**6, output_dir=out)
@@ -124,7 +126,7 @@ def main() -> int:
     from PIL import Image
     import numpy as np
 
-    from dreambooth_nb.tiny import build_sd15_shaped_pipeline
+    from dreambooth_nb.tiny import build_sd15_shaped_pipeline, build_sdxl_shaped_pipeline
 
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
@@ -133,14 +135,15 @@ def main() -> int:
         classes.mkdir()
         rng = np.random.RandomState(0)
         for i in range(4):
-            Image.fromarray((rng.rand(576, 512, 3) * 255).astype("uint8")).save(photos / f"{i}.png")
+            Image.fromarray((rng.rand(1152, 1024, 3) * 255).astype("uint8")).save(photos / f"{i}.png")
             Image.fromarray((rng.rand(512, 512, 3) * 255).astype("uint8")).save(classes / f"class-{i:05d}.png")
         t0 = time.monotonic()
         model = build_sd15_shaped_pipeline(work / "model")
-        print(f"SD 1.5-shaped model built in {time.monotonic() - t0:.0f} s", flush=True)
+        sdxl_model = build_sdxl_shaped_pipeline(work / "sdxl")
+        print(f"SD 1.5- and SDXL-shaped models built in {time.monotonic() - t0:.0f} s", flush=True)
         for name in CASES:
-            job = json.dumps({"name": name, "model": str(model), "photos": str(photos), "classes": str(classes),
-                              "out": str(work / name.replace(" ", "_").replace(",", ""))})
+            job = json.dumps({"name": name, "model": str(model), "sdxl_model": str(sdxl_model), "photos": str(photos),
+                              "classes": str(classes), "out": str(work / name.replace(" ", "_").replace(",", ""))})
             proc = subprocess.run([sys.executable, __file__, "--case", job], env=env, capture_output=True, text=True)
             line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
             if line is None:

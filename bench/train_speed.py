@@ -2,6 +2,7 @@
 
     python bench/train_speed.py            # CPU: the tiny pipeline, 32 px (under 2 minutes)
     python bench/train_speed.py --cuda     # GPU: an SD 1.5-shaped random model at 512 px
+    python bench/train_speed.py --cuda --sdxl   # GPU: an SDXL-shaped random model at 1024 px, LoRA
 
 Each option runs in its own subprocess (peak RSS only grows within a process); the table gives s/step,
 peak memory (RSS on CPU, `torch.cuda.max_memory_allocated` on CUDA) and both as ratios to the first row,
@@ -52,6 +53,14 @@ CUDA_OPTIONS = {
                                                      gradient_checkpointing=True, use_8bit_adam=True,
                                                      cache_latents=True, train_text_encoder=True),
 }
+SDXL_OPTIONS = {  # SDXL trains as a LoRA only (full fine-tuning does not fit 16 GB); the first row is the baseline
+    "SDXL LoRA rank 4, fp16 + cached latents": dict(method="lora", mixed_precision="fp16", cache_latents=True),
+    "SDXL LoRA rank 4, 16gb profile": dict(method="lora", mixed_precision="fp16", gradient_checkpointing=True,
+                                           use_8bit_adam=True, cache_latents=True),
+    "SDXL LoRA rank 4, 16gb profile + both text encoders": dict(
+        method="lora", mixed_precision="fp16", gradient_checkpointing=True, use_8bit_adam=True, cache_latents=True,
+        train_text_encoder=True),
+}
 
 
 def run_one(model: str, photos: str, options: dict, *, steps: int, resolution: int) -> dict:
@@ -83,9 +92,11 @@ def run_one(model: str, photos: str, options: dict, *, steps: int, resolution: i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cuda", action="store_true", help="SD 1.5-shaped model at 512 px on the GPU")
+    parser.add_argument("--sdxl", action="store_true", help="with --cuda: an SDXL-shaped model at 1024 px, LoRA rows")
     parser.add_argument("--steps", type=int, default=None, help="steps per option (default 12 CPU, 8 CUDA)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: JSON of (model, photos, options, steps, res)
     args = parser.parse_args()
+    args.cuda = args.cuda or args.sdxl
     if args.one:
         job = json.loads(args.one)
         print("RESULT " + json.dumps(run_one(job["model"], job["photos"], job["options"], steps=job["steps"],
@@ -96,11 +107,11 @@ def main() -> None:
     from PIL import Image
     import numpy as np
 
-    from dreambooth_nb.tiny import build_sd15_shaped_pipeline, build_tiny_pipeline
+    from dreambooth_nb.tiny import build_sd15_shaped_pipeline, build_sdxl_shaped_pipeline, build_tiny_pipeline
 
-    options = CUDA_OPTIONS if args.cuda else CPU_OPTIONS
+    options = SDXL_OPTIONS if args.sdxl else CUDA_OPTIONS if args.cuda else CPU_OPTIONS
     steps = args.steps or (8 if args.cuda else 12)
-    resolution = 512 if args.cuda else 32
+    resolution = 1024 if args.sdxl else 512 if args.cuda else 32
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
         photos = work / "photos"
@@ -109,7 +120,9 @@ def main() -> None:
         for i in range(4):
             Image.fromarray((rng.rand(resolution + 8, resolution, 3) * 255).astype("uint8")).save(photos / f"{i}.png")
         print("Building the model ...", flush=True)
-        model = (build_sd15_shaped_pipeline if args.cuda else build_tiny_pipeline)(work / "model")
+        builder = build_sdxl_shaped_pipeline if args.sdxl else build_sd15_shaped_pipeline if args.cuda else \
+            build_tiny_pipeline
+        model = builder(work / "model")
         env = {**os.environ, "TQDM_DISABLE": "1"}
         if not args.cuda:
             env.setdefault("OMP_NUM_THREADS", "1")  # steadier numbers on a shared 2-core machine
@@ -128,7 +141,8 @@ def main() -> None:
         sys.exit("every option failed")
     mem_key = "peak_cuda_mb" if args.cuda else "peak_rss_mb"
     base = rows[0][1]
-    device = "CUDA, SD 1.5-shaped UNet at 512 px" if args.cuda else "CPU, tiny pipeline at 32 px"
+    device = "CUDA, SDXL-shaped UNet at 1024 px" if args.sdxl else "CUDA, SD 1.5-shaped UNet at 512 px" \
+        if args.cuda else "CPU, tiny pipeline at 32 px"
     print(f"\n{device}, batch 1, {steps} steps per option; ratios are to the baseline row")
     print(f"{'option':52s} {'s/step':>8s} {'ratio':>6s} {mem_key:>13s} {'ratio':>6s}")
     for name, r in rows:

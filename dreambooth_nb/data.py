@@ -40,19 +40,39 @@ def item_index(seed: int, stream: int, position: int, n_items: int) -> int:
     return int(np.random.default_rng((seed, stream, epoch)).permutation(n_items)[offset])
 
 
-def resize_and_crop(image: Image.Image, *, resolution: int, center_crop: bool, gen: torch.Generator) -> Image.Image:
-    """Resize so the shorter side is `resolution`, then crop a square (center or random)."""
-    w, h = image.size
+def resized_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """(width, height) after scaling so that the shorter side is `resolution`."""
+    w, h = size
     scale = resolution / min(w, h)
-    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
-    image = image.resize(size, Image.BICUBIC)
+    return max(resolution, round(w * scale)), max(resolution, round(h * scale))
+
+
+def center_crop_origin(size: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """(top, left) of the centred square crop of an image of `size` (width, height) at `resolution`."""
+    w, h = resized_size(size, resolution)
+    return (h - resolution) // 2, (w - resolution) // 2
+
+
+def resize_and_crop(image: Image.Image, *, resolution: int, center_crop: bool,
+                    gen: torch.Generator) -> tuple[Image.Image, tuple[int, int]]:
+    """Resize so the shorter side is `resolution`, then crop a square (center or random).
+
+    Returns the crop and its (top, left) corner in the resized image: SDXL is conditioned on it.
+    """
+    image = image.resize(resized_size(image.size, resolution), Image.BICUBIC)
     w, h = image.size
     if center_crop:
-        left, top = (w - resolution) // 2, (h - resolution) // 2
+        top, left = center_crop_origin(image.size, resolution)
     else:
         left = int(torch.randint(0, w - resolution + 1, (1,), generator=gen))
         top = int(torch.randint(0, h - resolution + 1, (1,), generator=gen))
-    return image.crop((left, top, left + resolution, top + resolution))
+    return image.crop((left, top, left + resolution, top + resolution)), (top, left)
+
+
+def _flipped(crop: tuple[int, int], *, width: int, resolution: int) -> tuple[int, int]:
+    """The crop's corner as seen in the mirrored image (what a flipped sample shows)."""
+    top, left = crop
+    return top, width - resolution - left
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
@@ -68,6 +88,11 @@ class ImageFolder:
     images: list[Image.Image]
     prompt: str
     names: list[str]
+
+    def original_size(self, index: int) -> tuple[int, int]:
+        """(height, width) of the photo as it was, before any scaling (SDXL's `original_size`)."""
+        w, h = self.images[index].info.get("original_size", self.images[index].size)
+        return h, w
 
     @classmethod
     def load(cls, folder, *, prompt: str, resolution: int, min_images: int = 1) -> "ImageFolder":
@@ -92,11 +117,14 @@ class ImageFolder:
     def __len__(self) -> int:
         return len(self.images)
 
-    def pixels(self, index: int, *, resolution: int, center_crop: bool, flip: bool, gen: torch.Generator) -> torch.Tensor:
-        image = resize_and_crop(self.images[index], resolution=resolution, center_crop=center_crop, gen=gen)
+    def pixels(self, index: int, *, resolution: int, center_crop: bool, flip: bool,
+               gen: torch.Generator) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The training pixels of image `index` and the (top, left) corner of their crop."""
+        image, crop = resize_and_crop(self.images[index], resolution=resolution, center_crop=center_crop, gen=gen)
         if flip:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        return to_tensor(image)
+            crop = _flipped(crop, width=resized_size(self.images[index].size, resolution)[0], resolution=resolution)
+        return to_tensor(image), crop
 
 
 class LatentSource:
@@ -122,7 +150,7 @@ class LatentSource:
     def _cached_or_encode(self, index: int, *, flip: bool, cache_dir, model_key: str):
         """From `cache_dir` when an earlier run encoded the same pixels with the same VAE, else encode now."""
         if cache_dir is None:
-            return self._encode(index, flip=flip, gen=torch.Generator())
+            return self._encode(index, flip=flip, gen=torch.Generator())[:2]
         from safetensors.torch import load_file, save_file
 
         from .storage import atomic_write_bytes
@@ -133,7 +161,7 @@ class LatentSource:
         if path.is_file():
             tensors = load_file(path)
             return tensors["mean"], tensors["std"]
-        mean, std = self._encode(index, flip=flip, gen=torch.Generator())
+        mean, std, _ = self._encode(index, flip=flip, gen=torch.Generator())
         with tempfile.TemporaryDirectory() as tmp:  # safetensors writes to a path; publish it atomically
             save_file({"mean": mean, "std": std}, f"{tmp}/latent.safetensors")
             atomic_write_bytes(path, Path(f"{tmp}/latent.safetensors").read_bytes())
@@ -141,17 +169,22 @@ class LatentSource:
 
     @torch.no_grad()
     def _encode(self, index: int, *, flip: bool, gen: torch.Generator):
-        pixels = self.folder.pixels(index, resolution=self.resolution, center_crop=self.center_crop,
-                                    flip=flip, gen=gen)
+        """(mean, std, crop corner) of the VAE's latent distribution for image `index`."""
+        pixels, crop = self.folder.pixels(index, resolution=self.resolution, center_crop=self.center_crop,
+                                          flip=flip, gen=gen)
         dist = self.vae.encode(pixels[None].to(self.device, self.dtype)).latent_dist
-        return dist.mean[0].float().cpu(), dist.std[0].float().cpu()
+        return dist.mean[0].float().cpu(), dist.std[0].float().cpu(), crop
 
-    def sample(self, index: int, *, flip: bool, gen: torch.Generator) -> torch.Tensor:
-        mean, std = self.cached.get((index, flip)) or self._encode(index, flip=flip, gen=gen)
+    def sample(self, index: int, *, flip: bool, gen: torch.Generator) -> tuple[torch.Tensor, tuple[int, int]]:
+        """A latent sample of image `index` (flipped or not) and the (top, left) corner of its crop."""
+        if (index, flip) in self.cached:  # cached latents are centre crops (validation insists)
+            mean, std = self.cached[index, flip]
+            image = self.folder.images[index]
+            crop = center_crop_origin(image.size, self.resolution)
+            if flip:
+                crop = _flipped(crop, width=resized_size(image.size, self.resolution)[0], resolution=self.resolution)
+        else:
+            mean, std, crop = self._encode(index, flip=flip, gen=gen)
         eps = torch.randn(mean.shape, generator=gen)
-        return (mean + std * eps) * self.scaling_factor
+        return (mean + std * eps) * self.scaling_factor, crop
 
-
-def tokenize(prompt: str, *, tokenizer) -> torch.Tensor:
-    return tokenizer(prompt, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-                     return_tensors="pt").input_ids

@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -188,8 +189,10 @@ def target_of(key: str, names: dict[str, Target]) -> Target | None:
 # --- Which snapshot, and where its parts are ------------------------------------------------------------
 def choose_snapshot(run_or_snapshot, *, step: int | None = None) -> Path:
     """The snapshot that `export` and `hub.push_to_hub` take: a snapshot (or pipeline) folder as it is; for a
-    run folder the one saved at `step`, else the last. The one place that decides it (the comparison's
-    suggested snapshot will be chosen here)."""
+    run folder the one saved at `step`, else the one the latest comparison suggested (`quality.suggest`, kept
+    in `<run>/suggestion.json`) when there is one, else the last. The one place that decides it."""
+    from .quality import suggested_step
+
     path = Path(run_or_snapshot).expanduser()
     if snapshots.is_snapshot(path):
         return path
@@ -198,6 +201,10 @@ def choose_snapshot(run_or_snapshot, *, step: int | None = None) -> Path:
         raise DataError(f"{path}: no snapshot there. Pass a run folder that finished training (PROJECT_DIR/runs/"
                         "<name>) or a snapshot folder (…/snapshots/step-000400).")
     if step is None:
+        suggested, why = suggested_step(path)
+        if suggested in saved:
+            print(f"The suggested snapshot of {path.name}: {why}")
+            return saved[suggested]
         return saved[max(saved)]
     if step not in saved:
         raise ConfigError(f"STEP: {path.name} has no snapshot at step {step}; it has steps "
@@ -399,20 +406,58 @@ def write_safetensors(path: Path, entries: list[Entry], *, dtype: torch.dtype, m
 
 
 # --- Export ----------------------------------------------------------------------------------------------
-def export(snapshot_or_run, path, *, half: bool = True, step: int | None = None) -> Path:
+def export(snapshot_or_run, path, *, half: bool = True, step: int | None = None, merged: bool = False) -> Path:
     """Write the snapshot (a run: its snapshot at `step`, else its last) as one original-layout `.safetensors`
     file at `path` (fp16 with `half`: 2.1 GB for SD 1.5, half the fp32 size, what AUTOMATIC1111 and ComfyUI
     compute in anyway). A v-prediction model also gets `<path stem>.yaml` beside it, the config AUTOMATIC1111
-    needs for it. Returns `path`."""
+    needs for it. A LoRA run exports its adapters (kohya's layout: a few MB that AUTOMATIC1111 and ComfyUI load
+    as a LoRA), or with `merged` the base model with the adapters fused in, as one checkpoint. Returns `path`."""
     snapshot = choose_snapshot(snapshot_or_run, step=step)
     path = Path(path).expanduser()
     if path.suffix != ".safetensors":
         raise ConfigError(f"{path}: the exported file must end in .safetensors (AUTOMATIC1111 and ComfyUI look "
                           "for that name).")
     meta = snapshots.info(snapshot)
-    if meta.get("method", "full") != "full":  # LoRA (its kohya file is the export) gets its own branch here
-        raise ExportError(f"{snapshot}: a {meta['method']} snapshot; its adapters are already a file AUTOMATIC1111 "
-                          f"and ComfyUI load ({snapshots.KOHYA_WEIGHTS} in that folder).")
+    if meta.get("method") == "lora":
+        return _export_lora(snapshot, meta, path, half=half, merged=merged)
+    return _export_checkpoint(snapshot, meta, path, half=half)
+
+
+def _export_lora(snapshot: Path, meta: dict, path: Path, *, half: bool, merged: bool) -> Path:
+    """The adapters as kohya's file with the run's metadata; or (`merged`) base + adapters as a checkpoint."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save
+
+    if merged:
+        with tempfile.TemporaryDirectory() as folder:  # the fused pipeline, saved, then exported as any snapshot
+            pipe = snapshots.load_pipeline(snapshot, device=torch.device("cpu"), dtype=torch.float32)
+            pipe.unload_lora_weights()  # (the fused weights stay)
+            pipe.save_pretrained(folder, safe_serialization=True)
+            del pipe
+            return _export_checkpoint(Path(folder), {"complete": True, "trained": [], "base": meta.get("base"),
+                                                     "step": meta.get("step")}, path, half=half, described=snapshot)
+    kohya = snapshot / snapshots.KOHYA_WEIGHTS
+    with safe_open(kohya, framework="pt") as handle:
+        kohya_meta = dict(handle.metadata() or {})
+    config = run_config(snapshot)
+    prompt = config.get("instance_prompt")
+    xl = kohya_meta.get("ss_base_model_version", "").startswith("sdxl")
+    info = {**kohya_meta, "modelspec.sai_model_spec": "1.0.0",
+            "modelspec.architecture": ("stable-diffusion-xl-v1-base" if xl else "stable-diffusion-v1") + "/lora",
+            "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+            "modelspec.title": f"{prompt} ({snapshot.parent.parent.name}, step {meta.get('step')})",
+            "modelspec.description": f"Dreambooth LoRA of {base_name(meta.get('base'))} made with dreambooth-nb.",
+            **({"modelspec.trigger_phrase": prompt} if prompt else {}),
+            "dreambooth_nb.base_model": base_name(meta.get("base")), "dreambooth_nb.step": str(meta.get("step")),
+            "dreambooth_nb.learning_rate": str(config.get("learning_rate")), "dreambooth_nb.method": "lora"}
+    dtype = torch.float16 if half else torch.float32
+    tensors = {k: v if k.endswith(".alpha") else v.to(dtype).contiguous() for k, v in load_file(kohya).items()}
+    storage.atomic_write_bytes(path, save(tensors, metadata=info))  # a few MB: written whole
+    print(f"Exported the LoRA of {label(snapshot)} ({_size(path.stat().st_size)}, kohya's layout) to {path}")
+    return path
+
+
+def _export_checkpoint(snapshot: Path, meta: dict, path: Path, *, half: bool, described: Path | None = None) -> Path:
     parts, scheduler_folder = part_sources(snapshot, meta)
     configs = {name: weights.config for name, weights in parts.items()}
     layout = layout_for(configs)
@@ -422,8 +467,9 @@ def export(snapshot_or_run, path, *, half: bool = True, step: int | None = None)
         raise ExportError(f"{snapshot}: the model predicts {prediction!r}; AUTOMATIC1111 and ComfyUI load epsilon and "
                           "v-prediction models.")
     entries = entries_for(parts, layout)
-    config = run_config(snapshot)
-    info = describe(snapshot, meta, config, layout=layout, prediction=prediction, configs=configs)
+    described = described or snapshot  # (a merged LoRA is described as its snapshot, not the temporary folder)
+    config = run_config(described)
+    info = describe(described, meta, config, layout=layout, prediction=prediction, configs=configs)
     write_safetensors(path, entries, dtype=torch.float16 if half else torch.float32, metadata=info)
     if prediction == "v_prediction":
         storage.atomic_write_text(path.with_suffix(".yaml"), ldm_yaml(configs, scheduler, layout=layout))
@@ -522,6 +568,24 @@ def ldm_yaml(configs: dict[str, dict], scheduler: dict, *, layout: Layout) -> st
     return yaml.safe_dump(config, sort_keys=False)
 
 
+def _how_to_use_lora(name: str, *, meta: dict, prompt: str) -> str:
+    xl = meta.get("modelspec.architecture", "").startswith("stable-diffusion-xl")
+    pipeline = "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline"
+    base = meta.get("dreambooth_nb.base_model", "")
+    base = base if base and not base.startswith(("local:", "unknown")) else "<the base model it was trained on>"
+    stem = Path(name).stem
+    return "\n".join([
+        "## How to use it (a LoRA: load it on top of its base model)", "", "**diffusers**", "", "```python",
+        "import torch", f"from diffusers import {pipeline}", "",
+        f'pipe = {pipeline}.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")',
+        f'pipe.load_lora_weights(".", weight_name="{name}")', f'image = pipe("{prompt}, in the snow").images[0]',
+        "```", "",
+        f"**AUTOMATIC1111**: put `{name}` into `stable-diffusion-webui/models/Lora/`, choose the base model as the "
+        f"checkpoint and prompt with `{prompt}, <lora:{stem}:1>`.", "",
+        f"**ComfyUI**: put `{name}` into `ComfyUI/models/loras/` and add a *LoraLoader* node after *Load "
+        "Checkpoint* (the base model).", ""])
+
+
 def how_to_use(file=None, *, repo_id: str | None = None, prompt: str | None = None) -> str:
     """Markdown: how to generate with the model in diffusers (from the Hub repository `repo_id`, or from the
     exported `file`), AUTOMATIC1111 and ComfyUI. Prompt, base model and prediction type come from the file's
@@ -534,6 +598,8 @@ def how_to_use(file=None, *, repo_id: str | None = None, prompt: str | None = No
             meta = handle.metadata() or {}
     prompt = prompt or meta.get("modelspec.trigger_phrase") or "a photo of sks dog"
     name = Path(file).name if file is not None else None
+    if meta.get("dreambooth_nb.method") == "lora":
+        return _how_to_use_lora(name, meta=meta, prompt=prompt)
     base = meta.get("dreambooth_nb.base_model", "")
     v = meta.get("modelspec.prediction_type") == "v"
     lines = ["## How to use it", "", "**diffusers**", "", "```python", "import torch",

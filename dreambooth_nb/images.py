@@ -135,6 +135,7 @@ def load_image(path, *, max_side: int | None = None) -> Image.Image:
                              _TOO_BIG) from None
         out = _upright(im)
         out = _to_rgb_or_rgba(out, path)
+        original_size = out.size
         if max_side is not None and min(out.size) > max_side:
             out = out.resize(_fit_shorter_side(out.size, max_side), Image.Resampling.LANCZOS,
                              reducing_gap=3.0)
@@ -142,7 +143,9 @@ def load_image(path, *, max_side: int | None = None) -> Image.Image:
             white = Image.new("RGB", out.size, (255, 255, 255))
             white.paste(out, mask=out.getchannel("A"))
             out = white
-        return out.copy() if out is im else out
+        out = out.copy() if out is im else out
+        out.info["original_size"] = original_size  # (width, height) upright, before scaling: SDXL's conditioning
+        return out
     finally:
         im.close()
 

@@ -27,10 +27,12 @@ class RunSizes:
     vae: int
     trained: int
     """What the run trains: the UNet (+ text encoder) for full fine-tuning, the adapters for LoRA."""
+    text_encoder_2: int = 0
+    """SDXL's second text encoder."""
 
     @property
     def total(self) -> int:
-        return self.unet + self.text_encoder + self.vae
+        return self.unet + self.text_encoder + self.text_encoder_2 + self.vae
 
 
 def run_sizes(config) -> RunSizes:

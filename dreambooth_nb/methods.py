@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import ConfigError
+
 # The text encoder's attention projections, as diffusers' train_dreambooth_lora.py targets them.
 LORA_TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
@@ -30,15 +32,23 @@ class FullFineTuning:
     def __init__(self, config):
         self.config = config
 
+    def check(self, family) -> None:
+        """Refuse what this method cannot do with the model's family, before anything downloads."""
+        if family.is_sdxl:
+            raise ConfigError("method: full fine-tuning of SDXL does not fit a 16 GB GPU (its UNet alone is "
+                              "2.6 B parameters: 10.3 GB as fp32 masters, as much again for gradients); use "
+                              "method='lora' (the 'sdxl' preset).")
+
     def load_dtype(self, part: str, *, frozen: torch.dtype) -> torch.dtype:
         """The dtype a part is loaded in: trained parts are fp32 masters, frozen ones half precision on a GPU."""
-        trained = part == "unet" or (part == "text_encoder" and self.config.train_text_encoder)
+        trained = part == "unet" or (part.startswith("text_encoder") and self.config.train_text_encoder)
         return torch.float32 if trained else frozen
 
     def setup(self, parts) -> dict[str, torch.nn.Module]:
         parts.vae.requires_grad_(False)
         parts.unet.requires_grad_(True)
-        parts.text_encoder.requires_grad_(self.config.train_text_encoder)
+        for encoder in parts.text_encoders:
+            encoder.requires_grad_(self.config.train_text_encoder)
         return _trained_parts(parts, self.config)
 
     def saved_tensors(self, module) -> dict[str, torch.Tensor]:
@@ -58,6 +68,9 @@ class LoRA(FullFineTuning):
 
     name = "lora"
 
+    def check(self, family) -> None:
+        """LoRA trains every family."""
+
     def load_dtype(self, part: str, *, frozen: torch.dtype) -> torch.dtype:
         return frozen  # every base weight is frozen; the adapters are added in fp32 by `setup`
 
@@ -66,7 +79,7 @@ class LoRA(FullFineTuning):
         from peft import LoraConfig, inject_adapter_in_model
 
         config = self.config
-        for module in (parts.vae, parts.unet, parts.text_encoder):
+        for module in (parts.vae, parts.unet, *parts.text_encoders):
             module.requires_grad_(False)
         common = dict(r=config.lora_rank, lora_alpha=self.alpha, lora_dropout=config.lora_dropout,
                       init_lora_weights="gaussian")
@@ -75,7 +88,8 @@ class LoRA(FullFineTuning):
         if config.train_text_encoder:
             # PEFT's own injection, not transformers' `add_adapter`: transformers 5 demands a PEFT release
             # (0.22) that package indexes may not have yet, and the result is the same adapter layers.
-            inject_adapter_in_model(LoraConfig(target_modules=LORA_TEXT_ENCODER_TARGETS, **common), parts.text_encoder)
+            for encoder in parts.text_encoders:
+                inject_adapter_in_model(LoraConfig(target_modules=LORA_TEXT_ENCODER_TARGETS, **common), encoder)
         # The adapters train as fp32 masters under autocast, over half-precision base weights.
         cast_training_params(list(trained.values()), dtype=torch.float32)
         return trained
@@ -103,7 +117,8 @@ def method_for(config):
 
 
 def _trained_parts(parts, config) -> dict[str, torch.nn.Module]:
+    """The UNet first, then the text encoders (both of SDXL's) when they train."""
     trained = {"unet": parts.unet}
     if config.train_text_encoder:
-        trained["text_encoder"] = parts.text_encoder
+        trained.update({name: getattr(parts, name) for name in parts.family.text_encoders})
     return trained

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import torch
 
+from .families import Family, family_of
 from .single_file import resolve
 
 
 @dataclass
 class Components:
+    family: Family
     tokenizer: object
     text_encoder: torch.nn.Module
     vae: torch.nn.Module
@@ -26,6 +28,38 @@ class Components:
     """DDPM scheduler with the base model's noise schedule: adds noise in training."""
     inference_scheduler: object
     """The base pipeline's own scheduler, saved unchanged into every snapshot."""
+    tokenizer_2: object = None
+    text_encoder_2: torch.nn.Module | None = None
+    """SDXL's second tokenizer and text encoder (with projection); None for SD 1.x/2.x."""
+    vae_source: str | None = None
+    """Where the VAE came from when not from the base model (SDXL's fp16-fix VAE): snapshots record it."""
+
+    @property
+    def text_encoders(self) -> list:
+        return [getattr(self, name) for name in self.family.text_encoders]
+
+    @property
+    def tokenizers(self) -> list:
+        return [getattr(self, name) for name in self.family.tokenizers]
+
+
+SDXL_FP16_VAE = "madebyollin/sdxl-vae-fp16-fix"
+"""SDXL's own VAE overflows to NaN in fp16; this retrained copy does not (it is what diffusers' SDXL
+examples and Hugging Face's free-Colab SDXL Dreambooth notebook pass as `--pretrained_vae_model_name_or_path`)."""
+
+
+def vae_source(config, *, family: Family, half: bool) -> str | None:
+    """The VAE to load instead of the base model's: the config's, else SDXL's fp16-fix one where the VAE
+    runs in fp16 (on a GPU without bf16; bf16 and fp32 do not overflow), else None."""
+    if config.vae_model_name_or_path:
+        return config.vae_model_name_or_path
+    return SDXL_FP16_VAE if family.is_sdxl and half else None
+
+
+def model_family(config) -> Family:
+    """SD or SDXL, from the base model's `model_index.json` (a few hundred bytes, before any download)."""
+    model = config.pretrained_model_name_or_path
+    return family_of(_read_model_index(model, revision=config.revision), source=model)
 
 
 def is_local(model: str) -> bool:
@@ -73,10 +107,18 @@ def weight_dtype(precision: str, device: torch.device) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
 
 
+KNOWN_MODELS = Path(__file__).parent / "known_models"
+"""The configs (no weights) of the base models people start from, so that their family, parameter counts
+and memory plan are known offline and before any download."""
+
+
 def _read_model_index(model: str, *, revision: str | None) -> dict:
     model = resolve(model)
     if is_local(model):
         return json.loads((Path(model) / "model_index.json").read_text())
+    known = KNOWN_MODELS / model / "model_index.json"
+    if revision is None and model.count("/") == 1 and known.is_file():
+        return json.loads(known.read_text())
     from diffusers import DiffusionPipeline
 
     return DiffusionPipeline.load_config(model, revision=revision)
@@ -111,55 +153,67 @@ def load_components(config, *, device: torch.device, precision: str, method=None
     frozen parts half precision on a GPU — never cast after loading: diffusers keeps some modules in fp32
     only when it knows the dtype at load. Which parameters train is the method's business (`setup`).
     """
-    from .methods import method_for
-
     import diffusers
+    import transformers
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from .methods import method_for
 
     model = resolve(config.pretrained_model_name_or_path)  # a single file: its converted folder
     common = dict(revision=config.revision, local_files_only=is_local(model))
     frozen = weight_dtype(precision, device)
     index = _read_model_index(model, revision=config.revision)
+    family = family_of(index, source=config.pretrained_model_name_or_path)
+    method = method or method_for(config)
 
-    tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", **common)
+    def transformers_part(name: str, **kwargs):  # the class model_index.json names, e.g. CLIPTextModelWithProjection
+        return getattr(transformers, index[name][1]).from_pretrained(model, subfolder=name, **kwargs, **common)
+
+    text = {name: transformers_part(name) for name in family.tokenizers}
+    for name in family.text_encoders:
+        text[name] = transformers_part(name, variant=config.variant,
+                                       **transformers_dtype(method.load_dtype(name, frozen=frozen))).to(device)
     noise_scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler", **common)
     inference_scheduler = getattr(diffusers, index["scheduler"][1]).from_pretrained(model, subfolder="scheduler",
                                                                                     **common)
-    method = method or method_for(config)
-    text_encoder = CLIPTextModel.from_pretrained(
-        model, subfolder="text_encoder", variant=config.variant,
-        **transformers_dtype(method.load_dtype("text_encoder", frozen=frozen)), **common).to(device)
-    vae = AutoencoderKL.from_pretrained(model, subfolder="vae", variant=config.variant, **diffusers_dtype(frozen),
-                                        **common).to(device)
+    other_vae = vae_source(config, family=family, half=frozen != torch.float32)
+    vae = (AutoencoderKL.from_pretrained(other_vae, **diffusers_dtype(frozen)) if other_vae else
+           AutoencoderKL.from_pretrained(model, subfolder="vae", variant=config.variant, **diffusers_dtype(frozen),
+                                         **common)).to(device)
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", variant=config.variant,
                                                 **diffusers_dtype(method.load_dtype("unet", frozen=frozen)),
                                                 **common).to(device)
-    for module in (vae, text_encoder, unet):
+    parts = Components(family=family, vae=vae, unet=unet, noise_scheduler=noise_scheduler,
+                       inference_scheduler=inference_scheduler, vae_source=other_vae, **text)
+    for module in (vae, unet, *parts.text_encoders):
         module.requires_grad_(False)
-    return Components(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet,
-                      noise_scheduler=noise_scheduler, inference_scheduler=inference_scheduler)
+    return parts
 
 
 def parameter_counts(config) -> dict[str, int]:
     """Parameters of the base model's UNet, text encoder and VAE, and of what `config` trains on them (the
     LoRA adapters, or the parts themselves), from the configs alone (a few KB; the modules are built on the
     meta device, no weights): what the disk plan needs before any download."""
+    import transformers
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     from .methods import method_for
 
     model = resolve(config.pretrained_model_name_or_path)  # a single file: its converted folder
     common = dict(revision=config.revision, local_files_only=is_local(model))
+    index = _read_model_index(model, revision=config.revision)
+    family = family_of(index, source=config.pretrained_model_name_or_path)
     with init_empty_weights():
+        encoders = {}
+        for name in family.text_encoders:
+            model_class = getattr(transformers, index[name][1])
+            encoders[name] = model_class(model_class.config_class.from_pretrained(model, subfolder=name, **common))
         parts = Components(
-            tokenizer=None, noise_scheduler=None, inference_scheduler=None,
+            family=family, tokenizer=None, noise_scheduler=None, inference_scheduler=None, **encoders,
             unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model, subfolder="unet", **common)),
-            vae=AutoencoderKL.from_config(AutoencoderKL.load_config(model, subfolder="vae", **common)),
-            text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(model, subfolder="text_encoder", **common)))
-        counts = {name: count_parameters(getattr(parts, name)) for name in ("unet", "text_encoder", "vae")}
+            vae=AutoencoderKL.from_config(AutoencoderKL.load_config(model, subfolder="vae", **common)))
+        counts = {name: count_parameters(getattr(parts, name)) for name in ("unet", "vae", *family.text_encoders)}
         trained = method_for(config).setup(parts)
     counts["trained"] = sum(count_parameters(module, trainable_only=True) for module in trained.values())
     return counts
@@ -210,11 +264,13 @@ def enable_tf32(device: torch.device) -> bool:
 
 def enable_gradient_checkpointing(components: Components, *, train_text_encoder: bool) -> None:
     components.unet.enable_gradient_checkpointing()
-    if train_text_encoder:
-        # transformers recomputes only in train mode (it checks `self.training`): `train()` sets that mode.
-        # Non-reentrant: gradients then reach LoRA adapters behind frozen embeddings too. transformers 5
-        # renamed the method (the old name warns); Colab may ship a 4.x that has only the old one.
-        encoder, kwargs = components.text_encoder, {"use_reentrant": False}
+    if not train_text_encoder:
+        return
+    # transformers recomputes only in train mode (it checks `self.training`): `train()` sets that mode.
+    # Non-reentrant: gradients then reach LoRA adapters behind frozen embeddings too. transformers 5
+    # renamed the method (the old name warns); Colab may ship a 4.x that has only the old one.
+    kwargs = {"use_reentrant": False}
+    for encoder in components.text_encoders:
         if hasattr(encoder, "activation_checkpointing_enable"):
             encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:

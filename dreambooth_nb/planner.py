@@ -45,9 +45,9 @@ from torch.utils._pytree import tree_leaves
 
 from . import memory, storage
 from .errors import ConfigError
+from .models import KNOWN_MODELS  # (one place knows where the shipped configs are)
 
 GIB = 2**30
-KNOWN_MODELS = Path(__file__).parent / "known_models"
 
 # --- GPUs -------------------------------------------------------------------------------------------------
 # Total memory as `torch.cuda.get_device_properties(0).total_memory` reports it (what a run can use, before

@@ -108,7 +108,8 @@ def generate_class_images(config, *, device: torch.device | None = None, pipe=No
     own_pipe = pipe is None
     if own_pipe:
         pipe = snapshots.load_pipeline(config.pretrained_model_name_or_path, device=device,
-                                       revision=config.revision, variant=config.variant)
+                                       revision=config.revision, variant=config.variant,
+                                       vae=config.vae_model_name_or_path)
     try:
         with tqdm(total=len(missing), desc="Class images") as bar:
             for start in range(0, len(missing), config.sample_batch_size):

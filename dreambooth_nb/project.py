@@ -134,14 +134,18 @@ def open_project(project_dir=None, *, create: bool = True) -> Project:
 def setup_config(project: Project, *, kind: str = "object", method: str = "full", memory_16gb: bool = True, model: str,
                  instance_dir="",
                  instance_prompt: str, class_prompt: str = "", prior_preservation: str = "preset",
-                 num_class_images: int = 0, resolution: int = 512, learning_rate: float = 0.0, max_steps: int = 0,
+                 num_class_images: int = 0, resolution: int = 0, learning_rate: float = 0.0, max_steps: int = 0,
                  **overrides) -> TrainConfig:
     """The project config from the setup notebook's parameters: a preset, then the user's choices.
 
     `kind` is "object" or "face"; `method` "full" (the study's fine-tuning) or "lora" (the "lora" preset:
-    adapters, learning rate 1e-4); `memory_16gb` adds the 16 GB profile; `prior_preservation` is
-    "preset" (faces on, objects off), "on" or "off"; `num_class_images`, `learning_rate` and `max_steps` at 0 keep the preset's values.
+    adapters, learning rate 1e-4); an SDXL `model` takes the "sdxl" preset (a LoRA at 1024 px, whatever
+    `method` says: full fine-tuning of SDXL does not fit 16 GB); `memory_16gb` adds the 16 GB profile;
+    `prior_preservation` is "preset" (faces on, objects off), "on" or "off"; `num_class_images`, `resolution`
+    (0: the model's native size), `learning_rate` and `max_steps` at 0 keep the preset's values.
     """
+    from .models import model_family
+
     if kind not in ("object", "face"):
         raise ConfigError(f"PRESET: {kind!r} is unknown; choose 'object' or 'face'.")
     if method not in ("full", "lora"):
@@ -151,8 +155,9 @@ def setup_config(project: Project, *, kind: str = "object", method: str = "full"
     values = dict(pretrained_model_name_or_path=str(model),
                   instance_data_dir=str(Path(instance_dir).resolve()) if instance_dir else str(project.instance_dir),
                   instance_prompt=instance_prompt, class_prompt=class_prompt or None,
-                  class_data_dir=str(project.class_dir), resolution=int(resolution),
-                  output_dir=str(project.runs_dir / "run"))
+                  class_data_dir=str(project.class_dir), output_dir=str(project.runs_dir / "run"))
+    if resolution:
+        values["resolution"] = int(resolution)
     if prior_preservation != "preset":
         values["with_prior_preservation"] = prior_preservation == "on"
     if num_class_images:
@@ -162,9 +167,20 @@ def setup_config(project: Project, *, kind: str = "object", method: str = "full"
     if max_steps:
         values["max_train_steps"] = int(max_steps)
     values.update(overrides)
-    names = (kind,) + (("lora",) if method == "lora" else ()) + (("16gb",) if memory_16gb else ())
+    sdxl = model_family(TrainConfig(pretrained_model_name_or_path=str(model))).is_sdxl
+    family = ("sdxl",) if sdxl else (("lora",) if method == "lora" else ())
+    if sdxl and not str(model).startswith("stabilityai/stable-diffusion-xl-base-1.0"):
+        values.setdefault("variant", None)  # the preset's fp16 variant is SDXL base's; other models may lack it
+    names = (kind, *family) + (("16gb",) if memory_16gb else ())
     config = preset(*names, **values)
     return config.validate()
+
+
+def native_resolution(model: str) -> int:
+    """The image size `model`'s family was trained at (SD 1.5: 512, SDXL: 1024), from its model_index.json."""
+    from .models import model_family
+
+    return model_family(TrainConfig(pretrained_model_name_or_path=str(model))).native_resolution
 
 
 def run_name(config: TrainConfig) -> str:

@@ -41,19 +41,22 @@ def save(path: Path, *, step: int, config, parts, trained: dict[str, dict], dtyp
     or the EMA weights); `parts` (`models.Components`) gives their configs and, for a `complete` snapshot,
     the frozen parts, the tokenizer and the scheduler.
     """
-    from diffusers import StableDiffusionPipeline
+    import diffusers
 
+    family = parts.family
     with storage.atomic_folder(path) as tmp:
         for name, tensors in trained.items():
             _save_part(getattr(parts, name), tensors, tmp / name, dtype=dtype)
         if complete:
-            pipe = StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
-                                           unet=parts.unet, scheduler=parts.inference_scheduler, safety_checker=None,
-                                           feature_extractor=None, requires_safety_checker=False)
+            pipeline = getattr(diffusers, family.pipeline_class)
+            modules = {name: getattr(parts, name) for name in (*family.text_encoders, *family.tokenizers)}
+            pipe = pipeline(vae=parts.vae, unet=parts.unet, scheduler=parts.inference_scheduler, **modules,
+                            **family.pipeline_kwargs())
             pipe.save_config(tmp)
-            parts.tokenizer.save_pretrained(tmp / "tokenizer")
+            for name in family.tokenizers:
+                getattr(parts, name).save_pretrained(tmp / name)
             parts.inference_scheduler.save_pretrained(tmp / "scheduler")
-            for name in ("vae", "text_encoder"):
+            for name in ("vae", *family.text_encoders):
                 if name not in trained:
                     module = getattr(parts, name)
                     _save_part(module, module.state_dict(), tmp / name, dtype=dtype)
@@ -79,18 +82,19 @@ def save_lora(path: Path, *, step: int, config, parts, adapters: dict[str, dict]
     applies exactly what training did (diffusers' kohya converter writes alpha = rank whatever the adapter's
     alpha was, and a diffusers-format file without metadata loads with alpha = rank as well).
     """
-    from diffusers import StableDiffusionPipeline
+    import diffusers
     from diffusers.utils import convert_state_dict_to_kohya
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
+    family = parts.family
     scale = alpha / config.lora_rank
     peft = {}
     for name, tensors in adapters.items():
         tensors = {k: v.detach().to("cpu", torch.float32) for k, v in tensors.items()}
         layer = get_peft_model_state_dict(getattr(parts, name), state_dict=tensors)
         layer = {k: (v * scale if ".lora_B." in k else v).to(dtype) for k, v in layer.items()}
-        if name == "text_encoder":
+        if name.startswith("text_encoder"):
             # Named from the CLIP layout, not from what the installed transformers calls its modules: 5.x
             # drops the `text_model.` level that every LoRA file (and kohya's `lora_te_text_model_…`) has.
             layer = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in layer.items()}
@@ -98,20 +102,21 @@ def save_lora(path: Path, *, step: int, config, parts, adapters: dict[str, dict]
     with storage.atomic_folder(path) as tmp:
         # PEFT's key layout (`….lora_A.weight`), diffusers' current format: its older `lora.down` names
         # cover linear layers only, and a conv adapter beside them made diffusers drop the linear ones.
-        StableDiffusionPipeline.save_lora_weights(
+        getattr(diffusers, family.pipeline_class).save_lora_weights(
             tmp, weight_name=LORA_WEIGHTS, **{f"{name}_lora_layers": layer for name, layer in peft.items()})
         kohya = convert_state_dict_to_kohya({f"{name}.{k}": v for name, layer in peft.items() for k, v in layer.items()})
-        # diffusers names the text encoder `lora_te1_` (SDXL has two); SD 1.x and 2.x files say `lora_te_`.
-        kohya = {k.replace("lora_te1_", "lora_te_", 1): v for k, v in kohya.items()}
+        if not family.is_sdxl:  # diffusers says `lora_te1_` (SDXL has two encoders); SD 1.x/2.x files say `lora_te_`
+            kohya = {k.replace("lora_te1_", "lora_te_", 1): v for k, v in kohya.items()}
         save_file({k: v.contiguous() for k, v in kohya.items()}, tmp / KOHYA_WEIGHTS,
                   metadata={"ss_network_dim": str(config.lora_rank), "ss_network_alpha": str(config.lora_rank),
-                            "ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1"})
+                            "ss_network_module": "networks.lora",
+                            "ss_base_model_version": "sdxl_base_v1-0" if family.is_sdxl else "sd_v1"})
         storage.write_json(tmp / storage.SNAPSHOT_MARKER, {
             "format": FORMAT, "step": step, "complete": False, "trained": sorted(adapters), "method": "lora",
             "lora": {"rank": config.lora_rank, "alpha": alpha, "scale_folded_into_up_weights": scale,
                      "target_modules": list(config.lora_target_modules)},
             "base": _base_reference(config.pretrained_model_name_or_path), "revision": config.revision,
-            "variant": config.variant, "native_resolution": _native_resolution(parts),
+            "variant": config.variant, "native_resolution": _native_resolution(parts), "vae": parts.vae_source,
             "dtype": str(dtype).removeprefix("torch.")})
     return path
 
@@ -173,34 +178,46 @@ def native_resolution(path) -> int:
 
 
 def load_pipeline(path, *, device: torch.device, dtype: torch.dtype | None = None, revision: str | None = None,
-                  variant: str | None = None):
+                  variant: str | None = None, vae: str | None = None):
     """The inference pipeline of a snapshot, a pipeline folder or a Hub id (`revision`, `variant` for those):
     fp16 on a GPU, fp32 on CPU, safety checker off, no progress bar. A partial snapshot is composed with
-    its base model."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    its base model (and the VAE it trained with: SDXL's fp16-fix one); `vae` names another VAE to use."""
+    import diffusers
+    import transformers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from .config import model_location
-    from .models import diffusers_dtype, transformers_dtype
+    from .families import family_of
+    from .models import SDXL_FP16_VAE, _read_model_index, diffusers_dtype, transformers_dtype
 
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     path_text = str(path)
     meta = info(path) if model_location(path_text) == "folder" else {"complete": True, "trained": []}
-    meta = {"revision": revision, "variant": variant, **{k: v for k, v in meta.items() if v is not None}}
+    meta = {"revision": revision, "variant": variant, "vae": vae, **{k: v for k, v in meta.items() if v is not None}}
     source, overrides = resolve(path_text), {}
     lora = meta.get("method") == "lora"
     if not meta["complete"]:
         source = resolve(meta["base"])  # a single file: its converted folder
-    if not meta["complete"] and not lora:
-        overrides["unet"] = UNet2DConditionModel.from_pretrained(Path(path) / "unet", **diffusers_dtype(dtype))
-        if "text_encoder" in meta["trained"]:
-            overrides["text_encoder"] = CLIPTextModel.from_pretrained(Path(path) / "text_encoder",
-                                                                      **transformers_dtype(dtype))
+    local = model_location(source) == "folder"
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
+        index = _read_model_index(source, revision=meta.get("revision"))
+        if not meta["complete"] and not lora:
+            overrides["unet"] = UNet2DConditionModel.from_pretrained(Path(path) / "unet", **diffusers_dtype(dtype))
+            for name in meta["trained"]:
+                if name.startswith("text_encoder"):
+                    overrides[name] = getattr(transformers, index[name][1]).from_pretrained(
+                        Path(path) / name, **transformers_dtype(dtype))
+        family = family_of(index, source=source)
+        # The VAE the snapshot trained with, the one asked for, or SDXL's fp16-fix one wherever SDXL runs in
+        # fp16 (its own VAE overflows to NaN there: black images); a complete snapshot carries its own.
+        other_vae = meta.get("vae") if (vae or not meta["complete"]) else None
+        if other_vae is None and family.is_sdxl and dtype == torch.float16:
+            other_vae = SDXL_FP16_VAE
+        if other_vae:
+            overrides["vae"] = AutoencoderKL.from_pretrained(other_vae, **diffusers_dtype(dtype))
+        pipe = getattr(diffusers, family.pipeline_class).from_pretrained(
             source, **diffusers_dtype(dtype), revision=meta.get("revision"), variant=meta.get("variant"),
-            local_files_only=model_location(source) == "folder", safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False, **overrides)
+            local_files_only=local, **family.pipeline_kwargs(), **overrides)
     except OSError as err:
         if meta["complete"]:
             raise
@@ -215,7 +232,7 @@ def load_pipeline(path, *, device: torch.device, dtype: torch.dtype | None = Non
 
 def _load_adapters(pipe, path: Path, *, trained: list[str]) -> None:
     """A LoRA snapshot's adapters into `pipe` (fused: inference runs at the base model's speed)."""
-    if "text_encoder" in trained:
+    if any(name.startswith("text_encoder") for name in trained):
         pipe.load_lora_weights(path, weight_name=LORA_WEIGHTS)
     else:  # UNet only: loading through the pipeline would warn that the text encoder has no adapter
         # (`load_lora_adapter`: diffusers ≥ 0.32, the floor in pyproject.toml)

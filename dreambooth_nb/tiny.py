@@ -225,3 +225,65 @@ def build_sd_topology_pipeline(path, *, version: int = 1, width: int = 16, words
     path = Path(path)
     pipe.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def build_tiny_sdxl_pipeline(path, *, words=TINY_WORDS, seed: int = 0) -> Path:
+    """Save a random tiny `StableDiffusionXLPipeline` to `path` (32 px images, 16 px latents) and return it.
+
+    SDXL's shape at toy size: two CLIP text encoders (the second with a projection, whose pooled output and
+    the six `add_time_ids` go into the UNet's `text_time` embedding), cross-attention over both encoders'
+    hidden states side by side, linear attention projections, an Euler scheduler.
+    """
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModelWithProjection
+
+    tokenizer = build_tokenizer(words)
+    hidden, time_dim = 32, 8  # each encoder's width; the size of each of the 6 time ids' embedding
+    encoders = []
+    for with_projection in (False, True):
+        torch.manual_seed(seed)
+        config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                                num_hidden_layers=2, num_attention_heads=2, projection_dim=hidden,
+                                max_position_embeddings=tokenizer.model_max_length, hidden_act="gelu",
+                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                pad_token_id=tokenizer.pad_token_id)
+        encoders.append((CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config))
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=8,
+        cross_attention_dim=2 * hidden, addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + hidden)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=build_vae(seed=seed), text_encoder=encoders[0], text_encoder_2=encoders[1],
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
+    path = Path(path)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def build_sdxl_shaped_pipeline(path, *, seed: int = 0) -> Path:
+    """A randomly initialised pipeline with SDXL base 1.0's exact shapes (UNet 2.57 B parameters), in fp16.
+
+    For memory and speed measurements on a GPU where the real weights cannot be downloaded; built from the
+    configs in `known_models/` and saved in fp16 (5 GB for the UNet) to keep the build short.
+    """
+    import torch
+    import transformers
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    known = Path(__file__).parent / "known_models" / "stabilityai" / "stable-diffusion-xl-base-1.0"
+    tokenizer = build_tokenizer(TINY_WORDS, model_max_length=77)
+    torch.manual_seed(seed)
+    parts = {"unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(known / "unet")),
+             "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(known / "vae"))}
+    for name, model_class in (("text_encoder", "CLIPTextModel"), ("text_encoder_2", "CLIPTextModelWithProjection")):
+        config = transformers.CLIPTextConfig.from_pretrained(known / name)
+        parts[name] = getattr(transformers, model_class)(config)
+    scheduler = EulerDiscreteScheduler.from_pretrained(known, subfolder="scheduler")
+    pipe = StableDiffusionXLPipeline(tokenizer=tokenizer, tokenizer_2=tokenizer, scheduler=scheduler, **parts)
+    pipe.to(torch.float16).save_pretrained(Path(path), safe_serialization=True)
+    return Path(path)

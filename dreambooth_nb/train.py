@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from . import memory, models, snapshots, storage
 from .config import TrainConfig, changed_settings
 from .methods import method_for
-from .data import CLASS, INSTANCE, ImageFolder, LatentSource, item_index, sample_generator, tokenize
+from .data import CLASS, ImageFolder, LatentSource, item_index, sample_generator
+from .prompts import Prompts
 from .errors import ConfigError, TrainingStopped
 from .single_file import resolve
 
@@ -110,6 +111,9 @@ def _train(config: TrainConfig, *, on_step, progress_bar: bool, progress: Progre
         print(f"Training already finished: {final}")
         return final
 
+    method = method_for(config)
+    method.check(models.model_family(config))  # e.g. full fine-tuning of SDXL: refused before any download
+
     # --- Before anything is downloaded or encoded: will what this run writes fit the disk?
     start_step = json.loads((resume_from / storage.STATE_MARKER).read_text())["step"] if resume_from else 0
     disk = memory.disk_plan(config, sizes=memory.run_sizes(config), start_step=start_step,
@@ -131,7 +135,6 @@ def _train(config: TrainConfig, *, on_step, progress_bar: bool, progress: Progre
     precision = models.resolve_precision(config.mixed_precision, models.default_device())
     accelerator = _new_accelerator(config, precision=precision)
     device = accelerator.device
-    method = method_for(config)
     parts = models.load_components(config, device=device, precision=precision, method=method)
     attention = models.set_attention(parts.unet, backend=config.attention_backend, device=device)
     models.enable_tf32(device)
@@ -156,14 +159,13 @@ def _train(config: TrainConfig, *, on_step, progress_bar: bool, progress: Progre
                for folder in folders]
     if config.cache_latents:
         _off_the_gpu(parts.vae)  # kept in host memory for the final snapshot; the GPU memory goes to training
-    token_ids = torch.cat([tokenize(folder.prompt, tokenizer=parts.tokenizer) for folder in folders])
+    prompts = Prompts([folder.prompt for folder in folders], family=parts.family, tokenizers=parts.tokenizers)
 
     # --- Optimizer over the trained parts, one named group each with its own learning rate.
     progress.stage = "setting up the optimizer"
-    learning_rates = {"unet": config.learning_rate,
-                      "text_encoder": config.text_encoder_learning_rate or config.learning_rate}
     groups = [{"name": name, "params": [p for p in module.parameters() if p.requires_grad],
-               "lr": learning_rates[name]} for name, module in trained.items()]
+               "lr": config.learning_rate if name == "unet" else config.text_encoder_learning_rate or config.learning_rate}
+              for name, module in trained.items()]
     optimizer, progress.optimizer = make_optimizer(groups, config=config, device=device)
     from diffusers.optimization import get_scheduler
 
@@ -181,17 +183,20 @@ def _train(config: TrainConfig, *, on_step, progress_bar: bool, progress: Progre
     config.to_json(out / "config.json")
 
     progress.stage = "preparing the models"
-    prepared = accelerator.prepare(*trained.values(), optimizer)
-    unet, optimizer = prepared[0], prepared[-1]
-    text_encoder = prepared[1] if config.train_text_encoder else parts.text_encoder
+    *prepared, optimizer = accelerator.prepare(*trained.values(), optimizer)
+    prepared = dict(zip(trained, prepared))
+    unet = prepared["unet"]
+    encoders = [prepared.get(name, getattr(parts, name)) for name in parts.family.text_encoders]
     te_training = config.train_text_encoder and not _text_encoder_stopped(config, step)
     if te_training:
-        text_encoder.train()  # also what makes its gradient checkpointing act (transformers checks `training`)
-    embeddings = None if te_training else _embed_and_release(token_ids, text_encoder, device)
+        for encoder in encoders:  # also what makes their checkpointing act (transformers checks `training`)
+            encoder.train()
+    else:
+        prompts.encode_once(encoders, device=device)  # frozen: every prompt once; the encoders leave the GPU
 
     states = f"a state every {checkpointing_steps} steps" if checkpointing_steps else "no state before the end"
-    print(f"Training {_count(trained):,} parameters ({method.name}) on {device} ({attention} attention, "
-          f"{type(optimizer.optimizer).__name__}, mixed precision {precision}); {states}.")
+    print(f"Training {_count(trained):,} parameters ({method.name}, {parts.family.name}) on {device} ({attention} "
+          f"attention, {type(optimizer.optimizer).__name__}, mixed precision {precision}); {states}.")
     unet.train()
     micro_per_step = config.gradient_accumulation_steps
     # (`disable` only when asked: passing False would override TQDM_DISABLE, which tests and CI set)
@@ -200,16 +205,15 @@ def _train(config: TrainConfig, *, on_step, progress_bar: bool, progress: Progre
         progress.stage, progress.step = "training", step + 1
         step_losses = []
         for micro in range(step * micro_per_step, (step + 1) * micro_per_step):
-            with accelerator.accumulate(*([unet, text_encoder] if te_training else [unet])):
+            with accelerator.accumulate(*([unet, *encoders] if te_training else [unet])):
                 batch = make_batch(micro, config=config, latents=latents, folders=folders,
                                    num_timesteps=parts.noise_scheduler.config.num_train_timesteps)
-                loss = compute_loss(batch, unet=unet, text_encoder=text_encoder if te_training else None,
-                                    embeddings=embeddings, token_ids=token_ids, parts=parts, config=config,
-                                    device=device)
+                loss = compute_loss(batch, unet=unet, prompts=prompts, encoders=encoders if te_training else None,
+                                    scheduler=parts.noise_scheduler, config=config, device=device)
                 _stop_if_not_finite(loss, step=step, config=config)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    params = [p for m in (unet, text_encoder) for p in m.parameters() if p.requires_grad]
+                    params = [p for m in (unet, *encoders) for p in m.parameters() if p.requires_grad]
                     norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
                     if norm is not None and accelerator.scaler is None:  # (fp16's scaler skips such steps)
                         # A finite loss can still give NaN gradients: never let them into the weights,
@@ -230,21 +234,22 @@ def _train(config: TrainConfig, *, on_step, progress_bar: bool, progress: Progre
 
         if te_training and _text_encoder_stopped(config, step):
             te_training = False
-            _freeze(text_encoder)
-            embeddings = _embed_and_release(token_ids, text_encoder, device)
+            for encoder in encoders:
+                _freeze(encoder)
+            prompts.encode_once(encoders, device=device)
+        trained_now = {name: accelerator.unwrap_model(module) for name, module in prepared.items()}
         # Snapshot before state: a kill between the two then resumes from the earlier state and redoes both.
         if step in config.snapshot_steps or step == config.max_train_steps:
             progress.stage = f"saving the snapshot of step {step}"
             if step == config.max_train_steps:  # a finished run is never trained again: its history goes first
                 storage.write_json(out / "history.json", history.to_dict())
             save_snapshot(storage.snapshot_path(out, step), step=step, parts=parts, method=method,
-                          unet=accelerator.unwrap_model(unet), text_encoder=accelerator.unwrap_model(text_encoder),
-                          ema=ema, config=config, precision=precision)
+                          trained=trained_now, ema=ema, precision=precision)
         if checkpointing_steps and step % checkpointing_steps == 0 and step < config.max_train_steps:
             progress.stage = f"saving the training state of step {step}"
             save_state(storage.state_path(out, step), step=step, history=history, config=config, method=method,
-                       unet=accelerator.unwrap_model(unet), text_encoder=accelerator.unwrap_model(text_encoder),
-                       optimizer=optimizer, lr_scheduler=lr_scheduler, accelerator=accelerator, ema=ema)
+                       trained=trained_now, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                       accelerator=accelerator, ema=ema)
             storage.rotate_states(out, keep=config.checkpoints_total_limit)
         if on_step is not None:
             on_step(step, history.losses[-1], lr)
@@ -258,35 +263,35 @@ def _train(config: TrainConfig, *, on_step, progress_bar: bool, progress: Progre
 # --- One batch and its loss -------------------------------------------------------------------------------
 def make_batch(micro: int, *, config: TrainConfig, latents: list[LatentSource], folders: list[ImageFolder],
                num_timesteps: int):
-    """Latents, noise, timesteps and prompt ids for micro-batch `micro`: instance samples, then class samples."""
+    """Micro-batch `micro`: instance samples, then class samples. Per row: the latent, its noise and timestep,
+    its prompt (index into the run's prompt table), whether it is a prior (class) sample, and the photo's
+    original size and crop corner (SDXL is conditioned on them)."""
     rows = []
     for stream, (source, folder) in enumerate(zip(latents, folders)):
         for position in range(micro * config.train_batch_size, (micro + 1) * config.train_batch_size):
             gen = sample_generator(config.seed, stream, position)
             index = item_index(config.seed, stream, position, len(folder))
             flip = config.random_flip and bool(torch.rand((), generator=gen) < 0.5)
-            latent = source.sample(index, flip=flip, gen=gen)
+            latent, crop = source.sample(index, flip=flip, gen=gen)
             noise = torch.randn(latent.shape, generator=gen)
             if config.offset_noise:
                 noise = noise + config.offset_noise * torch.randn((latent.shape[0], 1, 1), generator=gen)
             timestep = torch.randint(0, num_timesteps, (), generator=gen)
-            rows.append((latent, noise, timestep, stream))
-    latent, noise, timestep, stream = (torch.stack([torch.as_tensor(r[i]) for r in rows]) for i in range(4))
-    return {"latents": latent, "noise": noise, "timesteps": timestep, "stream": stream}
+            rows.append(dict(latents=latent, noise=noise, timesteps=timestep, prompt=stream, is_prior=stream == CLASS,
+                             original_size=folder.original_size(index), crop=crop))
+    return {key: torch.stack([torch.as_tensor(row[key]) for row in rows]) for key in rows[0]}
 
 
-def compute_loss(batch, *, unet, text_encoder, embeddings, token_ids, parts, config: TrainConfig, device):
-    """Diffusion loss: instance MSE + prior_loss_weight × class MSE (each averaged over its own half)."""
-    scheduler = parts.noise_scheduler
+def compute_loss(batch, *, unet, prompts, encoders, scheduler, config: TrainConfig, device):
+    """Diffusion loss: instance MSE + prior_loss_weight × class MSE (each averaged over its own half).
+
+    `encoders` are the text encoders while they train (None once they are frozen: `prompts` then holds
+    every prompt's encoding)."""
     timesteps = batch["timesteps"].to(device)
     latents, noise = batch["latents"].to(device), batch["noise"].to(device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    stream = batch["stream"].to(device)
-    if text_encoder is not None:
-        hidden = text_encoder(token_ids.to(device)[stream])[0]
-    else:
-        hidden = embeddings[stream]
-    prediction = unet(noisy, timesteps, hidden).sample
+    hidden, added = prompts.conditioning(batch, encoders=encoders, device=device, resolution=config.resolution)
+    prediction = unet(noisy, timesteps, hidden, added_cond_kwargs=added).sample
     if scheduler.config.prediction_type == "v_prediction":
         target = scheduler.get_velocity(latents, noise, timesteps)
     else:
@@ -294,9 +299,10 @@ def compute_loss(batch, *, unet, text_encoder, embeddings, token_ids, parts, con
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if config.snr_gamma is not None:
         per_sample = per_sample * _min_snr_weights(scheduler, timesteps, config.snr_gamma)
-    instance = per_sample[stream == INSTANCE].mean()
+    prior = batch["is_prior"].to(device)
+    instance = per_sample[~prior].mean()
     if config.with_prior_preservation:
-        return instance + config.prior_loss_weight * per_sample[stream == CLASS].mean()
+        return instance + config.prior_loss_weight * per_sample[prior].mean()
     return instance
 
 
@@ -388,13 +394,13 @@ def _trained_names(module) -> list[str]:
 
 
 # --- Saving and loading ---------------------------------------------------------------------------------
-def save_snapshot(path: Path, *, step: int, parts: models.Components, method, unet, text_encoder, ema,
-                  config: TrainConfig, precision: str) -> None:
-    """The trained weights of `step` (fp16 if training used mixed precision), as the method saves them."""
+def save_snapshot(path: Path, *, step: int, parts: models.Components, method, trained: dict, ema,
+                  precision: str) -> None:
+    """The trained weights of `step` (fp16 if training used mixed precision), as the method saves them.
+    `trained`: the trained parts by name, unwrapped."""
     dtype = torch.float16 if precision != "no" else torch.float32
-    weights = {"unet": _unet_weights(unet, ema, method=method)}
-    if config.train_text_encoder:
-        weights["text_encoder"] = method.saved_tensors(text_encoder)
+    weights = {name: method.saved_tensors(module) for name, module in trained.items()}
+    weights["unet"] = _unet_weights(trained["unet"], ema, method=method)
     method.save_snapshot(path, step=step, parts=parts, weights=weights, dtype=dtype)
 
 
@@ -407,7 +413,7 @@ def _unet_weights(unet, ema, *, method) -> dict:
     return tensors
 
 
-def save_state(path: Path, *, step: int, history: History, config: TrainConfig, method, unet, text_encoder,
+def save_state(path: Path, *, step: int, history: History, config: TrainConfig, method, trained: dict,
                optimizer, lr_scheduler, accelerator, ema) -> None:
     """Everything needed to continue bit for bit; written atomically, then the marker last.
 
@@ -415,9 +421,8 @@ def save_state(path: Path, *, step: int, history: History, config: TrainConfig, 
     to the host, so a save adds at most one shard to host memory, whatever the model's size.
     """
     with storage.atomic_folder(path) as tmp:
-        storage.save_weights(method.saved_tensors(unet), tmp, filename="unet.safetensors")
-        if config.train_text_encoder:
-            storage.save_weights(method.saved_tensors(text_encoder), tmp, filename="text_encoder.safetensors")
+        for name, module in trained.items():  # unet, then text_encoder (and SDXL's text_encoder_2) when trained
+            storage.save_weights(method.saved_tensors(module), tmp, filename=f"{name}.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
         if accelerator.scaler is not None:
@@ -425,7 +430,8 @@ def save_state(path: Path, *, step: int, history: History, config: TrainConfig, 
         if ema is not None:
             counters = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
             storage.write_json(tmp / "ema.json", counters)
-            storage.save_weights(dict(zip(_trained_names(unet), ema.shadow_params)), tmp, filename="ema.safetensors")
+            storage.save_weights(dict(zip(_trained_names(trained["unet"]), ema.shadow_params)), tmp,
+                                 filename="ema.safetensors")
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -442,9 +448,10 @@ def load_state(path: Path, *, parts, method, optimizer, lr_scheduler, accelerato
 
     meta = json.loads((path / storage.STATE_MARKER).read_text())
     _load_weights(parts.unet, path, "unet.safetensors", expected=method.saved_tensors(parts.unet))
-    if storage.weights_exist(path, filename="text_encoder.safetensors"):  # trained so far; maybe frozen from now on
-        _load_weights(parts.text_encoder, path, "text_encoder.safetensors",
-                      expected=method.saved_tensors(parts.text_encoder))
+    for name in parts.family.text_encoders:  # trained so far; maybe frozen from now on
+        if storage.weights_exist(path, filename=f"{name}.safetensors"):
+            encoder = getattr(parts, name)
+            _load_weights(encoder, path, f"{name}.safetensors", expected=method.saved_tensors(encoder))
     saved = load("optimizer.pt")
     kind = type(getattr(optimizer, "optimizer", optimizer)).__name__
     if meta.get("optimizer", kind) != kind:  # e.g. 8-bit Adam turned on after running out of memory
@@ -579,15 +586,6 @@ def _freeze(text_encoder) -> None:
     # Without gradients its parameters are skipped by AdamW (8-bit too): no update, no weight decay.
     text_encoder.requires_grad_(False)
     text_encoder.eval()
-
-
-@torch.no_grad()
-def _embed_and_release(token_ids, text_encoder, device) -> torch.Tensor:
-    """The prompts' embeddings, computed once; then the frozen text encoder leaves the GPU (it is kept in
-    host memory for the final snapshot)."""
-    embeddings = text_encoder(token_ids.to(device))[0].float()
-    _off_the_gpu(text_encoder)
-    return embeddings
 
 
 def _off_the_gpu(module) -> None:

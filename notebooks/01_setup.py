@@ -56,7 +56,8 @@ INSTANCE_PROMPT = "a photo of sks dog"  #@param {type:"string"}
 CLASS_PROMPT = "a photo of a dog"  #@param {type:"string"}
 PRIOR_PRESERVATION = "preset"  #@param ["preset", "on", "off"]
 NUM_CLASS_IMAGES = 0  #@param {type:"integer"}
-RESOLUTION = 512  #@param {type:"integer"}
+#@markdown Resolution 0: the model's native size (512 for SD 1.5, 1024 for SDXL, which always trains a LoRA).
+RESOLUTION = 0  #@param {type:"integer"}
 LEARNING_RATE = 0.0  #@param {type:"number"}
 MAX_STEPS = 0  #@param {type:"integer"}
 
@@ -102,7 +103,8 @@ print(f"Project folder: {project.root}")
 instance_dir = Path(INSTANCE_DIR) if INSTANCE_DIR else project.instance_dir
 if UPLOAD_PHOTOS:
     platform.upload_photos(instance_dir)
-report = images.scan_images(instance_dir, resolution=RESOLUTION)
+resolution = RESOLUTION or projects.native_resolution(MODEL_ID)
+report = images.scan_images(instance_dir, resolution=resolution)
 print(report.summary())
 ui.show_image(images.thumbnail_grid(report.usable))
 
@@ -115,7 +117,7 @@ ui.show_image(images.thumbnail_grid(report.usable))
 config = projects.setup_config(
     project, kind=PRESET, method=METHOD, memory_16gb=MEMORY_16GB, model=MODEL_ID, instance_dir=instance_dir,
     instance_prompt=INSTANCE_PROMPT, class_prompt=CLASS_PROMPT, prior_preservation=PRIOR_PRESERVATION,
-    num_class_images=NUM_CLASS_IMAGES, resolution=RESOLUTION, learning_rate=LEARNING_RATE, max_steps=MAX_STEPS)
+    num_class_images=NUM_CLASS_IMAGES, resolution=resolution, learning_rate=LEARNING_RATE, max_steps=MAX_STEPS)
 print(f"Saved {project.save_config(config)}\n")
 print(ui.config_summary(config))
 

@@ -46,6 +46,8 @@ PROJECT_DIR = ""  #@param {type:"string"}
 RUN = ""  #@param {type:"string"}
 STEP = 0  #@param {type:"integer"}
 HALF = True  #@param {type:"boolean"}
+#@markdown A LoRA run exports its adapters (a few MB, loaded as a LoRA); `MERGED` exports base + LoRA as one checkpoint instead.
+MERGED = False  #@param {type:"boolean"}
 #@markdown File name in `PROJECT_DIR/exports` (empty: the run's name and step).
 FILE_NAME = ""  #@param {type:"string"}
 PUSH_TO_HUB = False  #@param {type:"boolean"}
@@ -70,7 +72,7 @@ snapshot = snapshot_in_project(project, RUN, step=STEP)
 # steps and the learning rate (never a token or your folders).
 
 # %%
-exported = export(snapshot, project.exports_dir / file_name(snapshot, FILE_NAME), half=HALF)
+exported = export(snapshot, project.exports_dir / file_name(snapshot, FILE_NAME), half=HALF, merged=MERGED)
 
 # %% [markdown]
 # ## The Hub (optional)

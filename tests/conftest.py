@@ -32,6 +32,14 @@ def tiny_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_model(tmp_path_factory):
+    """Folder of a random tiny `StableDiffusionXLPipeline` (two text encoders, `text_time` conditioning)."""
+    from dreambooth_nb.tiny import build_tiny_sdxl_pipeline
+
+    return build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+@pytest.fixture(scope="session")
 def tiny_model_vpred(tmp_path_factory):
     from dreambooth_nb.tiny import build_tiny_pipeline
 

@@ -126,4 +126,4 @@ def test_a_valid_config_passes(make_config):
 
 
 def test_presets_are_known():
-    assert set(PRESETS) == {"object", "face", "lora", "16gb"}
+    assert set(PRESETS) == {"object", "face", "lora", "sdxl", "16gb"}

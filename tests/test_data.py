@@ -32,15 +32,28 @@ def test_sample_generators_depend_on_seed_stream_and_position_only():
 def test_resize_and_crop_gives_a_square_of_the_resolution(size):
     image = Image.new("RGB", size, (255, 0, 0))
     for center in (True, False):
-        out = resize_and_crop(image, resolution=32, center_crop=center, gen=torch.Generator().manual_seed(0))
+        out, (top, left) = resize_and_crop(image, resolution=32, center_crop=center,
+                                           gen=torch.Generator().manual_seed(0))
         assert out.size == (32, 32)
+        w, h = data_module.resized_size(size, 32)
+        assert 0 <= top <= h - 32 and 0 <= left <= w - 32
+
+
+def test_the_crop_corner_is_where_the_pixels_came_from():
+    """SDXL is conditioned on the crop's top-left corner: it must be the corner of the pixels it got."""
+    image = Image.linear_gradient("L").rotate(90).convert("RGB").resize((96, 32))  # varies left to right
+    for seed in range(4):
+        crop, (top, left) = resize_and_crop(image, resolution=32, center_crop=False,
+                                            gen=torch.Generator().manual_seed(seed))
+        assert top == 0 and crop.tobytes() == image.crop((left, 0, left + 32, 32)).tobytes()
+    assert resize_and_crop(image, resolution=32, center_crop=True, gen=torch.Generator())[1] == (0, 32)
 
 
 def test_random_crop_moves_and_center_crop_does_not():
     image = Image.linear_gradient("L").rotate(90).convert("RGB").resize((96, 32))  # varies left to right
-    crops = {resize_and_crop(image, resolution=32, center_crop=False, gen=torch.Generator().manual_seed(s)).tobytes()
+    crops = {resize_and_crop(image, resolution=32, center_crop=False, gen=torch.Generator().manual_seed(s))[0].tobytes()
              for s in range(6)}
-    centers = {resize_and_crop(image, resolution=32, center_crop=True, gen=torch.Generator().manual_seed(s)).tobytes()
+    centers = {resize_and_crop(image, resolution=32, center_crop=True, gen=torch.Generator().manual_seed(s))[0].tobytes()
                for s in range(6)}
     assert len(crops) > 1 and len(centers) == 1
 

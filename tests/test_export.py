@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from sd_runs import PROMPT, train_run
 
 from dreambooth_nb import snapshots, storage
-from dreambooth_nb.errors import ConfigError, DataError, DreamboothError
+from dreambooth_nb.errors import ConfigError, DataError
 from dreambooth_nb.export import ExportError, choose_snapshot, export, how_to_use, layout_for
 from dreambooth_nb.tiny import build_sd_topology_pipeline
 
@@ -187,11 +187,7 @@ def test_fp16_overflow_and_other_families_are_refused(runs, tmp_path):
     assert export(snapshot, tmp_path / "x.safetensors", half=False).is_file()
     with pytest.raises(ExportError, match="SDXL"):
         layout_for({"unet": {"addition_embed_type": "text_time"}, "text_encoder": {}})
-    lora = tmp_path / "lora"
-    lora.mkdir()
-    (lora / "snapshot.json").write_text(json.dumps({"complete": False, "trained": ["unet"], "method": "lora"}))
-    with pytest.raises(DreamboothError, match="lora snapshot"):
-        export(lora, tmp_path / "lora.safetensors")
+    # (a LoRA snapshot exports its adapters: tests/test_lora.py)
 
 
 def test_how_to_use_names_the_file_prompt_and_base(runs, tmp_path):

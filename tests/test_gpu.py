@@ -73,9 +73,13 @@ def test_a_frozen_text_encoder_leaves_the_gpu(make_config, monkeypatch):
     train_module = importlib.import_module("dreambooth_nb.train")
     real, where = train_module.compute_loss, []
 
+    parts = []
+    real_load = train_module.models.load_components
+    monkeypatch.setattr(train_module.models, "load_components", lambda *a, **k: parts.append(real_load(*a, **k)) or parts[-1])
+
     def spy(batch, **kwargs):
-        where.append((next(kwargs["parts"].text_encoder.parameters()).device.type,
-                      next(kwargs["parts"].vae.parameters()).device.type))
+        where.append((next(parts[0].text_encoder.parameters()).device.type,
+                      next(parts[0].vae.parameters()).device.type))
         return real(batch, **kwargs)
 
     monkeypatch.setattr(train_module, "compute_loss", spy)

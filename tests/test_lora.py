@@ -145,3 +145,29 @@ def test_adapters_on_convolutions_and_attention_both_load(make_config, tiny_mode
     loaded, base = pipe.unet.state_dict(), _fused(tiny_model, None)["unet"]
     for module in ("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", "down_blocks.0.resnets.0.conv1"):
         assert not torch.equal(loaded[f"{module}.weight"], base[f"{module}.weight"]), module
+
+
+def test_a_lora_run_exports_its_adapters_or_a_merged_checkpoint(make_config, tmp_path):
+    """`export` of a LoRA run writes kohya's file with the run's metadata (the adapters, a few kB here), or
+    with `merged` one original-layout checkpoint of base + adapters that diffusers' single-file loader reads."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+
+    from dreambooth_nb.export import export, how_to_use
+
+    config = make_config(max_train_steps=2, **LORA)
+    final = train(config)
+    adapters = export(final, tmp_path / "lora.safetensors")
+    assert load_file(adapters).keys() == load_file(final / snapshots.KOHYA_WEIGHTS).keys()
+    with safe_open(adapters, framework="pt") as handle:
+        meta = handle.metadata()
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora" and meta["dreambooth_nb.method"] == "lora"
+    assert meta["modelspec.trigger_phrase"] == config.instance_prompt
+    assert "<lora:lora:1>" in how_to_use(adapters)
+    merged = export(final, tmp_path / "merged.safetensors", half=False, merged=True)
+    pipe = StableDiffusionPipeline.from_single_file(merged, config=config.pretrained_model_name_or_path,
+                                                    local_files_only=True)
+    fused = snapshots.load_pipeline(final, device=torch.device("cpu"))
+    fused.unload_lora_weights()
+    ours, theirs = fused.unet.state_dict(), pipe.unet.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)  # fp32 export: every weight exactly

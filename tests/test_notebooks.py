@@ -16,6 +16,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from dreambooth_nb import snapshots, storage
 from dreambooth_nb.demo import ORDER, inject_parameters, run_notebook
 
 # The first test that needs a notebook runs every earlier one too, each in its own kernel (imports alone
@@ -299,3 +300,25 @@ def test_a_dreambooth_error_shows_its_message_only_and_fails_the_cell(tmp_path):
     assert errors[0].ename == "ConfigError"
     assert len(errors[0].traceback) == 1 and "Run notebook 01" in errors[0].traceback[0]
     assert "Traceback" not in errors[0].traceback[0] and "File " not in errors[0].traceback[0]
+
+
+# --- The same notebooks on a tiny SDXL pipeline, training a LoRA -----------------------------------------
+@pytest.fixture(scope="module")
+def sdxl_suite(tiny_sdxl_model, tmp_path_factory):
+    suite = Suite(tmp_path_factory.mktemp("sdxl-suite"), tiny_sdxl_model)
+    suite.parameters["01_setup"].update(METHOD="lora", LEARNING_RATE=1e-3, PRIOR_PRESERVATION="off")
+    suite.parameters["05_sweep"].update(LEARNING_RATES="1e-3, 5e-4")
+    return suite
+
+
+def test_the_notebooks_train_and_export_an_sdxl_lora(sdxl_suite):
+    """01 → 06 headless on SDXL: setup (the plan names SDXL), training through the panel, comparison and sweep
+    rendered by the SDXL pipeline, and notebook 6 exporting the LoRA as kohya's file."""
+    for name in ORDER:
+        sdxl_suite.run(name)
+    run = sdxl_suite.project / "runs" / "lr1e-3-lora"
+    assert snapshots.info(storage.snapshot_path(run, 4))["method"] == "lora"
+    assert sorted(p.name for p in (sdxl_suite.project / "exports").iterdir()) == ["lr1e-3-lora-step-000004.safetensors"]
+    assert "Exported the LoRA of lr1e-3-lora/step-000004" in stream_text(sdxl_suite.results["06_export"])
+    assert widget_images(sdxl_suite.results["04_comparison"]) == 1
+    assert (sdxl_suite.project / "sweeps" / "sweep-grid.png").is_file()

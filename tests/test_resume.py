@@ -196,12 +196,18 @@ VARIANTS = {
         method="lora", learning_rate=1e-3, use_8bit_adam=True, train_text_encoder=True,
         gradient_accumulation_steps=2, with_prior_preservation=True, class_prompt="a photo of a dog",
         num_class_images=3, sample_batch_size=3, use_ema=True, max_train_steps=7, checkpointing_steps=3),
+    # SDXL: two text encoders with adapters, added time ids from random crops and flips.
+    "sdxl-lora-te-crop-flip": dict(
+        sdxl=True, method="lora", learning_rate=1e-3, train_text_encoder=True, center_crop=False, random_flip=True,
+        gradient_accumulation_steps=2, max_train_steps=6, checkpointing_steps=2),
 }
 
 
 @pytest.mark.parametrize("name", VARIANTS)
-def test_resume_is_bitwise_for_every_stateful_option(make_config, tmp_path, server, name):
+def test_resume_is_bitwise_for_every_stateful_option(make_config, tmp_path, server, name, request):
     options = dict(VARIANTS[name])
+    if options.pop("sdxl", False):
+        options["pretrained_model_name_or_path"] = str(request.getfixturevalue("tiny_sdxl_model"))
     if options.get("with_prior_preservation"):
         options["class_data_dir"] = str(tmp_path / "class")
     config = make_config(output_dir=str(tmp_path / "killed"), **options)

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from dreambooth_nb import train
 from dreambooth_nb.data import CLASS, INSTANCE, ImageFolder, LatentSource
 from dreambooth_nb.models import load_components
+from dreambooth_nb.prompts import Prompts
 from dreambooth_nb.train import compute_loss, make_batch, make_optimizer
 
 # The package exports the function `train`, which hides the module of the same name as an attribute.
@@ -155,16 +156,18 @@ def test_prior_loss_is_computed_on_the_class_half_only(make_config, tiny_model, 
     sources = [LatentSource(folder, vae=parts.vae, resolution=32, center_crop=True, cache=True, flips=(False,),
                             device=torch.device("cpu"), dtype=torch.float32)] * 2
     batch = make_batch(0, config=config, latents=sources, folders=[folder, folder], num_timesteps=1000)
-    assert batch["stream"].tolist() == [INSTANCE, INSTANCE, CLASS, CLASS]
+    assert batch["prompt"].tolist() == [INSTANCE, INSTANCE, CLASS, CLASS]
+    assert batch["is_prior"].tolist() == [False, False, True, True]
 
-    def unet(noisy, timesteps, hidden):
-        off = (batch["stream"] == CLASS).float().view(-1, 1, 1, 1)
+    def unet(noisy, timesteps, hidden, added_cond_kwargs=None):
+        off = batch["is_prior"].float().view(-1, 1, 1, 1)
         return _FakeOutput(batch["noise"] + off)
 
-    embeddings = torch.zeros(2, 16, 32)
+    prompts = Prompts(["a photo of sks dog", "a dog"], family=parts.family, tokenizers=parts.tokenizers)
+    prompts.encode_once(parts.text_encoders, device=torch.device("cpu"))
     for weight in (0.0, 1.0, 2.5):
-        loss = compute_loss(batch, unet=unet, text_encoder=None, embeddings=embeddings, token_ids=None,
-                            parts=parts, config=config.replace(prior_loss_weight=weight), device=torch.device("cpu"))
+        loss = compute_loss(batch, unet=unet, prompts=prompts, encoders=None, scheduler=parts.noise_scheduler,
+                            config=config.replace(prior_loss_weight=weight), device=torch.device("cpu"))
         assert loss.item() == pytest.approx(weight)  # instance half contributes 0, class half 1 × weight
 
 
@@ -195,7 +198,7 @@ def test_a_trained_text_encoder_runs_in_train_mode(make_config, monkeypatch):
     real = train_module.compute_loss
 
     def spy(batch, **kwargs):
-        modes.append(kwargs["text_encoder"].training)
+        modes.append(all(encoder.training for encoder in kwargs["encoders"]))
         return real(batch, **kwargs)
 
     monkeypatch.setattr(train_module, "compute_loss", spy)
@@ -254,16 +257,14 @@ def test_loss_falls_on_a_fixed_batch(make_config):
     source = LatentSource(folder, vae=parts.vae, resolution=32, center_crop=True, cache=True, flips=(False,),
                           device=torch.device("cpu"), dtype=torch.float32)
     batch = make_batch(0, config=config, latents=[source], folders=[folder], num_timesteps=1000)
-    from dreambooth_nb.data import tokenize
-
-    token_ids = tokenize(config.instance_prompt, tokenizer=parts.tokenizer)
-    embeddings = parts.text_encoder(token_ids)[0].detach()
+    prompts = Prompts([config.instance_prompt], family=parts.family, tokenizers=parts.tokenizers)
+    prompts.encode_once(parts.text_encoders, device=torch.device("cpu"))
     optimizer, _ = make_optimizer([{"params": parts.unet.parameters(), "lr": 1e-3}], config=config,
                                   device=torch.device("cpu"))
     losses = []
     for _ in range(40):
-        loss = compute_loss(batch, unet=parts.unet, text_encoder=None, embeddings=embeddings, token_ids=token_ids,
-                            parts=parts, config=config, device=torch.device("cpu"))
+        loss = compute_loss(batch, unet=parts.unet, prompts=prompts, encoders=None, scheduler=parts.noise_scheduler,
+                            config=config, device=torch.device("cpu"))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

@@ -84,7 +84,7 @@ def test_parse_lists():
 
 
 def test_grid_axes():
-    assert ui.grid_axes("step") == ("run", "step")
+    assert ui.grid_axes("step") == (("prompt", "seed"), ("run", "step"))
     assert ui.grid_axes("prompt") == (("run", "step"), "prompt")
     with pytest.raises(ConfigError):
         ui.grid_axes("seed")
@@ -185,11 +185,11 @@ def test_choosing_lora_in_the_panel_moves_the_learning_rate_to_what_lora_needs(b
 def test_setup_with_lora_uses_the_lora_preset(tmp_path):
     project = projects.Project(tmp_path)
     (tmp_path / "instance").mkdir()
-    config = projects.setup_config(project, kind="face", method="lora", model="some-owner/some-model",
+    config = projects.setup_config(project, kind="face", method="lora", model="stable-diffusion-v1-5/stable-diffusion-v1-5",
                                    instance_prompt="a photo of sks person", class_prompt="a photo of a person")
     assert (config.method, config.learning_rate, config.max_train_steps) == ("lora", 1e-4, 1200)
     with pytest.raises(ConfigError, match="METHOD"):
-        projects.setup_config(project, method="dora", model="a/b", instance_prompt="x")
+        projects.setup_config(project, method="dora", model="stable-diffusion-v1-5/stable-diffusion-v1-5", instance_prompt="x")
 
 
 def test_the_loss_plot_marks_few_points_and_averages_only_many():
@@ -251,21 +251,21 @@ def test_stopping_the_kernel_while_training_says_where_and_how_to_resume(base, t
 def test_setup_config_applies_presets_and_choices(tmp_path):
     project = projects.Project(tmp_path)
     project.instance_dir.mkdir()
-    face = projects.setup_config(project, kind="face", memory_16gb=True, model="owner/model",
+    face = projects.setup_config(project, kind="face", memory_16gb=True, model="stable-diffusion-v1-5/stable-diffusion-v1-5",
                                  instance_prompt="a photo of sks person", class_prompt="a photo of a person",
                                  resolution=512)
     assert face.with_prior_preservation and face.learning_rate == 1e-6 and face.max_train_steps == 1200
     assert (face.train_batch_size, face.gradient_accumulation_steps) == (1, 2)  # 16gb: batch via accumulation
     assert face.use_8bit_adam and face.gradient_checkpointing
     assert face.class_data_dir == str(project.class_dir) and face.instance_data_dir == str(project.instance_dir)
-    obj = projects.setup_config(project, kind="object", memory_16gb=False, model="owner/model",
+    obj = projects.setup_config(project, kind="object", memory_16gb=False, model="stable-diffusion-v1-5/stable-diffusion-v1-5",
                                 instance_prompt="a photo of sks mug", prior_preservation="on",
                                 class_prompt="a photo of a mug", num_class_images=50, learning_rate=5e-6,
                                 max_steps=800)
     assert obj.with_prior_preservation and obj.num_class_images == 50 and obj.train_batch_size == 4
     assert (obj.learning_rate, obj.max_train_steps) == (5e-6, 800)
     with pytest.raises(ConfigError, match="PRESET"):
-        projects.setup_config(project, kind="pet", model="owner/model", instance_prompt="x")
+        projects.setup_config(project, kind="pet", model="stable-diffusion-v1-5/stable-diffusion-v1-5", instance_prompt="x")
 
 
 def test_run_dir_for_resumes_the_same_settings_and_never_mixes_others(base, tmp_path):
