@@ -175,6 +175,12 @@ class LatentSource:
         dist = self.vae.encode(pixels[None].to(self.device, self.dtype)).latent_dist
         return dist.mean[0].float().cpu(), dist.std[0].float().cpu(), crop
 
+    def mean_latent(self, index: int) -> torch.Tensor:
+        """The VAE's mean for image `index` (unflipped, its training crop), scaled as training's samples."""
+        mean = self.cached[index, False][0] if (index, False) in self.cached else \
+            self._encode(index, flip=False, gen=torch.Generator())[0]
+        return mean * self.scaling_factor
+
     def sample(self, index: int, *, flip: bool, gen: torch.Generator) -> tuple[torch.Tensor, tuple[int, int]]:
         """A latent sample of image `index` (flipped or not) and the (top, left) corner of its crop."""
         if (index, flip) in self.cached:  # cached latents are centre crops (validation insists)

@@ -88,7 +88,24 @@ def class_images(config, *, decode: bool = True) -> ClassImages:
     return found
 
 
-def generate_class_images(config, *, device: torch.device | None = None, pipe=None) -> Path:
+def reference_images(config) -> list[Path]:
+    """A few renders of the class prompt by the base model, for the validation loss's prior half when prior
+    preservation is off (`validation.py`); made once into `output_dir/validation/`, deterministic like class
+    images. Empty without a class prompt."""
+    from .validation import REFERENCE_IMAGES
+
+    if not config.class_prompt:
+        return []
+    folder = Path(config.output_dir) / "validation"
+    reference = config.replace(class_data_dir=str(folder), num_class_images=REFERENCE_IMAGES)
+    if class_images(reference, decode=False).to_generate:
+        print(f"Rendering {REFERENCE_IMAGES} images of '{config.class_prompt}' with the base model, once: the "
+              "validation loss measures how far training moves the class from them.")
+        generate_class_images(reference, quiet=True)
+    return class_images(reference).selected
+
+
+def generate_class_images(config, *, device: torch.device | None = None, pipe=None, quiet: bool = False) -> Path:
     """Generate the class images `config` still needs into `config.class_data_dir`; return the folder.
 
     Counts your own images first (see the module docs). Uses `config.pretrained_model_name_or_path`,
@@ -100,7 +117,8 @@ def generate_class_images(config, *, device: torch.device | None = None, pipe=No
     folder = Path(config.class_data_dir)
     folder.mkdir(parents=True, exist_ok=True)
     found = class_images(config)
-    print(found.summary())
+    if not quiet:
+        print(found.summary())
     missing = found.to_generate
     if not missing:
         return folder
@@ -131,5 +149,6 @@ def generate_class_images(config, *, device: torch.device | None = None, pipe=No
     if still_missing:
         raise DataError(f"{folder}: {len(still_missing)} class images are still missing after generation; "
                         "check free disk space and run again (finished images are kept).")
-    print(f"Generated {len(missing)} class images of '{config.class_prompt}'.")
+    if not quiet:
+        print(f"Generated {len(missing)} class images of '{config.class_prompt}'.")
     return folder

@@ -24,6 +24,7 @@ from .config import TrainConfig, changed_settings
 from .methods import method_for
 from .data import CLASS, ImageFolder, LatentSource, item_index, sample_generator
 from .prompts import Prompts
+from .validation import Validation, mean_latents
 from .errors import ConfigError, TrainingStopped
 from .single_file import resolve
 
@@ -32,11 +33,13 @@ OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryErro
 
 @dataclass
 class History:
-    """What the notebook plots: one entry per optimizer step."""
+    """What the notebook plots: one entry per optimizer step, and the validation loss at each snapshot."""
 
     steps: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     lrs: list[float] = field(default_factory=list)
+    validation: list[dict] = field(default_factory=list)
+    """{"step", "fit", "prior"} per snapshot (`validation.py`); "prior" is absent without a class prompt."""
 
     def add(self, step: int, loss: float, lr: float) -> None:
         self.steps.append(step)
@@ -44,7 +47,11 @@ class History:
         self.lrs.append(lr)
 
     def to_dict(self) -> dict:
-        return {"steps": self.steps, "losses": self.losses, "lrs": self.lrs}
+        return {"steps": self.steps, "losses": self.losses, "lrs": self.lrs, "validation": self.validation}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "History":
+        return cls(data["steps"], data["losses"], data["lrs"], data.get("validation", []))
 
 
 @dataclass
@@ -59,16 +66,18 @@ class Progress:
     """The memory plan's peak allocation, for the out-of-memory message to compare with."""
 
 
-def train(config: TrainConfig, *, on_step=None, progress_bar: bool = True) -> Path:
+def train(config: TrainConfig, *, on_step=None, on_validation=None, progress_bar: bool = True) -> Path:
     """Run (or resume, or skip if finished) the training described by `config`.
 
-    `on_step(step, loss, lr)` is called after every optimizer step (the notebook's live plot);
-    `progress_bar=False` leaves progress to it (the training panel has its own bar).
-    Returns the folder of the final inference-ready pipeline.
+    `on_step(step, loss, lr)` is called after every optimizer step (the notebook's live plot),
+    `on_validation(step, losses)` at every snapshot with the validation losses (`validation.py`);
+    `progress_bar=False` leaves progress to them (the training panel has its own bar).
+    Returns the folder of the final snapshot.
     """
     progress = Progress()
     try:
-        final = _train(config, on_step=on_step, progress_bar=progress_bar, progress=progress)
+        final = _train(config, on_step=on_step, on_validation=on_validation, progress_bar=progress_bar,
+                       progress=progress)
     except OutOfMemoryError as oom:
         # Anywhere: loading, EMA, `prepare`, encoding the photos, a step, a save. The same advice, and the
         # memory freed, so that the advised rerun in the same notebook kernel starts from an empty GPU.
@@ -99,7 +108,7 @@ def _drop_frames(error: BaseException | None) -> None:
         error = error.__cause__ or error.__context__
 
 
-def _train(config: TrainConfig, *, on_step, progress_bar: bool, progress: Progress) -> Path:
+def _train(config: TrainConfig, *, on_step, on_validation, progress_bar: bool, progress: Progress) -> Path:
     config.validate()
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -125,11 +134,17 @@ def _train(config: TrainConfig, *, on_step, progress_bar: bool, progress: Progre
     if torch.cuda.is_available():
         _check_memory_plan(config, progress=progress)
 
+    reference = []
     if config.with_prior_preservation:
         from .priors import generate_class_images
 
         progress.stage = "generating the class images"
         generate_class_images(config)
+    else:
+        from .priors import reference_images
+
+        progress.stage = "rendering the validation images"
+        reference = reference_images(config)  # the class as the base model draws it: the prior validation loss
 
     progress.stage = "loading the model"
     precision = models.resolve_precision(config.mixed_precision, models.default_device())
@@ -157,9 +172,21 @@ def _train(config: TrainConfig, *, on_step, progress_bar: bool, progress: Progre
                             cache=config.cache_latents, flips=flips, device=device, dtype=frozen_dtype,
                             cache_dir=config.latent_cache_dir, model_key=_model_key(config))
                for folder in folders]
+    texts = [folder.prompt for folder in folders]
+    if reference:
+        texts.append(config.class_prompt)
+        prior_latents = mean_latents(LatentSource(
+            ImageFolder.from_paths(reference, prompt=config.class_prompt, resolution=config.resolution),
+            vae=parts.vae, resolution=config.resolution, center_crop=True, cache=False, flips=(False,),
+            device=device, dtype=frozen_dtype))
+    else:
+        prior_latents = mean_latents(latents[1]) if config.with_prior_preservation else []
+    prompts = Prompts(texts, family=parts.family, tokenizers=parts.tokenizers)
+    validation = Validation(fit=mean_latents(latents[0]), prior=prior_latents, prompts=prompts, fit_prompt=0,
+                            prior_prompt=len(texts) - 1 if len(texts) > 1 else None, scheduler=parts.noise_scheduler,
+                            seed=config.seed, resolution=config.resolution)
     if config.cache_latents:
         _off_the_gpu(parts.vae)  # kept in host memory for the final snapshot; the GPU memory goes to training
-    prompts = Prompts([folder.prompt for folder in folders], family=parts.family, tokenizers=parts.tokenizers)
 
     # --- Optimizer over the trained parts, one named group each with its own learning rate.
     progress.stage = "setting up the optimizer"
@@ -240,6 +267,13 @@ def _train(config: TrainConfig, *, on_step, progress_bar: bool, progress: Progre
         trained_now = {name: accelerator.unwrap_model(module) for name, module in prepared.items()}
         # Snapshot before state: a kill between the two then resumes from the earlier state and redoes both.
         if step in config.snapshot_steps or step == config.max_train_steps:
+            progress.stage = f"measuring the validation loss of step {step}"
+            losses = validation(unet, encoders=encoders if te_training else None, device=device,
+                                autocast=accelerator.autocast)
+            history.validation.append({"step": step, **losses})
+            print(f"Step {step}: validation loss " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+            if on_validation is not None:
+                on_validation(step, losses)
             progress.stage = f"saving the snapshot of step {step}"
             if step == config.max_train_steps:  # a finished run is never trained again: its history goes first
                 storage.write_json(out / "history.json", history.to_dict())
@@ -478,7 +512,7 @@ def load_state(path: Path, *, parts, method, optimizer, lr_scheduler, accelerato
                     by_name[name].copy_(tensor)  # in place: the EMA stays where `make_ema` put it
     restore_rng(load("rng.pt"))
     history = meta["history"]
-    return meta["step"], History(history["steps"], history["losses"], history["lrs"])
+    return meta["step"], History.from_dict(history)
 
 
 def restore_rng(rng: dict) -> None:

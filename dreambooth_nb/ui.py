@@ -221,8 +221,9 @@ def figure_png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def loss_plot_png(steps, losses, *, total: int | None = None, title: str = "") -> bytes:
-    """The training loss per step (light) and its moving average (dark) as a PNG."""
+def loss_plot_png(steps, losses, *, total: int | None = None, title: str = "", validation=()) -> bytes:
+    """The training loss per step (light) and its moving average (dark) as a PNG, with the validation loss
+    at each snapshot (`validation.py`: on the photos, and on the class) as marked lines."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6.4, 2.8))
@@ -241,6 +242,11 @@ def loss_plot_png(steps, losses, *, total: int | None = None, title: str = "") -
                     acc -= losses[i - window]
                 smooth.append(acc / min(i + 1, window))
             ax.plot(steps, smooth, color="#08519c", linewidth=1.6, label=f"average of {window} steps")
+        for half, colour, label in (("fit", "#e6550d", "validation: your photos"),
+                                    ("prior", "#31a354", "validation: the class")):
+            points = [(v["step"], v[half]) for v in validation if half in v]
+            if points:
+                ax.plot(*zip(*points), color=colour, marker="D", markersize=4, linewidth=1.2, label=label)
         ax.legend(loc="upper right", fontsize=8)
     ax.set_xlim(0, max(total or 0, steps[-1] if steps else 1))
     ax.set_xlabel("step")
@@ -355,6 +361,7 @@ class LiveLoss:
         self.plot_every, self.plot_seconds = plot_every, plot_seconds
         self.steps = list((history or {}).get("steps", []))
         self.losses = list((history or {}).get("losses", []))
+        self.validation = list((history or {}).get("validation", []))
         self.title = title
         self._t0 = time.monotonic()
         self._first_step = self.steps[-1] if self.steps else 0
@@ -382,7 +389,12 @@ class LiveLoss:
         from IPython.display import Image
 
         _replace_outputs(self.plot, Image(data=loss_plot_png(self.steps, self.losses, total=self.total,
-                                                             title=self.title)))
+                                                             title=self.title, validation=self.validation)))
+
+    def validation_point(self, step: int, losses: dict) -> None:
+        """`on_validation` for `train`: the validation losses of a snapshot, drawn at once."""
+        self.validation.append({"step": step, **losses})
+        self.redraw()
 
 
 # --- The training panel ------------------------------------------------------------------------------------
@@ -548,21 +560,23 @@ class TrainingPanel:
             import json
 
             saved = json.loads(history_file.read_text())
-            history = {"steps": saved.get("steps", []), "losses": saved.get("losses", [])}
+            history = {key: saved.get(key, []) for key in ("steps", "losses", "validation")}
         self.progress.max = config.max_train_steps
         self.progress.value = history["steps"][-1] if history and history["steps"] else 0
         live = LiveLoss(total=config.max_train_steps, progress=self.progress, status=self.status, plot=self.plot,
                         plot_every=max(1, config.max_train_steps // 20), history=history,
                         title=f"{Path(config.output_dir).name}: lr {config.learning_rate:.1e}")
         print(f"Run folder: {config.output_dir}")
-        final = train(config, on_step=live, progress_bar=False)  # the panel's bar is the one progress bar
+        final = train(config, on_step=live, on_validation=live.validation_point,
+                      progress_bar=False)  # the panel's bar is the one progress bar
         live.redraw()
         self.progress.value = config.max_train_steps
         self.final = final
         snapshots = list_snapshots(config.output_dir)
         print("Snapshots: " + ", ".join(f"step {s}" for s, _ in snapshots))
         if output is None and live.steps:  # headless: the final plot also goes into the cell's own output
-            show_png(loss_plot_png(live.steps, live.losses, total=live.total, title=live.title))
+            show_png(loss_plot_png(live.steps, live.losses, total=live.total, title=live.title,
+                                   validation=live.validation))
         self.status.value = f"Trained {config.max_train_steps} steps; rendering sample images…"
         with _into(output):
             self.show_samples(config, final)
@@ -738,7 +752,7 @@ class _RunsLoss(LiveLoss):
 
     def __call__(self, step: int, loss: float, lr: float) -> None:
         if self.steps and step <= self.steps[-1]:
-            self.steps, self.losses = [], []
+            self.steps, self.losses, self.validation = [], [], []
             self._t0, self._first_step = time.monotonic(), step - 1
         self.title = f"lr {lr:.1e}"
         super().__call__(step, loss, lr)

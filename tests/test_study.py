@@ -8,6 +8,8 @@ for a few dozen steps and must beat the base model on the same metric with the s
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -110,9 +112,14 @@ def test_a_short_run_learns_the_subject(tmp_path, instance_photos):
     config = TrainConfig(pretrained_model_name_or_path=str(TOY_MODEL_DIR), instance_data_dir=str(photos),
                          instance_prompt=toyworld.SUBJECT_INSTANCE_PROMPT, resolution=32, learning_rate=1e-4,
                          train_batch_size=4, max_train_steps=60, cache_latents=True,
-                         checkpointing_steps=1000,
+                         checkpointing_steps=1000, snapshot_steps=[1], class_prompt=toyworld.SUBJECT_CLASS_PROMPT,
                          output_dir=str(tmp_path / "run"))
     final = train(config)
+    # The validation loss on the photos falls as the subject is learned (measured: 0.18 → 0.03); the prior
+    # half, on base-model renders of the class prompt, does not fall (measured: 0.035 → 0.039: drift).
+    first, last = json.loads((tmp_path / "run" / "history.json").read_text())["validation"]
+    assert (first["step"], last["step"]) == (1, 60)
+    assert last["fit"] < 0.5 * first["fit"] and last["prior"] > 0.9 * first["prior"]
 
     seeds = list(range(8))
 

@@ -315,3 +315,18 @@ def test_restarting_a_run_with_other_settings_is_refused(make_config):
         train(make_config(max_train_steps=2, learning_rate=5e-5))
     with pytest.raises(ConfigError, match="already holds a training run"):
         train(make_config(max_train_steps=2, resume_from_checkpoint=None))
+
+
+def test_the_validation_loss_is_measured_at_every_snapshot_the_same_way(make_config, tmp_path):
+    """Fixed (image, noise, timestep) triples: two runs of the same config measure the same numbers, one per
+    snapshot step, with a prior half on base-model renders of the class prompt (prior preservation off)."""
+    import json
+
+    config = make_config(max_train_steps=3, snapshot_steps=[1, 2], class_prompt="a photo of a dog")
+    seen = []
+    train(config.replace(output_dir=str(tmp_path / "a")), on_validation=lambda step, losses: seen.append(step))
+    train(config.replace(output_dir=str(tmp_path / "b")))
+    a, b = ((json.loads((tmp_path / run / "history.json").read_text())["validation"]) for run in "ab")
+    assert a == b and [v["step"] for v in a] == seen == [1, 2, 3]
+    assert all(v["fit"] > 0 and v["prior"] > 0 for v in a)
+    assert len(list((tmp_path / "a" / "validation").glob("class-*.png"))) == 4  # rendered once, by the base model

@@ -192,6 +192,22 @@ def test_setup_with_lora_uses_the_lora_preset(tmp_path):
         projects.setup_config(project, method="dora", model="stable-diffusion-v1-5/stable-diffusion-v1-5", instance_prompt="x")
 
 
+def test_the_live_plot_draws_the_validation_losses_of_each_snapshot(base, monkeypatch):
+    import ipywidgets
+
+    labels = []
+
+    def capture(fig):
+        labels.append([line.get_label() for line in fig.axes[0].get_lines()])
+        return b"png"
+
+    monkeypatch.setattr(ui, "figure_png", capture)
+    live = ui.LiveLoss(total=10, plot=ipywidgets.Output(), history={"steps": [1, 2], "losses": [0.5, 0.4]})
+    live.validation_point(2, {"fit": 0.2, "prior": 0.1})
+    assert labels[-1] == ["loss per step", "validation: your photos", "validation: the class"]
+    assert live.plot.outputs  # drawn at once, not at the next plot step
+
+
 def test_the_loss_plot_marks_few_points_and_averages_only_many():
     from matplotlib.figure import Figure
 
