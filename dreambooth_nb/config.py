@@ -71,6 +71,10 @@ class TrainConfig:
     """Instance images per micro-batch (prior preservation adds as many class images)."""
     gradient_accumulation_steps: int = 1
     """Micro-batches summed into one optimizer step: batch 4 = batch 1 × 4 accumulated, at a quarter of the memory."""
+    num_processes: int = 1
+    """Data-parallel processes, one per GPU (Kaggle's 2×T4): each trains on its own share of every step's
+    samples, so the effective batch is train_batch_size × gradient_accumulation_steps × num_processes. Set
+    by `train(config, num_processes=...)`, which keeps the effective batch where it can (see `distributed`)."""
     max_train_steps: int = field(default=400, metadata=RESUMABLE)
     """Optimizer steps. The study: ~400 for objects, 800–1200 for faces. Overfitting comes fast."""
     learning_rate: float = 2e-6
@@ -184,8 +188,8 @@ class TrainConfig:
         te_lr = self.text_encoder_learning_rate
         if te_lr is not None and not 0 < te_lr <= 1e-3:
             fail("text_encoder_learning_rate", f"{te_lr!r} is out of range; use a value in (0, 1e-3] or None.")
-        for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "resolution",
-                     "num_class_images", "sample_batch_size"):
+        for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "num_processes",
+                     "resolution", "num_class_images", "sample_batch_size"):
             if getattr(self, name) <= 0:
                 fail(name, f"must be a positive whole number, got {getattr(self, name)!r}.")
         if self.resolution % 8:
@@ -256,6 +260,11 @@ class TrainConfig:
                 fail("pretrained_model_name_or_path", f"{model!r} is neither an existing folder, a .safetensors "
                      "or .ckpt file, nor a Hub id ('owner/name'); fix the path or the id.")
         return self
+
+    @property
+    def effective_batch(self) -> int:
+        """Instance images per optimizer step: batch × accumulation × processes."""
+        return self.train_batch_size * self.gradient_accumulation_steps * self.num_processes
 
     # --- JSON round trip --------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -346,15 +355,18 @@ def resumable(name: str) -> bool:
 def changed_settings(before: dict, config: "TrainConfig", *, ignore=()) -> list[str]:
     """The settings of `config` that differ from `before` (a run's saved config) and change what is trained.
 
-    Resumable settings never count. Batch size and accumulation count only when their product (the samples
-    per optimizer step) changes. A text encoder that trained so far may be frozen from now on.
+    Resumable settings never count. Batch size, accumulation and the number of processes count only when
+    their product (the samples per optimizer step) changes. A text encoder that trained so far may be frozen
+    from now on.
     """
     before = {k: v for k, v in before.items() if k not in RETIRED}
     now = config.to_dict()
-    changed = sorted(k for k, v in now.items() if not resumable(k) and k not in ignore and before.get(k) != v)
-    if before.get("train_batch_size", 0) * before.get("gradient_accumulation_steps", 0) == \
-            config.train_batch_size * config.gradient_accumulation_steps:
-        changed = [k for k in changed if k not in ("train_batch_size", "gradient_accumulation_steps")]
+    changed = sorted(k for k, v in now.items() if not resumable(k) and k not in ignore and before.get(k, 1 if
+                     k == "num_processes" else None) != v)
+    batch = ("train_batch_size", "gradient_accumulation_steps", "num_processes")
+    if before.get("train_batch_size", 0) * before.get("gradient_accumulation_steps", 0) * \
+            before.get("num_processes", 1) == config.effective_batch:
+        changed = [k for k in changed if k not in batch]
     if before.get("train_text_encoder") and not config.train_text_encoder:
         changed = [k for k in changed if k not in ("train_text_encoder", "text_encoder_learning_rate",
                                                    "stop_text_encoder_training")]

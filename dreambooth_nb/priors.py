@@ -105,12 +105,15 @@ def reference_images(config) -> list[Path]:
     return class_images(reference).selected
 
 
-def generate_class_images(config, *, device: torch.device | None = None, pipe=None, quiet: bool = False) -> Path:
+def generate_class_images(config, *, device: torch.device | None = None, pipe=None, quiet: bool = False,
+                          shard: tuple[int, int] = (0, 1)) -> Path:
     """Generate the class images `config` still needs into `config.class_data_dir`; return the folder.
 
     Counts your own images first (see the module docs). Uses `config.pretrained_model_name_or_path`,
     `class_prompt`, `num_class_images`, `sample_batch_size`, `resolution` and `seed`. Pass `pipe` to reuse
-    an already loaded pipeline; it is loaded only when something is missing.
+    an already loaded pipeline; it is loaded only when something is missing. `shard` = (rank, processes):
+    with several GPUs each process makes every processes-th missing image, on its own device (image i is
+    the same whoever makes it: its seed is (seed, i)).
     """
     if not config.class_prompt or not config.class_data_dir:
         raise DataError("class_prompt and class_data_dir are needed to generate class images.")
@@ -119,7 +122,8 @@ def generate_class_images(config, *, device: torch.device | None = None, pipe=No
     found = class_images(config)
     if not quiet:
         print(found.summary())
-    missing = found.to_generate
+    rank, processes = shard
+    missing = found.to_generate[rank::processes]
     if not missing:
         return folder
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -145,7 +149,7 @@ def generate_class_images(config, *, device: torch.device | None = None, pipe=No
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-    still_missing = class_images(config).to_generate
+    still_missing = [i for i in missing if not class_image_path(folder, i).is_file()]
     if still_missing:
         raise DataError(f"{folder}: {len(still_missing)} class images are still missing after generation; "
                         "check free disk space and run again (finished images are kept).")

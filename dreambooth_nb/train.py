@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import memory, models, snapshots, storage
+from . import distributed, memory, models, snapshots, storage
 from .config import TrainConfig, changed_settings
 from .methods import method_for
 from .data import CLASS, ImageFolder, LatentSource, item_index, sample_generator
@@ -66,14 +66,23 @@ class Progress:
     """The memory plan's peak allocation, for the out-of-memory message to compare with."""
 
 
-def train(config: TrainConfig, *, on_step=None, on_validation=None, progress_bar: bool = True) -> Path:
+def train(config: TrainConfig, *, num_processes: int | None = None, on_step=None, on_validation=None,
+          progress_bar: bool = True) -> Path:
     """Run (or resume, or skip if finished) the training described by `config`.
 
+    `num_processes`: data-parallel processes, one per GPU; None means every visible GPU (one on Colab), and
+    several are launched as fresh processes (`distributed.py`).
     `on_step(step, loss, lr)` is called after every optimizer step (the notebook's live plot),
     `on_validation(step, losses)` at every snapshot with the validation losses (`validation.py`);
     `progress_bar=False` leaves progress to them (the training panel has its own bar).
     Returns the folder of the final snapshot.
     """
+    if not distributed.in_worker():
+        processes = distributed.visible_gpus() if num_processes is None else num_processes
+        if processes != config.num_processes:
+            config = distributed.for_processes(config, processes)
+        if config.num_processes > 1:
+            return distributed.launch(config, on_step=on_step, on_validation=on_validation)
     progress = Progress()
     try:
         final = _train(config, on_step=on_step, on_validation=on_validation, progress_bar=progress_bar,
@@ -111,9 +120,14 @@ def _drop_frames(error: BaseException | None) -> None:
 def _train(config: TrainConfig, *, on_step, on_validation, progress_bar: bool, progress: Progress) -> Path:
     config.validate()
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for leftover in storage.remove_partial(out):
-        print(f"Removed {leftover.name}: an incomplete save from an interrupted run.")
+    precision = models.resolve_precision(config.mixed_precision, models.default_device())
+    accelerator = _new_accelerator(config, precision=precision)  # (with several processes: the process group)
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    if main:  # one writer: every file of the run is written by rank 0 while the others wait
+        out.mkdir(parents=True, exist_ok=True)
+        for leftover in storage.remove_partial(out):
+            print(f"Removed {leftover.name}: an incomplete save from an interrupted run.")
+    accelerator.wait_for_everyone()
     resume_from = _resume_source(config)
     final = storage.snapshot_path(out, config.max_train_steps)
     if snapshots.is_snapshot(final):
@@ -139,16 +153,15 @@ def _train(config: TrainConfig, *, on_step, on_validation, progress_bar: bool, p
         from .priors import generate_class_images
 
         progress.stage = "generating the class images"
-        generate_class_images(config)
-    else:
+        generate_class_images(config, shard=(rank, world), device=accelerator.device)  # each rank its share
+        accelerator.wait_for_everyone()
+    elif main:
         from .priors import reference_images
 
         progress.stage = "rendering the validation images"
         reference = reference_images(config)  # the class as the base model draws it: the prior validation loss
 
     progress.stage = "loading the model"
-    precision = models.resolve_precision(config.mixed_precision, models.default_device())
-    accelerator = _new_accelerator(config, precision=precision)
     device = accelerator.device
     parts = models.load_components(config, device=device, precision=precision, method=method)
     attention = models.set_attention(parts.unet, backend=config.attention_backend, device=device)
@@ -207,7 +220,8 @@ def _train(config: TrainConfig, *, on_step, on_validation, progress_bar: bool, p
         step, history = load_state(resume_from, parts=parts, method=method, optimizer=optimizer,
                                    lr_scheduler=lr_scheduler, accelerator=accelerator, ema=ema, config=config)
         print(f"Resuming from {resume_from.name}: step {step} of {config.max_train_steps}.")
-    config.to_json(out / "config.json")
+    if main:
+        config.to_json(out / "config.json")
 
     progress.stage = "preparing the models"
     *prepared, optimizer = accelerator.prepare(*trained.values(), optimizer)
@@ -222,6 +236,8 @@ def _train(config: TrainConfig, *, on_step, on_validation, progress_bar: bool, p
         prompts.encode_once(encoders, device=device)  # frozen: every prompt once; the encoders leave the GPU
 
     states = f"a state every {checkpointing_steps} steps" if checkpointing_steps else "no state before the end"
+    if world > 1:
+        states += f"; {world} processes, effective batch {config.effective_batch}"
     print(f"Training {_count(trained):,} parameters ({method.name}, {parts.family.name}) on {device} ({attention} "
           f"attention, {type(optimizer.optimizer).__name__}, mixed precision {precision}); {states}.")
     unet.train()
@@ -233,7 +249,7 @@ def _train(config: TrainConfig, *, on_step, on_validation, progress_bar: bool, p
         step_losses = []
         for micro in range(step * micro_per_step, (step + 1) * micro_per_step):
             with accelerator.accumulate(*([unet, *encoders] if te_training else [unet])):
-                batch = make_batch(micro, config=config, latents=latents, folders=folders,
+                batch = make_batch(micro, config=config, latents=latents, folders=folders, rank=rank, world=world,
                                    num_timesteps=parts.noise_scheduler.config.num_train_timesteps)
                 loss = compute_loss(batch, unet=unet, prompts=prompts, encoders=encoders if te_training else None,
                                     scheduler=parts.noise_scheduler, config=config, device=device)
@@ -266,9 +282,9 @@ def _train(config: TrainConfig, *, on_step, on_validation, progress_bar: bool, p
             prompts.encode_once(encoders, device=device)
         trained_now = {name: accelerator.unwrap_model(module) for name, module in prepared.items()}
         # Snapshot before state: a kill between the two then resumes from the earlier state and redoes both.
-        if step in config.snapshot_steps or step == config.max_train_steps:
+        if (step in config.snapshot_steps or step == config.max_train_steps) and main:
             progress.stage = f"measuring the validation loss of step {step}"
-            losses = validation(unet, encoders=encoders if te_training else None, device=device,
+            losses = validation(trained_now["unet"], encoders=encoders if te_training else None, device=device,
                                 autocast=accelerator.autocast)
             history.validation.append({"step": step, **losses})
             print(f"Step {step}: validation loss " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
@@ -281,14 +297,17 @@ def _train(config: TrainConfig, *, on_step, on_validation, progress_bar: bool, p
                           trained=trained_now, ema=ema, precision=precision)
         if checkpointing_steps and step % checkpointing_steps == 0 and step < config.max_train_steps:
             progress.stage = f"saving the training state of step {step}"
-            save_state(storage.state_path(out, step), step=step, history=history, config=config, method=method,
-                       trained=trained_now, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                       accelerator=accelerator, ema=ema)
-            storage.rotate_states(out, keep=config.checkpoints_total_limit)
-        if on_step is not None:
+            rng = gather_rng(accelerator)  # every rank's generators (a collective: all ranks take part)
+            if main:
+                save_state(storage.state_path(out, step), step=step, history=history, config=config, method=method,
+                           trained=trained_now, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                           accelerator=accelerator, ema=ema, rng=rng)
+                storage.rotate_states(out, keep=config.checkpoints_total_limit)
+        accelerator.wait_for_everyone()
+        if on_step is not None and main:
             on_step(step, history.losses[-1], lr)
     bar.close()
-    if disk.trash_bytes:
+    if disk.trash_bytes and main:
         print(disk.trash_note())
     accelerator.free_memory()  # its references to the models and the optimizer; `train` collects the rest
     return final
@@ -296,13 +315,14 @@ def _train(config: TrainConfig, *, on_step, on_validation, progress_bar: bool, p
 
 # --- One batch and its loss -------------------------------------------------------------------------------
 def make_batch(micro: int, *, config: TrainConfig, latents: list[LatentSource], folders: list[ImageFolder],
-               num_timesteps: int):
-    """Micro-batch `micro`: instance samples, then class samples. Per row: the latent, its noise and timestep,
-    its prompt (index into the run's prompt table), whether it is a prior (class) sample, and the photo's
-    original size and crop corner (SDXL is conditioned on them)."""
+               num_timesteps: int, rank: int = 0, world: int = 1):
+    """Micro-batch `micro` of process `rank` of `world`: instance samples, then class samples. Per row: the
+    latent, its noise and timestep, its prompt (index into the run's prompt table), whether it is a prior
+    (class) sample, and the photo's original size and crop corner (SDXL is conditioned on them)."""
     rows = []
+    positions = distributed.sample_positions(micro, batch=config.train_batch_size, rank=rank, world=world)
     for stream, (source, folder) in enumerate(zip(latents, folders)):
-        for position in range(micro * config.train_batch_size, (micro + 1) * config.train_batch_size):
+        for position in positions:
             gen = sample_generator(config.seed, stream, position)
             index = item_index(config.seed, stream, position, len(folder))
             flip = config.random_flip and bool(torch.rand((), generator=gen) < 0.5)
@@ -448,7 +468,7 @@ def _unet_weights(unet, ema, *, method) -> dict:
 
 
 def save_state(path: Path, *, step: int, history: History, config: TrainConfig, method, trained: dict,
-               optimizer, lr_scheduler, accelerator, ema) -> None:
+               optimizer, lr_scheduler, accelerator, ema, rng: dict) -> None:
     """Everything needed to continue bit for bit; written atomically, then the marker last.
 
     Weights go out a shard at a time (`storage.save_weights`) and `torch.save` copies one tensor at a time
@@ -466,9 +486,6 @@ def save_state(path: Path, *, step: int, history: History, config: TrainConfig, 
             storage.write_json(tmp / "ema.json", counters)
             storage.save_weights(dict(zip(_trained_names(trained["unet"]), ema.shadow_params)), tmp,
                                  filename="ema.safetensors")
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, tmp / "rng.pt")
         storage.write_json(tmp / storage.STATE_MARKER,
                            {"step": step, "history": history.to_dict(), "config": config.to_dict(),
@@ -510,18 +527,39 @@ def load_state(path: Path, *, parts, method, optimizer, lr_scheduler, accelerato
             for name, tensor in shard.items():
                 if name in by_name:
                     by_name[name].copy_(tensor)  # in place: the EMA stays where `make_ema` put it
-    restore_rng(load("rng.pt"))
+    restore_rng(load("rng.pt"), rank=accelerator.process_index)
     history = meta["history"]
     return meta["step"], History.from_dict(history)
 
 
-def restore_rng(rng: dict) -> None:
-    """The random generators as saved. CUDA states were saved for as many GPUs as that run had: restore the
-    ones this machine has (a run saved on a 2-GPU Kaggle machine resumes on a 1-GPU Colab)."""
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        for index, state in enumerate(rng["cuda"][:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(state, index)
+def gather_rng(accelerator) -> dict:
+    """Every rank's random generators, for the state rank 0 saves: {"torch": [per rank], "cuda": [per rank]}.
+    (The sample stream has its own generators; these serve what draws from the global ones: LoRA dropout.)"""
+    mine = {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(accelerator.device) if accelerator.device.type == "cuda" else None}
+    if accelerator.num_processes == 1:
+        everyone = [mine]
+    else:
+        import torch.distributed as dist
+
+        everyone = [None] * accelerator.num_processes
+        dist.all_gather_object(everyone, mine)
+    return {"torch": [r["torch"] for r in everyone], "cuda": [r["cuda"] for r in everyone if r["cuda"] is not None]}
+
+
+def restore_rng(rng: dict, *, rank: int = 0) -> None:
+    """The random generators as saved for this rank; a rank the saved run did not have (more processes now)
+    takes rank 0's. States saved by one process that used every GPU's CUDA generator (earlier versions)
+    restore the GPUs this machine has (a run saved on a 2-GPU Kaggle machine resumes on a 1-GPU Colab)."""
+    torch_states = rng["torch"] if isinstance(rng["torch"], list) else [rng["torch"]]
+    torch.set_rng_state(torch_states[rank if rank < len(torch_states) else 0])
+    cuda_states = rng.get("cuda") or []
+    if cuda_states and torch.cuda.is_available():
+        if isinstance(rng["torch"], list):  # one CUDA state per rank, for that rank's own device
+            torch.cuda.set_rng_state(cuda_states[rank if rank < len(cuda_states) else 0], torch.cuda.current_device())
+        else:
+            for index, state in enumerate(cuda_states[:torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(state, index)
 
 
 def _load_weights(module, folder: Path, filename: str, *, expected: dict) -> None:
