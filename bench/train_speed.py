@@ -3,6 +3,11 @@
     python bench/train_speed.py            # CPU: the tiny pipeline, 32 px (under 2 minutes)
     python bench/train_speed.py --cuda     # GPU: an SD 1.5-shaped random model at 512 px
     python bench/train_speed.py --cuda --sdxl   # GPU: an SDXL-shaped random model at 1024 px, LoRA
+    python bench/train_speed.py --cuda --fit    # GPU: only the 16gb profile against `fit` for this GPU
+
+With --cuda the table ends with the fixed 16gb profile at batch 4 (1 × 4 accumulated), full fine-tuning and
+LoRA, each beside the same run with the savers `dreambooth_nb.fit` chooses for the GPU it runs on (the same
+4 images per step): the fitted config's s/step beside the profile's.
 
 Each option runs in its own subprocess (peak RSS only grows within a process); the table gives s/step,
 peak memory (RSS on CPU, `torch.cuda.max_memory_allocated` on CUDA) and both as ratios to the first row,
@@ -63,6 +68,33 @@ SDXL_OPTIONS = {  # SDXL trains as a LoRA only (full fine-tuning does not fit 16
 }
 
 
+# The fixed 16gb profile at the object preset's batch 4 (1 × 4 accumulated), to be compared with `fit`'s choice.
+PROFILE_BATCH_4 = dict(mixed_precision="fp16", gradient_checkpointing=True, use_8bit_adam=True, cache_latents=True,
+                       gradient_accumulation_steps=4)
+
+
+def fitted_options(model: str, photos: str, resolution: int, methods=("full", "lora")) -> dict:
+    """Rows for the 16gb profile (full fine-tuning and LoRA, batch 4) and the same runs fitted to this GPU."""
+    from dreambooth_nb import TrainConfig, fit_report
+
+    rows = {}
+    for method in methods:
+        profile = dict(PROFILE_BATCH_4, method=method)
+        config = TrainConfig(pretrained_model_name_or_path=model, instance_data_dir=photos, resolution=resolution,
+                             learning_rate=1e-6, **profile)
+        report = fit_report(config)
+        fitted = {**profile, **{k: getattr(report.config, k) for k in ("gradient_checkpointing", "train_batch_size",
+                                                                        "gradient_accumulation_steps", "use_8bit_adam",
+                                                                        "cache_latents")}}
+        label = "LoRA rank 4, " if method == "lora" else ""
+        rows[f"{label}16gb profile, batch 1 x 4 acc."] = profile
+        savers = (f"ckpt {'on' if fitted['gradient_checkpointing'] else 'off'}, batch {fitted['train_batch_size']} x "
+                  f"{fitted['gradient_accumulation_steps']}, {'8' if fitted['use_8bit_adam'] else '32'}-bit Adam")
+        rows[f"{label}fitted to {report.gpu}: {savers}"] = fitted
+        print(report.headline(), flush=True)
+    return rows
+
+
 def run_one(model: str, photos: str, options: dict, *, steps: int, resolution: int) -> dict:
     """Train `steps` steps in this process and measure; called in a fresh subprocess per option."""
     import resource
@@ -93,6 +125,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cuda", action="store_true", help="SD 1.5-shaped model at 512 px on the GPU")
     parser.add_argument("--sdxl", action="store_true", help="with --cuda: an SDXL-shaped model at 1024 px, LoRA rows")
+    parser.add_argument("--fit", nargs="?", const="full,lora", default=None, metavar="METHODS",
+                        help="with --cuda: only the 16gb profile and fit's choice (for full,lora or one of them)")
     parser.add_argument("--steps", type=int, default=None, help="steps per option (default 12 CPU, 8 CUDA)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: JSON of (model, photos, options, steps, res)
     args = parser.parse_args()
@@ -123,6 +157,9 @@ def main() -> None:
         builder = build_sdxl_shaped_pipeline if args.sdxl else build_sd15_shaped_pipeline if args.cuda else \
             build_tiny_pipeline
         model = builder(work / "model")
+        if args.cuda and not args.sdxl:  # the fixed profile beside the savers fit chooses for this GPU
+            methods = tuple((args.fit or "full,lora").split(","))
+            options = {**({} if args.fit else options), **fitted_options(str(model), str(photos), resolution, methods)}
         env = {**os.environ, "TQDM_DISABLE": "1"}
         if not args.cuda:
             env.setdefault("OMP_NUM_THREADS", "1")  # steadier numbers on a shared 2-core machine
@@ -143,7 +180,7 @@ def main() -> None:
     base = rows[0][1]
     device = "CUDA, SDXL-shaped UNet at 1024 px" if args.sdxl else "CUDA, SD 1.5-shaped UNet at 512 px" \
         if args.cuda else "CPU, tiny pipeline at 32 px"
-    print(f"\n{device}, batch 1, {steps} steps per option; ratios are to the baseline row")
+    print(f"\n{device}, batch 1 unless named, {steps} steps per option; ratios are to the first row")
     print(f"{'option':52s} {'s/step':>8s} {'ratio':>6s} {mem_key:>13s} {'ratio':>6s}")
     for name, r in rows:
         print(f"{name:52s} {r['s_per_step']:8.3f} {r['s_per_step'] / base['s_per_step']:6.2f} "

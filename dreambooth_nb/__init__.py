@@ -19,7 +19,8 @@ from .sweep import sweep  # noqa: E402
 from .export import export  # noqa: E402
 from .hub import push_to_hub  # noqa: E402
 from .planner import MemoryPlan, plan  # noqa: E402
+from .fitting import FitReport, fit, fit_report  # noqa: E402
 
 __all__ = ["TrainConfig", "preset", "PRESETS", "train", "DreamboothError", "ConfigError", "DataError",
            "TrainingStopped", "generate_class_images", "EvalSpec", "compare", "sweep", "plan", "MemoryPlan",
-           "export", "push_to_hub"]
+           "fit", "fit_report", "FitReport", "export", "push_to_hub"]

@@ -131,18 +131,24 @@ def open_project(project_dir=None, *, create: bool = True) -> Project:
     return Project(root)
 
 
-def setup_config(project: Project, *, kind: str = "object", method: str = "full", memory_16gb: bool = True, model: str,
-                 instance_dir="",
+def setup_config(project: Project, *, kind: str = "object", method: str = "full", fit_to_gpu: bool = True,
+                 memory_16gb: bool | None = None, gpu=None, model: str, instance_dir="",
                  instance_prompt: str, class_prompt: str = "", prior_preservation: str = "preset",
                  num_class_images: int = 0, resolution: int = 0, learning_rate: float = 0.0, max_steps: int = 0,
-                 **overrides) -> TrainConfig:
+                 with_report: bool = False, **overrides):
     """The project config from the setup notebook's parameters: a preset, then the user's choices.
 
     `kind` is "object" or "face"; `method` "full" (the study's fine-tuning) or "lora" (the "lora" preset:
     adapters, learning rate 1e-4); an SDXL `model` takes the "sdxl" preset (a LoRA at 1024 px, whatever
-    `method` says: full fine-tuning of SDXL does not fit 16 GB); `memory_16gb` adds the 16 GB profile;
-    `prior_preservation` is "preset" (faces on, objects off), "on" or "off"; `num_class_images`, `resolution`
-    (0: the model's native size), `learning_rate` and `max_steps` at 0 keep the preset's values.
+    `method` says: full fine-tuning of SDXL does not fit 16 GB); `prior_preservation` is "preset" (faces on,
+    objects off), "on" or "off"; `num_class_images`, `resolution` (0: the model's native size), `learning_rate`
+    and `max_steps` at 0 keep the preset's values.
+
+    Memory: the 16 GB profile (every saver on, batch by accumulation), then with `fit_to_gpu` (the default)
+    `dreambooth_nb.fit` for `gpu` (None: the GPU here, a T4 where there is none): the fastest savers whose plan
+    fits, what is trained unchanged. `fit_to_gpu=False` keeps the fixed profile. `memory_16gb`, the earlier
+    name of this choice, is still accepted: True fits (the profile became "fit to this GPU"), False leaves
+    every saver off (the preset alone). `with_report=True` returns `(config, FitReport or None)`.
     """
     from .models import model_family
 
@@ -171,9 +177,17 @@ def setup_config(project: Project, *, kind: str = "object", method: str = "full"
     family = ("sdxl",) if sdxl else (("lora",) if method == "lora" else ())
     if sdxl and not str(model).startswith("stabilityai/stable-diffusion-xl-base-1.0"):
         values.setdefault("variant", None)  # the preset's fp16 variant is SDXL base's; other models may lack it
-    names = (kind, *family) + (("16gb",) if memory_16gb else ())
-    config = preset(*names, **values)
-    return config.validate()
+    profile = True if memory_16gb is None else bool(memory_16gb)
+    fitting = bool(fit_to_gpu) if memory_16gb is None else bool(memory_16gb)
+    names = (kind, *family) + (("16gb",) if profile else ())
+    config = preset(*names, **values).validate()
+    report = None
+    if fitting:
+        from .fitting import fit_report
+
+        report = fit_report(config, gpu)
+        config = report.config.validate()
+    return (config, report) if with_report else config
 
 
 def native_resolution(model: str) -> int:

@@ -405,16 +405,29 @@ def _lr_slider(value: float, widgets):
                                   readout_format=".1e", continuous_update=False)
 
 
+SAVER_FIELDS = ("gradient_checkpointing", "train_batch_size", "gradient_accumulation_steps", "use_8bit_adam")
+"""The panel's memory-saver widgets: `fit` sets them while "Fit to this GPU" is ticked; changing one by hand
+unticks it (the person overrides the fit)."""
+
+
 class TrainingPanel:
     """Widgets for the settings that matter, a Train button, a progress bar, the loss plot and samples.
 
     `panel.train()` is what the button runs; call it directly to train without a click (headless runs).
+    With `fit` (the "Fit to this GPU" box, on by default) the memory savers are the fastest that fit `gpu`
+    (None: the GPU here, a T4 where there is none; see `dreambooth_nb.fit`), re-chosen as settings change and
+    again when Train resumes a run, maybe on another GPU; setting a saver by hand unticks the box.
     """
 
-    def __init__(self, config: TrainConfig, *, run_dir_for=None, sample_steps: int = 50, sample_seeds=(0, 1)):
+    def __init__(self, config: TrainConfig, *, run_dir_for=None, sample_steps: int = 50, sample_seeds=(0, 1),
+                 fit: bool = True, gpu=None):
         import ipywidgets as widgets
 
         self.base = config
+        self.gpu = gpu
+        self.fit_report = None  # the last `fitting.FitReport` applied to the saver widgets
+        self._fit_cache: dict = {}
+        self._applying = False  # (True while fit writes the saver widgets: not a person's override)
         self._config: TrainConfig | None = None
         self.run_dir_for = run_dir_for
         self.sample_steps = sample_steps
@@ -464,16 +477,82 @@ class TrainingPanel:
         self.log = widgets.Output()
         self.button.on_click(self._clicked)
         self.memory = widgets.HTML(value="")
+        self.fit_box = widgets.Checkbox(value=fit, description="Fit the memory savers to this GPU", style=wide,
+                                        layout=layout)
+        self.fit_note = widgets.HTML(value="")
+        self._names = {id(widget): name for name, widget in self.fields.items()}
         for widget in self.fields.values():
             widget.observe(self._settings_changed, names="value")
-        self.box = widgets.VBox([*self.fields.values(), self.note, self.memory, self.button, self.progress,
-                                 self.status, self.plot, self.log])
+        self.fit_box.observe(self._fit_toggled, names="value")
+        self.box = widgets.VBox([*self.fields.values(), self.fit_box, self.fit_note, self.note, self.memory,
+                                 self.button, self.progress, self.status, self.plot, self.log])
         self._settings_changed()
 
-    def _settings_changed(self, _change=None) -> None:
-        """Re-plan the memory for the panel's settings (from the model's configs: milliseconds once a setup
-        has been traced) and show the verdict in one line."""
+    def _settings_changed(self, change=None) -> None:
+        """Re-fit the savers (while "Fit to this GPU" is ticked) and re-plan the memory for the panel's settings
+        (from the model's configs: milliseconds once a setup has been traced); show the verdict in one line.
+        A saver set by hand unticks the fit: the person's choice stands."""
+        if self._applying:
+            return
+        name = self._names.get(id(change["owner"])) if change is not None else None
+        if name in SAVER_FIELDS and self.fit_box.value:
+            self._applying = True
+            try:
+                self.fit_box.value = False
+            finally:
+                self._applying = False
+            self.fit_note.value = FIT_OFF_NOTE
+        elif self.fit_box.value:
+            self._apply_fit()
         self.memory.value = memory_line(self)
+
+    def _fit_toggled(self, change) -> None:
+        if self._applying:
+            return
+        if change["new"]:
+            self._apply_fit()
+        else:
+            self.fit_report, self.fit_note.value = None, FIT_OFF_NOTE
+        self.memory.value = memory_line(self)
+
+    def _apply_fit(self) -> None:
+        """Set the saver widgets to `fit`'s choice for the panel's settings (for the run they would resume,
+        within what may change on resume), and say what it chose and why."""
+        import json
+
+        from .fitting import fit_report, previous_run
+
+        try:
+            # From the savers of the config the panel opened with (notebook 1's): "before" stays what was saved.
+            config = with_savers_of(self.base, config_from_widgets(self.values(), self.base))
+            if self.run_dir_for is not None:
+                config = config.replace(output_dir=str(self.run_dir_for(config)))
+            previous = previous_run(config)
+            key = (config.to_json(), json.dumps(previous, sort_keys=True, default=str), str(self.gpu))
+            if key not in self._fit_cache:
+                self._fit_cache[key] = fit_report(config, self.gpu, previous=previous)
+            report = self._fit_cache[key]
+        except (DreamboothError, OSError, ValueError) as err:  # a half-typed field, or configs out of reach
+            self.fit_report = None
+            self.fit_note.value = f"<i>Fit unavailable: {html.escape(str(err).splitlines()[0][:160])}</i>"
+            return
+        self.fit_report = report
+        self._applying = True
+        try:
+            for name in SAVER_FIELDS:
+                self.fields[name].value = getattr(report.config, name)
+        finally:
+            self._applying = False
+        self.fit_note.value = fit_html(report)
+
+    def settings(self) -> TrainConfig:
+        """The training settings the panel describes (without the run folder): the widgets' values, and while
+        the fit is on the savers it chose that have no widget (cached latents, EMA offload)."""
+        config = config_from_widgets(self.values(), self.base)
+        if self.fit_box.value and self.fit_report is not None:
+            config = config.replace(cache_latents=self.fit_report.config.cache_latents,
+                                    offload_ema=self.fit_report.config.offload_ema)
+        return config
 
     def _method_changed(self, change) -> None:
         """LoRA needs ≈50× the learning rate of full fine-tuning: move the slider to the method's preset
@@ -493,7 +572,7 @@ class TrainingPanel:
 
     def config(self) -> TrainConfig:
         """The config the panel describes, with its run folder (same settings → same folder → resume)."""
-        config = config_from_widgets(self.values(), self.base)
+        config = self.settings()
         if self.run_dir_for is not None:
             config = config.replace(output_dir=str(self.run_dir_for(config)))
         return config
@@ -553,6 +632,8 @@ class TrainingPanel:
         from .train import train
 
         self.status.value = "Loading the model and the photos…"
+        if self.fit_box.value:  # again: a state saved since (another GPU yesterday) is resumed within what may change
+            self._apply_fit()
         self._config = config = self.config()
         history_file = Path(config.output_dir) / "history.json"
         history = None
@@ -567,6 +648,8 @@ class TrainingPanel:
                         plot_every=max(1, config.max_train_steps // 20), history=history,
                         title=f"{Path(config.output_dir).name}: lr {config.learning_rate:.1e}")
         print(f"Run folder: {config.output_dir}")
+        if self.fit_box.value and self.fit_report is not None:
+            print("\n".join([self.fit_report.headline(), *self.fit_report.resumed]))
         final = train(config, on_step=live, on_validation=live.validation_point,
                       progress_bar=False)  # the panel's bar is the one progress bar
         live.redraw()
@@ -594,13 +677,36 @@ class TrainingPanel:
                       title=f"{snapshot.name}: DDIM, {spec.num_inference_steps} steps, guidance {spec.guidance_scale:g}")
 
 
+def with_savers_of(base: TrainConfig, config: TrainConfig) -> TrainConfig:
+    """`config` with the memory savers of `base` (its batch split where the effective batch is the same, else
+    batch 1 × accumulation): what the panel's fit starts from, so its "before" is the config it opened with."""
+    effective = config.train_batch_size * config.gradient_accumulation_steps
+    batch = base.train_batch_size if base.train_batch_size * base.gradient_accumulation_steps == effective else 1
+    return config.replace(gradient_checkpointing=base.gradient_checkpointing, use_8bit_adam=base.use_8bit_adam,
+                          cache_latents=base.cache_latents, offload_ema=base.offload_ema, train_batch_size=batch,
+                          gradient_accumulation_steps=effective // batch)
+
+
+FIT_OFF_NOTE = ("<i>Fit off: the memory savers are yours as set (tick “Fit the memory savers to this GPU” to "
+                "let the memory plan choose the fastest that fit).</i>")
+
+
+def fit_html(report) -> str:
+    """The training panel's account of a fit: what it turned on or off and why, the plan before and after."""
+    colour = "#2e7d32" if report.fits else "#c62828"
+    items = "".join(f"<li>{html.escape(choice.line())}</li>" for choice in report.choices)
+    items += "".join(f"<li>{html.escape(line)}</li>" for line in report.resumed + report.notes)
+    return (f"<span style='color:{colour}'>{html.escape(report.headline())}</span>"
+            f"<ul style='margin:0'>{items}</ul>")
+
+
 def memory_line(panel) -> str:
     """One line for the training panel: the memory plan of its settings on this GPU (a T4 when there is none)."""
     from .planner import plan
 
     try:
-        config = config_from_widgets(panel.values(), panel.base)
-        result = plan(config)
+        config = panel.settings() if hasattr(panel, "settings") else config_from_widgets(panel.values(), panel.base)
+        result = plan(config, getattr(panel, "gpu", None))
     except (DreamboothError, OSError, ValueError) as err:  # a half-typed field, or configs out of reach
         return f"<i>Memory plan unavailable: {html.escape(str(err).splitlines()[0][:160])}</i>"
     colour, verdict = ("#2e7d32", "fits") if result.fits else ("#c62828", "does not fit")

@@ -33,8 +33,10 @@ if HOSTED and importlib.util.find_spec("dreambooth_nb") is None:
 # %% [markdown]
 # ## Settings
 # `PRESET` follows the Diffusers Dreambooth study: **object** = learning rate 2e-6, 400 steps, batch 4;
-# **face** = learning rate 1e-6, 1200 steps, batch 2, with prior preservation. `MEMORY_16GB` adds 8-bit
-# Adam, gradient checkpointing, fp16 and cached latents so that training fits a 16 GB GPU (T4, P100).
+# **face** = learning rate 1e-6, 1200 steps, batch 2, with prior preservation. Memory: fp16 (bf16 where the
+# GPU has it) and cached latents always; `FIT_TO_GPU` then lets the memory plan choose the other savers
+# (gradient checkpointing, batch or accumulation, 8-bit Adam): the fastest that fit this GPU, never changing
+# what is trained. Off, every saver stays on (the fixed 16 GB profile, for a T4 or P100 whatever GPU is here).
 # `METHOD = "lora"` trains LoRA adapters instead (learning rate 1e-4, diffusers' LoRA example): 3 MB
 # snapshots that load in AUTOMATIC1111 and ComfyUI, less memory, faster steps.
 # A rare token like `sks` is not required: "a photo of Bob's mug" works too. 0 means "the preset's value".
@@ -51,7 +53,9 @@ HF_LOGIN = False  #@param {type:"boolean"}
 PRESET = "object"  #@param ["object", "face"]
 #@markdown `full` fine-tunes the whole model (the study's method); `lora` trains small adapters (3 MB snapshots, learning rate 1e-4).
 METHOD = "full"  #@param ["full", "lora"]
-MEMORY_16GB = True  #@param {type:"boolean"}
+#@markdown Fit the memory savers to this GPU (off: every saver on, the 16 GB profile).
+FIT_TO_GPU = True  #@param {type:"boolean"}
+MEMORY_16GB = None  # the earlier name of FIT_TO_GPU, still accepted: True fits, False turns every saver off
 INSTANCE_PROMPT = "a photo of sks dog"  #@param {type:"string"}
 CLASS_PROMPT = "a photo of a dog"  #@param {type:"string"}
 PRIOR_PRESERVATION = "preset"  #@param ["preset", "on", "off"]
@@ -114,19 +118,21 @@ ui.show_image(images.thumbnail_grid(report.usable))
 # to update it.
 
 # %%
-config = projects.setup_config(
-    project, kind=PRESET, method=METHOD, memory_16gb=MEMORY_16GB, model=MODEL_ID, instance_dir=instance_dir,
-    instance_prompt=INSTANCE_PROMPT, class_prompt=CLASS_PROMPT, prior_preservation=PRIOR_PRESERVATION,
-    num_class_images=NUM_CLASS_IMAGES, resolution=resolution, learning_rate=LEARNING_RATE, max_steps=MAX_STEPS)
+config, fitted = projects.setup_config(
+    project, kind=PRESET, method=METHOD, fit_to_gpu=FIT_TO_GPU, memory_16gb=MEMORY_16GB, model=MODEL_ID,
+    instance_dir=instance_dir, instance_prompt=INSTANCE_PROMPT, class_prompt=CLASS_PROMPT,
+    prior_preservation=PRIOR_PRESERVATION, num_class_images=NUM_CLASS_IMAGES, resolution=resolution,
+    learning_rate=LEARNING_RATE, max_steps=MAX_STEPS, with_report=True)
 print(f"Saved {project.save_config(config)}\n")
 print(ui.config_summary(config))
 
 # %% [markdown]
-# ## Will it fit?
+# ## Will it fit? The fastest settings that fit
 # The memory plan for these settings, from the model's configs alone (nothing downloaded yet): GPU memory
 # at the peak and what it is made of, host RAM, disk; on the GPU of this runtime, or a T4 when there is
-# none. When it does not fit, it names the memory savers that would make it fit. Training checks the same
-# plan before it starts.
+# none. With `FIT_TO_GPU` it first lists each memory saver the fit turned on or off and why, with the plan
+# before (every saver on) and after. Notebook 3 fits again to the GPU it trains on, also when it resumes a
+# run on another GPU. When nothing fits, the plan names what would. Training checks the same plan first.
 
 # %%
-plan(config)
+fitted if fitted is not None else plan(config)

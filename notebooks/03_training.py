@@ -38,6 +38,10 @@ if HOSTED and importlib.util.find_spec("dreambooth_nb") is None:
 # turn noisy and look like copies of your photos. Training the text encoder gives better results but needs
 # about 1 GB more; EMA made no clear difference. 0 / empty keep notebook 1's values.
 #
+# `FIT_TO_GPU` ticks the panel's "Fit the memory savers to this GPU": gradient checkpointing, batch or
+# accumulation and 8-bit Adam become the fastest that fit the GPU of this runtime (the same effective batch, the
+# same training), re-chosen when a run resumes on another GPU; set a saver by hand to override it.
+#
 # `TRAIN_NOW` starts training when the cell runs, without the button. It is automatic when the notebook
 # runs headless (papermill, nbclient, CI), where nobody can click.
 
@@ -52,6 +56,7 @@ SNAPSHOT_STEPS = ""  #@param {type:"string"}
 SAMPLE_INFERENCE_STEPS = 50  #@param {type:"slider", min:10, max:150, step:5}
 #@markdown Save the full training state every N steps, so a disconnect loses at most N steps (0: automatic, every 100 steps where the disk allows it).
 CHECKPOINTING_STEPS = 0  #@param {type:"integer"}
+FIT_TO_GPU = True  #@param {type:"boolean"}
 TRAIN_NOW = False  #@param {type:"boolean"}
 
 # %%
@@ -68,8 +73,11 @@ config = ui.apply_parameters(project.load_config(), learning_rate=LEARNING_RATE,
 # Each setting gets its own run folder under `PROJECT_DIR/runs` (named after the learning rate), so trying
 # another learning rate never overwrites a finished run, and notebook 4 can put them side by side.
 # Memory: batch size × gradient accumulation is the effective batch; accumulation costs time, not memory.
+# Under the settings, the fit says which savers it turned on or off and why; rerunning after a disconnect
+# (on this GPU or another) resumes, re-fitted within what may change on resume, and the log says so.
 
 # %%
-panel = ui.TrainingPanel(config, run_dir_for=project.run_dir_for, sample_steps=SAMPLE_INFERENCE_STEPS).show()
+panel = ui.TrainingPanel(config, run_dir_for=project.run_dir_for, sample_steps=SAMPLE_INFERENCE_STEPS,
+                         fit=FIT_TO_GPU).show()
 if TRAIN_NOW or platform.is_headless():
     panel.train()  # exactly what the Train button does

@@ -185,6 +185,11 @@ def test_01_setup_writes_the_project_config(suite):
     assert "4 usable, 0 skipped" in text
     html = "".join(o.get("data", {}).get("text/html", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "Memory plan" in html and "on T4" in html  # the plan of the saved settings (no GPU here: a T4)
+    # MEMORY_16GB=True, the earlier name of FIT_TO_GPU: the 16 GB profile fitted to the GPU, which (a T4 for the
+    # tiny model) needs none of its savers; the report says which it turned off and why.
+    assert "Memory savers" in html and "Fitted to T4: gradient checkpointing off, batch 4 × 1, Adam 32-bit" in html
+    assert (config["gradient_checkpointing"], config["train_batch_size"], config["gradient_accumulation_steps"],
+            config["use_8bit_adam"], config["cache_latents"]) == (False, 4, 1, False, True)
     assert "Hugging Face token from the HF_TOKEN environment variable is set" in text
     assert has_image(nb)  # the thumbnail grid
 
@@ -210,6 +215,10 @@ def test_03_trains_headless_with_the_panel_values(suite):
     assert progress and progress[0]["value"] == progress[0]["max"] == 4
     text = stream_text(nb)
     assert f"Run folder: {run}" in text and "Snapshots: step 2, step 4" in text
+    assert "Fitted to T4" in text  # the panel's fit, said in the log
+    fit_box = [s for s in states if s.get("_model_name") == "CheckboxModel"
+               and s.get("description") == "Fit the memory savers to this GPU"]
+    assert len(fit_box) == 1 and fit_box[0]["value"] is True
     assert has_image(nb)  # loss plot and samples
     assert list((run / "renders" / "step-000004").rglob("*.png"))
 
@@ -226,6 +235,7 @@ def test_03_interactive_rerun_waits_for_the_button_which_resumes(suite):
     assert (run / "snapshots" / "step-000006" / "model_index.json").is_file()
     outputs = json.dumps([s.get("outputs", []) for s in widget_states(nb)])  # the panel's Output widgets
     assert "Resuming from state-000002: step 2 of 6." in outputs
+    assert "Resuming with the memory savers it was saved with: they fit T4 as they are." in outputs
     assert "Samples from step-000006" in outputs
     states = widget_states(nb)
     button = [s for s in states if s.get("_model_name") == "ButtonModel" and s.get("description") == "Train"]

@@ -115,6 +115,27 @@ def test_the_panel_shows_the_memory_plan_of_its_settings(base, tiny_model, monke
     assert seen == [panel.fields["gradient_checkpointing"].value] and panel.memory.value == "x"
 
 
+def test_the_panel_fits_the_savers_and_a_person_can_override_them(base, tiny_model):
+    profile = preset("object", "16gb", pretrained_model_name_or_path=str(tiny_model), resolution=32,
+                     instance_data_dir=base.instance_data_dir, output_dir=base.output_dir)
+    panel = ui.TrainingPanel(profile, gpu="T4")
+    savers = ("gradient_checkpointing", "train_batch_size", "gradient_accumulation_steps", "use_8bit_adam")
+    assert panel.fit_box.value and [panel.values()[k] for k in savers] == [False, 4, 1, False]
+    assert "Fitted to T4: gradient checkpointing off, batch 4 × 1, Adam 32-bit" in panel.fit_note.value
+    assert "0.93 → 1.14 it/s" in panel.fit_note.value  # why, with the source's numbers
+    assert panel.config().cache_latents
+    panel.fields["use_8bit_adam"].value = True  # a person's choice: the fit lets go
+    assert not panel.fit_box.value and "Fit off" in panel.fit_note.value
+    assert panel.config().use_8bit_adam and not panel.config().gradient_checkpointing
+    panel.fields["train_text_encoder"].value = True  # other settings change: the savers stay as set
+    assert panel.values()["use_8bit_adam"] is True
+    panel.fit_box.value = True  # and back to the fit, which says what it changed since the config it opened with
+    assert panel.values()["use_8bit_adam"] is False and "Fitted to T4" in panel.fit_note.value
+    assert "batch: 1 × 4 → 4 × 1" in panel.fit_note.value and "Adam: 8-bit → 32-bit" in panel.fit_note.value
+    kept = ui.TrainingPanel(profile, fit=False)
+    assert [kept.values()[k] for k in savers] == [True, 1, 4, True] and not kept.fit_box.value
+
+
 def test_the_train_button_shows_a_dreambooth_error_as_a_message(base, tmp_path, capsys):
     panel = ui.TrainingPanel(base.replace(instance_data_dir=str(tmp_path / "no-photos"), max_train_steps=4))
     panel._clicked()  # what a click runs; the error must not escape into the kernel log
@@ -267,12 +288,23 @@ def test_stopping_the_kernel_while_training_says_where_and_how_to_resume(base, t
 def test_setup_config_applies_presets_and_choices(tmp_path):
     project = projects.Project(tmp_path)
     project.instance_dir.mkdir()
-    face = projects.setup_config(project, kind="face", memory_16gb=True, model="stable-diffusion-v1-5/stable-diffusion-v1-5",
-                                 instance_prompt="a photo of sks person", class_prompt="a photo of a person",
-                                 resolution=512)
+    face, report = projects.setup_config(project, kind="face", model="stable-diffusion-v1-5/stable-diffusion-v1-5",
+                                         instance_prompt="a photo of sks person", class_prompt="a photo of a person",
+                                         resolution=512, gpu="T4", with_report=True)
     assert face.with_prior_preservation and face.learning_rate == 1e-6 and face.max_train_steps == 1200
-    assert (face.train_batch_size, face.gradient_accumulation_steps) == (1, 2)  # 16gb: batch via accumulation
-    assert face.use_8bit_adam and face.gradient_checkpointing
+    # Fit to the GPU (the default): from the 16 GB profile (1 × 2 accumulated, every saver on) to what fits a T4.
+    assert (report.original.train_batch_size, report.original.gradient_accumulation_steps) == (1, 2)
+    assert (face.train_batch_size, face.gradient_accumulation_steps) == (2, 1)
+    assert face.use_8bit_adam and not face.gradient_checkpointing and face.cache_latents
+    fixed = projects.setup_config(project, kind="face", fit_to_gpu=False, model="stable-diffusion-v1-5/stable-diffusion-v1-5",
+                                  instance_prompt="a photo of sks person", class_prompt="a photo of a person",
+                                  resolution=512)
+    assert fixed == report.original  # the fixed 16 GB profile: batch via accumulation, every saver on
+    old_name = projects.setup_config(project, kind="face", memory_16gb=True, gpu="T4",
+                                     model="stable-diffusion-v1-5/stable-diffusion-v1-5",
+                                     instance_prompt="a photo of sks person", class_prompt="a photo of a person",
+                                     resolution=512)
+    assert old_name == face  # the earlier parameter: the 16 GB profile became "fit to this GPU"
     assert face.class_data_dir == str(project.class_dir) and face.instance_data_dir == str(project.instance_dir)
     obj = projects.setup_config(project, kind="object", memory_16gb=False, model="stable-diffusion-v1-5/stable-diffusion-v1-5",
                                 instance_prompt="a photo of sks mug", prior_preservation="on",
