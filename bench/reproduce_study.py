@@ -18,10 +18,14 @@ instance prompt, the class prompt and a context prompt, and measured with `dream
 * prompt fidelity   (`metrics.prompt_fidelity`): context-prompt images have the black background and
                     still show a circle
 
+Each run's suggested snapshot is the package's (`quality.suggest` with the toy world's judge,
+`compare.assess` on the same renders), checked against the snapshot these metrics judge best on their own
+(`study_score`: subject + prompt fidelity − class drift − class → subject), for every LR.
+
 Writes into --out: the table (`study.md`), every number (`study.json`), one LR × steps grid per prior
-setting (`prior-off/sweep-grid.png`, `prior-on/sweep-grid.png`, drawn by `sweep`) and an overview of all
-runs (`study-grid.png`: rows = prior × LR × step, columns = prompt, 2×2 seeds per cell). Rerunning with
-the same --out reuses finished runs and renders.
+setting (`prior-off/sweep-grid.png`, `prior-on/sweep-grid.png`, drawn by `sweep`, its suggestion framed),
+an overview of all runs (`study-grid.png`: rows = prior × LR × step, columns = prompt, 2×2 seeds per cell)
+and the metric curves (`study-metrics.png`). Rerunning with the same --out reuses finished runs and renders.
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ def parse_args(argv=None):
     parser.add_argument("--train-text-encoder", action="store_true", help="also train the text encoder")
     parser.add_argument("--text-encoder-lr", type=float, default=None, help="its learning rate (default: --lrs)")
     parser.add_argument("--seeds", type=int, default=16, help="seeds per prompt for the metrics")
-    parser.add_argument("--grid-seeds", type=int, default=2,
+    parser.add_argument("--grid-seeds", type=int, default=4,
                         help="of those, seeds in the two sweep grids (the overview shows the first 4)")
     parser.add_argument("--jobs", type=int, default=None,
                         help="processes (default: 2 where there are 2 cores or more; use 1 on a busy machine): the "
@@ -69,6 +73,8 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="training seed")
     parser.add_argument("--docs-copy", type=Path, default=None,
                         help="also write the overview reduced to 256 colours here (e.g. docs/study-grid.png)")
+    parser.add_argument("--docs-metrics", type=Path, default=None,
+                        help="also write the metric curves reduced to 256 colours here (e.g. docs/study-metrics.png)")
     return parser.parse_args(argv)
 
 
@@ -77,7 +83,9 @@ def main(argv=None) -> int:
     threads = args.threads
     jobs = args.jobs or min(2, os.cpu_count() or 1)
     _setup_process(threads)
-    from dreambooth_nb import EvalSpec, TrainConfig, metrics, storage, toyworld
+    from dreambooth_nb import EvalSpec, TrainConfig, metrics, quality, storage, toyworld
+    from dreambooth_nb.compare import assess
+    from dreambooth_nb.config import lr_label
     from dreambooth_nb.evaluate import render
 
     start = time.monotonic()
@@ -128,7 +136,8 @@ def main(argv=None) -> int:
 
     # --- Measure every snapshot and the base model with the same seeds. ------------------------------------
     t0 = time.monotonic()
-    snapshots = [(str(model), str(out / "base-renders"))] + [
+    base_caches = [str(out / name / "sweep" / "base-renders") for name in ("prior-off", "prior-on")]  # compare's
+    snapshots = [(str(model), cache) for cache in base_caches] + [
         (str(snapshot), None) for _, _, folder in runs
         for step, snapshot in storage.list_snapshots(folder) if step in args.steps]
     _map(_render, [(snapshot, cache, metric_spec.to_dict(), threads) for snapshot, cache in snapshots], jobs)
@@ -141,7 +150,7 @@ def main(argv=None) -> int:
             by_prompt[key_of[item.prompt]].append(item)
         return by_prompt
 
-    base = images_of(model, cache_dir=out / "base-renders")
+    base = images_of(model, cache_dir=base_caches[0])
     base_class = [_load(r.image) for r in base["class"]]
 
     def measure(rendered) -> dict:
@@ -169,6 +178,14 @@ def main(argv=None) -> int:
             rows.append({"prior": prior, "lr": lr, "step": step, "run": label,
                          "loss_last_50": _mean_tail(history, step), **measure(rendered)})
             tiles.append((label, rendered, out / "tiles" / folder.parent.parent.name / folder.name / f"step-{step}"))
+    # The package's suggestion (quality.suggest, the toy world's judge) from the same 16-seed renders, per run.
+    reports = {}
+    for prior in (False, True):
+        folders = {f"LR {lr_label(lr)}": folder for p, lr, folder in runs if p == prior}  # as sweep() names them
+        reports[prior] = assess(folders, metric_spec, steps=args.steps, judge=quality.ToyJudge())
+    grid_reports = {prior: quality.read(out / ("prior-on" if prior else "prior-off") / "sweep-grid.png")[0]
+                    for prior in (False, True)}
+    mark_suggestions(rows, reports, grid_reports)
     times["render + measure (wall)"] = time.monotonic() - t0
 
     # --- The overview: every run and step as a row, the three prompts as columns, 2×2 seeds per cell. ------
@@ -182,12 +199,12 @@ def main(argv=None) -> int:
     shown = ", ".join(map(str, seeds[:4]))
     overview = draw_grid(cells, rows="run", cols="prompt", path=out / "study-grid.png", cell_size=2.0, dpi=64,
                          title=f"Dreambooth in miniature: seeds {shown}, DDIM 25 steps, guidance 4")
-    if args.docs_copy is not None:
-        from PIL import Image
-
-        args.docs_copy.parent.mkdir(parents=True, exist_ok=True)
-        with Image.open(overview) as image:
-            image.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT).save(args.docs_copy, optimize=True)
+    curves = quality.plot({"prior off": reports[False], "prior on": reports[True]}, path=out / "study-metrics.png",
+                          title=f"The toy world's metrics, {len(seeds)} seeds (solid: prior off, dashed: on; "
+                                "★ suggested)")
+    for source, copy in ((overview, args.docs_copy), (curves, args.docs_metrics)):
+        if copy is not None:
+            _small_copy(source, copy)
     times["total"] = time.monotonic() - start
 
     checks = expectations(rows, args.lrs, args.steps)
@@ -199,7 +216,8 @@ def main(argv=None) -> int:
                      "seeds": seeds, "jobs": jobs, "threads": threads, "eval": metric_spec.to_dict(), "seed": args.seed},
         "rows": rows, "checks": checks, "times_s": {k: round(v, 1) for k, v in times.items()},
         "grids": {"overview": str(overview), "prior_off": str(out / "prior-off" / "sweep-grid.png"),
-                  "prior_on": str(out / "prior-on" / "sweep-grid.png")},
+                  "prior_on": str(out / "prior-on" / "sweep-grid.png"), "metrics": str(curves)},
+        "quality": {"prior_off": reports[False], "prior_on": reports[True]},
     }
     (out / "study.json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = [table, "", *[f"- {c['expectation']}: **{c['verdict']}** — {c['evidence']}" for c in checks]]
@@ -273,6 +291,36 @@ def _mean_tail(losses: list[float], step: int, n: int = 50):
     return sum(tail) / len(tail) if tail else None
 
 
+def _small_copy(png: Path, copy: Path) -> None:
+    """`png` reduced to 256 colours at `copy` (for docs/)."""
+    from PIL import Image
+
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    with Image.open(png) as image:
+        image.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT).save(copy, optimize=True)
+
+
+def study_score(row: dict) -> float:
+    """One number for "best" by the toy world's metrics, independent of the suggestion's rule: what was learned
+    minus what was lost, each on 0..1 — subject fidelity + prompt fidelity − class drift − class → subject."""
+    return (row["subject_fidelity"] + row["prompt_fidelity"] - row["class_drift"] - row["class_subject_leak"])
+
+
+def mark_suggestions(rows: list[dict], reports: dict, grid_reports: dict) -> None:
+    """Each trained row gets `suggested` (the package's rule on these 16-seed renders), `suggested_in_grid`
+    (the same rule on the sweep grid's fewer seeds) and `score` (`study_score`)."""
+    for row in rows:
+        row["score"] = study_score(row)
+        if row["prior"] is None:
+            continue
+        from dreambooth_nb.config import lr_label
+
+        label = f"LR {lr_label(row['lr'])}"
+        for key, report in (("suggested", reports[row["prior"]]), ("suggested_in_grid", grid_reports[row["prior"]])):
+            run = next((r for r in (report or {}).get("runs", []) if r["run"] == label), None)
+            row[key] = run is not None and run["suggested"] == row["step"]
+
+
 def _tiles(rendered: dict, folder: Path, label: str, prompts: dict) -> list[dict]:
     """One 2×2 tile of the first (up to) 4 seeds per prompt, as grid cells labelled run and prompt."""
     from PIL import Image
@@ -339,6 +387,18 @@ def expectations(rows: list[dict], lrs: list[float], steps: list[int]) -> list[d
                     (b["class_drift"] > a["class_drift"], f"class drift {a['class_drift']:.2f} → {b['class_drift']:.2f}"),
                     (b["prompt_fidelity"] < a["prompt_fidelity"],
                      f"prompt fidelity {a['prompt_fidelity']:.2f} → {b['prompt_fidelity']:.2f}")]))
+    learned = [(lr, step) for lr in lrs for step in steps
+               if row(True, lr, step)["subject_fidelity"] >= 0.4
+               and row(True, lr, step)["class_drift"] < row(False, lr, step)["class_drift"]]
+    checks.append(check("the face recipe: with prior preservation the subject is learned (subject fidelity ≥ 0.4) "
+                        "while class drift stays below the no-prior run's at the same LR and step", [
+        (bool(learned), "; ".join(f"LR {lr:g} step {step}: subject {row(True, lr, step)['subject_fidelity']:.2f}, "
+                                  f"drift {row(False, lr, step)['class_drift']:.3f} → "
+                                  f"{row(True, lr, step)['class_drift']:.3f}" for lr, step in learned)
+         or "at no LR and step")]))
+    for prior in (False, True):
+        for lr in lrs:
+            checks.append(agreement(base, [row(prior, lr, step) for step in steps], prior=prior, lr=lr))
     for lr in lrs:
         checks.append(check(f"LR {lr:g}: prior preservation reduces drift (means over steps, off → on)", [
             (mean(True, lr, "class_drift") < mean(False, lr, "class_drift"),
@@ -352,16 +412,33 @@ def expectations(rows: list[dict], lrs: list[float], steps: list[int]) -> list[d
     return checks
 
 
+def agreement(base: dict, runs: list[dict], *, prior: bool, lr: float) -> dict:
+    """Is the suggested snapshot the one the toy world's metrics judge best (`study_score`), or one snapshot
+    away? Where the rule suggests none, the best snapshot must not beat the base model's score."""
+    best = max(range(len(runs)), key=lambda i: runs[i]["score"])
+    suggested = next((i for i, r in enumerate(runs) if r.get("suggested")), None)
+    name = f"prior {'on' if prior else 'off'}, LR {lr:g}: the suggestion is the best snapshot by the toy metrics"
+    scores = ", ".join(f"{r['step']} {r['score']:.2f}" for r in runs)
+    if suggested is None:
+        ok = runs[best]["score"] <= base["score"]
+        evidence = f"nothing suggested; scores {scores} vs the base model's {base['score']:.2f}"
+    else:
+        ok = abs(suggested - best) <= 1
+        evidence = f"suggested step {runs[suggested]['step']}, best step {runs[best]['step']} (scores {scores})"
+    return {"expectation": name + " (or within one snapshot)", "verdict": "yes" if ok else "NO", "holds": ok,
+            "evidence": evidence}
+
+
 def format_table(rows: list[dict]) -> str:
-    head = ("| prior | LR | step | subject fidelity ↑ | class drift ↓ | class → subject ↓ | prompt fidelity ↑ |\n"
-            "|---|---|---|---|---|---|---|")
+    head = ("| prior | LR | step | subject fidelity ↑ | class drift ↓ | class → subject ↓ | prompt fidelity ↑ | "
+            "score ↑ |\n|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         prior = "—" if r["prior"] is None else ("on" if r["prior"] else "off")
         lr = "base model" if r["lr"] is None else f"{r['lr']:g}"
-        step = "—" if r["lr"] is None else str(r["step"])
+        step = "—" if r["lr"] is None else str(r["step"]) + (" ★" if r.get("suggested") else "")
         lines.append(f"| {prior} | {lr} | {step} | {r['subject_fidelity']:.2f} | {r['class_drift']:.3f} | "
-                     f"{r['class_subject_leak']:.2f} | {r['prompt_fidelity']:.2f} |")
+                     f"{r['class_subject_leak']:.2f} | {r['prompt_fidelity']:.2f} | {r['score']:.2f} |")
     return "\n".join(lines)
 
 

@@ -151,9 +151,10 @@ def demo_parameters(project: Path, model: Path, *, instance_prompt: str, class_p
         "02_class_images": dict(PROJECT_DIR=str(project)),
         "03_training": dict(PROJECT_DIR=str(project), SNAPSHOT_STEPS=f"{steps // 3}, {2 * steps // 3}",
                             SAMPLE_INFERENCE_STEPS=25),
-        "04_comparison": dict(PROJECT_DIR=str(project), INFERENCE_STEPS=25, CONTEXTS=context, SEEDS="0, 1"),
+        "04_comparison": dict(PROJECT_DIR=str(project), INFERENCE_STEPS=25, GUIDANCE=4.0, CONTEXTS=context,
+                              SEEDS="0, 1"),
         "05_sweep": dict(PROJECT_DIR=str(project), LEARNING_RATES=f"{lr * 10:g}, {lr:g}",
-                         SAVE_AT=f"{steps // 3}, {2 * steps // 3}", INFERENCE_STEPS=25, CONTEXTS=context),
+                         SAVE_AT=f"{steps // 3}, {2 * steps // 3}", INFERENCE_STEPS=25, GUIDANCE=4.0, CONTEXTS=context),
         "06_export": dict(PROJECT_DIR=str(project)),
     }
 

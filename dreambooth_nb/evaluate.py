@@ -183,7 +183,7 @@ def render(snapshot, spec: EvalSpec, *, device=None, cache_dir=None) -> list[Ren
         raise ConfigError(f"spec: expected an EvalSpec, got {type(spec).__name__}; "
                           "build one with EvalSpec(prompts=[...]) or EvalSpec.for_config(config).")
     spec.validate()
-    resolution = spec.resolution or snapshots.native_resolution(snapshot)  # (also: is it a snapshot?)
+    resolution = spec.resolution or native_resolution(snapshot)  # (also: is it a snapshot?)
     folder = _prepare_cache(snapshot, cache_dir) / spec.settings_key(resolution=resolution)
     step = snapshot_step(snapshot)
     results = [Rendered(snapshot=snapshot, step=step, prompt=prompt, seed=seed,
@@ -214,6 +214,20 @@ def render(snapshot, spec: EvalSpec, *, device=None, cache_dir=None) -> list[Ren
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return results
+
+
+def native_resolution(model) -> int:
+    """The image size `model` was made for: a snapshot or pipeline folder's (`snapshots.native_resolution`), or
+    for a base model given by Hub id (rendered for comparison, with a `cache_dir`) its UNet and VAE configs'."""
+    from .config import model_location
+
+    if model_location(str(model)) != "hub":
+        return snapshots.native_resolution(model)
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.load_config(str(model), subfolder="unet")
+    vae = AutoencoderKL.load_config(str(model), subfolder="vae")
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
 def make_scheduler(name: str, config):
@@ -272,8 +286,11 @@ def _prepare_cache(snapshot: Path, cache_dir) -> Path:
 def _fingerprint(snapshot: Path) -> str:
     """Hash of the names, sizes and modification times of the snapshot's files: a new save changes it.
 
-    Times are taken to the millisecond, the precision that network drives (Google Drive) keep.
+    Times are taken to the millisecond, the precision that network drives (Google Drive) keep. A Hub id (a
+    base model) is fingerprinted by its name.
     """
+    if not snapshot.is_dir():
+        return _hash(str(snapshot))
     parts = []
     for file in sorted(p for p in snapshot.rglob("*") if p.is_file()):
         stat = file.stat()

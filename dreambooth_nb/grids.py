@@ -176,71 +176,177 @@ def format_axis_label(names, value, *, width: int = 24) -> str:
 
 
 # --- Drawing ------------------------------------------------------------------------------------------------
-def draw_grid(cells, *, rows, cols, path, title=None, cell_size: float = 2.5, dpi: int = 100) -> Path:
+NOTEBOOK_WIDTH = 1000
+"""Pixels a grid may take across to be seen whole in a notebook cell (Jupyter's and Colab's output area on
+an ordinary laptop screen is about this wide): `compare` and `sweep` fit their grids into it."""
+HIGHLIGHT = "#1a9850"  # the frame of a marked cell (the suggested snapshot)
+_GAP, _GROUP_GAP = 0.04, 0.16  # inches between cells, and between groups of an axis (e.g. learning rates)
+_CHAR = 0.075  # inches per character of 9-point text, about
+
+
+def draw_grid(cells, *, rows, cols, path, title=None, cell_size: float = 2.5, dpi: int = 100,
+              max_width: int | None = None, highlight=()) -> Path:
     """Draw `cells` as a grid (rows × cols by label), save PNG + JSON sidecar atomically; return the PNG path.
+
+    A combined axis groups by its first label: cols=("lr", "step") draws each learning rate's steps side
+    by side under one header, a little apart from the next rate's; rows=("prompt", "seed") names each
+    prompt once for its seeds. `max_width` (pixels) shrinks the cells until the whole grid fits that width.
+    `highlight` lists label dicts (e.g. {"run": "lr-1e-4", "step": 200}): every cell whose labels include
+    one of them gets a coloured frame and its column a ★ (the suggested snapshot).
 
     Uses a bare matplotlib `Figure` (Agg canvas, never pyplot), so nothing pops up or stays open in a
     notebook; show the result with `IPython.display.Image(path)`.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from PIL import Image
 
     cells = list(cells)
     row_labels, col_labels, grid = layout(cells, rows, cols)
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ConfigError(f"path: {path} must end in .png.")
-    row_text = [format_axis_label(rows, v) for v in row_labels]
-    col_text = [format_axis_label(cols, v) for v in col_labels]
-    n_rows, n_cols = len(row_labels), len(col_labels)
+    highlight = [dict(h) for h in highlight]
+    row_names, col_names = _axis(rows, "rows"), _axis(cols, "cols")
+    row_groups, col_groups = _groups(row_labels, row_names), _groups(col_labels, col_names)
+    inner_rows = [format_axis_label(row_names[1:] if len(row_names) > 1 else row_names, _inner(v, row_names))
+                  for v in row_labels]
+    inner_cols = [format_axis_label(col_names[1:] if len(col_names) > 1 else col_names, _inner(v, col_names))
+                  for v in col_labels]
+    marked = [[cell is not None and _matches(cell_labels(cell)[0], highlight) for cell in row] for row in grid]
+    starred = [any(marked[i][j] for i in range(len(grid))) for j in range(len(col_labels))]
 
-    label_lines = max(t.count("\n") + 1 for t in row_text)
-    left = 2.2 if label_lines > 1 or max(len(t) for t in row_text) > 10 else 1.2
-    header = 0.2 * max(t.count("\n") + 1 for t in col_text) + 0.15
-    top = header + (0.45 if title else 0.05)
-    fig = Figure(figsize=(left + n_cols * cell_size, top + n_rows * cell_size), dpi=dpi)
+    # Sizes in inches: label column(s) on the left, header line(s) on top, then the cells.
+    n_rows, n_cols = len(row_labels), len(col_labels)
+    grouped_rows, grouped_cols = len(row_names) > 1, len(col_names) > 1
+    longest = max(len(line) for text in inner_rows for line in text.split("\n"))
+    left = (1.75 if grouped_rows else 0.0) + min(max(0.15 + _CHAR * longest, 0.5), 2.3)
+    gaps_x = _positions(col_groups, 0.0, start=0.0, grouped=grouped_cols)[-1]
+    gaps_y = _positions(row_groups, 0.0, start=0.0, grouped=grouped_rows)[-1]
+    if max_width is not None:
+        cell_size = min(cell_size, (max_width / dpi - left - 0.1 - gaps_x) / n_cols)
+    cell_size = max(cell_size, 0.3)
+    fontsize = 9 if cell_size >= 1.2 else 8
+    inner_h = 0.17 * max(t.count("\n") + 1 for t in inner_cols) + 0.1
+    outer_h = (0.17 * max(format_label(col_names[0], g[0], width=_chars(cell_size, len(g[1]))).count("\n") + 1
+                          for g in col_groups) + 0.1) if grouped_cols else 0.0
+    top = inner_h + outer_h + (0.4 if title else 0.05)
+    width, height = left + n_cols * cell_size + gaps_x + 0.1, top + n_rows * cell_size + gaps_y + 0.05
+    fig = Figure(figsize=(width, height), dpi=dpi)
     FigureCanvasAgg(fig)
-    width, height = fig.get_size_inches()
-    fig.subplots_adjust(left=left / width, right=0.99, bottom=0.01, top=1 - top / height,
-                        wspace=0.04, hspace=0.04)
-    axes = fig.subplots(n_rows, n_cols, squeeze=False)
+
+    xs = _positions(col_groups, cell_size, start=left, grouped=grouped_cols)
+    ys = _positions(row_groups, cell_size, start=top, grouped=grouped_rows)
+
+    def box(x, y, w, h):  # inches from the top left → figure fractions from the bottom left
+        return [x / width, 1 - (y + h) / height, w / width, h / height]
+
     for i in range(n_rows):
         for j in range(n_cols):
-            ax = axes[i][j]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_visible(False)
-            cell = grid[i][j]
-            if cell is None:
-                ax.set_facecolor("#f0f0f0")
-                ax.text(0.5, 0.5, "no image", ha="center", va="center", color="#888888",
-                        transform=ax.transAxes, fontsize=9)
-            else:
-                image_path = cell_labels(cell)[1]
-                try:
-                    with Image.open(image_path) as image:
-                        ax.imshow(image.convert("RGB"))
-                except (OSError, ValueError) as err:
-                    raise DataError(f"{image_path}: cannot read this grid image ({err}); render it again.") from None
-            if i == 0:
-                ax.set_title(col_text[j], fontsize=10)
-            if j == 0:
-                ax.set_ylabel(row_text[i], rotation=0, ha="right", va="center", fontsize=9, labelpad=8)
+            ax = fig.add_axes(box(xs[j], ys[i], cell_size, cell_size))
+            _draw_cell(ax, grid[i][j], marked=marked[i][j])
+    for j, text in enumerate(inner_cols):
+        star = "★ " if starred[j] else ""
+        fig.text((xs[j] + cell_size / 2) / width, 1 - (top - 0.04) / height, star + text, ha="center", va="bottom",
+                 fontsize=fontsize, color=HIGHLIGHT if starred[j] else "black", weight="bold" if starred[j] else None)
+    if grouped_cols:
+        for value, members in col_groups:
+            x0, x1 = xs[members[0]], xs[members[-1]] + cell_size
+            y = top - inner_h - 0.02
+            fig.text((x0 + x1) / 2 / width, 1 - y / height,
+                     format_label(col_names[0], value, width=_chars(cell_size, len(members))),
+                     ha="center", va="bottom", fontsize=fontsize + 1, weight="bold")
+            fig.add_artist(_rule(fig, (x0 + 0.05) / width, (x1 - 0.05) / width, 1 - (y - 0.01) / height))
+    for i, text in enumerate(inner_rows):
+        fig.text((left - 0.08) / width, 1 - (ys[i] + cell_size / 2) / height, text, ha="right", va="center",
+                 fontsize=fontsize)
+    if grouped_rows:
+        for value, members in row_groups:
+            y = (ys[members[0]] + ys[members[-1]] + cell_size) / 2
+            fig.text(0.08 / width, 1 - y / height, format_label(row_names[0], value, width=22), ha="left",
+                     va="center", fontsize=fontsize)
     if title:
-        fig.suptitle(title, fontsize=12, y=1 - 0.1 / height, va="top")
+        fig.suptitle(title, fontsize=fontsize + 3, y=1 - 0.08 / height, va="top")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     fig.clear()
     storage.atomic_write_bytes(path, buffer.getvalue())
     storage.write_json(path.with_suffix(".json"), sidecar(cells, rows=rows, cols=cols, title=title, png=path,
-                                                          laid_out=(row_labels, col_labels, grid)))
+                                                          laid_out=(row_labels, col_labels, grid), highlight=highlight))
     return path
 
 
-def sidecar(cells, *, rows, cols, title=None, png=None, laid_out=None) -> dict:
-    """What the grid shows, as JSON: axes, labels, and every cell (row, col, labels, image) row-major."""
+def _draw_cell(ax, cell, *, marked: bool) -> None:
+    from PIL import Image
+
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(marked)
+        spine.set_edgecolor(HIGHLIGHT)
+        spine.set_linewidth(3)
+    if cell is None:
+        ax.set_facecolor("#f0f0f0")
+        ax.text(0.5, 0.5, "no image", ha="center", va="center", color="#888888", transform=ax.transAxes, fontsize=8)
+        return
+    image_path = cell_labels(cell)[1]
+    try:
+        with Image.open(image_path) as image:
+            ax.imshow(image.convert("RGB"))
+    except (OSError, ValueError) as err:
+        raise DataError(f"{image_path}: cannot read this grid image ({err}); render it again.") from None
+
+
+def _rule(fig, x0: float, x1: float, y: float):
+    from matplotlib.lines import Line2D
+
+    return Line2D([x0, x1], [y, y], transform=fig.transFigure, color="#555555", linewidth=0.8)
+
+
+def _groups(labels: list, names: tuple[str, ...]) -> list[tuple]:
+    """[(first label's value, [positions])] for runs of equal first values; one group per position when the
+    axis has a single label (nothing to group)."""
+    if len(names) == 1:
+        return [(value, [i]) for i, value in enumerate(labels)]
+    groups: list[tuple] = []
+    for i, value in enumerate(labels):
+        if groups and groups[-1][0] == value[0]:
+            groups[-1][1].append(i)
+        else:
+            groups.append((value[0], [i]))
+    return groups
+
+
+def _inner(value, names: tuple[str, ...]):
+    """The part of an axis label drawn beside each cell: all but the group's label on a combined axis."""
+    if len(names) == 1:
+        return value
+    return value[1] if len(names) == 2 else tuple(value[1:])
+
+
+def _positions(groups, cell: float, *, start: float, grouped: bool) -> list[float]:
+    """Offsets (inches) of each position along an axis: cells `_GAP` apart, groups `_GROUP_GAP` apart."""
+    out, at = [], start
+    for g, (_, members) in enumerate(groups):
+        for k in range(len(members)):
+            if out:
+                at += _GROUP_GAP if grouped and k == 0 else _GAP
+            out.append(at)
+            at += cell
+    return out
+
+
+def _chars(cell: float, span: int) -> int:
+    """How many characters of a 9-point header fit across `span` cells of `cell` inches."""
+    return max(8, int(span * cell / _CHAR))
+
+
+def _matches(labels: dict, wanted: list[dict]) -> bool:
+    return any(all(labels.get(k) == v for k, v in want.items()) for want in wanted)
+
+
+def sidecar(cells, *, rows, cols, title=None, png=None, laid_out=None, highlight=()) -> dict:
+    """What the grid shows, as JSON: axes, labels, every cell (row, col, labels, image) row-major, and the
+    label sets it marks (`highlight`)."""
     row_labels, col_labels, grid = laid_out or layout(cells, rows, cols)
     entries = []
     for i, row in enumerate(grid):
@@ -257,4 +363,4 @@ def sidecar(cells, *, rows, cols, title=None, png=None, laid_out=None) -> dict:
 
     return {"title": title, "image": None if png is None else Path(png).name, "rows": axis(rows),
             "cols": axis(cols), "row_labels": values(row_labels), "col_labels": values(col_labels),
-            "shape": [len(row_labels), len(col_labels)], "cells": entries}
+            "shape": [len(row_labels), len(col_labels)], "highlight": [dict(h) for h in highlight], "cells": entries}

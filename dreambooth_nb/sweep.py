@@ -8,11 +8,11 @@ One training run per learning rate, each by `train.train` (the one training loop
 are skipped on a rerun and interrupted ones resume (with resume_from_checkpoint="latest", the default).
 With prior preservation the class images are generated once, before the first run, and shared by all.
 
-Then every snapshot is rendered with the evaluation spec (cached, see `evaluate`) and drawn as one grid:
-rows = learning rate (in the order given), columns = steps (ascending). When the spec has several
-prompts or seeds, each LR gets one row per prompt and seed (rows = ("lr", "prompt", "seed")), so every
-rendered image is in the grid. The grid and its JSON sidecar are written to
-`<output_dir>/sweep-grid.png` and `<output_dir>/sweep-grid.json`.
+Then every snapshot and the base model are rendered with the evaluation spec (cached, see `evaluate`),
+measured and drawn as one grid by `compare`: the base model's column (step 0), then each learning rate's
+steps side by side (rates in the order given), rows = prompts × seeds, each rate's suggested snapshot
+framed. The grid, its JSON sidecar (with the metrics, the suggestions and why) and the metrics plot are
+written to `<output_dir>/sweep-grid.png`, `sweep-grid.json` and `sweep-grid-metrics.png`.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from .train import train
 @dataclass
 class SweepResult:
     grid: Path
-    """The grid PNG: rows = learning rate (× prompt × seed), columns = steps."""
+    """The grid PNG: columns = the base model, then each learning rate's steps; rows = prompt × seed."""
     sidecar: Path
-    """The grid's JSON sidecar: axes, labels and every cell in row-major order."""
+    """The grid's JSON sidecar: axes, labels, every cell in row-major order, and "quality" (`quality.assess`)."""
     runs: list[Path]
     """One run folder per learning rate, in the order of `lrs`."""
     lrs: list[float]
@@ -45,12 +45,13 @@ def run_folder(output_dir, lr: float) -> Path:
 
 
 def sweep(config, *, lrs=(5e-6, 2e-6), save_at=(400, 800, 1200), spec: EvalSpec | None = None, on_step=None,
-          device=None) -> SweepResult:
+          device=None, judge="auto") -> SweepResult:
     """Train one run per learning rate, render each snapshot with `spec`, draw the LR × steps grid.
 
     `config` is the base run; the sweep overrides learning_rate, max_train_steps (= max(save_at)),
     snapshot_steps (= save_at) and output_dir per run. `spec` defaults to `EvalSpec.for_config(config)`.
-    `on_step(step, loss, lr)` is passed to every run's training (the live loss plot).
+    `on_step(step, loss, lr)` is passed to every run's training (the live loss plot). `judge` measures the
+    renders (see `compare`).
     """
     lrs = _learning_rates(lrs, config)
     save_at = _save_points(save_at)
@@ -76,8 +77,8 @@ def sweep(config, *, lrs=(5e-6, 2e-6), save_at=(400, 800, 1200), spec: EvalSpec 
         train(run, on_step=on_step)
 
     folders = [Path(run.output_dir) for run in runs]
-    grid = compare({f"lr-{lr_label(lr)}": folder for lr, folder in zip(lrs, folders)}, spec, rows="lr", cols="step",
-                   steps=save_at, out=Path(config.output_dir) / "sweep-grid.png", device=device,
+    grid = compare({f"LR {lr_label(lr)}": folder for lr, folder in zip(lrs, folders)}, spec, steps=save_at,
+                   out=Path(config.output_dir) / "sweep-grid.png", device=device, judge=judge,
                    title=f"{config.instance_prompt}: learning rate × steps")
     return SweepResult(grid=grid, sidecar=grid.with_suffix(".json"), runs=folders, lrs=lrs)
 

@@ -8,10 +8,14 @@ this world from captions such as ``"a photo of a red circle"`` or
 * `render` draws one shape; `sample_captioned` draws a captioned training set.
 * `sample_broad` draws a much wider distribution (any colour, stripes, checkers, gradients, noise) on
   which the VAE was trained, so that it can reproduce colours the captioned world never uses.
+* Rare identifier words (`IDENTIFIERS`), as CLIP's web captions have them: each names one specific
+  patterned object ("a photo of vex square" is always the same cyan-and-brown checkered square). With
+  `sample_captioned(..., p_identifier=...)` some captions carry one, so a model trained on them gives
+  identifier tokens text embeddings of their own and learns that such a word sets an object's look.
 * The Dreambooth subject is one specific object: a circle painted with purple-and-orange stripes.
-  Neither purple nor orange nor any pattern occurs in the captioned world. `subject_images` gives a
-  few instance photos of it; `SUBJECT_INSTANCE_PROMPT`, `SUBJECT_CLASS_PROMPT` and
-  `SUBJECT_CONTEXT_PROMPT` are the prompts to use with it.
+  Neither purple nor orange occurs in the captioned world, nor does its identifier `sks` (never in a
+  caption). `subject_images` gives a few instance photos of it; `SUBJECT_INSTANCE_PROMPT`,
+  `SUBJECT_CLASS_PROMPT` and `SUBJECT_CONTEXT_PROMPT` are the prompts to use with it.
 """
 
 from __future__ import annotations
@@ -63,9 +67,29 @@ SUBJECT_CLASS_PROMPT = f"a photo of a {SUBJECT_CLASS}"
 SUBJECT_CONTEXT_BACKGROUND = "black"
 SUBJECT_CONTEXT_PROMPT = f"{SUBJECT_INSTANCE_PROMPT} on a {SUBJECT_CONTEXT_BACKGROUND} background"
 
+# Rare identifiers and the one object each names: shape, two colours, pattern, cell size (px), vertical.
+# Like a name in CLIP's captions, an identifier stands where the article would ("a photo of vex square"),
+# and the object it names is always the same. The colours are the broad palette's (never purple or orange,
+# the subject's) and each stands out from all three backgrounds (RGB distance > 60, what `metrics`'
+# foreground mask needs); the subject's horizontal 4 px stripes are left out.
+IDENTIFIERS: dict[str, tuple] = {
+    "vex": ("square", "cyan", "brown", "checker", 4, False),
+    "qor": ("triangle", "magenta", "green", "stripes", 3, True),
+    "zil": ("circle", "pink", "blue", "checker", 3, False),
+    "mab": ("circle", "yellow", "brown", "stripes", 5, True),
+    "tuk": ("square", "red", "cyan", "stripes", 2, False),
+    "fen": ("triangle", "blue", "yellow", "checker", 4, False),
+    "jov": ("circle", "green", "magenta", "stripes", 3, False),
+    "pim": ("square", "pink", "brown", "stripes", 4, True),
+    "rud": ("circle", "cyan", "red", "checker", 5, False),
+    "wol": ("triangle", "brown", "pink", "stripes", 5, False),
+    "kiv": ("square", "magenta", "yellow", "checker", 2, False),
+    "dax": ("circle", "blue", "pink", "stripes", 2, True),
+}
+
 # Every word a caption or one of the prompts above uses: the toy model's tokenizer holds each as a token.
 VOCABULARY: tuple[str, ...] = tuple(
-    sorted({"a", "photo", "of", "on", "background", SUBJECT_TOKEN, *COLOURS, *SHAPES, *BACKGROUNDS})
+    sorted({"a", "photo", "of", "on", "background", SUBJECT_TOKEN, *COLOURS, *SHAPES, *BACKGROUNDS, *IDENTIFIERS})
 )
 
 TOY_MODEL_DIR = Path(__file__).resolve().parent / "toy_model"
@@ -151,19 +175,32 @@ def render(colour, shape: str, *, background="white", size: float = DEFAULT_SIZE
     return image
 
 
-def caption_for(colour: str | None, shape: str, background: str | None = None) -> str:
-    """`"a photo of a red circle"`, `"a photo of a circle"`, `"... on a black background"`."""
-    words = f"a photo of a {colour} {shape}" if colour else f"a photo of a {shape}"
+def caption_for(colour: str | None, shape: str, background: str | None = None, *, identifier: str | None = None) -> str:
+    """`"a photo of a red circle"`, `"a photo of a circle"`, `"... on a black background"`, `"a photo of vex square"`."""
+    if identifier:
+        words = f"a photo of {identifier} {shape}"
+    else:
+        words = f"a photo of a {colour} {shape}" if colour else f"a photo of a {shape}"
     return f"{words} on a {background} background" if background else words
+
+
+def render_identified(identifier: str, *, background="white", size: float = DEFAULT_SIZE, position=None,
+                      rng=None) -> Image.Image:
+    """The object that `identifier` (one of `IDENTIFIERS`) names, rendered like any world photo."""
+    shape, first, second, pattern, cell, vertical = IDENTIFIERS[identifier]
+    return render(first, shape, background=background, size=size, position=position, rng=rng, pattern=pattern,
+                  second_colour=second, cell=cell, vertical=vertical)
 
 
 def parse_caption(caption: str) -> dict:
     """The colour, shape, background (and whether the subject token is present) a caption names.
 
-    Missing items are None: `parse_caption("a photo of a circle")["colour"] is None`.
+    Missing items are None: `parse_caption("a photo of a circle")["colour"] is None`. `identifier` is the
+    word of `IDENTIFIERS` the caption names, if any.
     """
     words = caption.lower().replace(",", " ").split()
-    found = {"colour": None, "shape": None, "background": None, "subject": SUBJECT_TOKEN in words}
+    found = {"colour": None, "shape": None, "background": None, "subject": SUBJECT_TOKEN in words,
+             "identifier": next((w for w in words if w in IDENTIFIERS), None)}
     for i, word in enumerate(words):
         if word in BACKGROUNDS and i + 1 < len(words) and words[i + 1] == "background":
             found["background"] = word
@@ -181,18 +218,29 @@ def _random_placement(rng: np.random.Generator, size_range=SIZE_RANGE, margin: f
     return size, position
 
 
-def sample_captioned(n: int, seed: int = 0, *, p_background_named: float = 0.5,
-                     p_colour_omitted: float = 0.15) -> list[tuple[Image.Image, str]]:
+def sample_captioned(n: int, seed: int = 0, *, p_background_named: float = 0.5, p_colour_omitted: float = 0.15,
+                     p_identifier: float = 0.0) -> list[tuple[Image.Image, str]]:
     """`n` deterministic (image, caption) pairs from the captioned world.
 
     Colour, shape and background are uniform; size in `SIZE_RANGE` and position vary and are not named.
     The background is named in about `p_background_named` of captions (otherwise it is still random),
     and the colour is left out in about `p_colour_omitted` of them (`"a photo of a circle"`), so that a
-    class prompt without a colour is in the distribution the model learned.
+    class prompt without a colour is in the distribution the model learned. About `p_identifier` of the
+    pairs show one of the `IDENTIFIERS`' objects instead, captioned with its identifier and shape
+    (`"a photo of vex square"`); the first `n` pairs do not depend on `p_identifier` when it is 0.
     """
     rng = np.random.default_rng(seed)
+    picker = np.random.default_rng([seed, 1])  # identifiers draw from their own stream
     out = []
     for _ in range(n):
+        if p_identifier and picker.random() < p_identifier:
+            identifier = str(picker.choice(list(IDENTIFIERS)))
+            background = str(picker.choice(list(BACKGROUNDS)))
+            size, position = _random_placement(picker)
+            image = render_identified(identifier, background=background, size=size, position=position, rng=picker)
+            named = background if picker.random() < p_background_named else None
+            out.append((image, caption_for(None, IDENTIFIERS[identifier][0], named, identifier=identifier)))
+            continue
         colour = str(rng.choice(list(COLOURS)))
         shape = str(rng.choice(SHAPES))
         background = str(rng.choice(list(BACKGROUNDS)))

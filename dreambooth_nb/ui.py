@@ -17,6 +17,7 @@ import time
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
+from . import quality
 from .config import MIXED_PRECISION, PRESETS, TrainConfig
 from .errors import ConfigError, DreamboothError, TrainingStopped
 
@@ -721,9 +722,10 @@ COLUMN_CHOICES = [("training steps", "step"), ("prompts", "prompt")]
 
 
 def grid_axes(columns: str) -> tuple:
-    """(rows, cols) for `compare`: runs down and steps across, or runs × steps down and prompts across."""
+    """(rows, cols) for `compare`: prompts × seeds down and each run's steps across, or runs × steps down and
+    prompts across."""
     if columns == "step":
-        return "run", "step"
+        return ("prompt", "seed"), ("run", "step")
     if columns == "prompt":
         return ("run", "step"), "prompt"
     raise ConfigError(f"COLUMNS: {columns!r} is unknown; choose 'step' or 'prompt'.")
@@ -775,7 +777,9 @@ class ComparePanel:
             title = f"{self.title} · {sampler}" if self.title else sampler
             self.grid = compare(self.runs, spec, rows=rows, cols=cols, out=self.out_dir, title=title)
             print(f"Saved {self.grid} (+ {self.grid.with_suffix('.json').name})")
-        _replace_outputs(self.view, Image(filename=str(self.grid)))
+            report, plot = quality.read(self.grid)
+            print(quality.summary(report))
+        _replace_outputs(self.view, Image(filename=str(self.grid)), *([Image(filename=str(plot))] if plot else []))
         return self.grid
 
     def _clicked(self, _button=None) -> None:
@@ -838,6 +842,10 @@ class SweepPanel:
             self.result = sweep(config, lrs=lrs, save_at=save_at, spec=self.spec, on_step=live)
             print(f"Saved {self.result.grid}")
             show_image(self.result.grid)
+            report, plot = quality.read(self.result.grid)
+            print(quality.summary(report))
+            if plot:
+                show_image(plot)
         return self.result
 
     def _clicked(self, _button=None) -> None:

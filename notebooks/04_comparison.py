@@ -13,11 +13,17 @@
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/dreambooth-nb/dreambooth-nb/blob/main/notebooks/04_comparison.ipynb)
 #
-# Every snapshot of every run, rendered with the same prompts and seeds, in one labelled grid: rows are
-# runs (learning rates), columns are training steps (or prompts). Look for the step where the subject is
-# right *and* the new contexts ("in the snow") still work; after it, images get noisy or copy your photos.
-# That is overfitting: use the earlier snapshot or a lower learning rate. Noisy images also improve with
-# the DDIM scheduler or ~100 inference steps (the study).
+# Every snapshot of every run, rendered with the same prompts and seeds, in one labelled grid: each run's
+# steps side by side (grouped by run, after the **base model**, step 0), a row per prompt and seed. Look for
+# the step where the subject is right *and* the new contexts ("in the snow") still work and the class prompt
+# still draws what the base model drew; after it, images get noisy or copy your photos. That is
+# overfitting: use the earlier snapshot or a lower learning rate. Noisy images also improve with the DDIM
+# scheduler or ~100 inference steps (the study).
+#
+# The renders are also measured — subject fidelity, prompt fidelity, prior preservation, diversity (the
+# DreamBooth paper's metrics, with DINOv2 and CLIP, downloaded once) — and each run's **suggested snapshot**
+# is framed (★) in the grid; the rule and its inputs are printed under it. Notebook 6 exports the suggested
+# snapshot unless you name a step.
 
 # %%
 #@title Install (Colab and Kaggle only; keeps the preinstalled torch)
@@ -37,6 +43,8 @@ if HOSTED and importlib.util.find_spec("dreambooth_nb") is None:
 PROJECT_DIR = ""  #@param {type:"string"}
 SCHEDULER = "ddim"  #@param ["ddim", "pndm", "dpm"]
 INFERENCE_STEPS = 50  #@param {type:"slider", min:10, max:150, step:5}
+#@markdown Classifier-free guidance: 7.5 is Stable Diffusion's default (the embedded toy model prefers about 4).
+GUIDANCE = 7.5  #@param {type:"slider", min:1, max:15, step:0.5}
 #@markdown New settings for the subject, added after the instance prompt; separate them with `;`.
 CONTEXTS = "in the snow; as an oil painting"  #@param {type:"string"}
 SEEDS = "0, 1"  #@param {type:"string"}
@@ -55,12 +63,13 @@ config = project.load_config()
 runs = project.select_runs(RUNS)
 spec = EvalSpec.for_config(config, contexts=[c.strip() for c in CONTEXTS.split(";") if c.strip()],
                            seeds=ui.parse_int_list(SEEDS, name="SEEDS", allow_zero=True), scheduler=SCHEDULER,
-                           num_inference_steps=INFERENCE_STEPS)
+                           num_inference_steps=INFERENCE_STEPS, guidance_scale=GUIDANCE)
 
 # %% [markdown]
-# ## The grid
-# Drawn at once with the settings above and saved as PNG (with a JSON file listing every cell) in
-# `PROJECT_DIR/comparisons`. Change the scheduler or the steps in the panel and press **Draw** to redraw.
+# ## The grid, the metrics and the suggested snapshot
+# Drawn at once with the settings above and saved as PNG (with a JSON file listing every cell, the metrics
+# and the suggestion) in `PROJECT_DIR/comparisons`, with the metrics plotted against steps (one line per
+# run). Change the scheduler or the steps in the panel and press **Draw** to redraw.
 
 # %%
 panel = ui.ComparePanel(runs, spec, out_dir=project.comparisons_dir, columns=COLUMNS,

@@ -14,9 +14,11 @@
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/dreambooth-nb/dreambooth-nb/blob/main/notebooks/05_sweep.ipynb)
 #
 # The study's core experiment in one cell: train the same subject at several learning rates, keep a
-# snapshot at several steps, and see them side by side (rows: learning rate, columns: steps). Each run takes
-# as long as a normal training run, so start small (two rates). Finished runs are skipped and interrupted
-# ones resume when you run the notebook again.
+# snapshot at several steps, and see them side by side: the base model's column, then each rate's steps
+# (rows: prompts × seeds). The snapshots are measured and each rate's suggested snapshot is framed (★), with
+# the metrics plotted against steps, one line per rate. Each run takes as long as a normal training run, so
+# start small (two rates). Finished runs are skipped and interrupted ones resume when you run the notebook
+# again.
 
 # %%
 #@title Install (Colab and Kaggle only; keeps the preinstalled torch)
@@ -44,6 +46,8 @@ LEARNING_RATES = "5e-6, 2e-6"  #@param {type:"string"}
 SAVE_AT = "400, 800, 1200"  #@param {type:"string"}
 SCHEDULER = "ddim"  #@param ["ddim", "pndm", "dpm"]
 INFERENCE_STEPS = 50  #@param {type:"slider", min:10, max:150, step:5}
+#@markdown Classifier-free guidance: 7.5 is Stable Diffusion's default (the embedded toy model prefers about 4).
+GUIDANCE = 7.5  #@param {type:"slider", min:1, max:15, step:0.5}
 CONTEXTS = "in the snow; as an oil painting"  #@param {type:"string"}
 RUN_NOW = False  #@param {type:"boolean"}
 
@@ -56,7 +60,7 @@ platform.use_hf_token()  # a token in HF_TOKEN or a Colab/Kaggle secret, for gat
 project = projects.open_project(PROJECT_DIR, create=False)
 config = project.load_config()
 spec = EvalSpec.for_config(config, contexts=[c.strip() for c in CONTEXTS.split(";") if c.strip()],
-                           scheduler=SCHEDULER, num_inference_steps=INFERENCE_STEPS)
+                           scheduler=SCHEDULER, num_inference_steps=INFERENCE_STEPS, guidance_scale=GUIDANCE)
 
 # %% [markdown]
 # ## Run the sweep

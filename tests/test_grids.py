@@ -108,3 +108,24 @@ def test_draw_grid_requires_png_and_readable_images(tmp_path):
         draw_grid([cell(1e-6, 1, image=tmp_path / "a.png")], rows="lr", cols="step", path=tmp_path / "g.jpg")
     with pytest.raises(Exception, match="cannot read"):
         draw_grid([cell(1e-6, 1, image=tmp_path / "missing.png")], rows="lr", cols="step", path=tmp_path / "g.png")
+
+
+def test_grouped_columns_fit_a_notebook_and_mark_the_suggestion(tmp_path):
+    """Each LR's steps side by side after the base model, prompts × seeds down: 2 LRs × 3 steps fit 1000 px."""
+    cells = [dict(run="base model", lr=None, step=0, prompt=p, seed=s, image=_write_image(tmp_path / f"b{p}{s}.png", 9))
+             for p in ("a", "b", "c", "d") for s in (0, 1)]
+    for lr in (1e-3, 1e-4):
+        for step in (100, 200, 400):
+            cells += [cell(lr, step, prompt=p, seed=s, image=_write_image(tmp_path / f"{lr:g}{step}{p}{s}.png", step // 2))
+                      for p in ("a", "b", "c", "d") for s in (0, 1)]
+    marked = [{"run": "lr-0.0001", "step": 200}]
+    out = draw_grid(cells, rows=("prompt", "seed"), cols=("run", "step"), path=tmp_path / "grid.png", title="LR × steps",
+                    max_width=1000, highlight=marked)
+    with Image.open(out) as png:
+        assert png.size[0] <= 1000 and png.size[1] < 1400
+        frame = np.asarray(png.convert("RGB"))
+    assert (np.abs(frame.astype(int) - (0x1a, 0x98, 0x50)).sum(axis=-1) < 30).sum() > 500  # the green frame
+    side = json.loads(out.with_suffix(".json").read_text())
+    assert side["highlight"] == marked and side["shape"] == [8, 7]
+    assert side["col_labels"][:2] == [["base model", 0], ["lr-0.001", 100]]
+    assert side["row_labels"][:2] == [["a", 0], ["a", 1]]

@@ -32,12 +32,16 @@ def test_sweep_trains_renders_draws_and_reruns_for_free(make_config, monkeypatch
     assert result.grid == tmp_path / "project" / "sweep-grid.png" and result.grid.is_file()
     assert result.sidecar == result.grid.with_suffix(".json")
     side = json.loads(result.sidecar.read_text())
-    assert side["rows"] == "lr" and side["cols"] == "step"
-    assert side["row_labels"] == [5e-4, 1e-4] and side["col_labels"] == [2, 4]
+    # The base model's column, then each rate's steps side by side; a row per prompt and seed.
+    assert side["rows"] == ["prompt", "seed"] and side["cols"] == ["run", "step"]
+    assert side["row_labels"] == [["a photo of sks dog", 0]]
+    assert side["col_labels"] == [["base model", 0], ["LR 5e-4", 2], ["LR 5e-4", 4], ["LR 1e-4", 2], ["LR 1e-4", 4]]
     cells = [(c["row"], c["col"], c["labels"]["lr"], c["labels"]["step"]) for c in side["cells"]]
-    assert cells == [(0, 0, 5e-4, 2), (0, 1, 5e-4, 4), (1, 0, 1e-4, 2), (1, 1, 1e-4, 4)]
+    assert cells == [(0, 0, None, 0), (0, 1, 5e-4, 2), (0, 2, 5e-4, 4), (0, 3, 1e-4, 2), (0, 4, 1e-4, 4)]
     images = [c["image"] for c in side["cells"]]
-    assert len(set(images)) == 4 and all(str(result.runs[i // 2]) in images[i] for i in range(4))
+    assert len(set(images)) == 5 and all(str(result.runs[(i - 1) // 2]) in images[i] for i in range(1, 5))
+    assert str(tmp_path / "project" / "sweep" / "base-renders") in images[0]
+    assert "quality" in side  # None here: DINOv2 and CLIP cannot be fetched offline (tests/test_quality.py)
 
     # Rerun: every run is finished and every image rendered, so no model of any kind is loaded.
     mtimes = {p: p.stat().st_mtime_ns for run in result.runs for _, p in storage.list_snapshots(run)}
@@ -47,30 +51,29 @@ def test_sweep_trains_renders_draws_and_reruns_for_free(make_config, monkeypatch
     assert json.loads(again.sidecar.read_text()) == side
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
 
-    # compare() over the same two runs: rows = run as given, the cached renders reused.
+    # compare() over the same two runs: runs as given, the cached renders (the base model's too) reused.
     grid = compare(result.runs, spec, title="two runs")
     assert grid.parent == tmp_path / "project" / "sweep" / "grids"
     side = json.loads(grid.with_suffix(".json").read_text())
-    assert side["rows"] == "run" and side["row_labels"] == ["lr-5e-4", "lr-1e-4"]
+    assert side["col_labels"] == [["base model", 0], ["lr-5e-4", 2], ["lr-5e-4", 4], ["lr-1e-4", 2], ["lr-1e-4", 4]]
     assert [c["image"] for c in side["cells"]] == images
 
-    # Steps filter, LR rows, an explicit snapshot folder, and a step that one run lacks (empty cell).
+    # Steps filter, runs down and steps across, an explicit snapshot folder, a step one run lacks (empty cell).
     explicit = storage.snapshot_path(result.runs[1], 2)
-    grid = compare({"fast": result.runs[0], "slow@2": explicit}, spec, rows="lr", steps=[4, 2],
-                   out=tmp_path / "mine.png")
+    grid = compare({"fast": result.runs[0], "slow@2": explicit}, spec, rows="run", cols="step", steps=[4, 2],
+                   out=tmp_path / "mine.png", base=False)
     side = json.loads(grid.with_suffix(".json").read_text())
     assert grid == tmp_path / "mine.png"
     assert [(c["row"], c["col"], c["labels"]["run"]) for c in side["cells"]] == [(0, 0, "fast"), (0, 1, "fast"),
                                                                                  (1, 0, "slow@2")]
 
-    # Several prompts and seeds: none dropped, they join the rows (lr, prompt, seed).
+    # Several prompts and seeds: none dropped; prompts across, runs × steps × seeds down.
     monkeypatch.undo()
     wide = EvalSpec(prompts=["a photo of sks dog", "a photo of a cat"], seeds=[0, 1], num_inference_steps=2)
-    grid = compare(result.runs, wide, rows="lr", steps=[4])
+    grid = compare(result.runs, wide, rows=("run", "step"), cols="prompt", steps=[4])
     side = json.loads(grid.with_suffix(".json").read_text())
-    assert side["rows"] == ["lr", "prompt", "seed"] and side["shape"] == [8, 1] and len(side["cells"]) == 8
-    assert side["row_labels"][:3] == [[5e-4, "a photo of sks dog", 0], [5e-4, "a photo of sks dog", 1],
-                                      [5e-4, "a photo of a cat", 0]]
+    assert side["rows"] == ["run", "step", "seed"] and side["shape"] == [6, 2] and len(side["cells"]) == 12
+    assert side["row_labels"][:3] == [["base model", 0, 0], ["base model", 0, 1], ["lr-5e-4", 4, 0]]
 
 
 def test_sweep_argument_errors(make_config):
@@ -115,8 +118,8 @@ def test_sweep_passes_each_run_to_train_and_makes_class_images_first(make_config
                       ("train", 2e-6, 6, [3, 6], str(tmp_path / "p" / "sweep" / "lr-2e-6"), images),
                       ("train", 1e-6, 6, [3, 6], str(tmp_path / "p" / "sweep" / "lr-1e-6"), images)]
     side = json.loads(result.sidecar.read_text())
-    assert [(c["labels"]["lr"], c["labels"]["step"]) for c in side["cells"]] == [(2e-6, 3), (2e-6, 6), (1e-6, 3),
-                                                                                  (1e-6, 6)]
+    assert [(c["labels"]["lr"], c["labels"]["step"]) for c in side["cells"]] == [(None, 0), (2e-6, 3), (2e-6, 6),
+                                                                                  (1e-6, 3), (1e-6, 6)]
 
 
 def test_sweep_runs_share_one_latent_cache(make_config, tmp_path):
