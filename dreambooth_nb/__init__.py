@@ -9,7 +9,7 @@ from . import quiet
 
 quiet.install()  # before torch, diffusers and transformers load: see quiet.HARMLESS for what and why
 
-from .config import PRESETS, TrainConfig, preset  # noqa: E402
+from .config import PRESETS, Concept, TrainConfig, preset  # noqa: E402
 from .errors import ConfigError, DataError, DreamboothError, TrainingStopped  # noqa: E402
 from .train import train  # noqa: E402
 from .priors import generate_class_images  # noqa: E402
@@ -21,6 +21,6 @@ from .hub import push_to_hub  # noqa: E402
 from .planner import MemoryPlan, plan  # noqa: E402
 from .fitting import FitReport, fit, fit_report  # noqa: E402
 
-__all__ = ["TrainConfig", "preset", "PRESETS", "train", "DreamboothError", "ConfigError", "DataError",
+__all__ = ["TrainConfig", "Concept", "preset", "PRESETS", "train", "DreamboothError", "ConfigError", "DataError",
            "TrainingStopped", "generate_class_images", "EvalSpec", "compare", "sweep", "plan", "MemoryPlan",
            "fit", "fit_report", "FitReport", "export", "push_to_hub"]

@@ -30,6 +30,22 @@ out-of-memory advice asks to turn on)."""
 
 
 @dataclass
+class Concept:
+    """One subject of a run: its photos and prompt, and (with prior preservation) its class images."""
+
+    instance_data_dir: str
+    """Folder with the subject's photos; `photo.txt` beside `photo.jpg` is that photo's caption."""
+    instance_prompt: str
+    """Prompt of the photos (and the text `[trigger]` stands for in captions), e.g. "a photo of sks dog"."""
+    class_data_dir: str | None = None
+    """Folder for this subject's class images (prior preservation); missing ones are generated."""
+    class_prompt: str | None = None
+    """Prompt of the class images: "a photo of a dog"."""
+    num_class_images: int = 100
+    """How many class images this subject's prior preservation uses."""
+
+
+@dataclass
 class TrainConfig:
     # --- Base model -------------------------------------------------------------------------------------
     pretrained_model_name_or_path: str = SD15
@@ -49,6 +65,12 @@ class TrainConfig:
     """Prompt for the photos. A rare token like `sks` is not required (the study): "a photo of Bob's dog" works."""
     class_data_dir: str | None = None
     """Folder for the class images used by prior preservation; missing ones are generated."""
+    concepts: list[Concept] = field(default_factory=list)
+    """Several subjects in one run (a dog and a cat): each a `Concept` with its own photos, prompt and class
+    images. They take turns (round robin): sample k of the run is subject k mod n, so a batch of n holds one
+    of each. Empty: the run has one subject, the one the single-subject fields describe (instance_data_dir,
+    instance_prompt, class_data_dir, class_prompt, num_class_images); with concepts those are not used.
+    `subjects()` gives the list either way."""
     class_prompt: str | None = None
     """Prompt for the class images, the subject's class without the identifier: "a photo of a dog"."""
     with_prior_preservation: bool = False
@@ -237,7 +259,26 @@ class TrainConfig:
         bad_steps = [s for s in self.snapshot_steps if not 0 < s <= self.max_train_steps]
         if bad_steps:
             fail("snapshot_steps", f"{bad_steps} fall outside 1..max_train_steps={self.max_train_steps}.")
-        if self.with_prior_preservation:
+        for number, concept in enumerate(self.concepts, start=1):
+            where = f"concepts[{number - 1}] (subject {number})"
+            if not concept.instance_prompt.strip():
+                fail("concepts", f"{where} has an empty instance_prompt; e.g. 'a photo of sks dog'.")
+            if check_paths and not Path(concept.instance_data_dir).is_dir():
+                fail("concepts", f"{where}: folder {concept.instance_data_dir!r} does not exist.")
+            if self.with_prior_preservation and not (concept.class_prompt and concept.class_data_dir):
+                fail("concepts", f"{where} needs class_prompt and class_data_dir with prior preservation.")
+            if concept.num_class_images <= 0:
+                fail("concepts", f"{where}: num_class_images must be a positive whole number.")
+        if len({c.instance_prompt for c in self.concepts}) < len(self.concepts):
+            fail("concepts", "two subjects share an instance_prompt; give each its own (a rare word each).")
+        prompts_of: dict[str, set] = {}
+        for concept in self.concepts:
+            prompts_of.setdefault(concept.class_data_dir, set()).add(concept.class_prompt)
+        shared = [folder for folder, prompts in prompts_of.items() if folder and len(prompts) > 1]
+        if self.with_prior_preservation and shared:
+            fail("concepts", f"subjects with different class prompts share the class folder {shared[0]!r}; give "
+                 "each class prompt its own folder (subjects of the same class may share one).")
+        if self.with_prior_preservation and not self.concepts:
             if not self.class_prompt or not self.class_prompt.strip():
                 fail("class_prompt", "is needed with prior preservation, e.g. 'a photo of a dog'.")
             if not self.class_data_dir:
@@ -246,12 +287,13 @@ class TrainConfig:
                 and not Path(self.resume_from_checkpoint).is_dir():
             fail("resume_from_checkpoint", f"folder {self.resume_from_checkpoint!r} does not exist; "
                  "use 'latest', None, or a state folder under output_dir/states.")
-        if check_paths:
+        if check_paths and not self.concepts:
             if not self.instance_data_dir:
                 fail("instance_data_dir", "is empty; point it at the folder with your photos.")
             if not Path(self.instance_data_dir).is_dir():
                 fail("instance_data_dir", f"folder {self.instance_data_dir!r} does not exist; upload your "
                      "photos there or fix the path.")
+        if check_paths:
             model = self.pretrained_model_name_or_path
             if model_location(model) == "folder" and not (Path(model) / "model_index.json").is_file():
                 fail("pretrained_model_name_or_path", f"folder {model!r} has no model_index.json; point it "
@@ -260,6 +302,20 @@ class TrainConfig:
                 fail("pretrained_model_name_or_path", f"{model!r} is neither an existing folder, a .safetensors "
                      "or .ckpt file, nor a Hub id ('owner/name'); fix the path or the id.")
         return self
+
+    def subjects(self) -> list[Concept]:
+        """The run's subjects: `concepts`, or the one the single-subject fields describe."""
+        if self.concepts:
+            return list(self.concepts)
+        return [Concept(instance_data_dir=self.instance_data_dir, instance_prompt=self.instance_prompt,
+                        class_data_dir=self.class_data_dir, class_prompt=self.class_prompt,
+                        num_class_images=self.num_class_images)]
+
+    def for_subject(self, concept: Concept) -> "TrainConfig":
+        """This config with the single-subject fields of `concept` (what class-image generation reads)."""
+        return self.replace(concepts=[], instance_data_dir=concept.instance_data_dir,
+                            instance_prompt=concept.instance_prompt, class_data_dir=concept.class_data_dir,
+                            class_prompt=concept.class_prompt, num_class_images=concept.num_class_images)
 
     @property
     def effective_batch(self) -> int:
@@ -361,8 +417,9 @@ def changed_settings(before: dict, config: "TrainConfig", *, ignore=()) -> list[
     """
     before = {k: v for k, v in before.items() if k not in RETIRED}
     now = config.to_dict()
-    changed = sorted(k for k, v in now.items() if not resumable(k) and k not in ignore and before.get(k, 1 if
-                     k == "num_processes" else None) != v)
+    # A setting missing from `before` was added since that run started: it ran with the default.
+    before = {**TrainConfig().to_dict(), **before}
+    changed = sorted(k for k, v in now.items() if not resumable(k) and k not in ignore and before[k] != v)
     batch = ("train_batch_size", "gradient_accumulation_steps", "num_processes")
     if before.get("train_batch_size", 0) * before.get("gradient_accumulation_steps", 0) * \
             before.get("num_processes", 1) == config.effective_batch:
@@ -371,6 +428,16 @@ def changed_settings(before: dict, config: "TrainConfig", *, ignore=()) -> list[
         changed = [k for k in changed if k not in ("train_text_encoder", "text_encoder_learning_rate",
                                                    "stop_text_encoder_training")]
     return changed
+
+
+def _concept(data: dict, source: str) -> Concept:
+    fields = {f.name for f in dataclasses.fields(Concept)}
+    unknown = sorted(set(data) - fields)
+    if unknown or not {"instance_data_dir", "instance_prompt"} <= set(data):
+        raise ConfigError(f"{source}: a subject needs instance_data_dir and instance_prompt (and may have "
+                          f"class_data_dir, class_prompt, num_class_images); got {sorted(data)}.")
+    hints = typing.get_type_hints(Concept)
+    return Concept(**{k: _coerce(k, v, hints[k], source) for k, v in data.items()})
 
 
 def _coerce(key: str, value, hint, source: str):
@@ -384,6 +451,11 @@ def _coerce(key: str, value, hint, source: str):
     if args and type(None) in args:  # Optional[X]
         hint = next(a for a in args if a is not type(None))
         origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is list and args[0] is Concept:
+        if not isinstance(value, list) or not all(isinstance(v, (dict, Concept)) for v in value):
+            raise ConfigError(f"{source}: {key} must be a list of subjects ({{'instance_data_dir': ..., "
+                              f"'instance_prompt': ...}}), got {value!r}.")
+        return [v if isinstance(v, Concept) else _concept(v, f"{source}: {key}") for v in value]
     if origin is list:
         item = args[0]
         ok = isinstance(value, list) and all(

@@ -243,6 +243,13 @@ def run_config(snapshot: Path) -> dict:
     return json.loads(saved.read_text()) if Path(snapshot).parent.name == "snapshots" and saved.is_file() else {}
 
 
+def subject_prompts(config: dict, key: str = "instance_prompt") -> str | None:
+    """A saved run config's instance (or, with `key="class_prompt"`, class) prompt: each subject's, joined
+    with "; " when the run had several (`concepts`); None when there is none."""
+    values = [concept.get(key) for concept in config.get("concepts") or []] or [config.get(key)]
+    return "; ".join(dict.fromkeys(v for v in values if v)) or None
+
+
 @dataclass
 class Weights:
     """One part's safetensors weights (one file, or shards with an index), read a tensor at a time."""
@@ -440,7 +447,7 @@ def _export_lora(snapshot: Path, meta: dict, path: Path, *, half: bool, merged: 
     with safe_open(kohya, framework="pt") as handle:
         kohya_meta = dict(handle.metadata() or {})
     config = run_config(snapshot)
-    prompt = config.get("instance_prompt")
+    prompt = subject_prompts(config)
     xl = kohya_meta.get("ss_base_model_version", "").startswith("sdxl")
     info = {**kohya_meta, "modelspec.sai_model_spec": "1.0.0",
             "modelspec.architecture": ("stable-diffusion-xl-v1-base" if xl else "stable-diffusion-v1") + "/lora",
@@ -501,7 +508,7 @@ def describe(snapshot: Path, meta: dict, config: dict, *, layout: Layout, predic
     made = marker if marker.is_file() else snapshot / "model_index.json"
     native = int(configs["unet"]["sample_size"]) * 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
     resolution = int(config.get("resolution") or native)
-    prompt, step, base = config.get("instance_prompt"), meta.get("step"), base_name(meta.get("base"))
+    prompt, step, base = subject_prompts(config), meta.get("step"), base_name(meta.get("base"))
     title = f"{prompt} ({snapshot.parent.parent.name}, step {step})" if prompt else snapshot.name
     spec = {
         "modelspec.sai_model_spec": "1.0.0",
@@ -516,9 +523,9 @@ def describe(snapshot: Path, meta: dict, config: dict, *, layout: Layout, predic
     if prompt:
         spec["modelspec.trigger_phrase"] = prompt
         spec["modelspec.usage_hint"] = f"Prompt with '{prompt}'."
-    run = {"base_model": base, "step": step, "instance_prompt": prompt, "class_prompt": config.get("class_prompt"),
-           "learning_rate": config.get("learning_rate"), "max_train_steps": config.get("max_train_steps"),
-           "resolution": config.get("resolution"), "train_text_encoder": config.get("train_text_encoder"),
+    run = {"base_model": base, "step": step, "instance_prompt": prompt,
+           "class_prompt": subject_prompts(config, "class_prompt"), "learning_rate": config.get("learning_rate"),
+           "max_train_steps": config.get("max_train_steps"), "resolution": config.get("resolution"), "train_text_encoder": config.get("train_text_encoder"),
            "prior_preservation": config.get("with_prior_preservation"), "seed": config.get("seed"),
            "version": version("dreambooth-nb")}
     return spec | {f"dreambooth_nb.{k}": str(v) for k, v in run.items() if v is not None}
@@ -596,7 +603,8 @@ def how_to_use(file=None, *, repo_id: str | None = None, prompt: str | None = No
 
         with safe_open(file, framework="pt") as handle:
             meta = handle.metadata() or {}
-    prompt = prompt or meta.get("modelspec.trigger_phrase") or "a photo of sks dog"
+    # (a run of several subjects has their prompts joined with "; ": the example uses the first)
+    prompt = (prompt or meta.get("modelspec.trigger_phrase") or "a photo of sks dog").split("; ")[0]
     name = Path(file).name if file is not None else None
     if meta.get("dreambooth_nb.method") == "lora":
         return _how_to_use_lora(name, meta=meta, prompt=prompt)

@@ -26,7 +26,7 @@ import torch
 
 from . import snapshots, storage
 from .errors import ConfigError
-from .export import base_name, choose_snapshot, how_to_use, label, run_config
+from .export import base_name, choose_snapshot, how_to_use, label, run_config, subject_prompts
 from .memory import _size  # bytes for people
 from .quiet import silenced
 
@@ -156,7 +156,7 @@ def model_card(snapshot: Path, meta: dict, *, repo_id: str, images: list[tuple[s
 
     config = run_config(snapshot)
     base = meta.get("base")
-    prompt = config.get("instance_prompt")
+    prompt = subject_prompts(config)
     license_ = base_license(base)
     data = ModelCardData(
         license=license_, base_model=base if base and base_name(base) == base else None, library_name="diffusers",
@@ -164,7 +164,7 @@ def model_card(snapshot: Path, meta: dict, *, repo_id: str, images: list[tuple[s
         widget=[{"text": caption, "output": {"url": path}} for path, caption in images] or None)
     title = f"{prompt} — Dreambooth" if prompt else f"{repo_id.split('/')[-1]} — Dreambooth"
     rows = [("Base model", base_name(base)), ("Trigger (instance prompt)", prompt),
-            ("Class prompt", config.get("class_prompt")),
+            ("Class prompt", subject_prompts(config, "class_prompt")),
             ("Prior preservation", _yes(config.get("with_prior_preservation"))),
             ("Steps", f"{meta.get('step')} of {config.get('max_train_steps')}" if config else meta.get("step")),
             ("Learning rate", config.get("learning_rate")),

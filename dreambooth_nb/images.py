@@ -8,6 +8,8 @@ that names the file, says what is wrong with it and what to do.
 
 `scan_images` runs that once over the whole folder before training, so the user sees every problem at
 once (skipped files with reasons, tiny or duplicate photos, too few photos) instead of one at a time.
+It also reads captions: `dog1.txt` beside `dog1.jpg` describes that photo ("[trigger] wearing a red
+hat"), and `[trigger]` stands for the subject's instance prompt (`caption_prompt`).
 
 Decisions:
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +38,7 @@ from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from .errors import ConfigError, DataError
 
-__all__ = ["ImageError", "ScanReport", "load_image", "scan_images", "thumbnail_grid"]
+__all__ = ["ImageError", "ScanReport", "caption_prompt", "load_image", "scan_images", "thumbnail_grid"]
 
 _TOO_BIG = "Resize it (for example to 2000 px on the long side) before uploading."
 _FIX = "Re-copy or re-export the photo (for example save it again as JPEG), or delete it from the folder."
@@ -51,6 +54,9 @@ _MAGIC = {
     b"MM\x00*": "TIFF",
 }
 _HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1", b"avif")
+CAPTION_SUFFIX = ".txt"
+TRIGGER = "[trigger]"
+"""Written in a caption, it stands for the subject's instance prompt: "[trigger] on a beach"."""
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif", ".avif"}
 """Names that look like images, for counts that do not open the files (`scan_images` opens every file)."""
 
@@ -298,17 +304,31 @@ def _why_unreadable(head: bytes) -> tuple[str, str]:
             "Use JPEG, PNG or WebP photos; delete other files from the folder.")
 
 
+def caption_prompt(caption: str, instance_prompt: str) -> str:
+    """The prompt a photo trains with: its caption with `[trigger]` (any case) replaced by the instance prompt."""
+    return re.sub(re.escape(TRIGGER), lambda _: instance_prompt, caption, flags=re.IGNORECASE)
+
+
 @dataclass
 class ScanReport:
-    """What `scan_images` found in a photo folder. `usable` is sorted; `skipped` holds (file, reason)."""
+    """What `scan_images` found in a photo folder. `usable` is sorted; `skipped` holds (file, reason);
+    `captions` maps a usable photo to the text of its `.txt` caption (photos without one are absent)."""
 
     folder: Path
     usable: list[Path] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    captions: dict[Path, str] = field(default_factory=dict)
+    instance_prompt: str | None = None
+
+    def prompts(self, instance_prompt: str) -> list[str]:
+        """The prompt of each usable photo: its caption (`[trigger]` replaced), else the instance prompt."""
+        return [caption_prompt(self.captions[p], instance_prompt) if p in self.captions else instance_prompt
+                for p in self.usable]
 
     def summary(self) -> str:
-        """Several lines for the notebook: counts, then each skipped file with its reason, then warnings."""
+        """Several lines for the notebook: counts, then each skipped file with its reason, then warnings,
+        then each photo's prompt when some photos have captions."""
         lines = [f"{self.folder}: {len(self.usable)} usable, {len(self.skipped)} skipped"]
         if self.skipped:
             lines.append("Skipped:")
@@ -316,10 +336,37 @@ class ScanReport:
         if self.warnings:
             lines.append("Warnings:")
             lines += [f"  - {w}" for w in self.warnings]
+        if self.captions:
+            prompt = self.instance_prompt or TRIGGER
+            lines.append(f"Prompts ({len(self.captions)} of {len(self.usable)} photos have a caption; the others "
+                         f"use the instance prompt):")
+            lines += [f"  - {p.name}: {text}" + ("" if p in self.captions else "  (instance prompt)")
+                      for p, text in zip(self.usable, self.prompts(prompt))]
         return "\n".join(lines)
 
 
-def scan_images(folder, *, resolution: int = 512, min_images: int = 3, allow_empty: bool = False) -> ScanReport:
+def read_caption(path: Path) -> tuple[str | None, str | None]:
+    """(caption, None), or (None, warning) when the file cannot serve as one; the photo then trains with the
+    instance prompt. Lines are joined with spaces; a UTF-8 byte-order mark (Notepad writes one) is ignored."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        return None, (f"{path.name} cannot be read ({e.strerror or e}); its photo trains with the instance "
+                      "prompt. Copy the caption file again.")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        return None, (f"{path.name} is not UTF-8 text (byte 0x{raw[e.start]:02x} at position {e.start}); its photo "
+                      "trains with the instance prompt. Save the caption as UTF-8 (in Notepad: Save as > "
+                      "Encoding: UTF-8).")
+    text = " ".join(text.split())
+    if not text:
+        return None, f"{path.name} is empty; its photo trains with the instance prompt."
+    return text, None
+
+
+def scan_images(folder, *, resolution: int = 512, min_images: int = 3, allow_empty: bool = False,
+                instance_prompt: str | None = None) -> ScanReport:
     """Try every file in `folder` (not its subfolders) and report what training can use, and why not.
 
     Each file is loaded exactly as training will load it (`load_image(path, max_side=resolution)`), so a
@@ -327,6 +374,11 @@ def scan_images(folder, *, resolution: int = 512, min_images: int = 3, allow_emp
     subfolders are skipped with a reason. Warnings: photos whose shorter side is under half the
     training resolution (they get blurry when scaled up), identical pictures (same pixels, so also
     byte-identical copies), and fewer than `min_images` usable photos.
+
+    Captions: `name.txt` beside the photo `name.jpg` (same name, any image extension) is that photo's
+    caption. A `.txt` with no photo of its name, or one that is empty, unreadable or not UTF-8, is named in
+    a warning (its photo, if any, trains with the instance prompt). `instance_prompt` only serves the
+    summary, which then shows each photo's prompt with `[trigger]` replaced.
 
     Raises `DataError` when the folder is missing, empty, or holds no usable photo at all — unless
     `allow_empty` (a class-image folder, filled later by generation), which reports that as it is.
@@ -348,15 +400,19 @@ def scan_images(folder, *, resolution: int = 512, min_images: int = 3, allow_emp
         raise DataError(f"Photo folder {folder} is empty. Upload 3-5 photos of your subject "
                         "(JPEG or PNG) into it, then run this cell again.")
 
-    report = ScanReport(folder=folder)
+    report = ScanReport(folder=folder, instance_prompt=instance_prompt)
     sizes: dict[Path, tuple[int, int]] = {}
     by_pixels: dict[str, list[Path]] = {}
+    caption_files: list[Path] = []
     for path in entries:
         if path.name.startswith("."):
             report.skipped.append((path, "hidden or system file"))
             continue
         if path.is_dir():
             report.skipped.append((path, "a subfolder (subfolders are not searched)"))
+            continue
+        if path.suffix.lower() == CAPTION_SUFFIX:
+            caption_files.append(path)
             continue
         try:
             with load_image(path, max_side=resolution) as im:
@@ -369,9 +425,11 @@ def scan_images(folder, *, resolution: int = 512, min_images: int = 3, allow_emp
         report.usable.append(path)
         by_pixels.setdefault(digest.hexdigest(), []).append(path)
     report.usable.sort()
+    _match_captions(report, caption_files)
 
     if not report.usable and not allow_empty:
-        why = "\n".join(f"  - {p.name}: {reason}" for p, reason in report.skipped)
+        why = "\n".join([f"  - {p.name}: {reason}" for p, reason in report.skipped]
+                        + [f"  - {p.name}: a caption, with no photo of its name" for p in caption_files])
         subfolders = [p.name for p, r in report.skipped if r.startswith("a subfolder")]
         hint = (f" Your photos may be in the subfolder {', '.join(subfolders)}: point the setting at it."
                 if subfolders else "")
@@ -394,6 +452,28 @@ def scan_images(folder, *, resolution: int = 512, min_images: int = 3, allow_emp
             f"Only {len(report.usable)} usable photo(s); Dreambooth works best with 3-5 photos of an "
             "object and 5-10 of a face or pet, from different angles and backgrounds.")
     return report
+
+
+def _match_captions(report: ScanReport, caption_files: list[Path]) -> None:
+    """Attach each `.txt` to the usable photos of its name; warn about the ones that fit no photo."""
+    photos_by_stem: dict[str, list[Path]] = {}
+    for photo in report.usable:
+        photos_by_stem.setdefault(photo.stem, []).append(photo)
+    skipped = {p.stem for p, _ in report.skipped}
+    for path in caption_files:
+        photos = photos_by_stem.get(path.stem)
+        if not photos:
+            why = (f"its photo {path.stem}.* was skipped (see above)" if path.stem in skipped else
+                   f"there is no photo named {path.stem}.jpg (or .png, ...)")
+            report.warnings.append(f"{path.name} is ignored: {why}. A caption must have its photo's name, "
+                                   f"e.g. dog1.jpg + dog1.txt.")
+            continue
+        caption, warning = read_caption(path)
+        if warning:
+            report.warnings.append(warning)
+            continue
+        for photo in photos:
+            report.captions[photo] = caption
 
 
 def thumbnail_grid(paths, *, size: int = 96, columns: int = 8) -> Image.Image:

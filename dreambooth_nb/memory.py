@@ -152,7 +152,8 @@ def _simulate(config, *, sizes, interval, start_step, free_bytes, trash_counts, 
     used = peak = trash = 0
     if missing_class_images:
         used = peak = class_image_bytes(config, missing=missing_class_images)
-        items.append((f"{missing_class_images} class images (in {config.class_data_dir})", used))
+        folders = ", ".join(sorted({s.class_data_dir for s in config.subjects() if s.class_data_dir}))
+        items.append((f"{missing_class_images} class images (in {folders})", used))
     kept: list[int] = []
     state_steps = []
     snapshot_steps = sorted({s for s in config.snapshot_steps if s > start_step} | {config.max_train_steps})
@@ -183,11 +184,17 @@ def _simulate(config, *, sizes, interval, start_step, free_bytes, trash_counts, 
 
 
 def _missing_class_images(config) -> int:
-    if not config.with_prior_preservation or not config.class_data_dir:
+    """Class images still to generate, all subjects together (a folder two subjects share counted once)."""
+    if not config.with_prior_preservation:
         return 0
     from .priors import class_images
 
-    return len(class_images(config, decode=False).to_generate)
+    missing: dict[str, int] = {}
+    for subject in config.subjects():
+        if subject.class_data_dir:
+            count = len(class_images(config.for_subject(subject), decode=False).to_generate)
+            missing[subject.class_data_dir] = max(count, missing.get(subject.class_data_dir, 0))
+    return sum(missing.values())
 
 
 # --- Out of memory ------------------------------------------------------------------------------------

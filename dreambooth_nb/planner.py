@@ -814,8 +814,7 @@ def _host_parts(config, setup: Setup, *, sizes: dict, trained_params: int) -> _H
 
 def _data_bytes(config, setup: Setup) -> int:
     """Photos and class images held as 8-bit RGB (shorter side = resolution), plus cached latents in RAM."""
-    photos = _count_files(config.instance_data_dir, default=10)
-    classes = config.num_class_images if config.with_prior_preservation else 0
+    photos, classes = _image_counts(config)
     pixels = setup.resolution**2 * 3
     images = int(photos * pixels * 4 / 3) + classes * pixels  # photos are often 4:3, class images square
     latents = 0
@@ -824,6 +823,14 @@ def _data_bytes(config, setup: Setup) -> int:
         side = setup.resolution // 8
         latents = (photos + classes) * flips * 2 * 4 * side * side * 4  # mean and std, fp32, 4 channels
     return images + latents
+
+
+def _image_counts(config) -> tuple[int, int]:
+    """(photos, class images) of all the run's subjects: what training holds in memory."""
+    subjects = config.subjects()
+    photos = sum(_count_files(s.instance_data_dir, default=10) for s in subjects)
+    classes = sum(s.num_class_images for s in subjects) if config.with_prior_preservation else 0
+    return photos, classes
 
 
 def _count_files(folder, *, default: int) -> int:
@@ -863,8 +870,7 @@ def _disk_parts(config, *, sizes: dict, trained_params: int) -> tuple[int, dict[
     classes = sum(size for what, size in disk.items if "class images" in what)
     parts = {"class images": classes, "states and snapshots": disk.peak_bytes - classes}
     if config.cache_latents and getattr(config, "latent_cache_dir", None):
-        photos = _count_files(config.instance_data_dir, default=10)
-        n = photos + (config.num_class_images if config.with_prior_preservation else 0)
+        n = sum(_image_counts(config))
         side = config.resolution // 8
         parts["latent cache"] = n * 2 * 4 * side * side * 4  # mean and std, fp32, 4 channels
     return disk.peak_bytes, parts

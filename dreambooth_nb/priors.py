@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from . import snapshots
 from .errors import DataError
-from .images import IMAGE_SUFFIXES, png_bytes, scan_images
+from .images import CAPTION_SUFFIX, IMAGE_SUFFIXES, png_bytes, scan_images
 from .storage import atomic_write_bytes
 
 _NAME = "class-{:05d}.png"
@@ -77,6 +77,10 @@ def class_images(config, *, decode: bool = True) -> ClassImages:
     if decode:
         report = scan_images(folder, resolution=config.resolution, min_images=0, allow_empty=True)
         usable, found.skipped = report.usable, report.skipped
+        found.skipped += [(path, "a text file: class images all train with the class prompt (captions are read "
+                                 "in photo folders only)")
+                          for path in sorted(folder.iterdir()) if path.suffix.lower() == CAPTION_SUFFIX] \
+            if folder.is_dir() else []
     else:
         usable = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
     for path in usable:
@@ -88,71 +92,89 @@ def class_images(config, *, decode: bool = True) -> ClassImages:
     return found
 
 
-def reference_images(config) -> list[Path]:
-    """A few renders of the class prompt by the base model, for the validation loss's prior half when prior
-    preservation is off (`validation.py`); made once into `output_dir/validation/`, deterministic like class
-    images. Empty without a class prompt."""
+def reference_images(config) -> list[list[Path]]:
+    """Per subject, a few renders of its class prompt by the base model, for the validation loss's prior
+    half when prior preservation is off (`validation.py`); made once into `output_dir/validation/`
+    (`validation-2/`, ... for further subjects), deterministic like class images. Empty for a subject
+    without a class prompt."""
     from .validation import REFERENCE_IMAGES
 
-    if not config.class_prompt:
-        return []
-    folder = Path(config.output_dir) / "validation"
-    reference = config.replace(class_data_dir=str(folder), num_class_images=REFERENCE_IMAGES)
-    if class_images(reference, decode=False).to_generate:
-        print(f"Rendering {REFERENCE_IMAGES} images of '{config.class_prompt}' with the base model, once: the "
-              "validation loss measures how far training moves the class from them.")
-        generate_class_images(reference, quiet=True)
-    return class_images(reference).selected
+    subjects = config.subjects()
+    renders = []
+    for number, subject in enumerate(subjects, start=1):
+        if not subject.class_prompt:
+            renders.append([])
+            continue
+        folder = Path(config.output_dir) / ("validation" if number == 1 else f"validation-{number}")
+        reference = config.for_subject(subject).replace(class_data_dir=str(folder), num_class_images=REFERENCE_IMAGES)
+        if class_images(reference, decode=False).to_generate:
+            print(f"Rendering {REFERENCE_IMAGES} images of '{subject.class_prompt}' with the base model, once: the "
+                  "validation loss measures how far training moves the class from them.")
+            generate_class_images(reference, quiet=True)
+        renders.append(class_images(reference).selected)
+    return renders
 
 
 def generate_class_images(config, *, device: torch.device | None = None, pipe=None, quiet: bool = False,
-                          shard: tuple[int, int] = (0, 1)) -> Path:
-    """Generate the class images `config` still needs into `config.class_data_dir`; return the folder.
+                          shard: tuple[int, int] = (0, 1)) -> list[Path]:
+    """Generate the class images every subject of `config` still needs; return the class folders.
 
     Counts your own images first (see the module docs). Uses `config.pretrained_model_name_or_path`,
-    `class_prompt`, `num_class_images`, `sample_batch_size`, `resolution` and `seed`. Pass `pipe` to reuse
-    an already loaded pipeline; it is loaded only when something is missing. `shard` = (rank, processes):
-    with several GPUs each process makes every processes-th missing image, on its own device (image i is
-    the same whoever makes it: its seed is (seed, i)).
+    each subject's `class_prompt`, `class_data_dir` and `num_class_images`, and `sample_batch_size`,
+    `resolution` and `seed`. Pass `pipe` to reuse an already loaded pipeline; else one is loaded when
+    something is missing, once for all subjects. `shard` = (rank, processes): with several GPUs each process
+    makes every processes-th missing image, on its own device (image i is the same whoever makes it: its
+    seed is (seed, i)).
     """
-    if not config.class_prompt or not config.class_data_dir:
+    subjects = [config.for_subject(subject) for subject in config.subjects()]
+    if not all(subject.class_prompt and subject.class_data_dir for subject in subjects):
         raise DataError("class_prompt and class_data_dir are needed to generate class images.")
-    folder = Path(config.class_data_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    found = class_images(config)
-    if not quiet:
-        print(found.summary())
-    rank, processes = shard
-    missing = found.to_generate[rank::processes]
-    if not missing:
-        return folder
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     own_pipe = pipe is None
-    if own_pipe:
-        pipe = snapshots.load_pipeline(config.pretrained_model_name_or_path, device=device,
-                                       revision=config.revision, variant=config.variant,
-                                       vae=config.vae_model_name_or_path)
     try:
-        with tqdm(total=len(missing), desc="Class images") as bar:
-            for start in range(0, len(missing), config.sample_batch_size):
-                batch = missing[start:start + config.sample_batch_size]
-                # One generator per image: image i does not depend on which batch it lands in.
-                generators = [torch.Generator("cpu").manual_seed(image_seed(config.seed, i)) for i in batch]
-                images = pipe([config.class_prompt] * len(batch), generator=generators,
-                              height=config.resolution, width=config.resolution).images
-                for index, image in zip(batch, images):
-                    atomic_write_bytes(class_image_path(folder, index), png_bytes(image))
-                bar.update(len(batch))
+        for subject in subjects:  # (two subjects may share a class folder: each counts what is there now)
+            missing = _missing(subject, shard=shard, quiet=quiet)
+            if missing and pipe is None:
+                pipe = snapshots.load_pipeline(config.pretrained_model_name_or_path, device=device,
+                                               revision=config.revision, variant=config.variant,
+                                               vae=config.vae_model_name_or_path)
+            if missing:
+                _generate(subject, missing, pipe=pipe, quiet=quiet)
     finally:
-        if own_pipe:
+        if own_pipe and pipe is not None:
             del pipe
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+    return [Path(subject.class_data_dir) for subject in subjects]
+
+
+def _missing(config, *, shard: tuple[int, int], quiet: bool) -> list[int]:
+    """The indices this process generates for a one-subject `config` (after a look at the folder)."""
+    Path(config.class_data_dir).mkdir(parents=True, exist_ok=True)
+    found = class_images(config)
+    if not quiet:
+        print(found.summary())
+    rank, processes = shard
+    return found.to_generate[rank::processes]
+
+
+def _generate(config, missing: list[int], *, pipe, quiet: bool) -> None:
+    """Images `missing` of a one-subject `config`, written atomically one by one."""
+    folder = Path(config.class_data_dir)
+    with tqdm(total=len(missing), desc="Class images") as bar:
+        for start in range(0, len(missing), config.sample_batch_size):
+            batch = missing[start:start + config.sample_batch_size]
+            # One generator per image: image i does not depend on which batch it lands in.
+            generators = [torch.Generator("cpu").manual_seed(image_seed(config.seed, i)) for i in batch]
+            images = pipe([config.class_prompt] * len(batch), generator=generators,
+                          height=config.resolution, width=config.resolution).images
+            for index, image in zip(batch, images):
+                atomic_write_bytes(class_image_path(folder, index), png_bytes(image))
+            bar.update(len(batch))
     still_missing = [i for i in missing if not class_image_path(folder, i).is_file()]
     if still_missing:
         raise DataError(f"{folder}: {len(still_missing)} class images are still missing after generation; "
                         "check free disk space and run again (finished images are kept).")
     if not quiet:
         print(f"Generated {len(missing)} class images of '{config.class_prompt}'.")
-    return folder

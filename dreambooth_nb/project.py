@@ -3,7 +3,8 @@
     PROJECT_DIR/
         config.json        written by notebook 01 (setup), read by 02-06
         instance/          your photos (unless INSTANCE_DIR points elsewhere)
-        class_images/      prior-preservation images (notebook 02)
+        class_images/      prior-preservation images (notebook 02); class_images-2/, ... those of further
+                           subjects with another class (CONCEPTS in notebook 01)
         runs/<name>/       one training run each (notebook 03): states/, snapshots/, renders/
         sweeps/            learning-rate x steps sweeps (notebook 05)
         comparisons/       comparison grids, PNG + JSON (notebook 04)
@@ -15,13 +16,14 @@ notebook skips what is done and resumes what is not.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import platform as _platform
 from . import storage
-from .config import TrainConfig, changed_settings, lr_label, preset
+from .config import Concept, TrainConfig, changed_settings, lr_label, preset
 from .errors import ConfigError, DataError
 
 
@@ -135,14 +137,16 @@ def setup_config(project: Project, *, kind: str = "object", method: str = "full"
                  memory_16gb: bool | None = None, gpu=None, model: str, instance_dir="",
                  instance_prompt: str, class_prompt: str = "", prior_preservation: str = "preset",
                  num_class_images: int = 0, resolution: int = 0, learning_rate: float = 0.0, max_steps: int = 0,
-                 with_report: bool = False, **overrides):
+                 concepts=(), with_report: bool = False, **overrides):
     """The project config from the setup notebook's parameters: a preset, then the user's choices.
 
     `kind` is "object" or "face"; `method` "full" (the study's fine-tuning) or "lora" (the "lora" preset:
     adapters, learning rate 1e-4); an SDXL `model` takes the "sdxl" preset (a LoRA at 1024 px, whatever
     `method` says: full fine-tuning of SDXL does not fit 16 GB); `prior_preservation` is "preset" (faces on,
     objects off), "on" or "off"; `num_class_images`, `resolution` (0: the model's native size), `learning_rate`
-    and `max_steps` at 0 keep the preset's values.
+    and `max_steps` at 0 keep the preset's values. `concepts`: more subjects for the same run, rows of
+    (photo folder, instance prompt[, class prompt]) after the first subject (`instance_dir`, `instance_prompt`,
+    `class_prompt`); each class prompt gets its own class folder (`class_images`, `class_images-2`, ...).
 
     Memory: the 16 GB profile (every saver on, batch by accumulation), then with `fit_to_gpu` (the default)
     `dreambooth_nb.fit` for `gpu` (None: the GPU here, a T4 where there is none): the fastest savers whose plan
@@ -172,6 +176,10 @@ def setup_config(project: Project, *, kind: str = "object", method: str = "full"
         values["learning_rate"] = float(learning_rate)
     if max_steps:
         values["max_train_steps"] = int(max_steps)
+    if concepts:
+        values["concepts"] = subjects_from_rows(project, concepts, first=Concept(
+            instance_data_dir=values.pop("instance_data_dir"), instance_prompt=values.pop("instance_prompt"),
+            class_data_dir=values.pop("class_data_dir"), class_prompt=values.pop("class_prompt")))
     values.update(overrides)
     sdxl = model_family(TrainConfig(pretrained_model_name_or_path=str(model))).is_sdxl
     family = ("sdxl",) if sdxl else (("lora",) if method == "lora" else ())
@@ -180,7 +188,9 @@ def setup_config(project: Project, *, kind: str = "object", method: str = "full"
     profile = True if memory_16gb is None else bool(memory_16gb)
     fitting = bool(fit_to_gpu) if memory_16gb is None else bool(memory_16gb)
     names = (kind, *family) + (("16gb",) if profile else ())
-    config = preset(*names, **values).validate()
+    config = preset(*names, **values)
+    config = config.replace(concepts=[dataclasses.replace(c, num_class_images=config.num_class_images)
+                                      for c in config.concepts]).validate()
     report = None
     if fitting:
         from .fitting import fit_report
@@ -188,6 +198,25 @@ def setup_config(project: Project, *, kind: str = "object", method: str = "full"
         report = fit_report(config, gpu)
         config = report.config.validate()
     return (config, report) if with_report else config
+
+
+def subjects_from_rows(project: Project, rows, *, first: Concept) -> list[Concept]:
+    """`first`, then a subject per row of the setup notebook's CONCEPTS: (photo folder, instance prompt) or
+    (photo folder, instance prompt, class prompt). A class prompt seen before shares that subject's class
+    folder; a new one gets `class_images-N` in the project."""
+    subjects = [first]
+    folders = {first.class_prompt: first.class_data_dir}
+    for number, row in enumerate(rows, start=2):
+        if isinstance(row, str) or not 2 <= len(row) <= 3 or not all(isinstance(v, str) and v.strip() for v in row):
+            raise ConfigError(f"CONCEPTS: row {number - 1} is {row!r}; write each subject as (photo folder, "
+                              "instance prompt) or (photo folder, instance prompt, class prompt), e.g. "
+                              "('/content/cat', 'a photo of sks cat', 'a photo of a cat').")
+        folder, instance_prompt, class_prompt = (*row, None)[:3]
+        class_dir = folders.setdefault(class_prompt, str(project.root / f"class_images-{number}"))
+        subjects.append(Concept(instance_data_dir=str(Path(folder).expanduser().resolve()),
+                                instance_prompt=instance_prompt.strip(), class_prompt=class_prompt,
+                                class_data_dir=class_dir if class_prompt else None))
+    return subjects
 
 
 def native_resolution(model: str) -> int:

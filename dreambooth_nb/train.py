@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 from . import distributed, memory, models, snapshots, storage
 from .config import TrainConfig, changed_settings
 from .methods import method_for
-from .data import CLASS, ImageFolder, LatentSource, item_index, sample_generator
+from .data import TrainingData
 from .prompts import Prompts
-from .validation import Validation, mean_latents
+from .validation import MAX_IMAGES, Validation
 from .errors import ConfigError, TrainingStopped
 from .single_file import resolve
 
@@ -172,32 +172,14 @@ def _train(config: TrainConfig, *, on_step, on_validation, progress_bar: bool, p
 
     # --- Data: images loaded (and checked) before any step, so a bad photo never stops training midway.
     progress.stage = "encoding the photos"
-    frozen_dtype = models.weight_dtype(precision, device)
-    flips = (False, True) if config.random_flip else (False,)
-    folders = [ImageFolder.load(config.instance_data_dir, prompt=config.instance_prompt,
-                                resolution=config.resolution)]
-    if config.with_prior_preservation:
-        from .priors import class_images  # exactly num_class_images: yours first, then generated ones
-
-        folders.append(ImageFolder.from_paths(class_images(config).selected, prompt=config.class_prompt,
-                                              resolution=config.resolution))
-    latents = [LatentSource(folder, vae=parts.vae, resolution=config.resolution, center_crop=config.center_crop,
-                            cache=config.cache_latents, flips=flips, device=device, dtype=frozen_dtype,
-                            cache_dir=config.latent_cache_dir, model_key=_model_key(config))
-               for folder in folders]
-    texts = [folder.prompt for folder in folders]
-    if reference:
-        texts.append(config.class_prompt)
-        prior_latents = mean_latents(LatentSource(
-            ImageFolder.from_paths(reference, prompt=config.class_prompt, resolution=config.resolution),
-            vae=parts.vae, resolution=config.resolution, center_crop=True, cache=False, flips=(False,),
-            device=device, dtype=frozen_dtype))
-    else:
-        prior_latents = mean_latents(latents[1]) if config.with_prior_preservation else []
-    prompts = Prompts(texts, family=parts.family, tokenizers=parts.tokenizers)
-    validation = Validation(fit=mean_latents(latents[0]), prior=prior_latents, prompts=prompts, fit_prompt=0,
-                            prior_prompt=len(texts) - 1 if len(texts) > 1 else None, scheduler=parts.noise_scheduler,
-                            seed=config.seed, resolution=config.resolution)
+    data = TrainingData.load(config, reference=reference)
+    for warning in data.long_prompts(parts.tokenizers[0]):
+        print(f"Warning: {warning}")
+    data.encode(vae=parts.vae, config=config, device=device, dtype=models.weight_dtype(precision, device),
+                model_key=_model_key(config))
+    prompts = Prompts(data.texts, family=parts.family, tokenizers=parts.tokenizers)
+    validation = Validation(pairs=data.validation_pairs(count=MAX_IMAGES), prompts=prompts,
+                            scheduler=parts.noise_scheduler, seed=config.seed, resolution=config.resolution)
     if config.cache_latents:
         _off_the_gpu(parts.vae)  # kept in host memory for the final snapshot; the GPU memory goes to training
 
@@ -249,7 +231,7 @@ def _train(config: TrainConfig, *, on_step, on_validation, progress_bar: bool, p
         step_losses = []
         for micro in range(step * micro_per_step, (step + 1) * micro_per_step):
             with accelerator.accumulate(*([unet, *encoders] if te_training else [unet])):
-                batch = make_batch(micro, config=config, latents=latents, folders=folders, rank=rank, world=world,
+                batch = data.batch(micro, config=config, rank=rank, world=world,
                                    num_timesteps=parts.noise_scheduler.config.num_train_timesteps)
                 loss = compute_loss(batch, unet=unet, prompts=prompts, encoders=encoders if te_training else None,
                                     scheduler=parts.noise_scheduler, config=config, device=device)
@@ -313,29 +295,7 @@ def _train(config: TrainConfig, *, on_step, on_validation, progress_bar: bool, p
     return final
 
 
-# --- One batch and its loss -------------------------------------------------------------------------------
-def make_batch(micro: int, *, config: TrainConfig, latents: list[LatentSource], folders: list[ImageFolder],
-               num_timesteps: int, rank: int = 0, world: int = 1):
-    """Micro-batch `micro` of process `rank` of `world`: instance samples, then class samples. Per row: the
-    latent, its noise and timestep, its prompt (index into the run's prompt table), whether it is a prior
-    (class) sample, and the photo's original size and crop corner (SDXL is conditioned on them)."""
-    rows = []
-    positions = distributed.sample_positions(micro, batch=config.train_batch_size, rank=rank, world=world)
-    for stream, (source, folder) in enumerate(zip(latents, folders)):
-        for position in positions:
-            gen = sample_generator(config.seed, stream, position)
-            index = item_index(config.seed, stream, position, len(folder))
-            flip = config.random_flip and bool(torch.rand((), generator=gen) < 0.5)
-            latent, crop = source.sample(index, flip=flip, gen=gen)
-            noise = torch.randn(latent.shape, generator=gen)
-            if config.offset_noise:
-                noise = noise + config.offset_noise * torch.randn((latent.shape[0], 1, 1), generator=gen)
-            timestep = torch.randint(0, num_timesteps, (), generator=gen)
-            rows.append(dict(latents=latent, noise=noise, timesteps=timestep, prompt=stream, is_prior=stream == CLASS,
-                             original_size=folder.original_size(index), crop=crop))
-    return {key: torch.stack([torch.as_tensor(row[key]) for row in rows]) for key in rows[0]}
-
-
+# --- One batch's loss ------------------------------------------------------------------------------------
 def compute_loss(batch, *, unet, prompts, encoders, scheduler, config: TrainConfig, device):
     """Diffusion loss: instance MSE + prior_loss_weight × class MSE (each averaged over its own half).
 

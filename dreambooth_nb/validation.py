@@ -3,8 +3,8 @@
 The training loss tracks whichever timestep each step drew, not how well the model does; these two numbers
 are comparable across snapshots because nothing random changes between them:
 
-    fit    the diffusion loss on your photos (instance prompt): falls as the subject is learned, and keeps
-           falling once the model starts to memorise them
+    fit    the diffusion loss on your photos (each with its prompt; several subjects in turn): falls as the
+           subject is learned, and keeps falling once the model starts to memorise them
     prior  the same on images of the class (class prompt): the class images of prior preservation, or, when
            it is off, a few renders of the class prompt by the base model made before training — it rises
            when training pulls the class towards the subject (language drift)
@@ -25,12 +25,12 @@ REFERENCE_IMAGES = 4  # base-model renders of the class prompt when prior preser
 
 
 class Validation:
-    def __init__(self, *, fit: list[torch.Tensor], prior: list[torch.Tensor], prompts, fit_prompt: int,
-                 prior_prompt: int | None, scheduler, seed: int, resolution: int):
+    """`pairs`: per half ("fit", "prior"), its (VAE mean latent, prompt id) pairs (`TrainingData.validation_pairs`)."""
+
+    def __init__(self, *, pairs: dict[str, list[tuple[torch.Tensor, int]]], prompts, scheduler, seed: int,
+                 resolution: int):
         self.prompts, self.scheduler, self.resolution = prompts, scheduler, resolution
-        self.halves = {"fit": (fit[:MAX_IMAGES], fit_prompt)}
-        if prior and prior_prompt is not None:
-            self.halves["prior"] = (prior[:MAX_IMAGES], prior_prompt)
+        self.halves = {half: pairs[half][:MAX_IMAGES] for half in ("fit", "prior") if pairs.get(half)}
         steps = scheduler.config.num_train_timesteps
         self.timesteps = torch.tensor([int(f * steps) for f in FRACTIONS])
         self.seed = seed
@@ -47,9 +47,9 @@ class Validation:
         unet.eval()
         results = {}
         try:
-            for half, (latents, prompt) in self.halves.items():
+            for half, pairs in self.halves.items():
                 losses = []
-                for index, latent in enumerate(latents):
+                for index, (latent, prompt) in enumerate(pairs):
                     noise = self._noise(half, index, latent)
                     batch = {"prompt": torch.full((len(self.timesteps),), prompt),
                              "original_size": torch.tensor([[self.resolution, self.resolution]] * len(self.timesteps)),
@@ -75,8 +75,3 @@ def hash_seed(*parts) -> int:
     import hashlib
 
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") % 2**63
-
-
-def mean_latents(source, *, count: int = MAX_IMAGES) -> list[torch.Tensor]:
-    """The VAE means of the first `count` images of a `data.LatentSource` (no sampling), scaled as training's."""
-    return [source.mean_latent(index) for index in range(min(count, len(source.folder)))]

@@ -64,6 +64,12 @@ NUM_CLASS_IMAGES = 0  #@param {type:"integer"}
 RESOLUTION = 0  #@param {type:"integer"}
 LEARNING_RATE = 0.0  #@param {type:"number"}
 MAX_STEPS = 0  #@param {type:"integer"}
+# More subjects in the same run (optional), one row each after the one above: (photo folder, instance prompt,
+# class prompt). Every batch then holds the subjects in turn. Captions: `photo.txt` beside `photo.jpg` in a
+# photo folder describes that photo ("[trigger] wearing a hat"; [trigger] stands for the instance prompt).
+CONCEPTS = [
+    # ("/content/drive/MyDrive/dreambooth/cat", "a photo of sks cat", "a photo of a cat"),
+]
 
 # %% [markdown]
 # ## The machine
@@ -102,15 +108,17 @@ print(f"Project folder: {project.root}")
 # ## Your photos
 # 3–5 photos for an object, 5–10 for a face or pet: different angles, backgrounds and light, the subject
 # clearly visible. Files that cannot be used are listed with the reason; they are skipped, not fatal.
+# Photos with a caption (`photo.txt`) are listed with the prompt they train with.
 
 # %%
 instance_dir = Path(INSTANCE_DIR) if INSTANCE_DIR else project.instance_dir
 if UPLOAD_PHOTOS:
     platform.upload_photos(instance_dir)
 resolution = RESOLUTION or projects.native_resolution(MODEL_ID)
-report = images.scan_images(instance_dir, resolution=resolution)
-print(report.summary())
-ui.show_image(images.thumbnail_grid(report.usable))
+for folder, prompt, *_ in [(instance_dir, INSTANCE_PROMPT), *CONCEPTS]:
+    report = images.scan_images(folder, resolution=resolution, instance_prompt=prompt)
+    print(report.summary())
+    ui.show_image(images.thumbnail_grid(report.usable))
 
 # %% [markdown]
 # ## Save the settings
@@ -122,7 +130,7 @@ config, fitted = projects.setup_config(
     project, kind=PRESET, method=METHOD, fit_to_gpu=FIT_TO_GPU, memory_16gb=MEMORY_16GB, model=MODEL_ID,
     instance_dir=instance_dir, instance_prompt=INSTANCE_PROMPT, class_prompt=CLASS_PROMPT,
     prior_preservation=PRIOR_PRESERVATION, num_class_images=NUM_CLASS_IMAGES, resolution=resolution,
-    learning_rate=LEARNING_RATE, max_steps=MAX_STEPS, with_report=True)
+    learning_rate=LEARNING_RATE, max_steps=MAX_STEPS, concepts=CONCEPTS, with_report=True)
 print(f"Saved {project.save_config(config)}\n")
 print(ui.config_summary(config))
 

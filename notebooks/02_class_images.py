@@ -54,12 +54,14 @@ print(ui.config_summary(config))
 # uses yours first and only the shortfall is generated. Unusable files are named and skipped.
 
 # %%
+subjects = [config.for_subject(subject) for subject in config.subjects()]  # (several with CONCEPTS)
 if config.with_prior_preservation:
-    found = priors.class_images(config)
-    print(found.summary())
-    if found.yours:
-        print("Yours (up to 16):")
-        ui.show_image(images.thumbnail_grid(found.yours[:16], size=96))
+    for subject in subjects:
+        found = priors.class_images(subject)
+        print(found.summary())
+        if found.yours:
+            print("Yours (up to 16):")
+            ui.show_image(images.thumbnail_grid(found.yours[:16], size=96))
 
 # %% [markdown]
 # ## Generate the missing class images
@@ -67,10 +69,11 @@ if config.with_prior_preservation:
 
 # %%
 if config.with_prior_preservation:
-    generate_class_images(config)
-    files = priors.class_images(config).selected
-    print(f"{len(files)} class images of '{config.class_prompt}' for training. A sample:")
-    ui.show_image(images.thumbnail_grid(files[:16], size=128))
+    generate_class_images(config)  # every subject's, one pipeline load
+    for subject in subjects:
+        files = priors.class_images(subject).selected
+        print(f"{len(files)} class images of '{subject.class_prompt}' for training. A sample:")
+        ui.show_image(images.thumbnail_grid(files[:16], size=128))
 else:
     print("Prior preservation is off in this project's settings: no class images are needed. "
           "(Turn it on in notebook 1 with PRIOR_PRESERVATION = 'on', or in the training panel of notebook 3.)")

@@ -212,7 +212,7 @@ def test_the_memory_savers_come_in_the_documented_order():
 
 @pytest.mark.parametrize("where,stage", [
     ("models.load_components", "loading the model"),
-    ("LatentSource", "encoding the photos"),
+    ("TrainingData.encode", "encoding the photos"),
     ("make_ema", "setting up the optimizer"),
     ("save_snapshot", "saving the snapshot of step 2"),
 ])

@@ -30,14 +30,14 @@ def class_config(make_config, tmp_path):
 
 def test_generates_the_count_then_nothing_more(class_config, monkeypatch):
     config = class_config()
-    folder = generate_class_images(config)
+    [folder] = generate_class_images(config)
     files = sorted(p.name for p in folder.iterdir())
     assert files == ["class-00000.png", "class-00001.png", "class-00002.png"]
     assert all(pixels(folder / f).shape == (32, 32, 3) for f in files)
     mtimes = {f: (folder / f).stat().st_mtime_ns for f in files}
 
     monkeypatch.setattr(snapshots, "load_pipeline", no_pipeline)
-    assert generate_class_images(config) == folder  # complete: no pipeline, nothing written
+    assert generate_class_images(config) == [folder]  # complete: no pipeline, nothing written
     assert {f: (folder / f).stat().st_mtime_ns for f in files} == mtimes
     assert priors.class_images(config).to_generate == []
     assert priors.class_images(config.replace(num_class_images=5)).to_generate == [3, 4]
@@ -45,7 +45,7 @@ def test_generates_the_count_then_nothing_more(class_config, monkeypatch):
 
 def test_partial_folder_resumes_with_identical_images(class_config, monkeypatch):
     config = class_config()
-    folder = generate_class_images(config)
+    [folder] = generate_class_images(config)
     before = {i: pixels(priors.class_image_path(folder, i)) for i in range(3)}
     assert not np.array_equal(before[0], before[1])  # each index has its own seed
     mtime_0 = priors.class_image_path(folder, 0).stat().st_mtime_ns
@@ -130,21 +130,19 @@ def test_unusable_files_in_the_class_folder_are_named_and_not_counted(class_conf
 def test_training_uses_exactly_num_class_images_yours_first(class_config, monkeypatch):
     """The class half of every batch draws from the selected images only: 10 of yours in the folder and
     num_class_images=2 train on the first two, and nothing is generated."""
-    import importlib
-
     from dreambooth_nb import train
+    from dreambooth_nb.data import ImageFolder
 
-    train_module = importlib.import_module("dreambooth_nb.train")
     config = class_config(num_class_images=2, max_train_steps=1)
     own = write_own(Path(config.class_data_dir), [f"reg-{i:02d}.png" for i in range(10)])
     loaded = []
-    real = train_module.ImageFolder.from_paths
+    real = ImageFolder.from_paths
 
     def spy(paths, **kwargs):
         loaded.append(list(paths))
         return real(paths, **kwargs)
 
-    monkeypatch.setattr(train_module.ImageFolder, "from_paths", spy)
+    monkeypatch.setattr(ImageFolder, "from_paths", spy)
     monkeypatch.setattr(snapshots, "load_pipeline", no_pipeline)
     train(config)
     assert loaded[-1] == own[:2]

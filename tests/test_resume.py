@@ -21,7 +21,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dreambooth_nb import TrainConfig, train
+from photos import write_photos
+
+from dreambooth_nb import Concept, TrainConfig, train
 from dreambooth_nb import snapshots, storage
 
 WORKER = Path(__file__).with_name("train_worker.py")
@@ -196,6 +198,11 @@ VARIANTS = {
         method="lora", learning_rate=1e-3, use_8bit_adam=True, train_text_encoder=True,
         gradient_accumulation_steps=2, with_prior_preservation=True, class_prompt="a photo of a dog",
         num_class_images=3, sample_batch_size=3, use_ema=True, max_train_steps=7, checkpointing_steps=3),
+    # Two subjects, each with class images, one photo captioned; random flips, the text encoder training.
+    "two-concepts-captions-prior-te": dict(
+        concepts=True, with_prior_preservation=True, sample_batch_size=3, train_text_encoder=True,
+        random_flip=True, train_batch_size=2, gradient_accumulation_steps=2, max_train_steps=6,
+        checkpointing_steps=2),
     # SDXL: two text encoders with adapters, added time ids from random crops and flips.
     "sdxl-lora-te-crop-flip": dict(
         sdxl=True, method="lora", learning_rate=1e-3, train_text_encoder=True, center_crop=False, random_flip=True,
@@ -203,11 +210,22 @@ VARIANTS = {
 }
 
 
+def two_concepts(photos: str, tmp_path: Path) -> list[Concept]:
+    """The test's dog photos (one captioned) and three cat photos, each subject with 2 class images."""
+    (Path(photos) / "photo-1.txt").write_text("[trigger] in the snow")
+    cats = write_photos(tmp_path / "cats", n=3, seed=1)
+    return [Concept(photos, "a photo of sks dog", str(tmp_path / "class-dog"), "a photo of a dog", 2),
+            Concept(str(cats), "a photo of sks cat", str(tmp_path / "class-cat"), "a photo of a cat", 2)]
+
+
 @pytest.mark.parametrize("name", VARIANTS)
 def test_resume_is_bitwise_for_every_stateful_option(make_config, tmp_path, server, name, request):
     options = dict(VARIANTS[name])
     if options.pop("sdxl", False):
         options["pretrained_model_name_or_path"] = str(request.getfixturevalue("tiny_sdxl_model"))
+    if options.pop("concepts", False):
+        options["concepts"] = two_concepts(make_config().instance_data_dir, tmp_path)
+        options["instance_data_dir"] = ""
     if options.get("with_prior_preservation"):
         options["class_data_dir"] = str(tmp_path / "class")
     config = make_config(output_dir=str(tmp_path / "killed"), **options)

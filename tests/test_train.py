@@ -1,16 +1,17 @@
 """The trainer, run for real at tiny size: every option, the optimizer, accumulation, the losses, saving."""
 
 import importlib
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from dreambooth_nb import train
-from dreambooth_nb.data import CLASS, INSTANCE, ImageFolder, LatentSource
+from dreambooth_nb.data import CLASS, INSTANCE, ImageFolder, TrainingData
 from dreambooth_nb.models import load_components
 from dreambooth_nb.prompts import Prompts
-from dreambooth_nb.train import compute_loss, make_batch, make_optimizer
+from dreambooth_nb.train import compute_loss, make_optimizer
 
 # The package exports the function `train`, which hides the module of the same name as an attribute.
 train_module = importlib.import_module("dreambooth_nb.train")
@@ -153,9 +154,12 @@ def test_prior_loss_is_computed_on_the_class_half_only(make_config, tiny_model, 
                          train_batch_size=2)
     parts = load_components(config, device=torch.device("cpu"), precision="no")
     folder = ImageFolder.load(config.instance_data_dir, prompt="p", resolution=32)
-    sources = [LatentSource(folder, vae=parts.vae, resolution=32, center_crop=True, cache=True, flips=(False,),
-                            device=torch.device("cpu"), dtype=torch.float32)] * 2
-    batch = make_batch(0, config=config, latents=sources, folders=[folder, folder], num_timesteps=1000)
+    data = TrainingData([folder], [ImageFolder.from_paths(sorted(Path(config.instance_data_dir).iterdir()),
+                                                          prompt="a dog", resolution=32)])
+    data.encode(vae=parts.vae, config=config.replace(cache_latents=True), device=torch.device("cpu"),
+                dtype=torch.float32)
+    batch = data.batch(0, config=config, num_timesteps=1000)
+    assert data.texts == ["p", "a dog"]
     assert batch["prompt"].tolist() == [INSTANCE, INSTANCE, CLASS, CLASS]
     assert batch["is_prior"].tolist() == [False, False, True, True]
 
@@ -253,10 +257,10 @@ def test_loss_falls_on_a_fixed_batch(make_config):
     config = make_config(learning_rate=1e-3, train_batch_size=2)
     parts = load_components(config, device=torch.device("cpu"), precision="no")
     method_for(config).setup(parts)  # (which weights train is the method's business)
-    folder = ImageFolder.load(config.instance_data_dir, prompt=config.instance_prompt, resolution=32)
-    source = LatentSource(folder, vae=parts.vae, resolution=32, center_crop=True, cache=True, flips=(False,),
-                          device=torch.device("cpu"), dtype=torch.float32)
-    batch = make_batch(0, config=config, latents=[source], folders=[folder], num_timesteps=1000)
+    data = TrainingData.load(config)
+    data.encode(vae=parts.vae, config=config.replace(cache_latents=True), device=torch.device("cpu"),
+                dtype=torch.float32)
+    batch = data.batch(0, config=config, num_timesteps=1000)
     prompts = Prompts([config.instance_prompt], family=parts.family, tokenizers=parts.tokenizers)
     prompts.encode_once(parts.text_encoders, device=torch.device("cpu"))
     optimizer, _ = make_optimizer([{"params": parts.unet.parameters(), "lr": 1e-3}], config=config,
