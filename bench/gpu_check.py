@@ -1,6 +1,7 @@
 """The GPU check: one prepared command for a lent GPU machine, ≤ 8 minutes, capped at a T4's 15 GiB.
 
     python bench/gpu_check.py            # prints a table; with $OUT set, also writes $OUT/gpu_check.json
+    python bench/gpu_check.py --skip-tests --cases "16gb, UNet;LoRA rank 4, 16gb"   # a short lease
 
 1. `pytest tests/test_gpu.py` (fp16 masters, 8-bit Adam and xformers on CUDA, EMA on the GPU and offloaded,
    resume, frozen parts off the GPU), under the same 15 GiB cap.
@@ -83,7 +84,7 @@ def run_case(name: str, model: str, sdxl_model: str, photos: str, classes: str, 
         train(TrainConfig(**{**base, **options}), on_step=on_step)
     from dreambooth_nb import plan
 
-    warm = times[len(times) // 4:]
+    warm = times[len(times) // 4:-1]  # (the last step's time holds the validation loss and the final save)
     planned = plan(TrainConfig(**{**base, **options}), gpu=T4_GIB, advise=False)
     result.update(planned_gib=planned.gpu_allocated_bytes / 2**30,
                   peak_gib=torch.cuda.max_memory_allocated() / 2**30,
@@ -96,7 +97,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: JSON job for one case
     parser.add_argument("--skip-tests", action="store_true", help="only the training cases")
+    parser.add_argument("--cases", help="only these cases, by exact name, ';'-separated, in this order (a short "
+                                        "lease); default: all")
     args = parser.parse_args()
+    cases = [name.strip() for name in args.cases.split(";")] if args.cases else list(CASES)
+    unknown = [name for name in cases if name not in CASES]
+    if unknown:
+        parser.error(f"unknown case(s) {unknown}; the cases are {list(CASES)}")
     sys.path.insert(0, str(ROOT))
     if args.case:
         job = json.loads(args.case)
@@ -139,9 +146,9 @@ def main() -> int:
             Image.fromarray((rng.rand(512, 512, 3) * 255).astype("uint8")).save(classes / f"class-{i:05d}.png")
         t0 = time.monotonic()
         model = build_sd15_shaped_pipeline(work / "model")
-        sdxl_model = build_sdxl_shaped_pipeline(work / "sdxl")
-        print(f"SD 1.5- and SDXL-shaped models built in {time.monotonic() - t0:.0f} s", flush=True)
-        for name in CASES:
+        sdxl_model = build_sdxl_shaped_pipeline(work / "sdxl") if any(CASES[n].get("sdxl") for n in cases) else None
+        print(f"Models built in {time.monotonic() - t0:.0f} s", flush=True)
+        for name in cases:
             job = json.dumps({"name": name, "model": str(model), "sdxl_model": str(sdxl_model), "photos": str(photos),
                               "classes": str(classes), "out": str(work / name.replace(" ", "_").replace(",", ""))})
             proc = subprocess.run([sys.executable, __file__, "--case", job], env=env, capture_output=True, text=True)
@@ -152,7 +159,9 @@ def main() -> int:
                 print(f"{name}: FAILED: {error}", flush=True)
                 continue
             report["cases"].append(json.loads(line[len("RESULT "):]))
-            print(f"{name}: done ({time.monotonic() - started:.0f} s)", flush=True)
+            print(f"{name}: done ({time.monotonic() - started:.0f} s): {line[len('RESULT '):]}", flush=True)
+            if os.environ.get("OUT"):  # after every case: a lease that ends midway still brings these back
+                Path(os.environ["OUT"], "gpu_check.json").write_text(json.dumps(report, indent=2))
 
     print(f"\n{header}; SD 1.5-shaped, 512 px, batch 1, {STEPS} steps per case\n")
     print("| case | peak allocated | planned | plan error | s/step | loss finite | note |")
