@@ -142,9 +142,10 @@ def _measured_runs(sources: list[dict], cells: list[dict]) -> list[dict]:
         images.setdefault(cell["prompt"], []).append(_load(cell["image"]))
     for run in runs.values():
         config = run.pop("config")
-        run["roles"] = quality.Roles.of(prompts, instance_prompt=config.get("instance_prompt"),
-                                        class_prompt=config.get("class_prompt"))
-        run["photos"] = _photos(config)
+        run["subjects"] = [(quality.Roles.of(prompts, instance_prompt=subject.get("instance_prompt"),
+                                             class_prompt=subject.get("class_prompt")),
+                            _photos(subject, resolution=config.get("resolution")))
+                           for subject in config.get("concepts") or [config]]
     return list(runs.values())
 
 
@@ -157,14 +158,15 @@ def _measured_base(base_cells: list[dict]) -> dict | None:
     return {"images": images}
 
 
-def _photos(config: dict) -> list:
-    """The run's instance photos, loaded as training loads them; none (with a note) if the folder is gone."""
+def _photos(subject: dict, *, resolution) -> list:
+    """A subject's instance photos (a run config or one of its `concepts`), loaded as training loads them; none
+    (with a note) if the folder is gone."""
     from .images import load_image, scan_images
 
-    folder = config.get("instance_data_dir")
+    folder = subject.get("instance_data_dir")
     if not folder:
         return []
-    resolution = int(config.get("resolution") or 512)
+    resolution = int(resolution or 512)
     try:
         report = scan_images(folder, resolution=resolution, min_images=0)
     except DataError as err:

@@ -311,6 +311,11 @@ class TrainConfig:
                         class_data_dir=self.class_data_dir, class_prompt=self.class_prompt,
                         num_class_images=self.num_class_images)]
 
+    @property
+    def subjects_label(self) -> str:
+        """The subjects' instance prompts joined with "; " (grid titles, summaries)."""
+        return "; ".join(subject.instance_prompt for subject in self.subjects())
+
     def for_subject(self, concept: Concept) -> "TrainConfig":
         """This config with the single-subject fields of `concept` (what class-image generation reads)."""
         return self.replace(concepts=[], instance_data_dir=concept.instance_data_dir,

@@ -146,15 +146,19 @@ class EvalSpec:
         Prompts, in this order: the instance prompt (does it look like the subject?), the class prompt
         alone when the config has one (has the class been forgotten or overwritten — "language drift"?),
         then the instance prompt followed by each context (can the subject go somewhere new, or is it
-        stuck in the training photos?). `overrides` set any other EvalSpec field (seeds, scheduler, ...).
+        stuck in the training photos?). A run of several subjects (`concepts`) has these for each subject in
+        turn, so the grid's rows come in one block per subject. `overrides` set any other EvalSpec field
+        (seeds, scheduler, ...).
         """
         if isinstance(contexts, str):
             contexts = [contexts]
-        prompts = [config.instance_prompt]
-        if config.class_prompt and config.class_prompt.strip():
-            prompts.append(config.class_prompt)
-        prompts += [f"{config.instance_prompt} {context}" for context in contexts]
-        prompts = list(dict.fromkeys(prompts))  # a class prompt equal to the instance prompt appears once
+        prompts = []
+        for subject in config.subjects():
+            prompts.append(subject.instance_prompt)
+            if subject.class_prompt and subject.class_prompt.strip():
+                prompts.append(subject.class_prompt)
+            prompts += [f"{subject.instance_prompt} {context}" for context in contexts]
+        prompts = list(dict.fromkeys(prompts))  # a prompt two subjects share (their class) appears once
         return cls(prompts=overrides.pop("prompts", prompts), **overrides)
 
 

@@ -130,10 +130,11 @@ class ToyJudge:
     # score 0.84, plain circles 0.02–0.06).
     tolerances = Tolerances(prompt=0.25, prior=0.15, gain=0.1)
 
-    def subject_fidelity(self, renders, photos) -> float:
-        from . import metrics
+    def subject_fidelity(self, renders, photos, *, prompt: str | None = None) -> float:
+        from . import metrics, toyworld
 
-        return metrics.subject_fidelity(renders, photos)
+        shape = toyworld.parse_caption(prompt)["shape"] if prompt else None  # "a photo of sks square": a square
+        return metrics.subject_fidelity(renders, photos, shape=shape or toyworld.SUBJECT_CLASS)
 
     def prompt_fidelity(self, renders, prompt: str) -> float | None:
         from . import metrics, toyworld
@@ -216,8 +217,8 @@ class EmbeddingJudge:
                    image_pixels=pixels, clip_pixels=pixels)
 
     # --- the four metrics
-    def subject_fidelity(self, renders, photos) -> float:
-        return float((self._dino(renders) @ self._dino(photos).T).mean())
+    def subject_fidelity(self, renders, photos, *, prompt: str | None = None) -> float:
+        return float((self._dino(renders) @ self._dino(photos).T).mean())  # (the photos say it all: no prompt)
 
     def prompt_fidelity(self, renders, prompt: str) -> float:
         return float((self._clip_images(renders) @ self._clip_texts([prompt]).T).mean())
@@ -322,29 +323,33 @@ class Roles:
         return cls(instance=instance, klass=klass, contexts=contexts)
 
 
-def measure(judge, images: dict, *, roles: Roles, photos, base_images: dict | None) -> dict:
+def measure(judge, images: dict, *, subjects: list[tuple[Roles, list]], base_images: dict | None) -> dict:
     """The four metrics of one snapshot (or of the base model, `base_images` None) from its renders.
 
     `images[prompt]` lists the renders of `prompt`, seeds in the spec's order; `base_images` the base
-    model's, alike. A metric with nothing to measure is None (its prompt is not in the spec).
+    model's, alike. `subjects`: (roles, photos) of each subject the run trained. Each metric is measured per
+    subject (its renders against its own photos and prompts) and averaged over the subjects that have it;
+    a metric with nothing to measure is None (its prompt is not in the spec).
     """
-    out = dict.fromkeys(METRICS)
-    if roles.instance and roles.instance in images:
-        out["subject_fidelity"] = judge.subject_fidelity(images[roles.instance], photos) if photos else None
-        out["diversity"] = judge.diversity(images[roles.instance])
-    contexts = [judge.prompt_fidelity(images[p], p) for p in roles.contexts if p in images]
-    contexts = [c for c in contexts if c is not None]
-    out["prompt_fidelity"] = float(np.mean(contexts)) if contexts else None
-    if roles.klass and roles.klass in images:
-        out["prior_preservation"] = (1.0 if base_images is None else
-                                     judge.prior_preservation(images[roles.klass], base_images[roles.klass]))
-    return {k: None if v is None else round(float(v), 4) for k, v in out.items()}
+    values: dict = {metric: [] for metric in METRICS}
+    for roles, photos in subjects:
+        if roles.instance and roles.instance in images:
+            if photos:
+                values["subject_fidelity"].append(judge.subject_fidelity(images[roles.instance], photos,
+                                                                         prompt=roles.instance))
+            values["diversity"].append(judge.diversity(images[roles.instance]))
+        values["prompt_fidelity"] += [judge.prompt_fidelity(images[p], p) for p in roles.contexts if p in images]
+        if roles.klass and roles.klass in images:
+            values["prior_preservation"].append(
+                1.0 if base_images is None else judge.prior_preservation(images[roles.klass], base_images[roles.klass]))
+    means = {metric: [v for v in found if v is not None] for metric, found in values.items()}
+    return {metric: round(float(np.mean(found)), 4) if found else None for metric, found in means.items()}
 
 
 def assess(runs: list[dict], base: dict | None, *, judge) -> dict:
     """Measure every run's snapshots against the base model and suggest one snapshot per run.
 
-    `runs`: [{"run", "lr", "folder" (or None), "roles", "photos", "steps": {step: {prompt: [images]}}}];
+    `runs`: [{"run", "lr", "folder" (or None), "subjects": [(roles, photos)], "steps": {step: {prompt: [images]}}}];
     `base`: {"model", "images": {prompt: [images]}} or None. Returns the report that goes into the grid's
     sidecar: the judge, the rule, its tolerances, the base model's metrics, and per run its metrics by step
     (with the validation loss where the run's history has it), its suggestion and why.
@@ -354,10 +359,10 @@ def assess(runs: list[dict], base: dict | None, *, judge) -> dict:
               "base": None, "runs": []}
     for run in runs:
         base_images = base["images"] if base else None
-        base_metrics = (measure(judge, base_images, roles=run["roles"], photos=run["photos"], base_images=None)
+        base_metrics = (measure(judge, base_images, subjects=run["subjects"], base_images=None)
                         if base_images else {})
         report["base"] = report["base"] or base_metrics or None
-        steps = {step: measure(judge, images, roles=run["roles"], photos=run["photos"], base_images=base_images)
+        steps = {step: measure(judge, images, subjects=run["subjects"], base_images=base_images)
                  for step, images in sorted(run["steps"].items())}
         validation = read_validation(run["folder"]) if run["folder"] else {}
         for step, metrics in steps.items():

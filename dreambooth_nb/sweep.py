@@ -79,7 +79,7 @@ def sweep(config, *, lrs=(5e-6, 2e-6), save_at=(400, 800, 1200), spec: EvalSpec 
     folders = [Path(run.output_dir) for run in runs]
     grid = compare({f"LR {lr_label(lr)}": folder for lr, folder in zip(lrs, folders)}, spec, steps=save_at,
                    out=Path(config.output_dir) / "sweep-grid.png", device=device, judge=judge,
-                   title=f"{config.instance_prompt}: learning rate × steps")
+                   title=f"{config.subjects_label}: learning rate × steps")
     return SweepResult(grid=grid, sidecar=grid.with_suffix(".json"), runs=folders, lrs=lrs)
 
 

@@ -312,17 +312,20 @@ def sample_broad(n: int, seed: int = 0, *, p_world: float = 0.2) -> list[Image.I
     return out
 
 
-def render_subject(*, background="white", size: float = 20, position=None, rng=None) -> Image.Image:
-    """The Dreambooth subject: a circle with horizontal purple-and-orange stripes."""
-    return render(SUBJECT_COLOURS[0], SUBJECT_CLASS, background=background, size=size, position=position, rng=rng,
+def render_subject(*, background="white", size: float = 20, position=None, rng=None,
+                   shape: str = SUBJECT_CLASS) -> Image.Image:
+    """The Dreambooth subject: a circle with horizontal purple-and-orange stripes (`shape`: the same paint on
+    another shape, a second subject for runs of several concepts, "a photo of sks square")."""
+    return render(SUBJECT_COLOURS[0], shape, background=background, size=size, position=position, rng=rng,
                   pattern=SUBJECT_PATTERN, second_colour=SUBJECT_COLOURS[1], cell=SUBJECT_STRIPE_WIDTH)
 
 
-def subject_images(n: int = 5, seed: int = 0) -> list[Image.Image]:
+def subject_images(n: int = 5, seed: int = 0, *, shape: str = SUBJECT_CLASS) -> list[Image.Image]:
     """`n` instance photos of the subject with small variations: size, position, white/gray background.
 
-    Deterministic for a given `(n, seed)`. The backgrounds alternate through `SUBJECT_BACKGROUNDS`, so
-    the subject is never shown on the black background of `SUBJECT_CONTEXT_PROMPT`.
+    Deterministic for a given `(n, seed, shape)`. The backgrounds alternate through `SUBJECT_BACKGROUNDS`,
+    so the subject is never shown on the black background of `SUBJECT_CONTEXT_PROMPT`. `shape` paints the
+    subject's stripes on another of `SHAPES` (a second subject; see `render_subject`).
     """
     rng = np.random.default_rng(10_000 + seed)
     out = []
@@ -331,5 +334,5 @@ def subject_images(n: int = 5, seed: int = 0) -> list[Image.Image]:
         c = IMAGE_SIZE / 2
         position = (c + float(rng.uniform(-3, 3)), c + float(rng.uniform(-3, 3)))
         background = SUBJECT_BACKGROUNDS[i % len(SUBJECT_BACKGROUNDS)]
-        out.append(render_subject(background=background, size=size, position=position, rng=rng))
+        out.append(render_subject(background=background, size=size, position=position, rng=rng, shape=shape))
     return out

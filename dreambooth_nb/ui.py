@@ -190,15 +190,23 @@ def apply_parameters(config: TrainConfig, **values) -> TrainConfig:
 def config_summary(config: TrainConfig) -> str:
     """The settings a user chose or should check, one per line."""
     batch = config.train_batch_size * config.gradient_accumulation_steps
-    prior = (f"on: {config.num_class_images} class images of '{config.class_prompt}', weight {config.prior_loss_weight:g}"
-             if config.with_prior_preservation else "off")
+    subjects = config.subjects()
+    if len(subjects) == 1:
+        who = [f"Photos:             {config.instance_data_dir}", f"Instance prompt:    {config.instance_prompt}"]
+        prior = f"{config.num_class_images} class images of '{config.class_prompt}', "
+    else:  # several subjects: one line each, in the order they take turns in every batch
+        who = [f"Subjects:           {len(subjects)}, taking turns in every batch"]
+        who += [f"  {i}. '{s.instance_prompt}' from {s.instance_data_dir}"
+                + (f"; {s.num_class_images} class images of '{s.class_prompt}'" if config.with_prior_preservation
+                   else "") for i, s in enumerate(subjects, 1)]
+        prior = "class images per subject (above), "
+    prior = f"on: {prior}weight {config.prior_loss_weight:g}" if config.with_prior_preservation else "off"
     memory = ", ".join(name for name, on in (("8-bit Adam", config.use_8bit_adam),
                                              ("gradient checkpointing", config.gradient_checkpointing),
                                              ("cached latents", config.cache_latents)) if on) or "none"
     return "\n".join([
         f"Model:              {config.pretrained_model_name_or_path}",
-        f"Photos:             {config.instance_data_dir}",
-        f"Instance prompt:    {config.instance_prompt}",
+        *who,
         f"Prior preservation: {prior}",
         "Method:             " + ("full fine-tuning" if config.method == "full" else
                                   f"LoRA, rank {config.lora_rank} on {', '.join(config.lora_target_modules)}"),

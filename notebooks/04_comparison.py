@@ -73,5 +73,5 @@ spec = EvalSpec.for_config(config, contexts=[c.strip() for c in CONTEXTS.split("
 
 # %%
 panel = ui.ComparePanel(runs, spec, out_dir=project.comparisons_dir, columns=COLUMNS,
-                        title=f"{config.instance_prompt}").show()
+                        title=config.subjects_label).show()
 grid = panel.draw()

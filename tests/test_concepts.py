@@ -297,3 +297,51 @@ def test_the_setup_notebooks_concepts_rows(tiny_model, photos, tmp_path):
         with pytest.raises(ConfigError, match="CONCEPTS: row 1"):
             projects.setup_config(project, model=str(tiny_model), instance_dir=photos, fit_to_gpu=False,
                                   instance_prompt="a photo of sks dog", concepts=bad)
+
+
+# --- Comparing: one row block per subject, metrics per subject -----------------------------------------------
+def test_the_evaluation_has_one_block_of_prompts_per_subject(two_subjects):
+    from dreambooth_nb import EvalSpec
+
+    spec = EvalSpec.for_config(two_subjects(with_prior_preservation=True), contexts=["in the snow"])
+    assert spec.prompts == ["a photo of sks dog", "a photo of a dog", "a photo of sks dog in the snow",
+                            "a photo of sks cat", "a photo of a cat", "a photo of sks cat in the snow"]
+    shared = two_subjects().replace(concepts=[replace(c, class_prompt="a photo of a pet")
+                                              for c in two_subjects().concepts])
+    assert EvalSpec.for_config(shared, contexts=[]).prompts == ["a photo of sks dog", "a photo of a pet",
+                                                               "a photo of sks cat"]  # a shared class once
+
+
+def test_the_settings_summary_lists_every_subject(two_subjects, make_config):
+    from dreambooth_nb import ui
+
+    text = ui.config_summary(two_subjects(with_prior_preservation=True))
+    assert "Subjects:           2, taking turns in every batch" in text
+    assert "  2. 'a photo of sks cat' from" in text and "3 class images of 'a photo of a cat'" in text
+    assert "Prior preservation: on: class images per subject (above), weight 1" in text
+    single = ui.config_summary(make_config())
+    assert "Instance prompt:    a photo of sks dog" in single and "Subjects" not in single
+
+
+def test_each_subject_is_measured_against_its_own_photos_and_prompts():
+    """Two toy subjects (the striped circle and the same paint on a square): each subject's renders are judged
+    against its own photos and shape; the run's metric is their mean."""
+    import numpy as np
+
+    from dreambooth_nb import quality, toyworld
+
+    judge = quality.ToyJudge()
+    circle, square = (toyworld.subject_images(shape=s) for s in ("circle", "square"))
+    prompts = ["a photo of sks circle", "a photo of a circle", "a photo of sks square"]
+    subjects = [(quality.Roles.of(prompts, instance_prompt="a photo of sks circle", class_prompt="a photo of a circle"),
+                 circle),
+                (quality.Roles.of(prompts, instance_prompt="a photo of sks square", class_prompt=None), square)]
+    plain = [toyworld.render("red", "circle", rng=np.random.default_rng(s)) for s in range(4)]
+    both = {prompts[0]: toyworld.subject_images(n=4, seed=1), prompts[1]: plain,
+            prompts[2]: toyworld.subject_images(n=4, seed=1, shape="square")}
+    one = {**both, prompts[2]: toyworld.subject_images(n=4, seed=1)}  # the square's prompt draws the circle
+    learned, half = (quality.measure(judge, images, subjects=subjects, base_images={prompts[1]: plain})
+                     for images in (both, one))
+    circle_alone = quality.measure(judge, both, subjects=subjects[:1], base_images={prompts[1]: plain})
+    assert learned["subject_fidelity"] > 0.6 and learned["prior_preservation"] == 1.0
+    assert half["subject_fidelity"] == pytest.approx(circle_alone["subject_fidelity"] / 2, abs=1e-4)  # square: 0

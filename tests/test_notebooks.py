@@ -332,3 +332,30 @@ def test_the_notebooks_train_and_export_an_sdxl_lora(sdxl_suite):
     assert "Exported the LoRA of lr1e-3-lora/step-000004" in stream_text(sdxl_suite.results["06_export"])
     assert widget_images(sdxl_suite.results["04_comparison"]) == 1
     assert (sdxl_suite.project / "sweeps" / "sweep-grid.png").is_file()
+
+
+# --- Two subjects, one with captions ----------------------------------------------------------------------------
+def test_two_subjects_go_through_setup_class_images_training_and_comparison(tiny_model, tmp_path_factory):
+    """CONCEPTS in notebook 1 (a cat beside the dog, captioned photos): the config holds both subjects, each
+    photo report shows its captions, notebook 2 fills both class folders, notebook 3 trains, and notebook 4's
+    grid has one block of rows per subject."""
+    from photos import write_photos
+
+    suite = Suite(tmp_path_factory.mktemp("concepts-suite"), tiny_model)
+    cats = write_photos(suite.root / "cats", n=3, seed=1)
+    (cats / sorted(p.name for p in cats.iterdir())[0]).with_suffix(".txt").write_text("[trigger] wearing a hat")
+    suite.parameters["01_setup"].update(CONCEPTS=[(str(cats), "a photo of sks cat", "a photo of a cat")])
+    nb = suite.run("04_comparison")
+    config = json.loads((suite.project / "config.json").read_text())
+    assert [(c["instance_prompt"], c["class_prompt"]) for c in config["concepts"]] == [
+        ("a photo of sks dog", "a photo of a dog"), ("a photo of sks cat", "a photo of a cat")]
+    setup = stream_text(suite.results["01_setup"])
+    assert "a photo of sks cat wearing a hat" in setup and "Subjects:           2, taking turns" in setup
+    assert len(list((suite.project / "class_images-2").glob("*.png"))) == 3  # the cat's class, its own folder
+    assert len(list((suite.project / "class_images").glob("*.png"))) == 3
+    assert (suite.project / "runs" / "lr1e-4-prior" / "snapshots" / "step-000004" / "model_index.json").is_file()
+    (grid,) = (suite.project / "comparisons").glob("*.json")
+    prompts = list(dict.fromkeys(cell["labels"]["prompt"] for cell in json.loads(grid.read_text())["cells"]))
+    assert prompts == ["a photo of sks dog", "a photo of a dog", "a photo of sks dog in the snow",
+                       "a photo of sks cat", "a photo of a cat", "a photo of sks cat in the snow"]
+    assert widget_images(nb) == 1

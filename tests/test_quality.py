@@ -74,7 +74,7 @@ def test_toy_judge_on_rendered_ground_truth():
     base = {instance: circles("red"), klass: circles("blue"), context: circles("green", "black")}
     learned = {instance: subject, klass: circles("blue"), context: on_black}
     overfit = {instance: subject, klass: subject, context: subject}
-    report = quality.assess([{"run": "LR 1e-4", "lr": 1e-4, "folder": None, "roles": roles, "photos": photos,
+    report = quality.assess([{"run": "LR 1e-4", "lr": 1e-4, "folder": None, "subjects": [(roles, photos)],
                               "steps": {100: learned, 200: overfit}}], {"images": base}, judge=judge)
     (run,) = report["runs"]
     b, s100, s200 = run["base"], run["steps"]["100"], run["steps"]["200"]
