@@ -4,6 +4,8 @@
     python bench/train_speed.py --cuda     # GPU: an SD 1.5-shaped random model at 512 px
     python bench/train_speed.py --cuda --sdxl   # GPU: an SDXL-shaped random model at 1024 px, LoRA
     python bench/train_speed.py --cuda --fit    # GPU: only the 16gb profile against `fit` for this GPU
+    python bench/train_speed.py --processes 2 --resolution 128   # data-parallel: 2 processes × batch 1
+                                # against 1 × batch 2 (CPU: gloo, one thread each; with --cuda: one GPU each)
 
 With --cuda the table ends with the fixed 16gb profile at batch 4 (1 × 4 accumulated), full fine-tuning and
 LoRA, each beside the same run with the savers `dreambooth_nb.fit` chooses for the GPU it runs on (the same
@@ -105,19 +107,23 @@ def run_one(model: str, photos: str, options: dict, *, steps: int, resolution: i
 
     cuda = torch.cuda.is_available()
     times = []
+    options = dict(options)
+    processes = options.pop("num_processes", 1)  # explicit: None would mean every visible GPU
     with tempfile.TemporaryDirectory() as out:
         config = TrainConfig(pretrained_model_name_or_path=model, instance_data_dir=photos, resolution=resolution,
                              max_train_steps=steps, checkpointing_steps=10**6, learning_rate=1e-6, output_dir=out,
                              **options)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        train(config, on_step=lambda *_: times.append(time.perf_counter()))
+        train(config, num_processes=processes, on_step=lambda *_: times.append(time.perf_counter()))
     # The first steps include lazy initialisation: time the rest.
     warm = times[len(times) // 4:]
     result = {"s_per_step": (warm[-1] - warm[0]) / (len(warm) - 1),
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if cuda:
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    if processes > 1:  # the workers' memory is not this process's: not measured here
+        result = {"s_per_step": result["s_per_step"], "peak_rss_mb": None, "peak_cuda_mb": None}
     return result
 
 
@@ -127,7 +133,10 @@ def main() -> None:
     parser.add_argument("--sdxl", action="store_true", help="with --cuda: an SDXL-shaped model at 1024 px, LoRA rows")
     parser.add_argument("--fit", nargs="?", const="full,lora", default=None, metavar="METHODS",
                         help="with --cuda: only the 16gb profile and fit's choice (for full,lora or one of them)")
+    parser.add_argument("--processes", type=int, default=None, metavar="N",
+                        help="only data-parallel speed: N processes × batch 1 against 1 process × batch N")
     parser.add_argument("--steps", type=int, default=None, help="steps per option (default 12 CPU, 8 CUDA)")
+    parser.add_argument("--resolution", type=int, default=None, help="image size (default 32 CPU, 512 / 1024 CUDA)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: JSON of (model, photos, options, steps, res)
     args = parser.parse_args()
     args.cuda = args.cuda or args.sdxl
@@ -145,7 +154,7 @@ def main() -> None:
 
     options = SDXL_OPTIONS if args.sdxl else CUDA_OPTIONS if args.cuda else CPU_OPTIONS
     steps = args.steps or (8 if args.cuda else 12)
-    resolution = 1024 if args.sdxl else 512 if args.cuda else 32
+    resolution = args.resolution or (1024 if args.sdxl else 512 if args.cuda else 32)
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
         photos = work / "photos"
@@ -160,6 +169,10 @@ def main() -> None:
         if args.cuda and not args.sdxl:  # the fixed profile beside the savers fit chooses for this GPU
             methods = tuple((args.fit or "full,lora").split(","))
             options = {**({} if args.fit else options), **fitted_options(str(model), str(photos), resolution, methods)}
+        if args.processes:  # the same samples per step either way: one process with batch N, N with batch 1
+            profile = dict(mixed_precision="fp16", cache_latents=True) if args.cuda else {}
+            options = {f"1 process, batch {args.processes}": dict(profile, train_batch_size=args.processes),
+                       f"{args.processes} processes x batch 1": dict(profile, num_processes=args.processes)}
         env = {**os.environ, "TQDM_DISABLE": "1"}
         if not args.cuda:
             env.setdefault("OMP_NUM_THREADS", "1")  # steadier numbers on a shared 2-core machine
@@ -178,13 +191,17 @@ def main() -> None:
         sys.exit("every option failed")
     mem_key = "peak_cuda_mb" if args.cuda else "peak_rss_mb"
     base = rows[0][1]
-    device = "CUDA, SDXL-shaped UNet at 1024 px" if args.sdxl else "CUDA, SD 1.5-shaped UNet at 512 px" \
-        if args.cuda else "CPU, tiny pipeline at 32 px"
+    device = (f"CUDA, SDXL-shaped UNet at {resolution} px" if args.sdxl else f"CUDA, SD 1.5-shaped UNet at {resolution} px"
+              if args.cuda else f"CPU, tiny pipeline at {resolution} px")
     print(f"\n{device}, batch 1 unless named, {steps} steps per option; ratios are to the first row")
     print(f"{'option':52s} {'s/step':>8s} {'ratio':>6s} {mem_key:>13s} {'ratio':>6s}")
     for name, r in rows:
-        print(f"{name:52s} {r['s_per_step']:8.3f} {r['s_per_step'] / base['s_per_step']:6.2f} "
-              f"{r[mem_key]:13.0f} {r[mem_key] / base[mem_key]:6.2f}")
+        memory = (f"{r[mem_key]:13.0f} {r[mem_key] / base[mem_key]:6.2f}" if r.get(mem_key) is not None
+                  else f"{'(in workers)':>13s} {'':>6s}")
+        print(f"{name:52s} {r['s_per_step']:8.3f} {r['s_per_step'] / base['s_per_step']:6.2f} {memory}")
+    if args.processes and len(rows) == 2:
+        print(f"\nspeed-up of {args.processes} processes over 1 (same samples per step): "
+              f"{rows[0][1]['s_per_step'] / rows[1][1]['s_per_step']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -119,8 +119,8 @@ def adjust_snapshot_steps(text: str, *, old_steps: int, new_steps: int) -> tuple
 
 # --- Config <-> widget values (pure) ----------------------------------------------------------------------
 PANEL_FIELDS = ("method", "learning_rate", "max_train_steps", "train_batch_size", "gradient_accumulation_steps",
-                "with_prior_preservation", "prior_loss_weight", "train_text_encoder", "use_8bit_adam",
-                "gradient_checkpointing", "mixed_precision", "snapshot_steps")
+                "num_processes", "with_prior_preservation", "prior_loss_weight", "train_text_encoder",
+                "use_8bit_adam", "gradient_checkpointing", "mixed_precision", "snapshot_steps")
 
 
 def widget_values(config: TrainConfig) -> dict:
@@ -141,7 +141,7 @@ def config_from_widgets(values: dict, base: TrainConfig) -> TrainConfig:
     if unknown:
         raise ConfigError(f"Unknown panel setting(s): {', '.join(unknown)}.")
     changes = dict(values)
-    for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps"):
+    for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "num_processes"):
         if name in changes:
             changes[name] = int(changes[name])
     for name in ("learning_rate", "prior_loss_weight"):
@@ -426,12 +426,19 @@ class TrainingPanel:
     With `fit` (the "Fit to this GPU" box, on by default) the memory savers are the fastest that fit `gpu`
     (None: the GPU here, a T4 where there is none; see `dreambooth_nb.fit`), re-chosen as settings change and
     again when Train resumes a run, maybe on another GPU; setting a saver by hand unticks the box.
+    On a machine with several GPUs (Kaggle's 2×T4) a "GPUs" choice trains data-parallel on that many, all by
+    default (`processes`: how many it offers; None: the visible GPUs, one on Colab); batch size is per GPU
+    and the panel shows the effective batch, batch × accumulation × GPUs.
     """
 
     def __init__(self, config: TrainConfig, *, run_dir_for=None, sample_steps: int = 50, sample_seeds=(0, 1),
-                 fit: bool = True, gpu=None):
+                 fit: bool = True, gpu=None, processes: int | None = None):
         import ipywidgets as widgets
 
+        from .distributed import visible_gpus
+
+        processes = visible_gpus() if processes is None else processes
+        config = config.replace(num_processes=processes)  # every GPU by default, as train(num_processes=None)
         self.base = config
         self.gpu = gpu
         self.fit_report = None  # the last `fitting.FitReport` applied to the saver widgets
@@ -458,6 +465,8 @@ class TrainingPanel:
             "gradient_accumulation_steps": widgets.IntSlider(
                 value=v["gradient_accumulation_steps"], min=1, max=max(8, v["gradient_accumulation_steps"]),
                 description="Grad. accumulation"),
+            "num_processes": widgets.Dropdown(options=list(range(1, processes + 1)), value=processes,
+                                              description="GPUs (data-parallel)"),
             "with_prior_preservation": widgets.Checkbox(value=v["with_prior_preservation"],
                                                         description="Prior preservation"),
             "prior_loss_weight": widgets.BoundedFloatText(value=v["prior_loss_weight"], min=0.0, max=10.0,
@@ -475,6 +484,9 @@ class TrainingPanel:
         for widget in self.fields.values():
             widget.style = wide
             widget.layout = layout
+        if processes == 1:  # one GPU (or none): nothing to choose
+            self.fields["num_processes"].layout = widgets.Layout(display="none")
+        self.batch_note = widgets.HTML(value="")
         self.note = widgets.HTML(value="")
         self.fields["max_train_steps"].observe(self._steps_changed, names="value")
         self.fields["method"].observe(self._method_changed, names="value")
@@ -493,7 +505,8 @@ class TrainingPanel:
         for widget in self.fields.values():
             widget.observe(self._settings_changed, names="value")
         self.fit_box.observe(self._fit_toggled, names="value")
-        self.box = widgets.VBox([*self.fields.values(), self.fit_box, self.fit_note, self.note, self.memory,
+        self.box = widgets.VBox([*self.fields.values(), self.batch_note, self.fit_box, self.fit_note, self.note,
+                                 self.memory,
                                  self.button, self.progress, self.status, self.plot, self.log])
         self._settings_changed()
 
@@ -513,6 +526,7 @@ class TrainingPanel:
             self.fit_note.value = FIT_OFF_NOTE
         elif self.fit_box.value:
             self._apply_fit()
+        self.batch_note.value = batch_line(self.values())
         self.memory.value = memory_line(self)
 
     def _fit_toggled(self, change) -> None:
@@ -659,7 +673,7 @@ class TrainingPanel:
         print(f"Run folder: {config.output_dir}")
         if self.fit_box.value and self.fit_report is not None:
             print("\n".join([self.fit_report.headline(), *self.fit_report.resumed]))
-        final = train(config, on_step=live, on_validation=live.validation_point,
+        final = train(config, num_processes=config.num_processes, on_step=live, on_validation=live.validation_point,
                       progress_bar=False)  # the panel's bar is the one progress bar
         live.redraw()
         self.progress.value = config.max_train_steps
@@ -707,6 +721,15 @@ def fit_html(report) -> str:
     items += "".join(f"<li>{html.escape(line)}</li>" for line in report.resumed + report.notes)
     return (f"<span style='color:{colour}'>{html.escape(report.headline())}</span>"
             f"<ul style='margin:0'>{items}</ul>")
+
+
+def batch_line(values: dict) -> str:
+    """The panel's effective batch: photos per optimizer step, from its batch, accumulation and GPUs."""
+    batch, accumulation, gpus = (int(values[k]) for k in ("train_batch_size", "gradient_accumulation_steps",
+                                                          "num_processes"))
+    on_gpus = f" × {gpus} GPUs" if gpus > 1 else ""
+    return (f"<i>Effective batch: {batch} × {accumulation} accumulated{on_gpus} = {batch * accumulation * gpus} "
+            "photos per step.</i>")
 
 
 def memory_line(panel) -> str:

@@ -42,6 +42,9 @@ if HOSTED and importlib.util.find_spec("dreambooth_nb") is None:
 # accumulation and 8-bit Adam become the fastest that fit the GPU of this runtime (the same effective batch, the
 # same training), re-chosen when a run resumes on another GPU; set a saver by hand to override it.
 #
+# On a runtime with several GPUs (Kaggle's 2×T4) the panel shows **GPUs**: training runs data-parallel on
+# that many (all by default; batch size is per GPU) and the panel shows the effective batch.
+#
 # `TRAIN_NOW` starts training when the cell runs, without the button. It is automatic when the notebook
 # runs headless (papermill, nbclient, CI), where nobody can click.
 

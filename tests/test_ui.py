@@ -455,3 +455,25 @@ def test_dreambooth_errors_show_as_their_message_and_still_fail(capsys):
 
 def test_show_errors_outside_ipython_is_harmless():
     assert ui.show_errors_as_messages(None) in (True, False)
+
+
+def test_the_gpus_choice_trains_data_parallel_and_shows_the_effective_batch(make_config):
+    """With several GPUs (here 2 CPU processes, gloo) the panel offers them all by default, shows batch ×
+    accumulation × GPUs, and Train launches that many processes; with one GPU there is nothing to choose."""
+    config = make_config(max_train_steps=2, train_batch_size=2, snapshot_steps=[])
+    single = ui.TrainingPanel(config, fit=False, processes=1)
+    assert single.fields["num_processes"].layout.display == "none" and single.config().num_processes == 1
+    assert "Effective batch: 2 × 1 accumulated = 2 photos per step" in single.batch_note.value
+    panel = ui.TrainingPanel(config, fit=False, processes=2, sample_seeds=(0,), sample_steps=2)
+    assert panel.fields["num_processes"].options == (1, 2) and panel.fields["num_processes"].value == 2
+    assert panel.fields["num_processes"].layout.display != "none"
+    assert "2 × 1 accumulated × 2 GPUs = 4 photos per step" in panel.batch_note.value
+    panel.fields["gradient_accumulation_steps"].value = 3
+    assert "2 × 3 accumulated × 2 GPUs = 12" in panel.batch_note.value
+    panel.fields["gradient_accumulation_steps"].value = 1
+    assert panel.config().num_processes == 2 and panel.config().train_batch_size == 2  # the batch is per GPU
+    panel._clicked()
+    log = "".join(o.get("text", "") for o in panel.log.outputs)
+    assert "Training in 2 processes (effective batch 4)." in log
+    saved = json.loads((Path(config.output_dir) / "config.json").read_text())
+    assert (saved["num_processes"], saved["train_batch_size"]) == (2, 2) and panel.final is not None
