@@ -144,15 +144,33 @@ def read_model_configs(model: str, *, revision: str | None = None) -> ModelConfi
     """Configs of `model` from a local folder, from `known_models/` for a known Hub id, or from the Hub.
 
     Only the small JSON files are read: no weights. A Hub id not shipped here needs internet (the files
-    are a few KB each).
+    are a few KB each). A single .safetensors / .ckpt file: the configs it will be converted with, from its
+    header (`single_file`), without converting it.
     """
+    from . import single_file
+
     local = Path(model)
     if local.is_dir():
         return _configs_from_folder(local, source=str(local))
+    if single_file.is_single_file(model):
+        return _configs_from_single_file(local)
     known = KNOWN_MODELS / model
     if model.count("/") == 1 and (known / "model_index.json").is_file():
         return _configs_from_folder(known, source=model)
     return _configs_from_hub(model, revision=revision)
+
+
+def _configs_from_single_file(file: Path) -> ModelConfigs:
+    import tempfile
+
+    from . import single_file
+
+    shapes, _, metadata = single_file.read_header(file)
+    family = single_file.family_of(file, shapes)
+    prediction = single_file.prediction_type(file, family, metadata)
+    with tempfile.TemporaryDirectory() as folder:
+        configs = single_file.configs_for(single_file.KNOWN_BASES[family], Path(folder), prediction=prediction)
+        return _configs_from_folder(configs, source=str(file))
 
 
 def _configs_from_folder(folder: Path, *, source: str) -> ModelConfigs:

@@ -48,6 +48,7 @@ PROJECT_DIR = ""  #@param {type:"string"}
 #@markdown Photo folder (empty: `PROJECT_DIR/instance`). On Colab an upload button appears when it is empty.
 INSTANCE_DIR = ""  #@param {type:"string"}
 UPLOAD_PHOTOS = True  #@param {type:"boolean"}
+#@markdown Base model: a Hub id, a diffusers folder, or one `.safetensors` / `.ckpt` file in the original layout (a community SD 1.x / 2.x model, e.g. from Civitai, on Drive; converted once, cached).
 MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"  #@param {type:"string"}
 HF_LOGIN = False  #@param {type:"boolean"}
 PRESET = "object"  #@param ["object", "face"]

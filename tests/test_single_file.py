@@ -174,3 +174,14 @@ def test_prediction_type_from_metadata_yaml_or_weights(files, tmp_path):
     save_file(tensors, tmp_path / "trained-v.safetensors")
     assert prediction_type(tmp_path / "trained-v.safetensors", "sd2", {}) == "v_prediction"
     assert prediction_type(files[1][1], "sd1", {}) == "epsilon"
+
+
+def test_the_memory_plan_reads_a_file_without_converting_it(files, tmp_path, photos):
+    """Notebook 1 plans before anything is loaded: for a file, from the configs it would be converted with."""
+    from dreambooth_nb import plan
+
+    base, file = files[1]
+    from_file = plan(TrainConfig(pretrained_model_name_or_path=str(file), instance_data_dir=str(photos)), gpu="T4")
+    from_folder = plan(TrainConfig(pretrained_model_name_or_path=str(base), instance_data_dir=str(photos)), gpu="T4")
+    assert from_file.gpu_peak_bytes == from_folder.gpu_peak_bytes and from_file.fits
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("model_index.json"))
