@@ -16,8 +16,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
+# Two pytest workers (pytest-xdist): every test process runs one thread (tests/conftest.py), so two use a
+# 2-core machine fully (8.6 min, about half the time of one process). `--dist loadfile` keeps each file in
+# one worker, where its module fixtures (the notebook suite runs notebooks 1→6 in order) are built once.
+# TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 test: install
-	TQDM_DISABLE=1 $(PY) -m pytest -q
+	TQDM_DISABLE=1 $(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 # The real-browser test alone (tests/browser/: JupyterLab in headless Chromium via Playwright, ~1.5 min).
 # It is also collected by `make test`, which skips it, saying why, where Debian's chromium or the `browser`

@@ -159,6 +159,22 @@ def demo_parameters(project: Path, model: Path, *, instance_prompt: str, class_p
     }
 
 
+def collect_grids(project: Path, grids: Path) -> Path:
+    """Copy the comparison and sweep grids of `project` into `grids`, each with its JSON sidecar and its metrics
+    plot (`<grid>-metrics.png`) where `compare` drew one, as comparison.png, sweep.png, …"""
+    grids.mkdir(parents=True, exist_ok=True)
+    found = [*(project / "comparisons").glob("*.png"), *(project / "sweeps").rglob("sweep-grid.png")]
+    for png in sorted(p for p in found if p.with_suffix(".json").is_file()):  # a grid, not a metrics plot
+        name = ("comparison" if png.parent.name == "comparisons" else "sweep" if png.parent.name == "sweeps"
+                else f"sweep-{png.parent.name}")
+        shutil.copyfile(png, grids / f"{name}.png")
+        shutil.copyfile(png.with_suffix(".json"), grids / f"{name}.json")
+        plot = png.with_name(f"{png.stem}-metrics.png")
+        if plot.is_file():
+            shutil.copyfile(plot, grids / f"{name}-metrics.png")
+    return grids
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Run notebooks 01-06 headless on the toy model (CPU).")
     parser.add_argument("--out", type=Path, default=Path("demo-output"), help="folder for all results")
@@ -198,12 +214,7 @@ def main(argv=None) -> int:
             return 1
         print(f"  done in {time.monotonic() - t0:.0f} s", flush=True)
 
-    grids = out / "grids"
-    grids.mkdir(exist_ok=True)
-    for png in sorted([*(project / "comparisons").glob("*.png"), *(project / "sweeps").rglob("sweep-grid.png")]):
-        name = "comparison.png" if png.parent.name == "comparisons" else f"sweep-{png.parent.name}.png"
-        shutil.copyfile(png, grids / name)
-        shutil.copyfile(png.with_suffix(".json"), (grids / name).with_suffix(".json"))
+    grids = collect_grids(project, out / "grids")
     print(f"\nDemo finished in {time.monotonic() - start:.0f} s.")
     print(f"  executed notebooks: {executed}")
     print(f"  grids:              {grids}")

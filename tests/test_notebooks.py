@@ -359,3 +359,18 @@ def test_two_subjects_go_through_setup_class_images_training_and_comparison(tiny
     assert prompts == ["a photo of sks dog", "a photo of a dog", "a photo of sks dog in the snow",
                        "a photo of sks cat", "a photo of a cat", "a photo of sks cat in the snow"]
     assert widget_images(nb) == 1
+
+
+def test_the_demo_collects_each_grid_with_its_sidecar_and_metrics_plot(tmp_path):
+    """`make demo` ends by copying the grids out of the project: a metrics plot is not a grid of its own."""
+    from dreambooth_nb.demo import collect_grids
+
+    project = tmp_path / "project"
+    for folder, stem in (("comparisons", "compare-abc"), ("sweeps", "sweep-grid")):
+        (project / folder).mkdir(parents=True)
+        for name in (f"{stem}.png", f"{stem}.json", f"{stem}-metrics.png"):
+            (project / folder / name).write_text(name)
+    grids = collect_grids(project, tmp_path / "grids")
+    assert sorted(p.name for p in grids.iterdir()) == ["comparison-metrics.png", "comparison.json", "comparison.png",
+                                                       "sweep-metrics.png", "sweep.json", "sweep.png"]
+    assert (grids / "comparison-metrics.png").read_text() == "compare-abc-metrics.png"
