@@ -13,9 +13,10 @@
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/dreambooth-nb/dreambooth-nb/blob/main/notebooks/01_setup.ipynb)
 #
-# Dreambooth teaches Stable Diffusion one new subject (your dog, your mug, your face) from 3–10 photos.
+# Dreambooth teaches Stable Diffusion one new subject (your dog, your mug, your face) from 3–10 photos —
+# or several at once (`CONCEPTS` below), each photo optionally with its own caption (`photo.txt`).
 # This notebook checks the machine, makes the project folder, checks your photos and writes the
-# settings (`config.json`) that notebooks 2–5 read. Run it top to bottom; nothing here trains yet.
+# settings (`config.json`) that notebooks 2–6 read. Run it top to bottom; nothing here trains yet.
 
 # %%
 #@title Install (Colab and Kaggle only; keeps the preinstalled torch)
