@@ -19,8 +19,9 @@ $(VENV)/.installed: pyproject.toml
 # Two pytest workers (pytest-xdist): every test process runs one thread (tests/conftest.py), so two use a
 # 2-core machine fully (8.6 min, about half the time of one process). `--dist loadfile` keeps each file in
 # one worker, where its module fixtures (the notebook suite runs notebooks 1→6 in order) are built once.
-# TEST_WORKERS=0: one process.
-TEST_WORKERS ?= 2
+# TEST_WORKERS=0: one process, the default when OMP_NUM_THREADS asks for more than one thread per process
+# (two workers spinning two OpenMP threads each on two cores slow everything down).
+TEST_WORKERS ?= $(if $(filter-out 1,$(OMP_NUM_THREADS)),0,2)
 test: install
 	TQDM_DISABLE=1 $(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
