@@ -27,6 +27,7 @@ import json
 from pathlib import Path
 
 from . import quality, snapshots, storage
+from .config import saved_subjects
 from .errors import ConfigError, DataError
 from .evaluate import EvalSpec, render, snapshot_step
 from .grids import NOTEBOOK_WIDTH, draw_grid, resolve_axes
@@ -145,7 +146,7 @@ def _measured_runs(sources: list[dict], cells: list[dict]) -> list[dict]:
         run["subjects"] = [(quality.Roles.of(prompts, instance_prompt=subject.get("instance_prompt"),
                                              class_prompt=subject.get("class_prompt")),
                             _photos(subject, resolution=config.get("resolution")))
-                           for subject in config.get("concepts") or [config]]
+                           for subject in saved_subjects(config)]
     return list(runs.values())
 
 

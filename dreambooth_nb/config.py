@@ -413,6 +413,12 @@ def resumable(name: str) -> bool:
     return bool(_FIELDS[name].metadata.get("resumable"))
 
 
+def saved_subjects(saved: dict) -> list[dict]:
+    """The subjects of a run config as saved (its JSON): its `concepts`, or the config itself, whose
+    single-subject fields describe its one subject (what `TrainConfig.subjects` is for a live config)."""
+    return list(saved.get("concepts") or []) or [saved]
+
+
 def changed_settings(before: dict, config: "TrainConfig", *, ignore=()) -> list[str]:
     """The settings of `config` that differ from `before` (a run's saved config) and change what is trained.
 

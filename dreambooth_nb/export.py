@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from . import snapshots, storage
+from .config import saved_subjects
 from .errors import ConfigError, DataError, DreamboothError
 from .memory import _size  # bytes for people: "2.13 GB", "18.8 MB"
 
@@ -246,7 +247,7 @@ def run_config(snapshot: Path) -> dict:
 def subject_prompts(config: dict, key: str = "instance_prompt") -> str | None:
     """A saved run config's instance (or, with `key="class_prompt"`, class) prompt: each subject's, joined
     with "; " when the run had several (`concepts`); None when there is none."""
-    values = [concept.get(key) for concept in config.get("concepts") or []] or [config.get(key)]
+    values = [subject.get(key) for subject in saved_subjects(config)]
     return "; ".join(dict.fromkeys(v for v in values if v)) or None
 
 

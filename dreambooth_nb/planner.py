@@ -165,11 +165,9 @@ def _configs_from_single_file(file: Path) -> ModelConfigs:
 
     from . import single_file
 
-    shapes, _, metadata = single_file.read_header(file)
-    family = single_file.family_of(file, shapes)
-    prediction = single_file.prediction_type(file, family, metadata)
+    kind = single_file.inspect(file)
     with tempfile.TemporaryDirectory() as folder:
-        configs = single_file.configs_for(single_file.KNOWN_BASES[family], Path(folder), prediction=prediction)
+        configs = single_file.configs_for(kind.base, Path(folder), prediction=kind.prediction)
         return _configs_from_folder(configs, source=str(file))
 
 

@@ -87,20 +87,39 @@ def diffusers_folder(file) -> Path:
     if (folder / MARKER).is_file():
         return folder
     storage.remove_partial(folder.parent)  # a conversion killed half-way (a disconnect) leaves a .tmp- folder
-    shapes, dtype, metadata = read_header(file)
-    family = family_of(file, shapes)
-    base = KNOWN_BASES[family]
-    prediction = prediction_type(file, family, metadata)
+    kind = inspect(file)
+    family, base, prediction = kind.family, kind.base, kind.prediction
     print(f"Converting {file.name} ({family.upper()}, {prediction}) into a diffusers folder, once: {folder}")
     with tempfile.TemporaryDirectory() as configs:
         configs = configs_for(base, Path(configs), prediction=prediction)
-        check_shapes(file, shapes, configs, family=family, base=base)
-        pipe = _load(file, configs, base, dtype=dtype)
+        check_shapes(file, kind.shapes, configs, family=family, base=base)
+        pipe = _load(file, configs, base, dtype=kind.dtype)
         with storage.atomic_folder(folder) as tmp:
             pipe.save_pretrained(tmp, safe_serialization=True)
             storage.write_json(tmp / MARKER, {"file": file.name, "bytes": file.stat().st_size, "family": family,
                                               "prediction_type": prediction, "configs_from": base.repo})
     return folder
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What a single file's header says: its tensors' shapes and dtype, its family (sd1, sd2), the known base
+    whose configs it is read with, and its prediction type."""
+
+    shapes: dict
+    dtype: torch.dtype
+    family: str
+    base: KnownBase
+    prediction: str
+
+
+def inspect(file: Path) -> Kind:
+    """The `Kind` of single file `file`, from its header (and, for SD 2.x without metadata, one tensor); a file
+    that is not a complete SD 1.x / 2.x checkpoint fails here with the reason."""
+    shapes, dtype, metadata = read_header(file)
+    family = family_of(file, shapes)
+    return Kind(shapes=shapes, dtype=dtype, family=family, base=KNOWN_BASES[family],
+                prediction=prediction_type(file, family, metadata))
 
 
 def fingerprint(file: Path, *, sample: int = 2**20) -> str:

@@ -118,25 +118,26 @@ def build_tiny_pipeline(path, *, words=TINY_WORDS, seed: int = 0, prediction_typ
     `StableDiffusionPipeline.from_pretrained(path)` loads it with no network; a training step takes
     milliseconds on CPU.
     """
-    from diffusers import DDPMScheduler, PNDMScheduler, StableDiffusionPipeline
-
     tokenizer = build_tokenizer(words)
-    scheduler = PNDMScheduler.from_config(
-        DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                      prediction_type=prediction_type).config,
-        skip_prk_steps=True,
-        steps_offset=1,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=build_vae(seed=seed),
-        text_encoder=build_text_encoder(tokenizer, seed=seed),
-        tokenizer=tokenizer,
-        unet=build_unet(seed=seed),
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return _save_sd_pipeline(path, vae=build_vae(seed=seed), text_encoder=build_text_encoder(tokenizer, seed=seed),
+                             tokenizer=tokenizer, unet=build_unet(seed=seed), scheduler=_sd_scheduler(prediction_type))
+
+
+def _sd_scheduler(prediction_type: str = "epsilon"):
+    """Stable Diffusion 1.x's scheduler: PNDM over the scaled-linear betas 0.00085..0.012."""
+    from diffusers import DDPMScheduler, PNDMScheduler
+
+    ddpm = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                         prediction_type=prediction_type)
+    return PNDMScheduler.from_config(ddpm.config, skip_prk_steps=True, steps_offset=1)
+
+
+def _save_sd_pipeline(path, **parts) -> Path:
+    """Save a `StableDiffusionPipeline` of `parts` (vae, text_encoder, tokenizer, unet, scheduler), without a
+    safety checker, to `path` and return it."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     path = Path(path)
     pipe.save_pretrained(path, safe_serialization=True)
     return path
@@ -149,7 +150,7 @@ def build_sd15_shaped_pipeline(path, *, seed: int = 0) -> Path:
     FLOPs depend on the shapes only, not on the values.
     """
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     tokenizer = build_tokenizer(TINY_WORDS, model_max_length=77)
     torch.manual_seed(seed)
@@ -165,15 +166,8 @@ def build_sd15_shaped_pipeline(path, *, seed: int = 0) -> Path:
                             num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                             pad_token_id=tokenizer.pad_token_id)
-    scheduler = PNDMScheduler.from_config(
-        DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).config,
-        skip_prk_steps=True, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=CLIPTextModel(config), tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    path = Path(path)
-    pipe.save_pretrained(path, safe_serialization=True)
-    return path
+    return _save_sd_pipeline(path, vae=vae, text_encoder=CLIPTextModel(config), tokenizer=tokenizer, unet=unet,
+                             scheduler=_sd_scheduler())
 
 
 def build_sd_topology_pipeline(path, *, version: int = 1, width: int = 16, words=TINY_WORDS, seed: int = 0) -> Path:
@@ -190,8 +184,7 @@ def build_sd_topology_pipeline(path, *, version: int = 1, width: int = 16, words
     stabilityai/stable-diffusion-2-1's configs.
     """
     import torch
-    from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline,
-                           UNet2DConditionModel)
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 
     if version not in (1, 2):
         raise ValueError(f"version must be 1 or 2, got {version!r}")
@@ -213,18 +206,14 @@ def build_sd_topology_pipeline(path, *, version: int = 1, width: int = 16, words
     vae = AutoencoderKL(
         block_out_channels=(8, 16, 32, 32), layers_per_block=2, latent_channels=4, norm_num_groups=8, sample_size=64,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-    ddpm = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                         prediction_type="epsilon" if version == 1 else "v_prediction")
     if version == 1:
-        scheduler = PNDMScheduler.from_config(ddpm.config, skip_prk_steps=True, steps_offset=1)
+        scheduler = _sd_scheduler()
     else:
+        ddpm = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                             prediction_type="v_prediction")
         scheduler = DDIMScheduler.from_config(ddpm.config, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=CLIPTextModel(text_config), tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    path = Path(path)
-    pipe.save_pretrained(path, safe_serialization=True)
-    return path
+    return _save_sd_pipeline(path, vae=vae, text_encoder=CLIPTextModel(text_config), tokenizer=tokenizer, unet=unet,
+                             scheduler=scheduler)
 
 
 def build_tiny_sdxl_pipeline(path, *, words=TINY_WORDS, seed: int = 0) -> Path:
