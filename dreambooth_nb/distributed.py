@@ -9,6 +9,10 @@ that one forks the notebook's kernel, which breaks once CUDA or bitsandbytes has
 accelerate itself refuses ("Libraries known to initialize device upon import have been imported already"),
 and every notebook of this suite has imported diffusers, which imports bitsandbytes, before it trains.
 
+Every process dies with the one that started it: the launcher with the notebook's kernel ("Restart kernel"
+SIGKILLs it), each worker with the launcher (`_die_with`), so a dead kernel never leaves workers holding the
+GPUs. A collective that waits longer than `TIMEOUT` (a rank that hangs) ends the run with a message.
+
 What differs between ranks is only which samples each draws (`sample_positions`: N processes × batch b see
 exactly the samples one process with batch N·b would, so the result is the same up to float rounding) and
 who writes: rank 0 prints, saves states and snapshots, rotates, writes the history; the others wait. A
@@ -20,16 +24,25 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
+from datetime import timedelta
 from pathlib import Path
 
 from .errors import ConfigError, TrainingStopped
 
 EVENT = "DREAMBOOTH_NB_EVENT "  # a line of rank 0's stdout that carries a callback, as JSON
 STOPPED = "DREAMBOOTH_NB_STOPPED "  # a line (any rank) that carries the message of a TrainingStopped
+TIMEOUT = timedelta(minutes=30)
+"""How long a rank waits for the others at a collective before the run ends with a message. Longer than the
+longest thing one rank does alone while the others wait (saving a state or the final pipeline to Google
+Drive: minutes), far shorter than a night of GPUs held by a hung run."""
+WATCH_SECONDS = 0.5  # how often a process checks that the one that started it is still alive
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -92,11 +105,12 @@ def launch(config, *, on_step=None, on_validation=None) -> Path:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if not torch.cuda.is_available():
         env["ACCELERATE_USE_CPU"] = "yes"  # accelerate's multi-CPU (gloo) mode; with GPUs it picks NCCL itself
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={config.num_processes}",
-               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{_free_port()}", "-m", "dreambooth_nb.distributed",
-               str(path)]
+    # torch's launcher (what `torchrun` runs), started through `launcher_main` so that it dies with this process.
+    command = [sys.executable, "-m", "dreambooth_nb.distributed", "--launcher", str(os.getpid()), "--nnodes=1",
+               f"--nproc_per_node={config.num_processes}", "--rdzv_backend=c10d",
+               f"--rdzv_endpoint=127.0.0.1:{_free_port()}", "-m", "dreambooth_nb.distributed", str(path)]
     print(f"Training in {config.num_processes} processes (effective batch {config.effective_batch}).", flush=True)
-    stopped, final, tail = None, None, []
+    stopped, final, tail, timed_out = None, None, [], False
     with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           start_new_session=True) as proc:
         try:
@@ -114,6 +128,7 @@ def launch(config, *, on_step=None, on_validation=None) -> Path:
                 elif not _launcher_noise(line):
                     print(line, end="", flush=True)
                     tail = (tail + [line])[-20:]
+                    timed_out = timed_out or _timed_out(line)
             returncode = proc.wait()
         except KeyboardInterrupt:  # the notebook's Stop button: stop every rank, then say so as usual
             os.killpg(proc.pid, 2)
@@ -121,6 +136,11 @@ def launch(config, *, on_step=None, on_validation=None) -> Path:
             raise
     if stopped is not None:
         raise TrainingStopped(stopped)
+    if returncode and timed_out:
+        raise TrainingStopped(f"Training in {config.num_processes} processes stopped: one process waited more than "
+                              f"{TIMEOUT.total_seconds() / 60:.0f} minutes for another (a hung GPU or process). Saved "
+                              "states are intact: run training again to resume; if it happens again, train on one "
+                              "GPU (GPUs: 1 in the panel, or num_processes=1).")
     if returncode or final is None:
         raise TrainingStopped(f"Training in {config.num_processes} processes failed (exit code {returncode}). Its last "
                               "lines:\n" + "".join(tail[-8:]) + "Saved states are intact: run training again to resume.")
@@ -133,10 +153,72 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _timed_out(line: str) -> bool:
+    """A line of a worker's error saying that a collective timed out (NCCL's watchdog: "Watchdog caught
+    collective operation timeout"; gloo: "Timed out waiting 5000ms for recv operation")."""
+    lowered = line.lower()
+    return "collective operation timeout" in lowered or ("timed out" in lowered and "gloo" in lowered)
+
+
 def _launcher_noise(line: str) -> bool:
     """torch's launcher's own banner (about OMP_NUM_THREADS) and its worker-failure report, which repeats
-    what the STOPPED line already says."""
-    return line.startswith(("*****", "Setting OMP_NUM_THREADS", "W1", "E1", "[W", "[E")) or "torch.distributed" in line
+    what the STOPPED line already says; and DDP's warning that it found no unused parameters in SDXL's first
+    text encoder, a false positive (its own words): its last layer feeds the encoder's output, which DDP sees,
+    but not the loss, and without the search the run stops at the second step."""
+    return line.startswith(("*****", "Setting OMP_NUM_THREADS", "W1", "E1", "[W", "[E")) or "torch.distributed" in line \
+        or "find_unused_parameters=True was specified in DDP constructor" in line
+
+
+# --- Dying with the parent ---------------------------------------------------------------------------------
+def _die_with(parent: int, *, signum: int = signal.SIGKILL) -> None:
+    """End this process with `signum` when its parent `parent` ends, however it ends (a SIGKILLed kernel runs
+    no cleanup). Linux delivers `signum` the moment the parent dies (PR_SET_PDEATHSIG); everywhere, a thread
+    checks every `WATCH_SECONDS` that this process was not handed to another parent (what happens when the
+    parent dies), and also covers a parent that died before the request was made."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signum))  # PR_SET_PDEATHSIG = 1
+        except (OSError, AttributeError):
+            pass  # the watchdog below still acts
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(WATCH_SECONDS)
+        os.kill(os.getpid(), signum)
+
+    threading.Thread(target=watch, name="dreambooth-nb-parent-watch", daemon=True).start()
+
+
+def launcher_main(argv: list[str]) -> int:
+    """torch's launcher in a process that ends with the notebook's kernel (`argv`: the kernel's pid, then the
+    launcher's arguments). SIGTERM, not SIGKILL: the launcher then stops its workers as it does on any stop
+    (each worker also watches the launcher: `main`)."""
+    from torch.distributed.run import main as run
+
+    parent, *arguments = argv
+    _die_with(int(parent), signum=signal.SIGTERM)
+    run(arguments)
+    return 0
+
+
+def nccl_environment(environ=None) -> dict:
+    """NCCL settings for one machine's GPUs, set in each worker before the process group starts (set values
+    are kept): no InfiniBand (one machine), no peer-to-peer copies where the GPUs cannot reach each other (two
+    T4s on Kaggle have neither NVLink nor P2P; NCCL may hang probing it), and a failed or timed-out collective
+    ends the process, so the launcher stops the run instead of waiting forever."""
+    import torch
+
+    environ = os.environ if environ is None else environ
+    wanted = {"NCCL_IB_DISABLE": "1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+    count = torch.cuda.device_count()
+    if count > 1 and not all(torch.cuda.can_device_access_peer(a, b)
+                             for a in range(count) for b in range(count) if a != b):
+        wanted["NCCL_P2P_DISABLE"] = "1"
+    for key, value in wanted.items():
+        environ.setdefault(key, value)
+    return {key: environ[key] for key in wanted}
 
 
 # --- A worker (one per rank) --------------------------------------------------------------------------------
@@ -146,14 +228,22 @@ def _emit(prefix: str, data: dict) -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--launcher":
+        return launcher_main(argv[1:])
+    _die_with(os.getppid())  # the launcher: a worker never outlives it
     from . import train
     from .config import TrainConfig
     from .errors import DreamboothError
 
+    import torch
+
+    if torch.cuda.is_available():
+        nccl_environment()
     rank, _world = rank_and_world()
     if rank:
         sys.stdout = open(os.devnull, "w")  # one rank speaks: the others' prints are the same lines
-    config = TrainConfig.from_json((argv or sys.argv[1:])[0])
+    config = TrainConfig.from_json(argv[0])
     try:
         final = train(config, num_processes=config.num_processes, progress_bar=False,
                       on_step=lambda step, loss, lr: _emit(EVENT, {"kind": "step", "step": step, "loss": loss, "lr": lr}),

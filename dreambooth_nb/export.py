@@ -437,6 +437,14 @@ def _export_lora(snapshot: Path, meta: dict, path: Path, *, half: bool, merged: 
     from safetensors.torch import load_file, save
 
     if merged:
+        from .models import family_of_model
+
+        # Asked before anything loads: merging an SDXL LoRA would load the whole SDXL pipeline in fp32 on the CPU
+        # (≈13.9 GB, more than a Colab VM has) only to find that its single-file layout is not written here.
+        if family_of_model(meta["base"], revision=meta.get("revision")).is_sdxl:
+            raise ExportError("merged: an SDXL LoRA cannot be merged into a single checkpoint here yet (single-file "
+                              "export covers SD 1.x and 2.x). Export the LoRA itself (merged=False: a few MB, kohya's "
+                              "layout) and load it on top of SDXL in ComfyUI or AUTOMATIC1111.")
         with tempfile.TemporaryDirectory() as folder:  # the fused pipeline, saved, then exported as any snapshot
             pipe = snapshots.load_pipeline(snapshot, device=torch.device("cpu"), dtype=torch.float32)
             pipe.unload_lora_weights()  # (the fused weights stay)

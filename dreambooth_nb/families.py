@@ -26,6 +26,12 @@ class Family:
     tokenizers: tuple[str, ...]
     native_resolution: int
     """The size the family's base models were trained at (SD 1.5: 512, SDXL: 1024)."""
+    encoders_with_unused_parts: tuple[str, ...] = ()
+    """The text encoders holding parameters no loss reaches when they train (SDXL's first: only its penultimate
+    hidden state is used, so its last layer gets no gradient; the second also gives its pooled output, which
+    comes from its last layer). Data-parallel training must let DDP look for unused parameters in these each
+    step (`find_unused_parameters`, diffusers #5012), or it stops with "Expected to have finished reduction in
+    the prior iteration"."""
 
     @property
     def is_sdxl(self) -> bool:
@@ -64,7 +70,7 @@ SD = Family(name="sd", pipeline_class="StableDiffusionPipeline", text_encoders=(
             tokenizers=("tokenizer",), native_resolution=512)
 SDXL = Family(name="sdxl", pipeline_class="StableDiffusionXLPipeline",
               text_encoders=("text_encoder", "text_encoder_2"), tokenizers=("tokenizer", "tokenizer_2"),
-              native_resolution=1024)
+              native_resolution=1024, encoders_with_unused_parts=("text_encoder",))
 FAMILIES = {"StableDiffusionPipeline": SD, "StableDiffusionXLPipeline": SDXL}
 
 

@@ -202,6 +202,9 @@ def fit_report(config: TrainConfig, gpu=None, *, previous: dict | TrainConfig | 
                        seconds_after=step_seconds(chosen, trained_params=trained))
     if previous is not None:
         report.resumed = _resume_notes(previous, chosen, gpu_name)
+    if search.failed is not None:
+        report.notes.append(f"This run ran out of memory on this GPU with {_savers(search.failed)} (planned "
+                            f"{_gib(search.ceiling)} GiB): the fit keeps to settings planned below that.")
     return report
 
 
@@ -213,6 +216,27 @@ class _Search:
         self.plans: dict[tuple, planner.MemoryPlan] = {}
         self._trained = planner._plan(config, card).trained_params
         self.disk_reason = self._disk_prefers_8bit()
+        self.failed, self.ceiling = self._out_of_memory()
+
+    def _out_of_memory(self) -> tuple[TrainConfig | None, int | None]:
+        """The savers with which this run ran out of memory on a GPU no larger than this one, and their plan's
+        need here: the plan under-estimated them, so nothing planned as large is chosen again."""
+        from . import memory
+
+        record = memory.out_of_memory_record(self.config.output_dir) if self.config.output_dir else None
+        if record is None or self.card is None or self.card.total_bytes > record.get("total_bytes", 0):
+            return None, None
+        saved = record.get("config", {})
+        savers = {name: saved[name] for name in SAVERS if name in saved}
+        failed = dataclasses.replace(self.config, **savers)
+        if failed.train_batch_size * failed.gradient_accumulation_steps != \
+                self.config.train_batch_size * self.config.gradient_accumulation_steps:
+            return None, None  # another effective batch: another run's record
+        return failed, planner._plan(failed, self.card).gpu_required_bytes
+
+    def fits(self, candidate) -> bool:
+        """The plan fits, and needs less than what already ran out of memory here."""
+        return self.plan(candidate).fits and (self.ceiling is None or self.need(candidate) < self.ceiling)
 
     # A candidate: (checkpointing, micro-batch, 8-bit Adam, EMA offloaded).
     def candidates(self) -> list[tuple]:
@@ -253,7 +277,7 @@ class _Search:
     def best(self) -> TrainConfig:
         ranked = self.candidates()
         for candidate in ranked:
-            if self.plan(candidate).fits:
+            if self.fits(candidate):
                 self.chosen = candidate
                 return self.apply(candidate)
         self.chosen = min(ranked, key=self.need)  # nothing fits: the least memory
@@ -286,11 +310,13 @@ class _Search:
     # --- Why ------------------------------------------------------------------------------------------------------
     def explain(self, chosen: TrainConfig) -> list[Choice]:
         c, (ck, b, eight, off) = self.config, self.chosen
-        fits = self.plan(self.chosen).fits
+        fits = self.fits(self.chosen)
         total = self.card.total_bytes if self.card is not None else 0
 
         def short(candidate) -> str:
             need = self.need(candidate)
+            if self.plan(candidate).fits and not self.fits(candidate):
+                return f"ran out of memory on this GPU before (planned {_gib(need)} of {_gib(total)} GiB)"
             return f"needs {_gib(need)} of {_gib(total)} GiB" if total else f"needs {_gib(need)} GiB of RAM"
 
         choices = []
@@ -323,9 +349,9 @@ class _Search:
             why = ("the plan fits it: AdamW exactly, where 8-bit Adam quantizes both moments (bitsandbytes), and no "
                    "bitsandbytes needed; chosen for exactness, not speed")
         elif self.previous is not None and self.previous.get("use_8bit_adam") and fits \
-                and self.plan((ck, b, False, off)).fits:
+                and self.fits((ck, b, False, off)):
             why = "the run started with 8-bit Adam: switching now would restart Adam's moments"
-        elif self.disk_reason and fits and self.plan((ck, b, False, off)).fits:
+        elif self.disk_reason and fits and self.fits((ck, b, False, off)):
             why = self.disk_reason
         elif fits:
             why = f"needed: 32-bit AdamW {short((ck, b, False, off))}"
@@ -397,6 +423,11 @@ def _plan_line(result: planner.MemoryPlan) -> str:
         return f"{_gib(result.host_peak_bytes)} GiB of host RAM at the peak: {'fits' if result.fits else 'does NOT fit'}"
     return (f"{_gib(result.gpu_required_bytes)} GiB needed of {_gib(result.gpu_total_bytes)} on {result.gpu}: "
             f"{'fits' if result.fits else 'does NOT fit'}")
+
+
+def _savers(config) -> str:
+    return (f"gradient checkpointing {_on(config.gradient_checkpointing)}, batch {_batch(config)}, "
+            f"{_adam(config.use_8bit_adam)} Adam")
 
 
 def _on(value) -> str:

@@ -7,6 +7,7 @@ The numbers are the ones in the project notes for SD 1.5: fp32 master weights an
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 # Bytes of optimizer state per trained parameter.
 ADAMW_BYTES = 8.0
@@ -198,6 +199,70 @@ def _missing_class_images(config) -> int:
 
 
 # --- Out of memory ------------------------------------------------------------------------------------
+OUT_OF_MEMORY, CUDA_ERROR = "out of memory", "CUDA error"
+OUT_OF_MEMORY_FILE = "out-of-memory.json"
+# Allocation failures that reach Python as a plain RuntimeError (cuBLAS and cuDNN allocate their workspaces
+# outside PyTorch's allocator, and report running out near the limit in their own words).
+_ALLOCATION_FAILURES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
+                        "cudaErrorMemoryAllocation", "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE")
+_CUDA_FAILURES = ("CUDA error", "CUDA driver error", "CUBLAS_STATUS", "CUDNN_STATUS", "cuDNN error", "NCCL error",
+                  "CUDA kernel errors", "no kernel image is available")
+
+
+def cuda_failure(error: BaseException) -> str | None:
+    """OUT_OF_MEMORY, CUDA_ERROR (another failure of the GPU or its libraries), or None (not the GPU's)."""
+    import torch
+
+    if isinstance(error, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)):
+        return OUT_OF_MEMORY
+    if not isinstance(error, RuntimeError):
+        return None
+    text = str(error)
+    if any(marker in text for marker in _CUDA_FAILURES + ("CUDA out of memory",)) \
+            and any(marker in text for marker in _ALLOCATION_FAILURES):
+        return OUT_OF_MEMORY
+    if any(marker in text for marker in _CUDA_FAILURES):
+        return CUDA_ERROR
+    return None
+
+
+def cuda_error_advice(error: BaseException, *, stage: str) -> str:
+    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    return (f"A CUDA error stopped training while {stage}: {first}. Saved states and snapshots are intact. The GPU "
+            "may be unusable in this session after such an error: restart it (Colab: Runtime > Restart session; "
+            "Kaggle: Run > Restart & clear cell outputs), then run training again; it resumes from the last "
+            "saved state.")
+
+
+def record_out_of_memory(config) -> None:
+    """Note in the run's folder the settings that ran out of memory on this GPU (`OUT_OF_MEMORY_FILE`): the
+    fit of this run then only chooses settings planned below them (`fitting.fit_report`), so pressing Train
+    again never repeats what just failed. Best effort: a full disk must not hide the advice."""
+    import torch
+
+    from .storage import write_json
+
+    if not torch.cuda.is_available():
+        return
+    props = torch.cuda.get_device_properties(0)
+    try:
+        write_json(Path(config.output_dir) / OUT_OF_MEMORY_FILE,
+                   {"gpu": props.name, "total_bytes": props.total_memory, "config": config.to_dict()})
+    except OSError:
+        pass
+
+
+def out_of_memory_record(output_dir) -> dict | None:
+    """{"gpu": name, "total_bytes": its memory, "config": the settings that ran out of memory} of a run, or None."""
+    import json
+
+    path = Path(output_dir) / OUT_OF_MEMORY_FILE
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
 def next_memory_saver(config) -> str | None:
     """The next memory saver to enable, in order of cost to quality and speed (cheapest first)."""
     if not config.gradient_checkpointing:

@@ -83,13 +83,18 @@ class LoRA(FullFineTuning):
             module.requires_grad_(False)
         common = dict(r=config.lora_rank, lora_alpha=self.alpha, lora_dropout=config.lora_dropout,
                       init_lora_weights="gaussian")
-        parts.unet.add_adapter(LoraConfig(target_modules=list(config.lora_target_modules), **common))
+        # The adapters' random start from `seed`, whatever the process drew before: the same run in a fresh
+        # worker (several GPUs) or in a notebook kernel that trained before starts from the same adapters.
+        device = next(parts.unet.parameters()).device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(config.seed)
+            parts.unet.add_adapter(LoraConfig(target_modules=list(config.lora_target_modules), **common))
+            if config.train_text_encoder:
+                # PEFT's own injection, not transformers' `add_adapter`: transformers 5 demands a PEFT release
+                # (0.22) that package indexes may not have yet, and the result is the same adapter layers.
+                for encoder in parts.text_encoders:
+                    inject_adapter_in_model(LoraConfig(target_modules=LORA_TEXT_ENCODER_TARGETS, **common), encoder)
         trained = _trained_parts(parts, config)
-        if config.train_text_encoder:
-            # PEFT's own injection, not transformers' `add_adapter`: transformers 5 demands a PEFT release
-            # (0.22) that package indexes may not have yet, and the result is the same adapter layers.
-            for encoder in parts.text_encoders:
-                inject_adapter_in_model(LoraConfig(target_modules=LORA_TEXT_ENCODER_TARGETS, **common), encoder)
         # The adapters train as fp32 masters under autocast, over half-precision base weights.
         cast_training_params(list(trained.values()), dtype=torch.float32)
         return trained

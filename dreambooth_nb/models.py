@@ -7,6 +7,8 @@ to save memory.
 
 from __future__ import annotations
 
+import functools
+
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,8 +60,12 @@ def vae_source(config, *, family: Family, half: bool) -> str | None:
 
 def model_family(config) -> Family:
     """SD or SDXL, from the base model's `model_index.json` (a few hundred bytes, before any download)."""
-    model = config.pretrained_model_name_or_path
-    return family_of(_read_model_index(model, revision=config.revision), source=model)
+    return family_of_model(config.pretrained_model_name_or_path, revision=config.revision)
+
+
+def family_of_model(model: str, *, revision: str | None = None) -> Family:
+    """The family of a base model (Hub id, folder or single file) from its `model_index.json`."""
+    return family_of(_read_model_index(model, revision=revision), source=model)
 
 
 def is_local(model: str) -> bool:
@@ -70,6 +76,34 @@ def is_local(model: str) -> bool:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def unsupported_gpu(*, name: str, capability: tuple[int, int], arch_list: list[str], torch_version: str) -> str | None:
+    """Why this torch cannot run on this GPU, or None. A build runs on a GPU it has machine code for (an `sm_XY`
+    of the same major version, minor ≤ the GPU's) or PTX it can compile there (a `compute_XY` at or below the
+    GPU's capability). Kaggle's current torch has no sm_60 code, so its P100s fail at the first kernel."""
+    major, minor = capability
+    for arch in arch_list:
+        kind, _, number = arch.partition("_")
+        if not number.isdigit() or len(number) < 2:
+            continue
+        arch_major, arch_minor = int(number[:-1]), int(number[-1])
+        if kind == "sm" and arch_major == major and arch_minor <= minor:
+            return None
+        if kind == "compute" and (arch_major, arch_minor) <= (major, minor):
+            return None
+    built = ", ".join(a for a in arch_list if a.startswith("sm_")) or "no GPU"
+    return (f"This torch ({torch_version}) cannot run on the {name} (compute capability {major}.{minor}): it was built "
+            f"for {built}. Choose another GPU: on Kaggle, Settings > Accelerator > GPU T4 x2; on Colab, a T4.")
+
+
+def gpu_problem() -> str | None:
+    """Why the GPU here cannot train (see `unsupported_gpu`), or None (it can, or there is none)."""
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    return unsupported_gpu(name=props.name, capability=(props.major, props.minor), arch_list=torch.cuda.get_arch_list(),
+                           torch_version=torch.__version__)
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -223,6 +257,21 @@ def first_line(err: BaseException, *, limit: int = 160) -> str:
     """`Type: first line of the message` (an exception may have an empty message)."""
     lines = str(err).strip().splitlines()
     return f"{type(err).__name__}: {lines[0][:limit]}" if lines else type(err).__name__
+
+
+@functools.lru_cache(maxsize=None)
+def bitsandbytes_works(device: torch.device) -> tuple[bool, str]:
+    """Run one real 8-bit AdamW step: bitsandbytes can import and still fail at its first kernel call. Asked
+    once per device and process (the setup report, the memory plan and the optimizer ask the same question)."""
+    try:
+        import bitsandbytes as bnb
+
+        probe = torch.nn.Parameter(torch.zeros(4096, device=device))
+        probe.grad = torch.ones_like(probe)
+        bnb.optim.AdamW8bit([probe], lr=1e-3).step()
+        return True, "bitsandbytes works"
+    except Exception as err:
+        return False, first_line(err)
 
 
 def xformers_works(device: torch.device) -> tuple[bool, str]:

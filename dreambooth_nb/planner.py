@@ -97,6 +97,11 @@ LORA_TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # diffus
 # forward (1.6 GiB for SD 1.5); `train` turns it off (`AutocastKwargs(cache_enabled=False)`): each weight is
 # cast once per forward anyway, and gradient checkpointing recasts it in the backward.
 AUTOCAST_WEIGHT_CACHE = False
+# Several processes: DDP all-reduces gradients through buckets that hold every trained parameter's gradient
+# for the whole run. With `gradient_as_bucket_view` (which `train` asks DDP for when this is True) the
+# gradients are views into them: gradient memory is alive from the first forward on, as with accumulation.
+# Without (DDP's default) the buckets are a second fp32 copy of every gradient (+3.2 GiB for SD 1.5's UNet).
+DDP_BUCKET_VIEWS = True
 
 
 def resolve_gpu(gpu) -> tuple[Gpu | None, list[str]]:
@@ -241,10 +246,16 @@ class Setup:
     ema: bool
     offload_ema: bool
     variant: str | None
+    processes: int = 1          # data-parallel processes, one per GPU: the plan is per GPU
 
     @property
     def half(self) -> bool:
         return self.precision != "no"
+
+    @property
+    def ddp_buckets(self) -> bool:
+        """Whether DDP's gradient buckets exist (several processes)."""
+        return self.processes > 1
 
 
 def setup_for(config, gpu: Gpu | None) -> Setup:
@@ -265,7 +276,8 @@ def setup_for(config, gpu: Gpu | None) -> Setup:
         accumulation=config.gradient_accumulation_steps, resolution=config.resolution,
         checkpointing=bool(config.gradient_checkpointing), eight_bit_adam=bool(config.use_8bit_adam),
         cache_latents=bool(config.cache_latents), ema=bool(config.use_ema),
-        offload_ema=bool(getattr(config, "offload_ema", False)), variant=getattr(config, "variant", None))
+        offload_ema=bool(getattr(config, "offload_ema", False)), variant=getattr(config, "variant", None),
+        processes=int(getattr(config, "num_processes", 1)))
 
 
 # --- The trace --------------------------------------------------------------------------------------------
@@ -419,13 +431,15 @@ class TraceKey:
 
 
 def trace_key(configs: ModelConfigs, setup: Setup) -> TraceKey:
-    # From the second accumulated micro-batch on, the gradients of the earlier ones are alive throughout.
+    # From the second accumulated micro-batch on, the gradients of the earlier ones are alive throughout; so
+    # are DDP's buckets when the gradients are views into them (DDP_BUCKET_VIEWS).
+    grads_present = setup.accumulation > 1 or (setup.ddp_buckets and DDP_BUCKET_VIEWS)
     return TraceKey(configs=configs, device=setup.device, half=setup.half, method=setup.method,
                     lora_rank=setup.lora_rank if setup.method == "lora" else 0,
                     lora_dropout=setup.lora_dropout if setup.method == "lora" else 0.0,
                     lora_targets=setup.lora_targets if setup.method == "lora" else (),
                     train_text_encoder=setup.train_text_encoder, batch=setup.batch, resolution=setup.resolution,
-                    checkpointing=setup.checkpointing, grads_present=setup.accumulation > 1,
+                    checkpointing=setup.checkpointing, grads_present=grads_present,
                     autocast_cache=AUTOCAST_WEIGHT_CACHE)
 
 
@@ -765,6 +779,9 @@ def device_peak(setup: Setup, *, configs: ModelConfigs, sizes: dict, step: StepT
     ema = 4 * sum(numels) if setup.ema else 0
     resident_ema = 0 if setup.offload_ema and cuda else ema
     grads = sum(_rounded(4 * n) for n in numels)
+    buckets = grads if setup.ddp_buckets and not DDP_BUCKET_VIEWS else 0  # a second copy, alive throughout
+    # Gradients alive between optimizer steps too: DDP's buckets when the gradients are views into them.
+    kept_grads = grads if setup.ddp_buckets and DDP_BUCKET_VIEWS else 0
     step_temp = optimizer_step_bytes(numels, eight_bit=setup.eight_bit_adam, device=setup.device)
     # SDXL's VAE overflows in fp16 (its config says force_upcast): training keeps it in fp32.
     vae_bytes = 4 if configs.components["vae"].get("force_upcast") or not (setup.half and cuda) else 2
@@ -775,9 +792,9 @@ def device_peak(setup: Setup, *, configs: ModelConfigs, sizes: dict, step: StepT
     peak, forward = step.peak, step.forward
 
     def phase(at: dict, *, grads: int, copies: int = 0, activations: int = 0, ema_bytes: int = resident_ema):
-        return {"trained weights": at["trained"], "gradients": grads, "optimizer state": opt,
-                "frozen weights": at["frozen"] + frozen, "EMA": ema_bytes, "autocast weight copies": copies,
-                "activations and temporaries": activations}
+        return {"trained weights": at["trained"], "gradients": grads, "DDP gradient buckets": buckets,
+                "optimizer state": opt, "frozen weights": at["frozen"] + frozen, "EMA": ema_bytes,
+                "autocast weight copies": copies, "activations and temporaries": activations}
 
     phases = {
         "forward/backward": phase(peak, grads=peak["grads"], copies=peak["autocast copies"],
@@ -786,9 +803,9 @@ def device_peak(setup: Setup, *, configs: ModelConfigs, sizes: dict, step: StepT
     }
     if not setup.cache_latents:
         encode = trace_vae_encode(configs, resolution=setup.resolution, dtype_bytes=vae_bytes)
-        phases["VAE encode"] = phase(peak, grads=grads if setup.accumulation > 1 else 0, activations=encode)
+        phases["VAE encode"] = phase(peak, grads=grads if setup.accumulation > 1 else kept_grads, activations=encode)
     if ema and not resident_ema:
-        phases["EMA update"] = phase(peak, grads=0, ema_bytes=ema)  # brought to the GPU for its update
+        phases["EMA update"] = phase(peak, grads=kept_grads, ema_bytes=ema)  # brought to the GPU for its update
     name = max(phases, key=lambda n: sum(phases[n].values()))
     unreused = sum(phase(forward, grads=grads, copies=forward["autocast copies"],
                          activations=forward["activations"]).values())
@@ -820,7 +837,7 @@ def _host_parts(config, setup: Setup, *, sizes: dict, trained_params: int) -> _H
         kept["text encoder (embeddings precomputed)"] = sum(sizes[n] for n in ("text_encoder", "text_encoder_2")
                                                             if n in sizes) * half
     if cuda and setup.ema and setup.offload_ema:
-        kept["EMA (offloaded)"] = 4 * trained_params
+        kept["EMA (offloaded)"] = 4 * trained_params  # one buffer, pinned once (`ema.HostBuffer`)
     # Weights are saved a shard at a time (`storage.save_weights`), each copied to the host first; on a CPU
     # run `.to("cpu")` copies nothing.
     saving = min(4 * trained_params, storage.MAX_SHARD_BYTES) if cuda else 0

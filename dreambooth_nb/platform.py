@@ -110,8 +110,12 @@ class Environment:
     xformers: tuple[bool, str] = (False, "not checked")
     torch_version: str = ""
     notes: list[str] = field(default_factory=list)
+    problem: str | None = None
+    """Why training cannot use the GPU here (this torch has no kernels for it), said first; None: it can."""
 
     def summary(self) -> str:
+        if self.problem:
+            return "\n".join([self.problem, f"Platform: {self.platform}, torch {self.torch_version}"])
         gpu = f"{self.gpu_name}, {self.gpu_memory_gb:.1f} GB" if self.gpu_name else "no CUDA GPU (CPU only)"
         lines = [f"Platform: {self.platform}", f"torch {self.torch_version}, device: {self.device} ({gpu})",
                  f"8-bit Adam (bitsandbytes): {'yes' if self.bitsandbytes[0] else 'no'} - {self.bitsandbytes[1]}",
@@ -125,12 +129,15 @@ def check_environment(*, probe: bool = True) -> Environment:
     """Detect the platform and GPU, and (with `probe`) run bitsandbytes and xformers for real once."""
     import torch
 
-    from .models import bf16_supported, xformers_works
-    from .train import bitsandbytes_works
+    from .models import bf16_supported, bitsandbytes_works, gpu_problem, xformers_works
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     env = Environment(platform=detect_platform(), device=device.type, torch_version=torch.__version__)
+    env.problem = gpu_problem() if cuda else None
+    if env.problem:  # said in one line, instead of failing at the first kernel (nothing more to probe there)
+        env.gpu_name = torch.cuda.get_device_properties(0).name
+        return env
     if cuda:
         props = torch.cuda.get_device_properties(0)
         env.gpu_name = props.name

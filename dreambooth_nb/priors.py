@@ -92,27 +92,68 @@ def class_images(config, *, decode: bool = True) -> ClassImages:
     return found
 
 
-def reference_images(config) -> list[list[Path]]:
-    """Per subject, a few renders of its class prompt by the base model, for the validation loss's prior
-    half when prior preservation is off (`validation.py`); made once into `output_dir/validation/`
-    (`validation-2/`, ... for further subjects), deterministic like class images. Empty for a subject
-    without a class prompt."""
+BASE_RENDERS = "base-model-renders"
+"""Beside the run folders (`output_dir`'s parent): the base model's renders of each class prompt that the
+validation loss's prior half uses when prior preservation is off, made once and shared by every run there."""
+
+
+def reference_folder(config, subject, *, number: int = 1) -> Path:
+    """Where the base model's renders of `subject`'s class prompt are: the run's own `validation/` folder
+    (`validation-2/`, ... for further subjects) when an earlier version made them there (a resumed run keeps
+    its numbers), else a folder shared by the runs beside it, named by what decides the images."""
+    from .validation import hash_seed
+
+    own = Path(config.output_dir) / ("validation" if number == 1 else f"validation-{number}")
+    if own.is_dir() and any(own.glob("class-*.png")):
+        return own
+    from .single_file import resolve
+
+    model = resolve(config.pretrained_model_name_or_path)
+    model = str(Path(model).resolve()) if Path(model).exists() else model
+    key = hash_seed(model, config.revision, config.variant, config.vae_model_name_or_path, subject.class_prompt,
+                    config.resolution, config.seed)
+    words = re.sub(r"[^a-z0-9]+", "-", subject.class_prompt.lower()).strip("-")[:40]
+    return Path(config.output_dir).parent / BASE_RENDERS / f"{words}-{config.resolution}px-{key % 16**8:08x}"
+
+
+def _reference_configs(config) -> list:
+    """Per subject: a one-subject config whose class folder holds its reference renders, or None (no class
+    prompt)."""
     from .validation import REFERENCE_IMAGES
 
-    subjects = config.subjects()
-    renders = []
-    for number, subject in enumerate(subjects, start=1):
+    found = []
+    for number, subject in enumerate(config.subjects(), start=1):
         if not subject.class_prompt:
-            renders.append([])
+            found.append(None)
             continue
-        folder = Path(config.output_dir) / ("validation" if number == 1 else f"validation-{number}")
-        reference = config.for_subject(subject).replace(class_data_dir=str(folder), num_class_images=REFERENCE_IMAGES)
-        if class_images(reference, decode=False).to_generate:
-            print(f"Rendering {REFERENCE_IMAGES} images of '{subject.class_prompt}' with the base model, once: the "
-                  "validation loss measures how far training moves the class from them.")
-            generate_class_images(reference, quiet=True)
-        renders.append(class_images(reference).selected)
-    return renders
+        folder = reference_folder(config, subject, number=number)
+        # One image at a time: SDXL at 1024 px with guidance at batch 4 would not fit a T4 beside nothing else.
+        found.append(config.for_subject(subject).replace(class_data_dir=str(folder), num_class_images=REFERENCE_IMAGES,
+                                                         sample_batch_size=1))
+    return found
+
+
+def render_reference_images(config, *, shard: tuple[int, int] = (0, 1), device: torch.device | None = None) -> None:
+    """Render the base model's images of each subject's class prompt that are still missing (this process's
+    share of them, `shard` as in `generate_class_images`): the prior half of the validation loss when prior
+    preservation is off (`validation.py`). Deterministic like class images, and made once for every run
+    beside this one (`reference_folder`)."""
+    from .validation import REFERENCE_IMAGES
+
+    for reference in _reference_configs(config):
+        if reference is not None and class_images(reference, decode=False).to_generate:
+            if shard[0] == 0:
+                print(f"Rendering {REFERENCE_IMAGES} images of '{reference.class_prompt}' with the base model, once "
+                      f"for the runs in {Path(config.output_dir).parent}: the validation loss measures how far "
+                      "training moves the class from them.")
+            generate_class_images(reference, quiet=True, shard=shard, device=device)
+
+
+def reference_images(config) -> list[list[Path]]:
+    """Per subject, the base model's renders of its class prompt (`render_reference_images` made them); empty
+    for a subject without a class prompt."""
+    return [class_images(reference).selected if reference is not None else []
+            for reference in _reference_configs(config)]
 
 
 def generate_class_images(config, *, device: torch.device | None = None, pipe=None, quiet: bool = False,
@@ -156,7 +197,9 @@ def _missing(config, *, shard: tuple[int, int], quiet: bool) -> list[int]:
     if not quiet:
         print(found.summary())
     rank, processes = shard
-    return found.to_generate[rank::processes]
+    # By index, not by position in the list: a rank that looks later, after another rank already wrote an
+    # image, still takes the same share, so no image is made twice or left out.
+    return [index for index in found.to_generate if index % processes == rank]
 
 
 def _generate(config, missing: list[int], *, pipe, quiet: bool) -> None:

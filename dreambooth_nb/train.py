@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import distributed, memory, models, snapshots, storage
+from . import distributed, memory, models, planner, snapshots, storage
 from .config import TrainConfig, changed_settings
 from .methods import method_for
 from .data import TrainingData
+from .ema import make_ema, step_ema, trained_names
 from .prompts import Prompts
 from .validation import MAX_IMAGES, Validation
 from .errors import ConfigError, TrainingStopped
@@ -77,6 +78,9 @@ def train(config: TrainConfig, *, num_processes: int | None = None, on_step=None
     `progress_bar=False` leaves progress to them (the training panel has its own bar).
     Returns the folder of the final snapshot.
     """
+    problem = models.gpu_problem()  # (a torch without kernels for this GPU fails at its first launch otherwise)
+    if problem:
+        raise TrainingStopped(problem)
     if not distributed.in_worker():
         processes = distributed.visible_gpus() if num_processes is None else num_processes
         if processes != config.num_processes:
@@ -87,14 +91,21 @@ def train(config: TrainConfig, *, num_processes: int | None = None, on_step=None
     try:
         final = _train(config, on_step=on_step, on_validation=on_validation, progress_bar=progress_bar,
                        progress=progress)
-    except OutOfMemoryError as oom:
+    except (OutOfMemoryError, RuntimeError) as error:
+        failure = memory.cuda_failure(error)
+        if failure is None:  # a bug, not the GPU: its traceback, untouched
+            raise
         # Anywhere: loading, EMA, `prepare`, encoding the photos, a step, a save. The same advice, and the
         # memory freed, so that the advised rerun in the same notebook kernel starts from an empty GPU.
-        _drop_frames(oom)
-        peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-        final = TrainingStopped(memory.out_of_memory_advice(
-            config, peak_bytes=peak, stage=progress.stage, adam_fallback=progress.optimizer,
-            planned_bytes=progress.planned_gpu_bytes))
+        _drop_frames(error)
+        if failure == memory.OUT_OF_MEMORY:
+            peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+            memory.record_out_of_memory(config)  # so that fitting this run again never chooses as much
+            final = TrainingStopped(memory.out_of_memory_advice(
+                config, peak_bytes=peak, stage=progress.stage, adam_fallback=progress.optimizer,
+                planned_bytes=progress.planned_gpu_bytes))
+        else:
+            final = TrainingStopped(memory.cuda_error_advice(error, stage=progress.stage))
     except (TrainingStopped, KeyboardInterrupt) as stop:
         _drop_frames(stop)
         _free_memory()
@@ -121,6 +132,7 @@ def _train(config: TrainConfig, *, on_step, on_validation, progress_bar: bool, p
     config.validate()
     out = Path(config.output_dir)
     precision = models.resolve_precision(config.mixed_precision, models.default_device())
+    family = models.model_family(config)
     accelerator = _new_accelerator(config, precision=precision)  # (with several processes: the process group)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     if main:  # one writer: every file of the run is written by rank 0 while the others wait
@@ -135,7 +147,7 @@ def _train(config: TrainConfig, *, on_step, on_validation, progress_bar: bool, p
         return final
 
     method = method_for(config)
-    method.check(models.model_family(config))  # e.g. full fine-tuning of SDXL: refused before any download
+    method.check(family)  # e.g. full fine-tuning of SDXL: refused before any download
 
     # --- Before anything is downloaded or encoded: will what this run writes fit the disk?
     start_step = json.loads((resume_from / storage.STATE_MARKER).read_text())["step"] if resume_from else 0
@@ -145,8 +157,7 @@ def _train(config: TrainConfig, *, on_step, on_validation, progress_bar: bool, p
         raise TrainingStopped(disk.refusal())
     print(disk.summary())
     checkpointing_steps = disk.checkpointing_steps
-    if torch.cuda.is_available():
-        _check_memory_plan(config, progress=progress)
+    _check_memory(config, device=accelerator.device, progress=progress)
 
     reference = []
     if config.with_prior_preservation:
@@ -155,11 +166,13 @@ def _train(config: TrainConfig, *, on_step, on_validation, progress_bar: bool, p
         progress.stage = "generating the class images"
         generate_class_images(config, shard=(rank, world), device=accelerator.device)  # each rank its share
         accelerator.wait_for_everyone()
-    elif main:
-        from .priors import reference_images
+    else:  # the class as the base model draws it, for the prior validation loss: each rank renders its share
+        from .priors import reference_images, render_reference_images
 
         progress.stage = "rendering the validation images"
-        reference = reference_images(config)  # the class as the base model draws it: the prior validation loss
+        render_reference_images(config, shard=(rank, world), device=accelerator.device)
+        accelerator.wait_for_everyone()
+        reference = reference_images(config) if main else []
 
     progress.stage = "loading the model"
     device = accelerator.device
@@ -188,7 +201,7 @@ def _train(config: TrainConfig, *, on_step, on_validation, progress_bar: bool, p
     groups = [{"name": name, "params": [p for p in module.parameters() if p.requires_grad],
                "lr": config.learning_rate if name == "unet" else config.text_encoder_learning_rate or config.learning_rate}
               for name, module in trained.items()]
-    optimizer, progress.optimizer = make_optimizer(groups, config=config, device=device)
+    optimizer, _ = make_optimizer(groups, config=config, device=device)
     from diffusers.optimization import get_scheduler
 
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
@@ -206,16 +219,24 @@ def _train(config: TrainConfig, *, on_step, on_validation, progress_bar: bool, p
         config.to_json(out / "config.json")
 
     progress.stage = "preparing the models"
-    *prepared, optimizer = accelerator.prepare(*trained.values(), optimizer)
-    prepared = dict(zip(trained, prepared))
+    prepared = {}
+    for name, module in trained.items():
+        # DDP searches each step for parameters without a gradient only in the parts that have some
+        # (`Family.encoders_with_unused_parts`); elsewhere the search is a wasted pass, and DDP warns about it.
+        accelerator.ddp_handler.find_unused_parameters = name in parts.family.encoders_with_unused_parts
+        prepared[name] = accelerator.prepare(module)
+    optimizer = accelerator.prepare(optimizer)
     unet = prepared["unet"]
     encoders = [prepared.get(name, getattr(parts, name)) for name in parts.family.text_encoders]
+    # Outside the training step (validation, encoding once frozen) only the plain modules: a DDP-wrapped
+    # forward is a collective, and rank 0 alone measuring the validation loss through one would wait forever.
+    plain_encoders = [accelerator.unwrap_model(encoder) for encoder in encoders]
     te_training = config.train_text_encoder and not _text_encoder_stopped(config, step)
     if te_training:
         for encoder in encoders:  # also what makes their checkpointing act (transformers checks `training`)
             encoder.train()
     else:
-        prompts.encode_once(encoders, device=device)  # frozen: every prompt once; the encoders leave the GPU
+        prompts.encode_once(plain_encoders, device=device)  # frozen: every prompt once; the encoders leave the GPU
 
     states = f"a state every {checkpointing_steps} steps" if checkpointing_steps else "no state before the end"
     if world > 1:
@@ -259,14 +280,14 @@ def _train(config: TrainConfig, *, on_step, on_validation, progress_bar: bool, p
 
         if te_training and _text_encoder_stopped(config, step):
             te_training = False
-            for encoder in encoders:
+            for encoder in plain_encoders:
                 _freeze(encoder)
-            prompts.encode_once(encoders, device=device)
+            prompts.encode_once(plain_encoders, device=device)
         trained_now = {name: accelerator.unwrap_model(module) for name, module in prepared.items()}
         # Snapshot before state: a kill between the two then resumes from the earlier state and redoes both.
         if (step in config.snapshot_steps or step == config.max_train_steps) and main:
             progress.stage = f"measuring the validation loss of step {step}"
-            losses = validation(trained_now["unet"], encoders=encoders if te_training else None, device=device,
+            losses = validation(trained_now["unet"], encoders=plain_encoders if te_training else None, device=device,
                                 autocast=accelerator.autocast)
             history.validation.append({"step": step, **losses})
             print(f"Step {step}: validation loss " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
@@ -331,7 +352,7 @@ def _min_snr_weights(scheduler, timesteps, gamma: float) -> torch.Tensor:
     return weights / snr
 
 
-# --- Optimizer and EMA --------------------------------------------------------------------------------
+# --- Optimizer --------------------------------------------------------------------------------
 def make_optimizer(groups, *, config: TrainConfig, device: torch.device):
     """AdamW, 8-bit from bitsandbytes when asked and it really runs here; else torch's with a warning.
 
@@ -341,7 +362,7 @@ def make_optimizer(groups, *, config: TrainConfig, device: torch.device):
                   eps=config.adam_epsilon)
     why = None
     if config.use_8bit_adam:
-        ok, why = bitsandbytes_works(device)
+        ok, why = models.bitsandbytes_works(device)
         if ok:
             import bitsandbytes as bnb
 
@@ -352,59 +373,6 @@ def make_optimizer(groups, *, config: TrainConfig, device: torch.device):
     # trained tensor at the step: 3.2 GiB for SD 1.5's UNet).
     fused = {"fused": True} if device.type == "cuda" else {}
     return torch.optim.AdamW(groups, **kwargs, **fused), why
-
-
-def bitsandbytes_works(device: torch.device) -> tuple[bool, str]:
-    """Run one real 8-bit AdamW step: bitsandbytes can import and still fail at its first kernel call."""
-    try:
-        import bitsandbytes as bnb
-
-        probe = torch.nn.Parameter(torch.zeros(4096, device=device))
-        probe.grad = torch.ones_like(probe)
-        bnb.optim.AdamW8bit([probe], lr=1e-3).step()
-        return True, "bitsandbytes works"
-    except Exception as err:
-        return False, models.first_line(err)
-
-
-def make_ema(unet, *, config: TrainConfig, device: torch.device):
-    """The exponential moving average of the UNet's trained weights (all of them, or its LoRA adapters),
-    on the training device or (`offload_ema`) in host memory."""
-    if not config.use_ema:
-        return None
-    from diffusers.training_utils import EMAModel
-
-    ema = EMAModel([p for p in unet.parameters() if p.requires_grad], decay=config.ema_decay)
-    _place_ema(ema, config=config, device=device)
-    return ema
-
-
-def _place_ema(ema, *, config: TrainConfig, device: torch.device) -> None:
-    if config.offload_ema:
-        ema.to("cpu")
-        if device.type == "cuda":
-            ema.pin_memory()  # pinned: the per-step round trip to the GPU runs asynchronously
-    else:
-        ema.to(device)
-
-
-def step_ema(ema, unet, *, config: TrainConfig, device: torch.device) -> None:
-    """One EMA update after an optimizer step (as diffusers' `--offload_ema`: to the GPU for it, then back)."""
-    if config.offload_ema and device.type == "cuda":
-        ema.to(device, non_blocking=True)
-        ema.step(_trained_parameters(unet))
-        ema.to("cpu", non_blocking=True)
-    else:
-        ema.step(_trained_parameters(unet))
-
-
-def _trained_parameters(module) -> list:
-    return [p for p in module.parameters() if p.requires_grad]
-
-
-def _trained_names(module) -> list[str]:
-    """The names of the parameters EMA follows, in its order (see `make_ema`)."""
-    return [name for name, p in module.named_parameters() if p.requires_grad]
 
 
 # --- Saving and loading ---------------------------------------------------------------------------------
@@ -423,7 +391,7 @@ def _unet_weights(unet, ema, *, method) -> dict:
     copy (`EMAModel.store` would make one in host memory: 3.44 GB for SD 1.5 on a 12.7 GB Colab VM)."""
     tensors = method.saved_tensors(unet)
     if ema is not None:
-        tensors.update(zip(_trained_names(unet), ema.shadow_params))
+        tensors.update(zip(trained_names(unet), ema.shadow_params))
     return tensors
 
 
@@ -444,7 +412,7 @@ def save_state(path: Path, *, step: int, history: History, config: TrainConfig, 
         if ema is not None:
             counters = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
             storage.write_json(tmp / "ema.json", counters)
-            storage.save_weights(dict(zip(_trained_names(trained["unet"]), ema.shadow_params)), tmp,
+            storage.save_weights(dict(zip(trained_names(trained["unet"]), ema.shadow_params)), tmp,
                                  filename="ema.safetensors")
         torch.save(rng, tmp / "rng.pt")
         storage.write_json(tmp / storage.STATE_MARKER,
@@ -482,7 +450,7 @@ def load_state(path: Path, *, parts, method, optimizer, lr_scheduler, accelerato
         accelerator.scaler.load_state_dict(load("scaler.pt"))
     if ema is not None:
         ema.load_state_dict(json.loads((path / "ema.json").read_text()))
-        by_name = dict(zip(_trained_names(parts.unet), ema.shadow_params))
+        by_name = dict(zip(trained_names(parts.unet), ema.shadow_params))
         for shard in storage.load_weights(path, filename="ema.safetensors"):
             for name, tensor in shard.items():
                 if name in by_name:
@@ -567,36 +535,55 @@ def _resume_source(config: TrainConfig) -> Path | None:
     return state
 
 
-def _check_memory_plan(config: TrainConfig, *, progress: Progress) -> None:
-    """Plan the GPU memory from the model's configs (no download) and refuse what will not fit."""
-    from .planner import plan
+def _check_memory(config: TrainConfig, *, device: torch.device, progress: Progress) -> None:
+    """On a GPU, plan the memory of what will really run and refuse what will not fit. 8-bit Adam is probed
+    first: where bitsandbytes cannot run, 32-bit AdamW will, and needs ≈6 bytes more per trained parameter
+    (+5.2 GB for SD 1.5's UNet), so that is what is planned."""
+    if config.use_8bit_adam:
+        eight_bit, why = models.bitsandbytes_works(device)
+        progress.optimizer = None if eight_bit else why
+    if device.type == "cuda":
+        planned = config.replace(use_8bit_adam=False) if progress.optimizer else config
+        _check_memory_plan(planned, progress=progress, adam_fallback=progress.optimizer)
 
+
+def _check_memory_plan(config: TrainConfig, *, progress: Progress, adam_fallback: str | None = None) -> None:
+    """Plan the GPU memory from the model's configs (no download) and refuse what will not fit. `config` is
+    what will run: with 32-bit AdamW where 8-bit Adam was asked for but cannot run (`adam_fallback`: why)."""
     progress.stage = "planning the GPU memory"
-    memory_plan = plan(config)
+    memory_plan = planner.plan(config)
     progress.planned_gpu_bytes = memory_plan.gpu_allocated_bytes
     print(f"Memory plan: {memory_plan.gpu_required_bytes / 2**30:.1f} GiB needed of "
-          f"{memory_plan.gpu_total_bytes / 2**30:.1f} GiB on {memory_plan.gpu}.")
+          f"{memory_plan.gpu_total_bytes / 2**30:.1f} GiB on {memory_plan.gpu}"
+          + (f" (with 32-bit AdamW: 8-bit Adam cannot run here, {adam_fallback})." if adam_fallback else "."))
     if not memory_plan.fits and config.check_memory_plan:
-        raise TrainingStopped(f"These settings will not fit this GPU: {memory_plan!r}\nTurn on what the plan "
-                              "advises (To fit: …) and run training again, or set check_memory_plan=False to "
+        fallback = (f"8-bit Adam cannot run here ({adam_fallback}), so 32-bit AdamW was planned: fix bitsandbytes "
+                    "(on Colab: Runtime > Restart session) or turn on what the plan advises. ") if adam_fallback else ""
+        raise TrainingStopped(f"These settings will not fit this GPU: {memory_plan!r}\n{fallback}Turn on what the "
+                              "plan advises (To fit: …) and run training again, or set check_memory_plan=False to "
                               "train anyway.")
 
 
 def _new_accelerator(config: TrainConfig, *, precision: str):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import AutocastKwargs, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     # A notebook trains several times in one kernel (sweeps, a changed setting): accelerate's state is a
     # process-wide singleton that refuses a new mixed-precision mode, so start from a clean one each run.
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    from accelerate.utils import AutocastKwargs
-
     # No autocast weight cache: it would keep an fp16 twin of every trained weight through each forward
     # (1.6 GiB for SD 1.5) and saves nothing here (each weight is cast once per forward; checkpointing
     # recasts it in the backward anyway). The memory planner counts the same way (planner.AUTOCAST_WEIGHT_CACHE).
+    # Several processes: the gradients are views into DDP's all-reduce buckets, not a second fp32 copy of every
+    # gradient beside them (DDP's default keeps both: +3.2 GiB per GPU for SD 1.5's UNet, which a T4 does not
+    # have; the memory plan counts the same way). `find_unused_parameters` is set per part at `prepare`.
+    ddp = DistributedDataParallelKwargs(gradient_as_bucket_view=planner.DDP_BUCKET_VIEWS)
+    # A rank that waits longer than this for another at a collective ends the run (`distributed.TIMEOUT`).
+    group = InitProcessGroupKwargs(timeout=distributed.TIMEOUT)
     return Accelerator(mixed_precision=precision, gradient_accumulation_steps=config.gradient_accumulation_steps,
-                       kwargs_handlers=[AutocastKwargs(cache_enabled=False)])
+                       kwargs_handlers=[AutocastKwargs(cache_enabled=False), ddp, group])
 
 
 def _model_key(config: TrainConfig) -> str:
@@ -641,4 +628,7 @@ def _stop_if_not_finite(loss: torch.Tensor, *, step: int, config: TrainConfig, w
 def _free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        try:
+            torch.cuda.empty_cache()
+        except RuntimeError:  # after a device-side error the GPU refuses every call: nothing more to free
+            pass

@@ -435,10 +435,12 @@ class TrainingPanel:
                  fit: bool = True, gpu=None, processes: int | None = None):
         import ipywidgets as widgets
 
-        from .distributed import visible_gpus
+        from .distributed import for_processes, visible_gpus
 
         processes = visible_gpus() if processes is None else processes
-        config = config.replace(num_processes=processes)  # every GPU by default, as train(num_processes=None)
+        # Every GPU by default, as train(num_processes=None), with the effective batch of the config: the
+        # object preset's 4 images per step become 2 per GPU on two GPUs, not 8.
+        config = for_processes(config, processes) if processes != config.num_processes else config
         self.base = config
         self.gpu = gpu
         self.fit_report = None  # the last `fitting.FitReport` applied to the saver widgets
@@ -502,6 +504,7 @@ class TrainingPanel:
                                         layout=layout)
         self.fit_note = widgets.HTML(value="")
         self._names = {id(widget): name for name, widget in self.fields.items()}
+        self.fields["num_processes"].observe(self._gpus_changed, names="value")  # (before the re-fit below)
         for widget in self.fields.values():
             widget.observe(self._settings_changed, names="value")
         self.fit_box.observe(self._fit_toggled, names="value")
@@ -529,6 +532,22 @@ class TrainingPanel:
         self.batch_note.value = batch_line(self.values())
         self.memory.value = memory_line(self)
 
+    def _gpus_changed(self, change) -> None:
+        """Another number of GPUs keeps the images per step: batch and accumulation are split anew."""
+        from .distributed import for_processes
+
+        try:
+            current = config_from_widgets({**self.values(), "num_processes": change["old"]}, self.base)
+            split = for_processes(current, change["new"])
+        except DreamboothError:  # a half-typed field: Train will say what is wrong
+            return
+        self._applying = True  # (not a person's override of the fit's savers)
+        try:
+            self.fields["train_batch_size"].value = split.train_batch_size
+            self.fields["gradient_accumulation_steps"].value = split.gradient_accumulation_steps
+        finally:
+            self._applying = False
+
     def _fit_toggled(self, change) -> None:
         if self._applying:
             return
@@ -544,6 +563,7 @@ class TrainingPanel:
         import json
 
         from .fitting import fit_report, previous_run
+        from .memory import out_of_memory_record
 
         try:
             # From the savers of the config the panel opened with (notebook 1's): "before" stays what was saved.
@@ -551,7 +571,9 @@ class TrainingPanel:
             if self.run_dir_for is not None:
                 config = config.replace(output_dir=str(self.run_dir_for(config)))
             previous = previous_run(config)
-            key = (config.to_json(), json.dumps(previous, sort_keys=True, default=str), str(self.gpu))
+            # (a run that just ran out of memory is fitted anew: the fit then keeps below what failed)
+            key = (config.to_json(), json.dumps(previous, sort_keys=True, default=str), str(self.gpu),
+                   json.dumps(out_of_memory_record(config.output_dir), sort_keys=True, default=str))
             if key not in self._fit_cache:
                 self._fit_cache[key] = fit_report(config, self.gpu, previous=previous)
             report = self._fit_cache[key]

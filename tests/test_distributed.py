@@ -142,3 +142,141 @@ def test_a_nan_in_one_rank_stops_every_rank_with_its_message(make_config, tmp_pa
     with pytest.raises(TrainingStopped, match=r"The loss became nan at step 2: training diverged"):
         train(make_config(max_train_steps=4, train_batch_size=2, output_dir=str(tmp_path / "run")), num_processes=2)
     assert time.monotonic() - started < 240  # stopped, not hung
+
+
+# --- The text encoder, SDXL's two, and LoRA on two processes -------------------------------------------------
+def test_two_processes_with_the_text_encoder_finish_and_train_what_one_does(make_config, tiny_model, tmp_path):
+    """Rank 0 measures the validation loss alone: through the plain encoder, never its DDP wrapper (a
+    collective the other rank would never join: the run hung forever)."""
+    from safetensors.torch import load_file
+
+    common = dict(max_train_steps=4, train_text_encoder=True, snapshot_steps=[2], **LINEAR_ADAM)
+    started = time.monotonic()
+    two = train(make_config(train_batch_size=1, output_dir=str(tmp_path / "two"), **common), num_processes=2)
+    assert time.monotonic() - started < 240  # finished, not hung
+    one = train(make_config(train_batch_size=2, output_dir=str(tmp_path / "one"), **common), num_processes=1)
+    assert_same_training(one, two, tiny_model)
+    history = json.loads((tmp_path / "two" / "history.json").read_text())
+    assert [v["step"] for v in history["validation"]] == [2, 4]
+    encoder = "text_encoder/model.safetensors"
+    a, b, base = (load_file(Path(p) / encoder) for p in (one, two, tiny_model))
+    da = torch.cat([(a[k].double() - base[k].double()).flatten() for k in sorted(a)])
+    db = torch.cat([(b[k].double() - base[k].double()).flatten() for k in sorted(a)])
+    assert da.norm() > 0 and ((da - db).norm() / da.norm()).item() < TOLERANCE
+
+
+def _lora_ups(snapshot: Path) -> torch.Tensor:
+    """The LoRA up (B) weights, which start at zero: the update itself."""
+    from safetensors.torch import load_file
+
+    from dreambooth_nb.snapshots import LORA_WEIGHTS
+
+    tensors = load_file(snapshot / LORA_WEIGHTS)
+    keys = sorted(k for k in tensors if "lora_B" in k or "lora_up" in k)
+    assert any(k.startswith("text_encoder.") for k in keys) and any(k.startswith("text_encoder_2.") for k in keys)
+    return torch.cat([tensors[k].double().flatten() for k in keys])
+
+
+def test_sdxl_lora_with_both_text_encoders_on_two_processes(make_config, tiny_sdxl_model, tmp_path):
+    """SDXL's first encoder gives only its penultimate hidden state: its last layer gets no gradient, which DDP
+    refuses ("Expected to have finished reduction") unless told to look for unused parameters."""
+    common = dict(pretrained_model_name_or_path=str(tiny_sdxl_model), method="lora", train_text_encoder=True,
+                  max_train_steps=3, adam_epsilon=10.0, adam_weight_decay=0.0, learning_rate=1e-3)
+    two = train(make_config(train_batch_size=1, output_dir=str(tmp_path / "two"), **common), num_processes=2)
+    one = train(make_config(train_batch_size=2, output_dir=str(tmp_path / "one"), **common), num_processes=1)
+    a, b = _lora_ups(one), _lora_ups(two)
+    assert a.norm() > 0 and ((a - b).norm() / a.norm()).item() < TOLERANCE
+
+
+# --- Dying with the notebook's kernel ------------------------------------------------------------------------
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if parent == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        kids = _children(todo.pop())
+        found += kids
+        todo += kids
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs /proc (Linux) to find the workers")
+def test_workers_die_with_the_kernel_that_started_them(make_config, tmp_path):
+    """"Restart kernel" SIGKILLs the process that called train(num_processes=2): the launcher and both workers
+    end with it (nothing left holding the GPUs), and the next run in the new kernel resumes as usual."""
+    config = make_config(max_train_steps=100_000, checkpointing_steps=100_000, output_dir=str(tmp_path / "run"))
+    path = tmp_path / "config.json"
+    config.to_json(path)
+    with open(tmp_path / "log.txt", "w") as log:
+        kernel = subprocess.Popen([sys.executable, "-c", LAUNCH, str(path)], stdout=log, stderr=log,
+                                  env={**os.environ, "TQDM_DISABLE": "1"})
+        deadline = time.monotonic() + 240
+        while " parameters (full, sd)" not in (tmp_path / "log.txt").read_text() and time.monotonic() < deadline:
+            assert kernel.poll() is None, (tmp_path / "log.txt").read_text()[-3000:]
+            time.sleep(0.2)
+        workers = _descendants(kernel.pid)
+        assert len(workers) >= 3, workers  # the launcher and two workers
+        kernel.kill()  # SIGKILL: no cleanup runs in it
+        kernel.wait()
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in workers if _alive(pid)], "workers outlived the kernel"
+    final = train(config.replace(max_train_steps=2, resume_from_checkpoint="latest"), num_processes=2)
+    assert final.is_dir()
+
+
+HANG_IN_RANK_1 = textwrap.dedent("""
+    import os
+    from datetime import timedelta
+    import dreambooth_nb.distributed as distributed
+    distributed.TIMEOUT = timedelta(seconds=5)
+    if os.environ.get("RANK") == "1":  # the second worker stops answering at its second step
+        import importlib, time
+        train = importlib.import_module("dreambooth_nb.train")
+        real, calls = train.compute_loss, []
+
+        def hung(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                time.sleep(600)
+            return real(*args, **kwargs)
+
+        train.compute_loss = hung
+""")
+
+
+def test_a_hung_rank_ends_the_run_with_a_message(make_config, tmp_path, monkeypatch):
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(HANG_IN_RANK_1)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "inject") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    started = time.monotonic()
+    with pytest.raises(TrainingStopped, match=r"one process waited more than .* for another"):
+        train(make_config(max_train_steps=4, train_batch_size=2, output_dir=str(tmp_path / "run")), num_processes=2)
+    assert time.monotonic() - started < 240
+
+
+def test_nccl_settings_keep_what_is_set():
+    from dreambooth_nb.distributed import nccl_environment
+
+    environ = {"NCCL_IB_DISABLE": "0"}
+    settings = nccl_environment(environ)
+    assert environ["NCCL_IB_DISABLE"] == "0" and settings["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"

@@ -18,7 +18,7 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
 import dreambooth_nb
-from dreambooth_nb import ConfigError, TrainConfig, TrainingStopped, snapshots, storage, train
+from dreambooth_nb import ConfigError, TrainConfig, TrainingStopped, models, snapshots, storage, train
 
 train_module = importlib.import_module("dreambooth_nb.train")
 
@@ -239,7 +239,7 @@ def test_out_of_memory_outside_the_step_gives_the_same_advice_and_frees_memory(m
 
 def test_the_advice_says_when_8bit_adam_could_not_run(make_config, monkeypatch):
     """8-bit Adam on in the config but bitsandbytes failing: the advice must not claim it is on."""
-    monkeypatch.setattr(train_module, "bitsandbytes_works", lambda device: (False, "RuntimeError: no kernel"))
+    monkeypatch.setattr(models, "bitsandbytes_works", lambda device: (False, "RuntimeError: no kernel"))
     unet_calls(monkeypatch, fail_at=1, error=torch.OutOfMemoryError("CUDA out of memory"))
     with pytest.raises(TrainingStopped) as info:
         train(make_config(max_train_steps=2, **ALL_ON))
@@ -356,3 +356,84 @@ def test_the_out_of_memory_message_compares_the_peak_with_the_plan():
 
     message = out_of_memory_advice(TrainConfig(), peak_bytes=13 * 2**30, planned_bytes=9 * 2**30)
     assert "peak 13.0 GiB allocated; the memory plan expected 9.0 GiB at the peak" in message
+
+
+# --- The GPU failing in other words ------------------------------------------------------------------------
+@pytest.mark.parametrize("error,kind", [
+    (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"), "memory"),
+    (RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"), "memory"),
+    (RuntimeError("CUDA error: an illegal memory access was encountered"), "cuda"),
+])
+def test_cuda_errors_that_are_not_out_of_memory_errors_take_the_cleanup_path(make_config, monkeypatch, error,
+                                                                             kind):
+    """cuBLAS and cuDNN report running out near the limit as a plain RuntimeError; other CUDA errors too. Each
+    ends with one message (the advice where memory ran out) and the run's models freed, not a traceback that
+    keeps them on the GPU."""
+    seen = unet_calls(monkeypatch, fail_at=2, error=error)
+    with pytest.raises(TrainingStopped) as info:
+        train(make_config(max_train_steps=3, **ALL_ON))
+    message = str(info.value)
+    if kind == "memory":
+        assert "ran out of memory while training" in message
+    else:
+        assert "A CUDA error stopped training while training: CUDA error: an illegal memory access" in message
+        assert "restart it" in message
+    assert info.value.__cause__ is None and info.value.__traceback__ is not None
+    assert_freed(seen)
+
+
+def test_a_bug_keeps_its_traceback(make_config, monkeypatch):
+    """A RuntimeError that is not the GPU's is a bug: it is raised as it is, not worded as advice."""
+    unet_calls(monkeypatch, fail_at=1, error=RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    with pytest.raises(RuntimeError, match="mat1 and mat2"):
+        train(make_config(max_train_steps=2))
+
+
+def test_8bit_adam_is_probed_before_the_memory_plan(make_config, monkeypatch, capsys):
+    """Where bitsandbytes cannot run, 32-bit AdamW will (≈6 bytes more per parameter): that is what is planned,
+    and the refusal says why."""
+    from dreambooth_nb import plan
+
+    monkeypatch.setattr(models, "bitsandbytes_works", lambda device: (False, "RuntimeError: no kernel"))
+    config = make_config(use_8bit_adam=True)
+    progress = train_module.Progress()
+    train_module._check_memory(config, device=torch.device("cuda"), progress=progress)  # (plans; runs nothing)
+    assert progress.planned_gpu_bytes == plan(config.replace(use_8bit_adam=False)).gpu_allocated_bytes
+    assert progress.planned_gpu_bytes > plan(config).gpu_allocated_bytes
+    assert "with 32-bit AdamW: 8-bit Adam cannot run here, RuntimeError: no kernel" in capsys.readouterr().out
+    assert progress.optimizer == "RuntimeError: no kernel"
+    monkeypatch.setattr(importlib.import_module("dreambooth_nb.planner"), "plan",
+                        lambda config, gpu=None: plan(config, gpu=0.001))
+    with pytest.raises(TrainingStopped, match=r"8-bit Adam cannot run here \(RuntimeError: no kernel\), so 32-bit"):
+        train_module._check_memory(config, device=torch.device("cuda"), progress=train_module.Progress())
+
+
+@pytest.mark.parametrize("capability,arch_list,runs", [
+    ((6, 0), ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"], False),  # Kaggle's P100
+    ((7, 5), ["sm_75", "sm_80", "sm_86", "sm_90"], True),  # a T4
+    ((8, 9), ["sm_75", "sm_80", "sm_86"], True),  # an L4 runs sm_86 code (same major, lower minor)
+    ((12, 0), ["sm_80", "sm_90", "compute_90"], True),  # a newer GPU compiles the PTX
+    ((7, 0), ["sm_75", "sm_80"], False),  # a V100 cannot run sm_75 code
+])
+def test_a_torch_without_kernels_for_the_gpu_is_said_in_one_line(capability, arch_list, runs):
+    problem = models.unsupported_gpu(name="Tesla P100-PCIE-16GB", capability=capability, arch_list=arch_list,
+                                     torch_version="2.9.0+cu128")
+    assert (problem is None) == runs
+    if not runs:
+        assert "\n" not in problem and f"compute capability {capability[0]}.{capability[1]}" in problem
+        assert "GPU T4 x2" in problem
+
+
+def test_training_refuses_a_gpu_this_torch_cannot_drive(make_config, monkeypatch):
+    monkeypatch.setattr(models, "gpu_problem", lambda: "This torch cannot run on the Tesla P100.")
+    monkeypatch.setattr(train_module.models, "load_components", lambda *a, **k: pytest.fail("loaded the model"))
+    with pytest.raises(TrainingStopped, match="cannot run on the Tesla P100"):
+        train(make_config())
+
+
+def test_the_setup_report_leads_with_a_gpu_torch_cannot_drive():
+    from dreambooth_nb.platform import Environment
+
+    env = Environment(platform="kaggle", device="cuda", gpu_name="Tesla P100-PCIE-16GB", torch_version="2.9.0",
+                      problem="This torch (2.9.0) cannot run on the Tesla P100-PCIE-16GB (compute capability 6.0).")
+    assert env.summary().splitlines()[0].startswith("This torch (2.9.0) cannot run on the Tesla P100")

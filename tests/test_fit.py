@@ -360,3 +360,45 @@ def test_the_panel_refits_a_resumed_run_and_the_log_says_so(make_config, capsys)
 
 def test_no_previous_run_to_resume(make_config):
     assert previous_run(make_config()) is None
+
+
+# --- 5. Two GPUs, and a fit that ran out of memory -----------------------------------------------------------
+def test_the_fit_for_two_gpus_plans_the_buckets_and_fits_a_t4():
+    """Kaggle's 2×T4: the object preset's 4 images per step split 2 per GPU (the effective batch kept); the fit
+    plans each process with DDP's buckets and still fits a T4."""
+    from dreambooth_nb.distributed import for_processes
+
+    two = for_processes(sd15("object"), 2)
+    report = fit_report(two, "T4")
+    assert report.fits and report.config.num_processes == 2 and report.config.effective_batch == 4
+    chosen = report.config
+    assert plan(chosen, "T4").gpu_required_bytes <= plan(chosen, "T4").gpu_total_bytes
+    # What fits one process with batch 4 × 1 does not fit two processes each holding its buckets' worth more...
+    alone = fit(sd15("object"), "T4")
+    assert plan(dataclasses.replace(alone, num_processes=2), "T4").gpu_allocated_bytes > \
+        plan(alone, "T4").gpu_allocated_bytes
+    # ...and the fit accounts for it: the plan it reports is the per-process plan with the buckets.
+    assert report.after.gpu_allocated_bytes == plan(chosen, "T4").gpu_allocated_bytes
+
+
+def test_a_run_that_ran_out_of_memory_is_never_fitted_as_large_again(tmp_path, monkeypatch):
+    """The plan under-estimated what ran out of memory: pressing Train again (the panel re-fits) must not choose
+    it, nor anything planned as large, on that GPU; a larger GPU is fitted as usual."""
+    from dreambooth_nb import memory
+    from dreambooth_nb.planner import GPUS
+
+    config = sd15("object", output_dir=str(tmp_path / "run"))
+    first = fit_report(config, "T4")
+    assert first.fits and not first.config.gradient_checkpointing
+    (tmp_path / "run").mkdir()
+    from dreambooth_nb.storage import write_json
+
+    write_json(tmp_path / "run" / memory.OUT_OF_MEMORY_FILE,
+               {"gpu": "Tesla T4", "total_bytes": GPUS["T4"].total_bytes, "config": first.config.to_dict()})
+    again = fit_report(config, "T4")
+    failed_need = plan(first.config, "T4").gpu_required_bytes
+    assert again.fits and _savers(again.config) != _savers(first.config)
+    assert plan(again.config, "T4").gpu_required_bytes < failed_need
+    assert any("ran out of memory on this GPU" in note for note in again.notes)
+    assert not changed_settings(config.to_dict(), again.config)  # still the same run
+    assert _savers(fit_report(config, "L4").config) == _savers(fit(sd15("object"), "L4"))  # a larger GPU: as usual

@@ -9,11 +9,12 @@ import json
 import subprocess
 import sys
 import time
+import dataclasses
 from dataclasses import replace
 
 import pytest
 
-from dreambooth_nb import TrainConfig, memory
+from dreambooth_nb import TrainConfig, memory, preset
 from dreambooth_nb.errors import ConfigError
 from dreambooth_nb.planner import (GIB, KNOWN_MODELS, MemoryPlan, component_sizes, optimizer_state_bytes, plan,
                                 read_model_configs, saver_changes)
@@ -279,3 +280,35 @@ def test_host_ram_of_a_cpu_run_matches_its_measured_peak(model, resolution, opti
     planned = plan(TrainConfig(output_dir=str(tmp_path_factory.mktemp("out")), **settings), gpu="cpu")
     measured = _measured_peak(settings)
     assert abs(planned.host_peak_bytes / measured - 1) <= 0.25, (planned, measured)
+
+
+# --- Several GPUs: DDP's gradient buckets --------------------------------------------------------------------
+def test_ddp_buckets_cost_a_gradient_copy_unless_they_are_views(monkeypatch):
+    """Each process of a data-parallel run holds DDP's all-reduce buckets, one fp32 slot per trained weight,
+    for the whole run. As copies (DDP's default) they are a second gradient (+3.2 GiB for SD 1.5's UNet) at
+    the end of the backward; as views (what training asks for) the gradients live in them. Views cost nothing
+    where the gradients are alive anyway at the peak (checkpointing on: the peak is at the end of the
+    backward; or accumulation: they are always alive) — there two processes plan as one. Where the peak is
+    the end of the forward (checkpointing off), the buckets are memory a single process would not hold yet:
+    views or copies, a gradient's worth more."""
+    import dreambooth_nb.planner as planner_module
+
+    config = preset("object", "16gb", instance_data_dir="p", instance_prompt="a photo of sks mug", resolution=512)
+
+    def allocated(views: bool, **changes) -> tuple[int, int]:
+        monkeypatch.setattr(planner_module, "DDP_BUCKET_VIEWS", views)
+        one = dataclasses.replace(config, **changes)
+        return (plan(one, "T4").gpu_allocated_bytes,
+                plan(dataclasses.replace(one, num_processes=2), "T4").gpu_allocated_bytes)
+
+    grads = 4 * plan(config, "T4").trained_params
+    checkpointed = dict(gradient_checkpointing=True, train_batch_size=1, gradient_accumulation_steps=1)
+    one, copies = allocated(False, **checkpointed)
+    assert copies - one >= grads
+    one, views = allocated(True, **checkpointed)
+    assert 0 <= views - one < grads / 4
+    one, views = allocated(True, gradient_checkpointing=True)  # the 16gb profile: 1 × 4 accumulated
+    assert views == one
+    one, views = allocated(True, gradient_checkpointing=False, train_batch_size=2, gradient_accumulation_steps=1)
+    assert views - one >= 0.9 * grads
+    assert allocated(False, gradient_checkpointing=False, train_batch_size=2, gradient_accumulation_steps=1)[1] >= views

@@ -134,3 +134,21 @@ def test_setup_takes_the_sdxl_preset_for_an_sdxl_model(tiny_sdxl_model, tmp_path
                                    instance_prompt="a photo of sks dog")
     assert (config.method, config.resolution, config.snr_gamma, config.variant) == ("lora", 1024, 5.0, None)
     assert projects.native_resolution(str(tiny_sdxl_model)) == 1024
+
+
+def test_a_merged_export_of_an_sdxl_lora_is_refused_before_anything_loads(sdxl_config, tmp_path, monkeypatch):
+    """Merging would load the whole SDXL pipeline in fp32 on the CPU (≈13.9 GB, more than Colab's RAM) before
+    finding that the single-file layout is SD 1.x/2.x only: the refusal comes first, with what to do, and the
+    process's peak memory does not move."""
+    import resource
+
+    from dreambooth_nb.export import ExportError, export
+
+    final = train(sdxl_config(max_train_steps=1))
+    monkeypatch.setattr(snapshots, "load_pipeline", lambda *a, **k: pytest.fail("loaded the pipeline"))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ExportError, match=r"merged: an SDXL LoRA cannot be merged.*merged=False"):
+        export(final, tmp_path / "merged.safetensors", merged=True)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 16 * 1024  # KiB: < 16 MiB more
+    assert not (tmp_path / "merged.safetensors").exists()
+    assert export(final, tmp_path / "lora.safetensors").is_file()  # the LoRA itself exports

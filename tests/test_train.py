@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dreambooth_nb import train
+from dreambooth_nb import models, train
 from dreambooth_nb.data import CLASS, INSTANCE, ImageFolder, TrainingData
 from dreambooth_nb.models import load_components
 from dreambooth_nb.prompts import Prompts
@@ -66,7 +66,7 @@ def test_8bit_adamw_is_the_optimizer_in_use(make_config, capsys):
 
 
 def test_8bit_falls_back_when_bitsandbytes_cannot_run(make_config, capsys, monkeypatch):
-    monkeypatch.setattr(train_module, "bitsandbytes_works", lambda device: (False, "no CUDA setup"))
+    monkeypatch.setattr(models, "bitsandbytes_works", lambda device: (False, "no CUDA setup"))
     params = [torch.nn.Parameter(torch.zeros(3))]
     optimizer, why = make_optimizer([{"params": params, "lr": 1e-3}], config=make_config(use_8bit_adam=True),
                                     device=torch.device("cpu"))
@@ -333,4 +333,27 @@ def test_the_validation_loss_is_measured_at_every_snapshot_the_same_way(make_con
     a, b = ((json.loads((tmp_path / run / "history.json").read_text())["validation"]) for run in "ab")
     assert a == b and [v["step"] for v in a] == seen == [1, 2, 3]
     assert all(v["fit"] > 0 and v["prior"] > 0 for v in a)
-    assert len(list((tmp_path / "a" / "validation").glob("class-*.png"))) == 4  # rendered once, by the base model
+    # Rendered once by the base model, one image at a time, into a folder shared by the runs beside each other.
+    from dreambooth_nb.priors import BASE_RENDERS
+
+    (shared,) = (tmp_path / BASE_RENDERS).iterdir()
+    assert len(list(shared.glob("class-*.png"))) == 4 and not (tmp_path / "a" / "validation").exists()
+    assert shared.name.startswith("a-photo-of-a-dog-32px-")
+    written = {p.name: p.stat().st_mtime_ns for p in shared.iterdir()}
+    train(config.replace(output_dir=str(tmp_path / "c"), learning_rate=2e-4))
+    assert {p.name: p.stat().st_mtime_ns for p in shared.iterdir()} == written  # a third run renders nothing
+
+
+def test_a_run_that_rendered_its_own_validation_images_keeps_them(make_config, tmp_path):
+    """Runs of earlier versions rendered them into their own `validation/`: resumed, they keep those numbers."""
+    from dreambooth_nb.priors import BASE_RENDERS, reference_folder
+
+    config = make_config(max_train_steps=2, class_prompt="a photo of a dog", output_dir=str(tmp_path / "old"))
+    own = tmp_path / "old" / "validation"
+    own.mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (10, 200, 30)).save(own / "class-00000.png")
+    assert reference_folder(config, config.subjects()[0]) == own
+    assert reference_folder(config.replace(output_dir=str(tmp_path / "new")), config.subjects()[0]).parent \
+        == tmp_path / BASE_RENDERS

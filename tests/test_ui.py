@@ -458,8 +458,9 @@ def test_show_errors_outside_ipython_is_harmless():
 
 
 def test_the_gpus_choice_trains_data_parallel_and_shows_the_effective_batch(make_config):
-    """With several GPUs (here 2 CPU processes, gloo) the panel offers them all by default, shows batch ×
-    accumulation × GPUs, and Train launches that many processes; with one GPU there is nothing to choose."""
+    """With several GPUs (here 2 CPU processes, gloo) the panel offers them all by default, keeps the preset's
+    images per step (split among the GPUs), shows batch × accumulation × GPUs, and Train launches that many
+    processes; with one GPU there is nothing to choose."""
     config = make_config(max_train_steps=2, train_batch_size=2, snapshot_steps=[])
     single = ui.TrainingPanel(config, fit=False, processes=1)
     assert single.fields["num_processes"].layout.display == "none" and single.config().num_processes == 1
@@ -467,6 +468,16 @@ def test_the_gpus_choice_trains_data_parallel_and_shows_the_effective_batch(make
     panel = ui.TrainingPanel(config, fit=False, processes=2, sample_seeds=(0,), sample_steps=2)
     assert panel.fields["num_processes"].options == (1, 2) and panel.fields["num_processes"].value == 2
     assert panel.fields["num_processes"].layout.display != "none"
+    # Two GPUs by default, with the config's 2 images per step: 1 on each, not 2 on each.
+    assert "1 × 1 accumulated × 2 GPUs = 2 photos per step" in panel.batch_note.value
+    assert panel.config().effective_batch == config.effective_batch == 2
+    assert ui.TrainingPanel(make_config(train_batch_size=1, gradient_accumulation_steps=4), fit=False,
+                            processes=2).config().effective_batch == 4  # the 16gb profile: 1 × 2 on each GPU
+    panel.fields["num_processes"].value = 1  # one GPU again: the same images per step (accumulated; the fit,
+    assert "1 × 2 accumulated = 2 photos per step" in panel.batch_note.value  # when on, makes it a batch)
+    panel.fields["num_processes"].value = 2
+    assert "1 × 1 accumulated × 2 GPUs = 2 photos per step" in panel.batch_note.value
+    panel.fields["train_batch_size"].value = 2  # a person's choice: 2 per GPU
     assert "2 × 1 accumulated × 2 GPUs = 4 photos per step" in panel.batch_note.value
     panel.fields["gradient_accumulation_steps"].value = 3
     assert "2 × 3 accumulated × 2 GPUs = 12" in panel.batch_note.value
