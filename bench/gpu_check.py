@@ -1,19 +1,24 @@
-"""The GPU check: one prepared command for a lent GPU machine, ≤ 8 minutes, capped at a T4's 15 GiB.
+"""The GPU check: the one script to run on a lent GPU machine, ≤ 8 minutes, capped at a T4's 15 GiB.
 
     python bench/gpu_check.py            # prints a table; with $OUT set, also writes $OUT/gpu_check.json
-    python bench/gpu_check.py --skip-tests --cases "16gb, UNet;LoRA rank 4, 16gb"   # a short lease
+    python bench/gpu_check.py --skip-tests --cases "16gb, UNet;fit(gpu='T4'): checkpointing off"   # a short lease
 
-1. `pytest tests/test_gpu.py` (fp16 masters, 8-bit Adam and xformers on CUDA, EMA on the GPU and offloaded,
-   resume, frozen parts off the GPU), under the same 15 GiB cap.
+1. `pytest tests/test_gpu.py` (fp16 masters, 8-bit Adam and xformers on CUDA, EMA on the GPU and offloaded
+   and pinned once, resume, frozen parts off the GPU), under the same 15 GiB cap.
 2. An SD 1.5-shaped random model (shapes, hence memory and FLOPs, of the real one; its weights cannot be
-   downloaded there) trained at 512 px — and an SDXL-shaped one at 1024 px with a LoRA — for 30 steps per case, each case in a fresh process so that its peak
-   is its own: the `16gb` profile UNet only and with the text encoder, EMA with a resume in the same
-   process, and two runs in a row in one process (the second must start from an empty GPU). For each:
-   peak `torch.cuda.max_memory_allocated` beside the memory plan's allocated peak (`dreambooth_nb.plan`),
-   s/step, and whether every loss stayed finite.
+   downloaded there) trained at 512 px — and an SDXL-shaped one at 1024 px with a LoRA and a stand-in for the
+   fp16-fix VAE — for 30 steps per case, each case in a fresh process so that its peak is its own: the
+   `16gb` profile UNet only and with the text encoder, what `fit(gpu="T4")` picks for the object preset
+   (checkpointing off, batch 4: the fast path), LoRA in fp16, EMA offloaded with a resume in the same
+   process, and two runs in a row in one process (the second must start from an empty GPU). For each: the
+   peak `torch.cuda.max_memory_allocated` and `max_memory_reserved` beside the memory plan
+   (`dreambooth_nb.plan`: its allocated peak and what it requires with its fragmentation margin), s/step,
+   and whether every loss stayed finite. The reserved/allocated ratios are what the plan's assumed 10 %
+   fragmentation margin (`planner.FRAGMENTATION`) is to be replaced with.
 
 The cap (`torch.cuda.set_per_process_memory_fraction`) makes any GPU behave like a T4 for memory: a case
-that would not fit a T4 fails here with an out-of-memory error instead of passing on an 80 GB card.
+that would not fit a T4 fails here with an out-of-memory error instead of passing on an 80 GB card. The JSON
+is written after every case, so a lease that ends midway still brings back what was measured.
 """
 
 from __future__ import annotations
@@ -32,9 +37,12 @@ ROOT = Path(__file__).resolve().parents[1]
 T4_GIB = 15.0
 STEPS = 30
 PROFILE = dict(use_8bit_adam=True, gradient_checkpointing=True, mixed_precision="fp16", cache_latents=True)
+FP16_FIX_VAE = "vae-fp16-fix"  # a folder beside the SDXL-shaped model's own parts
+FIT = "fit(gpu='T4'): checkpointing off"
 CASES = {
     "16gb, UNet": dict(PROFILE),
     "16gb, UNet + text encoder": dict(PROFILE, train_text_encoder=True),
+    FIT: dict(PROFILE, train_batch_size=1, gradient_accumulation_steps=4, fit=True),  # the object preset's 4 per step
     "16gb + prior, batch 1 x 4 accumulated": dict(PROFILE, with_prior_preservation=True, gradient_accumulation_steps=4),
     "16gb + EMA offloaded, resumed": dict(PROFILE, use_ema=True, offload_ema=True),
     "two runs in one process": dict(PROFILE),
@@ -58,7 +66,9 @@ def run_case(name: str, model: str, sdxl_model: str, photos: str, classes: str, 
 
     cap_memory()
     options = dict(CASES[name])
-    model = sdxl_model if options.pop("sdxl", False) else model
+    if options.pop("sdxl", False):  # with a local stand-in for the fp16-fix VAE (the Hub is out of reach)
+        model, options["vae_model_name_or_path"] = sdxl_model, str(Path(sdxl_model) / FP16_FIX_VAE)
+    fitted = options.pop("fit", False)
     base = dict(pretrained_model_name_or_path=model, instance_data_dir=photos, instance_prompt="a photo of sks dog",
                 class_prompt="a photo of a dog", class_data_dir=classes, num_class_images=4, resolution=512,
                 learning_rate=1e-6, max_train_steps=STEPS, checkpointing_steps=10**6, output_dir=out)
@@ -69,6 +79,15 @@ def run_case(name: str, model: str, sdxl_model: str, photos: str, classes: str, 
         times.append(time.perf_counter())
 
     result = {"case": name}
+    if fitted:
+        from dreambooth_nb import fit
+
+        chosen = fit(TrainConfig(**{**base, **options}), gpu="T4")
+        options.update({k: getattr(chosen, k) for k in ("gradient_checkpointing", "train_batch_size",
+                                                        "gradient_accumulation_steps", "use_8bit_adam")})
+        result["fitted"] = (f"checkpointing {'on' if chosen.gradient_checkpointing else 'off'}, batch "
+                            f"{chosen.train_batch_size} x {chosen.gradient_accumulation_steps}, "
+                            f"{'8' if chosen.use_8bit_adam else '32'}-bit Adam")
     torch.cuda.reset_peak_memory_stats()
     if name.endswith("resumed"):
         half = TrainConfig(**{**base, **options, "max_train_steps": STEPS // 2, "checkpointing_steps": STEPS // 2 - 1})
@@ -85,9 +104,11 @@ def run_case(name: str, model: str, sdxl_model: str, photos: str, classes: str, 
     from dreambooth_nb import plan
 
     warm = times[len(times) // 4:-1]  # (the last step's time holds the validation loss and the final save)
-    planned = plan(TrainConfig(**{**base, **options}), gpu=T4_GIB, advise=False)
+    planned = plan(TrainConfig(**{**base, **options}), gpu="T4", advise=False)
     result.update(planned_gib=planned.gpu_allocated_bytes / 2**30,
+                  planned_required_gib=planned.gpu_required_bytes / 2**30,
                   peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+                  reserved_gib=torch.cuda.max_memory_reserved() / 2**30,
                   s_per_step=(warm[-1] - warm[0]) / max(1, len(warm) - 1),
                   finite=all(math.isfinite(x) for x in losses), steps=len(losses))
     return result
@@ -115,6 +136,8 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("No CUDA GPU here: this check runs on a lent GPU machine (see README, Development).")
         return 1
+    from dreambooth_nb.planner import FRAGMENTATION
+
     props = torch.cuda.get_device_properties(0)
     header = f"{props.name}, {props.total_memory / 2**30:.1f} GiB (capped at {T4_GIB:g} GiB), torch {torch.__version__}"
     print(header, flush=True)
@@ -147,6 +170,11 @@ def main() -> int:
         t0 = time.monotonic()
         model = build_sd15_shaped_pipeline(work / "model")
         sdxl_model = build_sdxl_shaped_pipeline(work / "sdxl") if any(CASES[n].get("sdxl") for n in cases) else None
+        if sdxl_model is not None:  # the fp16-fix VAE's shape: SDXL's VAE that needs no fp32 upcast
+            from diffusers import AutoencoderKL
+
+            vae_config = {**AutoencoderKL.load_config(Path(sdxl_model) / "vae"), "force_upcast": False}
+            AutoencoderKL.from_config(vae_config).save_pretrained(Path(sdxl_model) / FP16_FIX_VAE)
         print(f"Models built in {time.monotonic() - t0:.0f} s", flush=True)
         for name in cases:
             job = json.dumps({"name": name, "model": str(model), "sdxl_model": str(sdxl_model), "photos": str(photos),
@@ -163,18 +191,28 @@ def main() -> int:
             if os.environ.get("OUT"):  # after every case: a lease that ends midway still brings these back
                 Path(os.environ["OUT"], "gpu_check.json").write_text(json.dumps(report, indent=2))
 
-    print(f"\n{header}; SD 1.5-shaped, 512 px, batch 1, {STEPS} steps per case\n")
-    print("| case | peak allocated | planned | plan error | s/step | loss finite | note |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\n{header}; SD 1.5-shaped, 512 px, batch 1 unless fitted, {STEPS} steps per case\n")
+    print("| case | peak allocated | planned allocated | plan error | peak reserved | reserved / allocated | "
+          "plan requires (margin + context) | s/step | loss finite | note |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    ratios = []
     for case in report["cases"]:
         if "error" in case:
-            print(f"| {case['case']} | — | — | — | — | — | failed: {case['error']} |")
+            print(f"| {case['case']} | — | — | — | — | — | — | — | — | failed: {case['error']} |")
             continue
-        note = f"{case['allocated_between_runs_mib']:.0f} MiB still allocated between the runs" \
-            if "allocated_between_runs_mib" in case else ""
+        notes = [case["fitted"]] if "fitted" in case else []
+        if "allocated_between_runs_mib" in case:
+            notes.append(f"{case['allocated_between_runs_mib']:.0f} MiB still allocated between the runs")
         error = case["planned_gib"] / case["peak_gib"] - 1
-        print(f"| {case['case']} | {case['peak_gib']:.2f} GiB | {case['planned_gib']:.2f} GiB | {error:+.0%} | "
-              f"{case['s_per_step']:.3f} | {'yes' if case['finite'] else 'NO'} | {note} |")
+        ratio = case["reserved_gib"] / case["peak_gib"]
+        ratios.append(ratio)
+        print(f"| {case['case']} | {case['peak_gib']:.2f} GiB | {case['planned_gib']:.2f} GiB | {error:+.1%} | "
+              f"{case['reserved_gib']:.2f} GiB | {ratio:.3f} | {case['planned_required_gib']:.2f} GiB | "
+              f"{case['s_per_step']:.3f} | {'yes' if case['finite'] else 'NO'} | {'; '.join(notes)} |")
+    if ratios:
+        report["fragmentation_measured"] = max(ratios) - 1
+        print(f"\nReserved / allocated: at most {max(ratios):.3f} (the plan assumes {1 + FRAGMENTATION:.2f}, "
+              "planner.FRAGMENTATION).")
     print(f"\nTotal {time.monotonic() - started:.0f} s")
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "gpu_check.json").write_text(json.dumps(report, indent=2))

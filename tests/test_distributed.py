@@ -228,14 +228,17 @@ def test_workers_die_with_the_kernel_that_started_them(make_config, tmp_path):
     with open(tmp_path / "log.txt", "w") as log:
         kernel = subprocess.Popen([sys.executable, "-c", LAUNCH, str(path)], stdout=log, stderr=log,
                                   env={**os.environ, "TQDM_DISABLE": "1"})
-        deadline = time.monotonic() + 240
-        while " parameters (full, sd)" not in (tmp_path / "log.txt").read_text() and time.monotonic() < deadline:
-            assert kernel.poll() is None, (tmp_path / "log.txt").read_text()[-3000:]
-            time.sleep(0.2)
-        workers = _descendants(kernel.pid)
-        assert len(workers) >= 3, workers  # the launcher and two workers
-        kernel.kill()  # SIGKILL: no cleanup runs in it
-        kernel.wait()
+        workers = []
+        try:
+            deadline = time.monotonic() + 240
+            while " parameters (full, sd)" not in (tmp_path / "log.txt").read_text() and time.monotonic() < deadline:
+                assert kernel.poll() is None, (tmp_path / "log.txt").read_text()[-3000:]
+                time.sleep(0.2)
+            workers = _descendants(kernel.pid)
+            assert len(workers) >= 3, workers  # the launcher and two workers
+        finally:
+            kernel.kill()  # SIGKILL: no cleanup runs in it
+            kernel.wait()
     deadline = time.monotonic() + 30
     while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.2)
