@@ -151,6 +151,11 @@ class TrainConfig:
     """On a GPU, plan the run's memory before anything downloads (`dreambooth_nb.plan`, from the model's
     configs alone) and stop with the plan and the savers that would fit if it does not; False trains anyway,
     for when you know better than the plan."""
+    fit_to_gpu: bool = field(default=False, metadata=RESUMABLE)
+    """Let the memory plan choose the savers above (checkpointing, batch or accumulation, 8-bit Adam) for the
+    GPU training runs on: the fastest that fit (`dreambooth_nb.fit`). Notebook 1 asks once (`FIT_TO_GPU`, on by
+    default there) and saves the answer here; the training panel's "Fit the memory savers to this GPU" starts
+    from it and re-fits on Train. False: the savers stay as set."""
     cache_latents: bool = field(default=False, metadata=RESUMABLE)
     """Encode every image with the VAE once and free the VAE from the GPU (saves memory and ~25 % of a step)."""
     latent_cache_dir: str | None = field(default=None, metadata=RESUMABLE)
@@ -398,6 +403,12 @@ def model_location(name: str) -> str | None:
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def default_snapshot_steps(max_steps: int) -> list[int]:
+    """Halfway and the end (the end is always saved): enough to see overfitting coming, light on disk. What
+    notebook 1 saves and the training panel starts from."""
+    return [max_steps // 2] if max_steps >= 2 else []
 
 
 def lr_label(lr: float) -> str:

@@ -145,7 +145,7 @@ def demo_parameters(project: Path, model: Path, *, instance_prompt: str, class_p
     lr, steps = (1e-4, 400) if trained_model else (1e-4, 8)
     return {
         "01_setup": dict(PROJECT_DIR=str(project), MODEL_ID=str(model), UPLOAD_PHOTOS=False, PRESET="object",
-                         MEMORY_16GB=True, INSTANCE_PROMPT=instance_prompt, CLASS_PROMPT=class_prompt,
+                         FIT_TO_GPU=True, INSTANCE_PROMPT=instance_prompt, CLASS_PROMPT=class_prompt,
                          PRIOR_PRESERVATION="off" if trained_model else "on", NUM_CLASS_IMAGES=8, RESOLUTION=32, LEARNING_RATE=lr,
                          MAX_STEPS=steps),
         "02_class_images": dict(PROJECT_DIR=str(project)),
@@ -163,8 +163,15 @@ def collect_grids(project: Path, grids: Path) -> Path:
     """Copy the comparison and sweep grids of `project` into `grids`, each with its JSON sidecar and its metrics
     plot (`<grid>-metrics.png`) where `compare` drew one, as comparison.png, sweep.png, …"""
     grids.mkdir(parents=True, exist_ok=True)
-    found = [*(project / "comparisons").glob("*.png"), *(project / "sweeps").rglob("sweep-grid.png")]
-    for png in sorted(p for p in found if p.with_suffix(".json").is_file()):  # a grid, not a metrics plot
+    def grids_only(paths):  # (a grid has a JSON sidecar; a metrics plot has none)
+        return [p for p in paths if p.with_suffix(".json").is_file()]
+
+    # Each sweep keeps its own grid (`sweep.grid_path`): the latest one of each sweep folder is the demo's.
+    sweeps = {}
+    for png in sorted(grids_only((project / "sweeps").rglob("sweep-grid*.png")), key=lambda p: p.stat().st_mtime):
+        sweeps[png.parent] = png
+    found = [*grids_only((project / "comparisons").glob("*.png")), *sweeps.values()]
+    for png in sorted(found):
         name = ("comparison" if png.parent.name == "comparisons" else "sweep" if png.parent.name == "sweeps"
                 else f"sweep-{png.parent.name}")
         shutil.copyfile(png, grids / f"{name}.png")

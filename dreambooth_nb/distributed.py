@@ -35,6 +35,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from .errors import ConfigError, TrainingStopped
+from .progress import report
 
 EVENT = "DREAMBOOTH_NB_EVENT "  # a line of rank 0's stdout that carries a callback, as JSON
 STOPPED = "DREAMBOOTH_NB_STOPPED "  # a line (any rank) that carries the message of a TrainingStopped
@@ -117,8 +118,10 @@ def launch(config, *, on_step=None, on_validation=None) -> Path:
             for line in proc.stdout:
                 if line.startswith(EVENT):
                     event = json.loads(line[len(EVENT):])
-                    if event["kind"] == "step" and on_step is not None:
-                        on_step(event["step"], event["loss"], event["lr"])
+                    if event["kind"] == "step":
+                        if on_step is not None:
+                            on_step(event["step"], event["loss"], event["lr"])
+                        report("training", event["step"], config.max_train_steps)  # (a Stop ends every rank)
                     elif event["kind"] == "validation" and on_validation is not None:
                         on_validation(event["step"], event["losses"])
                     elif event["kind"] == "done":
@@ -130,7 +133,7 @@ def launch(config, *, on_step=None, on_validation=None) -> Path:
                     tail = (tail + [line])[-20:]
                     timed_out = timed_out or _timed_out(line)
             returncode = proc.wait()
-        except KeyboardInterrupt:  # the notebook's Stop button: stop every rank, then say so as usual
+        except KeyboardInterrupt:  # the kernel's interrupt or a panel's Stop: stop every rank, then say so
             os.killpg(proc.pid, 2)
             proc.wait()
             raise

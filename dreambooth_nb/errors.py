@@ -19,3 +19,7 @@ class DataError(DreamboothError):
 
 class TrainingStopped(DreamboothError):
     """Training stopped early (non-finite loss, out of memory, no disk); the last good state is kept."""
+
+
+class ActionStopped(DreamboothError):
+    """A panel's action (drawing a grid, a sweep) stopped by the person; the message says what was kept."""

@@ -35,6 +35,7 @@ import torch
 from . import snapshots, storage
 from .errors import ConfigError
 from .images import png_bytes
+from .progress import in_task, report
 
 SCHEDULERS = ("ddim", "pndm", "dpm")
 DEFAULT_CONTEXTS = ("in the snow", "as an oil painting")
@@ -206,12 +207,16 @@ def render(snapshot, spec: EvalSpec, *, device=None, cache_dir=None) -> list[Ren
         pipe.scheduler = make_scheduler(spec.scheduler, pipe.scheduler.config)
         from tqdm.auto import tqdm
 
-        for item in tqdm(missing, desc=f"Rendering {snapshot.name}"):
+        # (a panel shows its own bar: library bars would land in JupyterLab's log console from its thread)
+        bar = tqdm(missing, desc=f"Rendering {snapshot.name}", **({"disable": True} if in_task() else {}))
+        for done, item in enumerate(bar):
+            report(f"rendering {snapshot.name}", done, len(missing))
             generator = torch.Generator("cpu").manual_seed(item.seed)
             image = pipe(item.prompt, generator=generator, num_inference_steps=spec.num_inference_steps,
                          guidance_scale=spec.guidance_scale, height=resolution, width=resolution).images[0]
             storage.atomic_write_bytes(item.image, png_bytes(image, text={**settings, "prompt": item.prompt,
                                                                           "seed": item.seed}))
+        report(f"rendering {snapshot.name}", len(missing), len(missing))
     finally:
         del pipe
         gc.collect()

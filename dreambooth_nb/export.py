@@ -209,14 +209,14 @@ def choose_snapshot(run_or_snapshot, *, step: int | None = None) -> Path:
         return saved[max(saved)]
     if step not in saved:
         raise ConfigError(f"STEP: {path.name} has no snapshot at step {step}; it has steps "
-                          f"{', '.join(map(str, saved))} (0 or empty: the last).")
+                          f"{', '.join(map(str, saved))} (0: the one notebook 4 suggested, else the last).")
     return saved[step]
 
 
 def snapshot_in_project(project, run: str = "", *, step: int = 0) -> Path:
-    """Notebook 6's snapshot: of run `run` (a name as notebook 4 lists them: `lr2e-6`, `sweeps/lr-5e-06`), else
+    """Notebook 6's snapshot: of run `run` (a name as notebook 4 lists them: `lr2e-6`, `sweeps/lr5e-6`), else
     of the run the project's settings train (notebook 3's); at `step`, else the one `choose_snapshot` picks."""
-    runs = project.select_runs(run)
+    runs = project.select_runs(run, setting="RUN")
     folder = next(iter(runs.values())) if run.strip() else project.run_dir_for(project.load_config())
     if folder not in runs.values():
         raise ConfigError(f"RUN: the run of the project's settings ({folder.name}) has no snapshot yet; train it "

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from . import snapshots
 from .errors import DataError
 from .images import CAPTION_SUFFIX, IMAGE_SUFFIXES, png_bytes, scan_images
+from .progress import in_task, report
 from .storage import atomic_write_bytes
 
 _NAME = "class-{:05d}.png"
@@ -205,8 +206,9 @@ def _missing(config, *, shard: tuple[int, int], quiet: bool) -> list[int]:
 def _generate(config, missing: list[int], *, pipe, quiet: bool) -> None:
     """Images `missing` of a one-subject `config`, written atomically one by one."""
     folder = Path(config.class_data_dir)
-    with tqdm(total=len(missing), desc="Class images") as bar:
+    with tqdm(total=len(missing), desc="Class images", **({"disable": True} if in_task() else {})) as bar:
         for start in range(0, len(missing), config.sample_batch_size):
+            report("generating class images", start, len(missing))
             batch = missing[start:start + config.sample_batch_size]
             # One generator per image: image i does not depend on which batch it lands in.
             generators = [torch.Generator("cpu").manual_seed(image_seed(config.seed, i)) for i in batch]

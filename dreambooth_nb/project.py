@@ -23,7 +23,7 @@ from pathlib import Path
 
 from . import platform as _platform
 from . import storage
-from .config import Concept, TrainConfig, changed_settings, lr_label, preset
+from .config import Concept, TrainConfig, changed_settings, default_snapshot_steps, lr_label, preset
 from .errors import ConfigError, DataError
 
 
@@ -94,8 +94,9 @@ class Project:
                     found[f"{sweep.name}/{config_file.parent.name}"] = config_file.parent
         return found
 
-    def select_runs(self, names: str = "") -> dict[str, Path]:
-        """The runs named in `names` ("lr2e-6, sweep/lr-5e-06"; empty: every run with a snapshot)."""
+    def select_runs(self, names: str = "", *, setting: str = "RUNS") -> dict[str, Path]:
+        """The runs named in `names` ("lr2e-6, sweeps/lr5e-6"; empty: every run with a snapshot); an unknown
+        name is refused naming `setting`, the notebook parameter it came from."""
         available = self.runs()
         if not available:
             raise DataError(f"No trained run with a snapshot in {self.runs_dir} or {self.sweeps_dir}. "
@@ -105,12 +106,12 @@ class Project:
             return available
         unknown = [n for n in wanted if n not in available]
         if unknown:
-            raise ConfigError(f"RUNS: {', '.join(unknown)} not found; the runs with snapshots are: "
+            raise ConfigError(f"{setting}: {', '.join(unknown)} not found; the runs with snapshots are: "
                               f"{', '.join(available)}.")
         return {n: available[n] for n in wanted}
 
     def sweep_dir_for(self, config: TrainConfig) -> Path:
-        """The sweep's base folder (`sweep()` trains into `<it>/sweep/lr-*`): the same settings reuse it (finished
+        """The sweep's base folder (`sweep()` trains into `<it>/sweep/lr*`): the same settings reuse it (finished
         runs are skipped, interrupted ones resume); other settings get `sweeps-2`, `sweeps-3`, ..."""
         for n in range(1, 1000):
             candidate = self.sweeps_dir if n == 1 else self.root / f"{self.sweeps_dir.name}-{n}"
@@ -134,7 +135,7 @@ def open_project(project_dir=None, *, create: bool = True) -> Project:
 
 
 def setup_config(project: Project, *, kind: str = "object", method: str = "full", fit_to_gpu: bool = True,
-                 memory_16gb: bool | None = None, gpu=None, model: str, instance_dir="",
+                 gpu=None, model: str, instance_dir="",
                  instance_prompt: str, class_prompt: str = "", prior_preservation: str = "preset",
                  num_class_images: int = 0, resolution: int = 0, learning_rate: float = 0.0, max_steps: int = 0,
                  concepts=(), with_report: bool = False, **overrides):
@@ -150,9 +151,9 @@ def setup_config(project: Project, *, kind: str = "object", method: str = "full"
 
     Memory: the 16 GB profile (every saver on, batch by accumulation), then with `fit_to_gpu` (the default)
     `dreambooth_nb.fit` for `gpu` (None: the GPU here, a T4 where there is none): the fastest savers whose plan
-    fits, what is trained unchanged. `fit_to_gpu=False` keeps the fixed profile. `memory_16gb`, the earlier
-    name of this choice, is still accepted: True fits (the profile became "fit to this GPU"), False leaves
-    every saver off (the preset alone). `with_report=True` returns `(config, FitReport or None)`.
+    fits, what is trained unchanged. `fit_to_gpu=False` keeps the fixed profile. The choice is saved in the
+    config (`TrainConfig.fit_to_gpu`): the training panel follows it, so it is made once, here.
+    `with_report=True` returns `(config, FitReport or None)`.
     """
     from .models import model_family
 
@@ -185,14 +186,14 @@ def setup_config(project: Project, *, kind: str = "object", method: str = "full"
     family = ("sdxl",) if sdxl else (("lora",) if method == "lora" else ())
     if sdxl and not str(model).startswith("stabilityai/stable-diffusion-xl-base-1.0"):
         values.setdefault("variant", None)  # the preset's fp16 variant is SDXL base's; other models may lack it
-    profile = True if memory_16gb is None else bool(memory_16gb)
-    fitting = bool(fit_to_gpu) if memory_16gb is None else bool(memory_16gb)
-    names = (kind, *family) + (("16gb",) if profile else ())
-    config = preset(*names, **values)
+    names = (kind, *family, "16gb")
+    config = preset(*names, **values, fit_to_gpu=bool(fit_to_gpu))
+    if "snapshot_steps" not in values:  # (saved as notebook 3's panel will start: one at halfway, one at the end)
+        config = config.replace(snapshot_steps=default_snapshot_steps(config.max_train_steps))
     config = config.replace(concepts=[dataclasses.replace(c, num_class_images=config.num_class_images)
                                       for c in config.concepts]).validate()
     report = None
-    if fitting:
+    if config.fit_to_gpu:
         from .fitting import fit_report
 
         report = fit_report(config, gpu)

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import storage
+from . import progress, storage
 from .errors import DataError
 
 BASE_RUN = "base model"
@@ -357,13 +357,17 @@ def assess(runs: list[dict], base: dict | None, *, judge) -> dict:
     tolerances = judge.tolerances
     report = {"judge": judge.name, "rule": rule_text(tolerances), "tolerances": asdict(tolerances),
               "base": None, "runs": []}
+    total, done = sum(len(run["steps"]) for run in runs), 0
     for run in runs:
         base_images = base["images"] if base else None
         base_metrics = (measure(judge, base_images, subjects=run["subjects"], base_images=None)
                         if base_images else {})
         report["base"] = report["base"] or base_metrics or None
-        steps = {step: measure(judge, images, subjects=run["subjects"], base_images=base_images)
-                 for step, images in sorted(run["steps"].items())}
+        steps = {}
+        for step, images in sorted(run["steps"].items()):
+            progress.report("measuring the snapshots", done, total)
+            steps[step] = measure(judge, images, subjects=run["subjects"], base_images=base_images)
+            done += 1
         validation = read_validation(run["folder"]) if run["folder"] else {}
         for step, metrics in steps.items():
             if step in validation:
@@ -467,7 +471,7 @@ def plot(reports: dict, *, path, title: str | None = None) -> Path:
         raise DataError("quality.plot: no metrics to plot (no report has any).")
     panels = [m for m in (*METRICS, "validation_fit", "validation_prior")
               if any(_series(r, run, m) for r in reports.values() for run in r["runs"])]
-    fig = Figure(figsize=(3.2 * min(len(panels), 3), 2.5 * -(-len(panels) // 3) + (0.4 if title else 0)), dpi=80)
+    fig = Figure(figsize=(3.6 * min(len(panels), 3), 2.9 * -(-len(panels) // 3) + (0.4 if title else 0)), dpi=90)
     FigureCanvasAgg(fig)
     axes = fig.subplots(-(-len(panels) // 3), min(len(panels), 3), squeeze=False).ravel()
     colours = {}
@@ -487,17 +491,18 @@ def plot(reports: dict, *, path, title: str | None = None) -> Path:
                         ax.plot([run["suggested"]], [value], "*", color=colour, markersize=12)
     first = next(iter(reports.values()))
     for ax, metric in zip(axes, panels):
-        ax.set_title(TITLES[metric], fontsize=9)
-        ax.tick_params(labelsize=7)
-        ax.set_xlabel("step", fontsize=7)
+        ax.set_title(TITLES[metric], fontsize=11)
+        ax.tick_params(labelsize=9)
+        ax.set_xlabel("step", fontsize=9)
         limit = _limit(first, metric)
-        if limit is not None:
-            ax.axhline(limit, color="#888888", linestyle=":", linewidth=1)
+        if limit is not None:  # labelled: the rule's limit, not a mystery line
+            ax.axhline(limit, color="#888888", linestyle=":", linewidth=1.2, label="rule's limit")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="best")  # on every panel: each reads alone
     for ax in axes[len(panels):]:
         ax.set_visible(False)
-    axes[0].legend(fontsize=6, loc="best")
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=12)
     fig.tight_layout()
     path = Path(path)
     import io

@@ -4,7 +4,7 @@
     display(Image(result.grid))
 
 One training run per learning rate, each by `train.train` (the one training loop), into
-`<output_dir>/sweep/lr-<lr>/`, saving a snapshot at every step of `save_at`. Runs that already finished
+`<output_dir>/sweep/lr<lr>/`, saving a snapshot at every step of `save_at`. Runs that already finished
 are skipped on a rerun and interrupted ones resume (with resume_from_checkpoint="latest", the default).
 With prior preservation the class images are generated once, before the first run, and shared by all.
 
@@ -12,7 +12,7 @@ Then every snapshot and the base model are rendered with the evaluation spec (ca
 measured and drawn as one grid by `compare`: the base model's column (step 0), then each learning rate's
 steps side by side (rates in the order given), rows = prompts × seeds, each rate's suggested snapshot
 framed. The grid, its JSON sidecar (with the metrics, the suggestions and why) and the metrics plot are
-written to `<output_dir>/sweep-grid.png`, `sweep-grid.json` and `sweep-grid-metrics.png`.
+written to `<output_dir>/sweep-grid-<rates>-<steps>.png`, `.json` and `-metrics.png` (`grid_path`).
 """
 
 from __future__ import annotations
@@ -40,8 +40,19 @@ class SweepResult:
 
 
 def run_folder(output_dir, lr: float) -> Path:
-    """`<output_dir>/sweep/lr-5e-6`: where the sweep trains the run with learning rate `lr`."""
-    return Path(output_dir) / "sweep" / f"lr-{lr_label(lr)}"
+    """`<output_dir>/sweep/lr5e-6`: where the sweep trains the run with learning rate `lr`, named as training
+    runs are (`project.run_name`), so a run, its exports and its grid labels read the same wherever it was
+    trained. A sweep begun by an earlier version (`lr-5e-6`) goes on in its folder."""
+    earlier = Path(output_dir) / "sweep" / f"lr-{lr_label(lr)}"
+    return earlier if earlier.is_dir() else Path(output_dir) / "sweep" / f"lr{lr_label(lr)}"
+
+
+def grid_path(output_dir, *, lrs, save_at) -> Path:
+    """`<output_dir>/sweep-grid-lr5e-6_2e-6-steps400_800.png`: each sweep (its rates and steps) keeps its own
+    grid, a second sweep with other rates never overwrites the first's."""
+    rates = "_".join(lr_label(lr) for lr in lrs)
+    steps = "_".join(str(s) for s in save_at)
+    return Path(output_dir) / f"sweep-grid-lr{rates}-steps{steps}.png"
 
 
 def sweep(config, *, lrs=(5e-6, 2e-6), save_at=(400, 800, 1200), spec: EvalSpec | None = None, on_step=None,
@@ -78,7 +89,7 @@ def sweep(config, *, lrs=(5e-6, 2e-6), save_at=(400, 800, 1200), spec: EvalSpec 
 
     folders = [Path(run.output_dir) for run in runs]
     grid = compare({f"LR {lr_label(lr)}": folder for lr, folder in zip(lrs, folders)}, spec, steps=save_at,
-                   out=Path(config.output_dir) / "sweep-grid.png", device=device, judge=judge,
+                   out=grid_path(config.output_dir, lrs=lrs, save_at=save_at), device=device, judge=judge,
                    title=f"{config.subjects_label}: learning rate × steps")
     return SweepResult(grid=grid, sidecar=grid.with_suffix(".json"), runs=folders, lrs=lrs)
 

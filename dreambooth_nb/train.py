@@ -24,6 +24,7 @@ from .config import TrainConfig, changed_settings
 from .methods import method_for
 from .data import TrainingData
 from .ema import make_ema, step_ema, trained_names
+from .progress import report
 from .prompts import Prompts
 from .validation import MAX_IMAGES, Validation
 from .errors import ConfigError, TrainingStopped
@@ -309,6 +310,7 @@ def _train(config: TrainConfig, *, on_step, on_validation, progress_bar: bool, p
         accelerator.wait_for_everyone()
         if on_step is not None and main:
             on_step(step, history.losses[-1], lr)
+        report("training", step, config.max_train_steps)  # (a panel's Stop ends the run here, a state kept)
     bar.close()
     if disk.trash_bytes and main:
         print(disk.trash_note())

@@ -13,12 +13,13 @@ import contextvars
 import html
 import io
 import math
+import sys
 import time
-from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import quality
-from .config import MIXED_PRECISION, PRESETS, TrainConfig
+from .config import MIXED_PRECISION, PRESETS, TrainConfig, default_snapshot_steps
 from .errors import ConfigError, DreamboothError, TrainingStopped
 
 # --- Errors: the message, not a stack trace ----------------------------------------------------------
@@ -90,11 +91,6 @@ def parse_float_list(text, *, name: str = "learning rates") -> list[float]:
     if not values:
         raise ConfigError(f"{name}: the list is empty; write e.g. '5e-6, 2e-6'.")
     return values
-
-
-def default_snapshot_steps(max_steps: int) -> list[int]:
-    """Halfway and the end (the end is always saved): enough to see overfitting coming, light on disk."""
-    return [max_steps // 2] if max_steps >= 2 else []
 
 
 def adjust_snapshot_steps(text: str, *, old_steps: int, new_steps: int) -> tuple[str, str]:
@@ -230,13 +226,29 @@ def figure_png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def loss_plot_png(steps, losses, *, total: int | None = None, title: str = "", validation=()) -> bytes:
+def _moving_average(values: list[float], window: int) -> list[float]:
+    smooth, acc = [], 0.0
+    for i, value in enumerate(values):
+        acc += value
+        if i >= window:
+            acc -= values[i - window]
+        smooth.append(acc / min(i + 1, window))
+    return smooth
+
+
+def loss_plot_png(steps, losses, *, total: int | None = None, title: str = "", validation=(), others=()) -> bytes:
     """The training loss per step (light) and its moving average (dark) as a PNG, with the validation loss
-    at each snapshot (`validation.py`: on the photos, and on the class) as marked lines."""
+    at each snapshot (`validation.py`: on the photos, and on the class) as marked lines. `others`: finished
+    runs to draw beside it, (label, steps, losses) each, as their moving average (a sweep's earlier rates)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6.4, 2.8))
     ax = fig.add_subplot(1, 1, 1)
+    for number, (label, other_steps, other_losses) in enumerate(others):
+        if other_steps:
+            window = max(1, len(other_losses) // 20)
+            ax.plot(other_steps, _moving_average(other_losses, window), color=f"C{(number + 2) % 10}",
+                    linewidth=1.4, label=label)
     if steps:
         # Points are marked while there are few, so a first step shows; the moving average appears once it
         # averages something (it spans a 20th of the points, at least 2).
@@ -244,18 +256,14 @@ def loss_plot_png(steps, losses, *, total: int | None = None, title: str = "", v
                 marker="o" if len(steps) <= 30 else None, markersize=3)
         window = len(losses) // 20
         if window >= 2:
-            smooth, acc = [], 0.0
-            for i, value in enumerate(losses):
-                acc += value
-                if i >= window:
-                    acc -= losses[i - window]
-                smooth.append(acc / min(i + 1, window))
-            ax.plot(steps, smooth, color="#08519c", linewidth=1.6, label=f"average of {window} steps")
+            ax.plot(steps, _moving_average(losses, window), color="#08519c", linewidth=1.6,
+                    label=f"average of {window} steps")
         for half, colour, label in (("fit", "#e6550d", "validation: your photos"),
                                     ("prior", "#31a354", "validation: the class")):
             points = [(v["step"], v[half]) for v in validation if half in v]
             if points:
                 ax.plot(*zip(*points), color=colour, marker="D", markersize=4, linewidth=1.2, label=label)
+    if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="upper right", fontsize=8)
     ax.set_xlim(0, max(total or 0, steps[-1] if steps else 1))
     ax.set_xlabel("step")
@@ -293,16 +301,26 @@ def show_image(image, *, width: int | None = None) -> None:
 _TARGET: contextvars.ContextVar = contextvars.ContextVar("dreambooth_nb_output", default=None)
 
 
-class _StreamInto(io.TextIOBase):
-    """A text stream whose writes are appended to an Output widget as stdout or stderr."""
+class _Routed(io.TextIOBase):
+    """sys.stdout or sys.stderr while a panel writes into its Output widget: what the panel's own work writes
+    (its context holds the widget: `_TARGET`) goes into the widget; everything else goes where it went before.
+    A panel's action runs in a thread for minutes or hours: a cell run meanwhile must print into its own output,
+    not into the panel's log."""
 
-    def __init__(self, output, name: str):
-        self.append = output.append_stdout if name == "stdout" else output.append_stderr
+    def __init__(self, previous, name: str):
+        self.previous, self.name = previous, name
 
     def write(self, text: str) -> int:
+        target = _TARGET.get()
+        if target is None:
+            return self.previous.write(text)
         if text:
-            self.append(text)
+            (target.append_stdout if self.name == "stdout" else target.append_stderr)(text)
         return len(text)
+
+    def flush(self) -> None:
+        if _TARGET.get() is None:
+            self.previous.flush()
 
     def isatty(self) -> bool:
         return False
@@ -310,16 +328,23 @@ class _StreamInto(io.TextIOBase):
 
 @contextmanager
 def _into(output):
-    """Inside the block, prints and `show_*` images go into `output` (an Output widget), or, with None,
-    into the running cell as usual."""
+    """Inside the block (in this thread), prints and `show_*` images go into `output` (an Output widget), or,
+    with None, into the running cell as usual."""
     if output is None:
         yield
         return
     token = _TARGET.set(output)
+    routed = {name: _Routed(getattr(sys, name), name) for name in ("stdout", "stderr")}
+    for name, stream in routed.items():
+        setattr(sys, name, stream)
     try:
-        with redirect_stdout(_StreamInto(output, "stdout")), redirect_stderr(_StreamInto(output, "stderr")):
-            yield
+        yield
     finally:
+        # Put back what was there, unless another panel's action put its own on top meanwhile (it forwards to
+        # this one, which forwards to what was there before: nothing is lost either way).
+        for name, stream in routed.items():
+            if getattr(sys, name) is stream:
+                setattr(sys, name, stream.previous)
         _TARGET.reset(token)
 
 
@@ -372,38 +397,194 @@ class LiveLoss:
         self.losses = list((history or {}).get("losses", []))
         self.validation = list((history or {}).get("validation", []))
         self.title = title
-        self._t0 = time.monotonic()
-        self._first_step = self.steps[-1] if self.steps else 0
+        self._t0: float | None = None  # when the first step of this session ended (loading is not a step)
+        self._first_step = 0
         self._last_plot = 0.0
+
+    ESTIMATE_AFTER = 3
+    """Steps timed before the time left is shown: the first ones hold one-off work (kernels compiled, memory
+    allocated) and made the first estimate read "139.3 min left" for a 20-minute run."""
 
     def __call__(self, step: int, loss: float, lr: float) -> None:
         self.steps.append(step)
         self.losses.append(loss)
+        now = time.monotonic()
+        if self._t0 is None:
+            self._t0, self._first_step = now, step
         if self.progress is not None:
-            self.progress.value = step
+            self.progress.max, self.progress.value = self.total, step
         if self.status is not None:
             done = step - self._first_step
-            per_step = (time.monotonic() - self._t0) / max(done, 1)
-            eta = per_step * (self.total - step)
-            self.status.value = (f"step {step}/{self.total} · loss {loss:.4f} · lr {lr:.1e} · "
-                                 f"{per_step:.2f} s/step · {eta / 60:.1f} min left")
-        now = time.monotonic()
+            if done >= self.ESTIMATE_AFTER:
+                per_step = (now - self._t0) / done
+                speed = f"{per_step:.2f} s/step · {per_step * (self.total - step) / 60:.1f} min left"
+            else:
+                speed = "estimating the time left…"
+            self.status.value = f"step {step}/{self.total} · loss {loss:.4f} · lr {lr:.1e} · {speed}"
         if step == self.total or step % self.plot_every == 0 or now - self._last_plot > self.plot_seconds:
             self.redraw()
             self._last_plot = now
+
+    def png(self) -> bytes:
+        return loss_plot_png(self.steps, self.losses, total=self.total, title=self.title, validation=self.validation)
 
     def redraw(self) -> None:
         if self.plot is None or not self.steps:
             return
         from IPython.display import Image
 
-        _replace_outputs(self.plot, Image(data=loss_plot_png(self.steps, self.losses, total=self.total,
-                                                             title=self.title, validation=self.validation)))
+        _replace_outputs(self.plot, Image(data=self.png()))
 
     def validation_point(self, step: int, losses: dict) -> None:
         """`on_validation` for `train`: the validation losses of a snapshot, drawn at once."""
         self.validation.append({"step": step, **losses})
         self.redraw()
+
+
+# --- What a saved notebook shows without its kernel --------------------------------------------------------------
+class Fallback:
+    """A panel's static copy: what a saved notebook shows where the panel was once its kernel is gone, instead
+    of only "Error displaying widget: model not found" — the last status line and images (loss plot, samples,
+    grid), and how to get the controls back.
+
+    It is an ordinary HTML output under the panel, updated at the end of every action. While the panel is live,
+    a style inside the panel (`hider`) hides it, so nothing shows twice; without the kernel the panel and its
+    style are gone and the copy shows. Colab draws each output in a frame of its own, where the style cannot
+    reach: there the copy is left out.
+    """
+
+    CSS_CLASS = "dreambooth-nb-fallback"
+
+    def __init__(self, what: str):
+        self.what = what
+        self.handle = None
+        self.status, self.images = "", []
+
+    def hider(self):
+        import ipywidgets as widgets
+
+        return widgets.HTML(value=f"<style>.{self.CSS_CLASS} {{display: none !important;}}</style>")
+
+    def show(self) -> None:
+        from IPython.display import HTML, display
+
+        from .platform import COLAB, detect_platform
+
+        if detect_platform() != COLAB:
+            self.handle = display(HTML(self.html()), display_id=True)
+
+    def update(self, *, status: str, images=(), plots: bytes | None = None) -> None:
+        """The panel's state now: its status (HTML), image files, and PNG bytes of a plot."""
+        import base64
+
+        self.status = status
+        pngs = [*([plots] if plots else []), *(Path(path).read_bytes() for path in images)]
+        self.images = [base64.b64encode(data).decode() for data in pngs]
+        if self.handle is not None:
+            from IPython.display import HTML
+
+            self.handle.update(HTML(self.html()))
+
+    def html(self) -> str:
+        images = "".join(f"<img src='data:image/png;base64,{data}' style='max-width:100%'/>" for data in self.images)
+        return (f"<div class='{self.CSS_CLASS}'><p><i>The {self.what} needs its kernel: rerun this cell to get the "
+                f"controls back. What it showed last:</i></p><p>{self.status or 'Nothing run yet.'}</p>{images}</div>")
+
+
+# --- Long actions: a Stop button, one progress bar, the kernel free --------------------------------------------
+class Runner:
+    """How a panel runs its long action (Train, Draw, Run sweep) and lets it be stopped.
+
+    Started by the panel's button (`start`) the action runs in a thread of its own: the kernel stays free to
+    receive the Stop button's click, and its interrupt (■) stops the action too (`progress.stop_tasks_on_
+    interrupt`). Called from a cell or headless (`run`) it runs right there, and the kernel's interrupt stops
+    it the same way. Either way it ends at its next image or step (`progress.report`) with `Stopped`, which the
+    panel words as one message; its one progress bar follows every phase (training, generating, rendering,
+    measuring), and library progress bars stay out of the notebook.
+    """
+
+    def __init__(self, *, button, progress, status):
+        import ipywidgets as widgets
+
+        self.button, self.progress, self.status = button, progress, status
+        self.stop_button = widgets.Button(description="Stop", icon="stop", disabled=True,
+                                          tooltip="Stop at the next image or step (the kernel's ■ does the same)")
+        self.stop_button.on_click(lambda _button: self.stop())
+        self.task = None
+        self.thread = None
+
+    def _begin(self):
+        from .progress import Task
+
+        self.task = Task(on_progress=self._moved)
+        self.button.disabled, self.stop_button.disabled = True, False
+        return self.task
+
+    def _end(self) -> None:
+        self.button.disabled, self.stop_button.disabled = False, True
+
+    def run(self, work):
+        """`work()` here and now; what it returns. The kernel's interrupt stops it at its next report."""
+        import signal
+        import threading
+
+        from .progress import running
+
+        task = self._begin()
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: task.stop()) if main else None
+        try:
+            with running(task):
+                return work()
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, previous)
+            self._end()
+
+    def start(self, work) -> None:
+        """`work()` in a thread of its own (what a button's click runs); returns at once. `work` must say
+        its own errors: nothing may escape a thread into JupyterLab's log console."""
+        import threading
+
+        from .progress import running, stop_tasks_on_interrupt
+
+        stop_tasks_on_interrupt()
+        task = self._begin()
+
+        def target():
+            try:
+                with running(task):
+                    work()
+            except KeyboardInterrupt:  # a stop that `work` left unsaid: it ended, as asked
+                pass
+            finally:
+                self._end()
+
+        self.thread = threading.Thread(target=target, name="dreambooth-nb-panel", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        """What the Stop button does: the action ends at its next image or step."""
+        if self.task is not None and not self.task.stopping:
+            self.task.stop()
+            self.stop_button.disabled = True
+            self.status.value = "<i>Stopping at the next image or step…</i>"
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for an action started by `start` (tests; a script driving a panel)."""
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    @property
+    def busy(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def _moved(self, phase: str, done: int, total: int) -> None:
+        self.progress.max = max(1, total)
+        self.progress.value = min(done, total)
+        self.progress.description = phase.split()[0].capitalize()
+        if phase != "training":  # (training has its own status line: loss, speed, time left)
+            self.status.value = f"{html.escape(phase[0].upper() + phase[1:])}: {done} of {total}…"
 
 
 # --- The training panel ------------------------------------------------------------------------------------
@@ -422,17 +603,19 @@ unticks it (the person overrides the fit)."""
 class TrainingPanel:
     """Widgets for the settings that matter, a Train button, a progress bar, the loss plot and samples.
 
-    `panel.train()` is what the button runs; call it directly to train without a click (headless runs).
-    With `fit` (the "Fit to this GPU" box, on by default) the memory savers are the fastest that fit `gpu`
-    (None: the GPU here, a T4 where there is none; see `dreambooth_nb.fit`), re-chosen as settings change and
-    again when Train resumes a run, maybe on another GPU; setting a saver by hand unticks the box.
+    `panel.train()` is what the button runs, here and now (headless runs); `panel.start()` runs it as the button
+    does, in the background where a Stop button can stop it. While the "Fit to this GPU" box is ticked — as
+    notebook 1 chose (`config.fit_to_gpu`), unless `fit` says otherwise — the memory savers are the fastest that
+    fit `gpu` (None: the GPU here, a T4 where there is none; see `dreambooth_nb.fit`), re-chosen as settings
+    change and again when Train resumes a run, maybe on another GPU, never as large as what ran out of memory
+    there before; setting a saver by hand unticks the box.
     On a machine with several GPUs (Kaggle's 2×T4) a "GPUs" choice trains data-parallel on that many, all by
     default (`processes`: how many it offers; None: the visible GPUs, one on Colab); batch size is per GPU
     and the panel shows the effective batch, batch × accumulation × GPUs.
     """
 
     def __init__(self, config: TrainConfig, *, run_dir_for=None, sample_steps: int = 50, sample_seeds=(0, 1),
-                 fit: bool = True, gpu=None, processes: int | None = None):
+                 fit: bool | None = None, gpu=None, processes: int | None = None):
         import ipywidgets as widgets
 
         from .distributed import for_processes, visible_gpus
@@ -495,13 +678,17 @@ class TrainingPanel:
         self.button = widgets.Button(description="Train", button_style="primary", icon="play")
         self.progress = widgets.IntProgress(value=0, min=0, max=v["max_train_steps"], description="Progress",
                                             style=wide, layout=layout)
-        self.status = widgets.HTML(value="Ready: press Train.")
+        self.status = widgets.HTML(value="Ready: press Train (Stop, or the kernel's ■, stops at the next step; "
+                                         "Train again resumes).")
         self.plot = widgets.Output()
         self.log = widgets.Output()
         self.button.on_click(self._clicked)
+        self.runner = Runner(button=self.button, progress=self.progress, status=self.status)
+        self.fallback = Fallback("training panel")
         self.memory = widgets.HTML(value="")
-        self.fit_box = widgets.Checkbox(value=fit, description="Fit the memory savers to this GPU", style=wide,
-                                        layout=layout)
+        # (notebook 1's choice, saved in the config, unless a caller decides here)
+        self.fit_box = widgets.Checkbox(value=config.fit_to_gpu if fit is None else bool(fit),
+                                        description="Fit the memory savers to this GPU", style=wide, layout=layout)
         self.fit_note = widgets.HTML(value="")
         self._names = {id(widget): name for name, widget in self.fields.items()}
         self.fields["num_processes"].observe(self._gpus_changed, names="value")  # (before the re-fit below)
@@ -509,8 +696,10 @@ class TrainingPanel:
             widget.observe(self._settings_changed, names="value")
         self.fit_box.observe(self._fit_toggled, names="value")
         self.box = widgets.VBox([*self.fields.values(), self.batch_note, self.fit_box, self.fit_note, self.note,
-                                 self.memory,
-                                 self.button, self.progress, self.status, self.plot, self.log])
+                                 self.memory, widgets.HBox([self.button, self.runner.stop_button]), self.progress,
+                                 self.status, self.plot, self.log, self.fallback.hider()])
+        self.live: LiveLoss | None = None
+        self.samples: Path | None = None
         self._settings_changed()
 
     def _settings_changed(self, change=None) -> None:
@@ -600,12 +789,11 @@ class TrainingPanel:
         return config
 
     def _method_changed(self, change) -> None:
-        """LoRA needs ≈50× the learning rate of full fine-tuning: move the slider to the method's preset
-        rate (visibly; it can be moved again) and say so."""
-        lr = PRESETS["lora"]["learning_rate"] if change["new"] == "lora" else self.base.learning_rate \
-            if self.base.method == "full" else PRESETS["object"]["learning_rate"]
+        """LoRA needs ≈50× the learning rate of full fine-tuning: move the slider (visibly; it can be moved
+        again) and say where the rate comes from."""
+        lr, why = method_learning_rate(change["new"], base=self.base)
         self.fields["learning_rate"].value = lr
-        self.note.value = f"<i>Learning rate set to {lr:.0e}, the usual rate for {change['new']} training.</i>"
+        self.note.value = f"<i>Learning rate set to {lr:.0e}: {html.escape(why, quote=False)}.</i>"
 
     def _steps_changed(self, change) -> None:
         field = self.fields["snapshot_steps"]
@@ -626,41 +814,47 @@ class TrainingPanel:
         from IPython.display import display
 
         display(self.box)
+        self.fallback.show()
         return self
 
-    def _clicked(self, _button=None) -> None:
-        self.button.disabled = True
-        self.log.outputs = ()
-        try:
-            with _into(self.log):
-                try:
-                    self.train(output=self.log)
-                except DreamboothError as err:  # the message, not a traceback
-                    print(f"{type(err).__name__}: {err}")
-                except Exception:  # a bug: its traceback here, not in JupyterLab's log console where nobody looks
-                    import traceback
+    def start(self) -> None:
+        """Train as the button does: in the background, so that Stop works; headless, here and now."""
+        from .platform import is_headless
 
-                    traceback.print_exc()
-        finally:
-            self.button.disabled = False
+        if is_headless():
+            self.train()
+        else:
+            self._clicked()
+
+    def _clicked(self, _button=None) -> None:
+        """The Train button: training in a thread of its own (the kernel stays free for Stop)."""
+        self.log.outputs = ()
+        self.runner.start(lambda: _say_errors(self.log, lambda: self._train_and_say(output=self.log)))
 
     def train(self, *, output=None) -> Path:
-        """Train with the panel's settings (resuming if this run was interrupted), then show samples.
+        """Train with the panel's settings (resuming if this run was interrupted), then show samples: what the
+        Train button does, here and now (a cell, a headless run).
 
-        Stopping the kernel (Colab's Stop button) ends training with a `TrainingStopped` that says where the
-        run stopped and that Train resumes it, shown as one line like every other stop.
+        Stop, or the kernel's interrupt (Colab's stop button), ends training at the next step with a
+        `TrainingStopped` that says where the run stopped and that Train resumes it, as one line.
         """
+        return self.runner.run(lambda: self._train_and_say(output=output))
+
+    def _train_and_say(self, *, output=None) -> Path:
         try:
             return self._train(output=output)
-        except KeyboardInterrupt:
-            stopped = TrainingStopped(self._stopped_message())
+        except KeyboardInterrupt:  # (Stop, the kernel's interrupt: `progress.Stopped` is one)
+            stopped = TrainingStopped(self._stopped_message())  # (raised below: not chained to the interrupt)
+            self.status.value = _failure_html(stopped)
         except DreamboothError as err:
-            self.status.value = f"<b style='color:#c00'>Stopped:</b> {html.escape(str(err))}"
+            self.status.value = _failure_html(err)
             raise
         except Exception as err:  # not ours to word: the status must not keep saying "Loading…" or "step N"
             self.status.value = f"<b style='color:#c00'>Failed:</b> {html.escape(f'{type(err).__name__}: {err}')}"
             raise
-        self.status.value = f"<b style='color:#c00'>Stopped:</b> {html.escape(str(stopped))}"
+        finally:
+            self.fallback.update(status=self.status.value, images=[self.samples] if self.samples else [],
+                                 plots=self.live.png() if self.live is not None and self.live.steps else None)
         raise stopped
 
     def _stopped_message(self) -> str:
@@ -689,10 +883,15 @@ class TrainingPanel:
             history = {key: saved.get(key, []) for key in ("steps", "losses", "validation")}
         self.progress.max = config.max_train_steps
         self.progress.value = history["steps"][-1] if history and history["steps"] else 0
-        live = LiveLoss(total=config.max_train_steps, progress=self.progress, status=self.status, plot=self.plot,
-                        plot_every=max(1, config.max_train_steps // 20), history=history,
-                        title=f"{Path(config.output_dir).name}: lr {config.learning_rate:.1e}")
+        self.live = live = LiveLoss(total=config.max_train_steps, progress=self.progress, status=self.status,
+                                    plot=self.plot, plot_every=max(1, config.max_train_steps // 20), history=history,
+                                    title=f"{Path(config.output_dir).name}: lr {config.learning_rate:.1e}")
+        self.samples = None
         print(f"Run folder: {config.output_dir}")
+        subjects = config.subjects()
+        if len(subjects) > 1:  # (they take turns in every batch: one run learns them all)
+            print(f"Training {len(subjects)} subjects together: " + "; ".join(s.instance_prompt for s in subjects))
+            self.status.value = f"Loading the model and the photos of {len(subjects)} subjects…"
         if self.fit_box.value and self.fit_report is not None:
             print("\n".join([self.fit_report.headline(), *self.fit_report.resumed]))
         final = train(config, num_processes=config.num_processes, on_step=live, on_validation=live.validation_point,
@@ -708,6 +907,8 @@ class TrainingPanel:
         self.status.value = f"Trained {config.max_train_steps} steps; rendering sample images…"
         with _into(output):
             self.show_samples(config, final)
+        self.progress.description, self.progress.max = "Done", config.max_train_steps
+        self.progress.value = config.max_train_steps
         self.status.value = f"Done: {config.max_train_steps} steps. Final snapshot: {final}"
         return final
 
@@ -718,8 +919,46 @@ class TrainingPanel:
         # The subject and its class only: new contexts are notebook 4's job (and each prompt costs ~7 s on a T4).
         spec = EvalSpec.for_config(config, contexts=(), seeds=self.sample_seeds, num_inference_steps=self.sample_steps)
         print(f"Samples from {snapshot.name} (DDIM, {spec.num_inference_steps} steps):")
-        show_rendered(render(snapshot, spec), path=render_dir(snapshot) / f"samples-{spec.key()}.png",
-                      title=f"{snapshot.name}: DDIM, {spec.num_inference_steps} steps, guidance {spec.guidance_scale:g}")
+        self.samples = show_rendered(render(snapshot, spec), path=render_dir(snapshot) / f"samples-{spec.key()}.png",
+                                     title=f"{snapshot.name}: DDIM, {spec.num_inference_steps} steps, guidance "
+                                           f"{spec.guidance_scale:g}")
+
+
+def method_learning_rate(method: str, *, base: TrainConfig) -> tuple[float, str]:
+    """The learning rate a switch to `method` sets, and where it comes from: back to notebook 1's rate when it
+    was set for that method, else the preset's (LoRA's; full fine-tuning: the object preset's, faces lower)."""
+    if base.method == method:
+        return base.learning_rate, f"back to the rate notebook 1 set for {_METHOD_NAMES[method]}"
+    if method == "lora":
+        return PRESETS["lora"]["learning_rate"], "the LoRA preset's rate (diffusers' Dreambooth LoRA example)"
+    return (PRESETS["object"]["learning_rate"],
+            f"the object preset's rate for full fine-tuning (the study; faces: {PRESETS['face']['learning_rate']:.0e})")
+
+
+_METHOD_NAMES = {"full": "full fine-tuning", "lora": "LoRA"}
+
+
+def _say_errors(log, work) -> None:
+    """Run a button's `work` with its prints in `log`: our errors as their message, a bug with its traceback
+    there — never in JupyterLab's log console, where nobody looks (a thread's exception would land there)."""
+    with _into(log):
+        try:
+            work()
+        except DreamboothError as err:  # the message, not a traceback
+            print(f"{type(err).__name__}: {err}")
+        except Exception:
+            import traceback
+
+            traceback.print_exc()
+
+
+def _failure_html(err: DreamboothError) -> str:
+    """The status line of a panel whose action ended early: "Stopped" for a stop, "Error" for a setting or a
+    file to fix."""
+    from .errors import ActionStopped
+
+    label = "Stopped" if isinstance(err, (TrainingStopped, ActionStopped)) else "Error"
+    return f"<b style='color:#c00'>{label}:</b> {html.escape(str(err))}"
 
 
 def with_savers_of(base: TrainConfig, config: TrainConfig) -> TrainConfig:
@@ -785,69 +1024,124 @@ def grid_axes(columns: str) -> tuple:
 
 
 class ComparePanel:
-    """Scheduler, inference steps and layout widgets plus a Draw button over `compare`; `draw()` draws now."""
+    """Scheduler, inference steps, guidance and layout widgets, a Draw button and a Stop button over `compare`.
 
-    def __init__(self, runs: dict, spec, *, out_dir, columns: str = "step", title: str | None = None):
+    `runs`: {name: run folder}, or a function giving them (`project.select_runs`), asked again at every Draw so
+    that a run trained since is drawn too. `draw()` draws here and now (a cell); `start()` draws as the button
+    does, in the background, where a person can press Stop (headless: here and now).
+    """
+
+    def __init__(self, runs, spec, *, out_dir, columns: str = "step", title: str | None = None):
         import ipywidgets as widgets
 
-        self.runs, self.base_spec, self.out_dir, self.title = runs, spec, Path(out_dir), title
-        style = {"description_width": "150px"}
+        self.runs_for = runs if callable(runs) else (lambda: runs)
+        self.base_spec, self.out_dir, self.title = spec, Path(out_dir), title
+        style, layout = {"description_width": "150px"}, widgets.Layout(width="520px")
+        # (wide enough for "DDIM (recommended)": the default width cut it to "DDIM (recommende")
         self.scheduler = widgets.Dropdown(options=SCHEDULER_CHOICES, value=spec.scheduler, description="Scheduler",
-                                          style=style)
+                                          style=style, layout=layout)
         self.steps = widgets.IntSlider(value=spec.num_inference_steps, min=min(10, spec.num_inference_steps),
                                        max=max(150, spec.num_inference_steps), step=5, description="Inference steps",
-                                       continuous_update=False, style=style)
-        self.columns = widgets.Dropdown(options=COLUMN_CHOICES, value=columns, description="Columns", style=style)
+                                       continuous_update=False, style=style, layout=layout)
+        self.guidance = widgets.FloatSlider(value=spec.guidance_scale, min=1.0, max=max(15.0, spec.guidance_scale),
+                                            step=0.5, description="Guidance", continuous_update=False, style=style,
+                                            layout=layout)
+        self.columns = widgets.Dropdown(options=COLUMN_CHOICES, value=columns, description="Columns", style=style,
+                                        layout=layout)
         self.button = widgets.Button(description="Draw", button_style="primary", icon="th")
+        self.progress = widgets.IntProgress(value=0, min=0, max=1, description="Progress", style=style,
+                                            layout=layout)
+        self.status = widgets.HTML(value="Ready: press Draw.")
         self.output = widgets.Output()  # what was drawn, where it was saved (or the error)
         self.view = widgets.Output()  # the grid: one at a time, replaced by each Draw
         self.button.on_click(self._clicked)
-        self.box = widgets.VBox([self.scheduler, self.steps, self.columns, self.button, self.output, self.view])
+        self.runner = Runner(button=self.button, progress=self.progress, status=self.status)
+        self.fallback = Fallback("comparison panel")
+        self.box = widgets.VBox([self.scheduler, self.steps, self.guidance, self.columns,
+                                 widgets.HBox([self.button, self.runner.stop_button]), self.progress, self.status,
+                                 self.output, self.view, self.fallback.hider()])
         self.grid: Path | None = None
 
     def spec(self):
-        return self.base_spec.replace(scheduler=self.scheduler.value, num_inference_steps=int(self.steps.value))
+        return self.base_spec.replace(scheduler=self.scheduler.value, num_inference_steps=int(self.steps.value),
+                                      guidance_scale=float(self.guidance.value))
 
     def show(self) -> "ComparePanel":
         from IPython.display import display
 
         display(self.box)
+        self.fallback.show()
         return self
 
     def draw(self) -> Path:
-        """Draw the grid with the panel's settings into the panel (replacing the last one); return its PNG."""
-        from IPython.display import Image
+        """Draw the grid with the panel's settings into the panel (replacing the last one); return its PNG. The
+        kernel's interrupt stops it at the next image (rendered images are kept: drawing again goes on)."""
+        return self.runner.run(self._draw_and_say)
+
+    def start(self) -> None:
+        """Draw as the Draw button does: in the background, so that Stop works; headless, here and now."""
+        from .platform import is_headless
+
+        if is_headless():
+            self.draw()
+        else:
+            self._clicked()
+
+    def _clicked(self, _button=None) -> None:
+        self.output.outputs = ()
+        self.runner.start(lambda: _say_errors(self.output, self._draw_and_say))
+
+    def _draw_and_say(self) -> Path:
+        from .errors import ActionStopped
+
+        try:
+            return self._draw()
+        except KeyboardInterrupt:  # (Stop, the kernel's interrupt)
+            stopped = ActionStopped("Drawing stopped; the images rendered so far are kept (cached), so Draw goes "
+                                    "on from there.")
+        except DreamboothError as err:
+            self.status.value = _failure_html(err)
+            self.fallback.update(status=self.status.value)
+            raise
+        self.status.value = _failure_html(stopped)
+        self.fallback.update(status=self.status.value)
+        raise stopped
+
+    def _draw(self) -> Path:
+        from IPython.display import HTML, Image
 
         from .compare import compare
 
         rows, cols = grid_axes(self.columns.value)
         spec = self.spec()
+        runs = self.runs_for()
         sampler = f"{spec.scheduler.upper()}, {spec.num_inference_steps} steps, guidance {spec.guidance_scale:g}"
         self.output.outputs = ()
+        if self.grid is not None:  # the last grid stays visible, said to be the last one, until the new one is ready
+            _replace_outputs(self.view, HTML("<i>Drawing a new grid; below, the previous one.</i>"),
+                             Image(filename=str(self.grid)))
+        self.status.value = f"Drawing {len(runs)} run(s) with {html.escape(sampler)}…"
         with _into(self.output):
-            print(f"{len(self.runs)} run(s): {', '.join(self.runs)}; {sampler}, seeds {spec.seeds}. Rendered "
+            print(f"{len(runs)} run(s): {', '.join(runs)}; {sampler}, seeds {spec.seeds}. Rendered "
                   "images are cached: redrawing with the same settings is instant.")
             title = f"{self.title} · {sampler}" if self.title else sampler
-            self.grid = compare(self.runs, spec, rows=rows, cols=cols, out=self.out_dir, title=title)
+            self.grid = compare(runs, spec, rows=rows, cols=cols, out=self.out_dir, title=title)
             print(f"Saved {self.grid} (+ {self.grid.with_suffix('.json').name})")
             report, plot = quality.read(self.grid)
             print(quality.summary(report))
-        _replace_outputs(self.view, Image(filename=str(self.grid)), *([Image(filename=str(plot))] if plot else []))
+        images = [self.grid, *([plot] if plot else [])]
+        _replace_outputs(self.view, *(Image(filename=str(path)) for path in images))
+        self.progress.description, self.progress.value = "Done", self.progress.max
+        self.status.value = f"Done: {html.escape(self.grid.name)} ({len(runs)} run(s), {html.escape(sampler)})."
+        self.fallback.update(status=self.status.value, images=images)
         return self.grid
-
-    def _clicked(self, _button=None) -> None:
-        self.button.disabled = True
-        try:
-            self.draw()
-        except DreamboothError as err:
-            with _into(self.output):
-                print(f"{type(err).__name__}: {err}")
-        finally:
-            self.button.disabled = False
 
 
 class SweepPanel:
-    """Learning-rate and step lists plus a Run button over `sweep`; `run()` is what the button does."""
+    """Learning-rate and step lists, a Run button and a Stop button over `sweep`; `run()` is what the button
+    does, here and now; `start()` runs it as the button does (in the background; headless, here and now).
+    The loss plot shows every rate of the sweep; the panel shows the latest sweep's grid, each sweep keeping
+    its own file (`sweep.grid_path`)."""
 
     def __init__(self, config: TrainConfig, *, lrs, save_at, spec=None, sweep_dir_for=None):
         import ipywidgets as widgets
@@ -861,12 +1155,17 @@ class SweepPanel:
         self.button = widgets.Button(description="Run sweep", button_style="primary", icon="play")
         self.progress = widgets.IntProgress(value=0, min=0, max=1, description="Progress", style=style,
                                             layout=layout)
-        self.status = widgets.HTML(value="Ready: press Run sweep.")
+        self.status = widgets.HTML(value="Ready: press Run sweep (Stop, or the kernel's ■, stops at the next step "
+                                         "or image; Run sweep again goes on).")
         self.plot = widgets.Output()
-        self.output = widgets.Output()
+        self.output = widgets.Output()  # this sweep's log, cleared at each run
+        self.view = widgets.Output()  # the latest sweep's grid and metrics plot
         self.button.on_click(self._clicked)
-        self.box = widgets.VBox([self.lrs, self.save_at, self.button, self.progress, self.status, self.plot,
-                                 self.output])
+        self.runner = Runner(button=self.button, progress=self.progress, status=self.status)
+        self.fallback = Fallback("sweep panel")
+        self.box = widgets.VBox([self.lrs, self.save_at, widgets.HBox([self.button, self.runner.stop_button]),
+                                 self.progress, self.status, self.plot, self.output, self.view,
+                                 self.fallback.hider()])
         self.result = None
 
     def values(self) -> tuple[list[float], list[int]]:
@@ -877,49 +1176,115 @@ class SweepPanel:
         from IPython.display import display
 
         display(self.box)
+        self.fallback.show()
         return self
 
     def run(self, *, output=None):
-        from .sweep import sweep
+        """Run the sweep here and now (a cell, a headless run); the kernel's interrupt stops it at the next step
+        or image (trained steps are kept as states; running it again goes on)."""
+        return self.runner.run(lambda: self._run_and_say(output=output))
+
+    def start(self) -> None:
+        """Run as the button does: in the background, so that Stop works; headless, here and now."""
+        from .platform import is_headless
+
+        if is_headless():
+            self.run()
+        else:
+            self._clicked()
+
+    def _clicked(self, _button=None) -> None:
+        self.output.outputs = ()
+        self.runner.start(lambda: _say_errors(self.output, lambda: self._run_and_say(output=self.output)))
+
+    def _run_and_say(self, *, output=None):
+        from .errors import ActionStopped
+
+        try:
+            return self._run(output=output)
+        except KeyboardInterrupt:  # (Stop, the kernel's interrupt)
+            stopped = ActionStopped("Sweep stopped; every run keeps its last saved state and the images rendered "
+                                    "so far (cached), so Run sweep goes on from there.")
+        except DreamboothError as err:
+            self.status.value = _failure_html(err)
+            self.fallback.update(status=self.status.value)
+            raise
+        self.status.value = _failure_html(stopped)
+        self.fallback.update(status=self.status.value)
+        raise stopped
+
+    def _run(self, *, output=None):
+        from IPython.display import Image
+
+        from .sweep import run_folder, sweep
 
         lrs, save_at = self.values()
         config = self.base
         if self.sweep_dir_for is not None:
             config = config.replace(output_dir=str(self.sweep_dir_for(config)))
         total = max(save_at)
-        self.progress.max = total
         live = _RunsLoss(total=total, progress=self.progress, status=self.status, plot=self.plot,
-                         plot_every=max(1, total // 10))
+                         plot_every=max(1, total // 10),
+                         finished=_finished_losses({f"lr {lr:.1e}": run_folder(config.output_dir, lr) for lr in lrs}))
         with _into(output):
             print(f"Sweep: learning rates {lrs} × snapshots at steps {save_at} into {config.output_dir}")
             self.result = sweep(config, lrs=lrs, save_at=save_at, spec=self.spec, on_step=live)
             print(f"Saved {self.result.grid}")
-            show_image(self.result.grid)
             report, plot = quality.read(self.result.grid)
             print(quality.summary(report))
-            if plot:
-                show_image(plot)
+        live.redraw()
+        images = [self.result.grid, *([plot] if plot else [])]
+        _replace_outputs(self.view, *(Image(filename=str(path)) for path in images))
+        self.progress.description, self.progress.value = "Done", self.progress.max
+        self.status.value = (f"Done: {len(lrs)} learning rate(s) × {len(save_at)} step(s); grid "
+                             f"{html.escape(self.result.grid.name)}.")
+        self.fallback.update(status=self.status.value, images=[*images], plots=live.png())
         return self.result
 
-    def _clicked(self, _button=None) -> None:
-        self.button.disabled = True
+
+def _finished_losses(runs: dict) -> dict:
+    """{label: (steps, losses)} of the runs that finished before (their history.json), for the sweep's plot."""
+    import json
+
+    from .storage import list_snapshots
+
+    found = {}
+    for label, folder in runs.items():
+        history = Path(folder) / "history.json"
         try:
-            with _into(self.output):
-                try:
-                    self.run()
-                except DreamboothError as err:
-                    self.status.value = f"<b style='color:#c00'>Stopped:</b> {err}"
-                    print(f"{type(err).__name__}: {err}")
-        finally:
-            self.button.disabled = False
+            if history.is_file() and list_snapshots(folder):
+                saved = json.loads(history.read_text())
+                found[label] = (list(saved.get("steps", [])), list(saved.get("losses", [])))
+        except (OSError, ValueError):
+            continue
+    return found
 
 
 class _RunsLoss(LiveLoss):
-    """LiveLoss over several runs in a row: a step lower than the last one starts a new curve."""
+    """LiveLoss over several runs in a row (a sweep): a step lower than the last one starts a new curve, and
+    the runs before stay in the plot, each as its moving average (`finished`: runs done before this session)."""
+
+    def __init__(self, *, finished: dict | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.finished = dict(finished or {})
 
     def __call__(self, step: int, loss: float, lr: float) -> None:
-        if self.steps and step <= self.steps[-1]:
+        label = f"lr {lr:.1e}"
+        if self.steps and (step <= self.steps[-1] or label != self.title):
+            self.finished[self.title] = (self.steps, self.losses)
             self.steps, self.losses, self.validation = [], [], []
-            self._t0, self._first_step = time.monotonic(), step - 1
-        self.title = f"lr {lr:.1e}"
+            self._t0 = None
+        self.finished.pop(label, None)  # (a run resumed: its curve is the live one now)
+        self.title = label
         super().__call__(step, loss, lr)
+
+    def png(self) -> bytes:
+        return loss_plot_png(self.steps, self.losses, total=self.total, title=self.title, validation=self.validation,
+                             others=[(label, *curve) for label, curve in self.finished.items()])
+
+    def redraw(self) -> None:
+        if self.plot is None or not (self.steps or self.finished):
+            return
+        from IPython.display import Image
+
+        _replace_outputs(self.plot, Image(data=self.png()))

@@ -37,7 +37,8 @@ if HOSTED and importlib.util.find_spec("dreambooth_nb") is None:
 # **face** = learning rate 1e-6, 1200 steps, batch 2, with prior preservation. Memory: fp16 (bf16 where the
 # GPU has it) and cached latents always; `FIT_TO_GPU` then lets the memory plan choose the other savers
 # (gradient checkpointing, batch or accumulation, 8-bit Adam): the fastest that fit this GPU, never changing
-# what is trained. Off, every saver stays on (the fixed 16 GB profile, for a T4 or P100 whatever GPU is here).
+# what is trained. Off, every saver stays on (the fixed 16 GB profile, for a T4 whatever GPU is here). The
+# choice is saved with the settings: notebook 3's panel follows it (its box can still change it there).
 # `METHOD = "lora"` trains LoRA adapters instead (learning rate 1e-4, diffusers' LoRA example): 3 MB
 # snapshots that load in AUTOMATIC1111 and ComfyUI, less memory, faster steps.
 # A rare token like `sks` is not required: "a photo of Bob's mug" works too. 0 means "the preset's value".
@@ -55,9 +56,8 @@ HF_LOGIN = False  #@param {type:"boolean"}
 PRESET = "object"  #@param ["object", "face"]
 #@markdown `full` fine-tunes the whole model (the study's method); `lora` trains small adapters (3 MB snapshots, learning rate 1e-4).
 METHOD = "full"  #@param ["full", "lora"]
-#@markdown Fit the memory savers to this GPU (off: every saver on, the 16 GB profile).
+#@markdown Fit the memory savers to the GPU (off: every saver on, the 16 GB profile). Saved; notebook 3 follows it.
 FIT_TO_GPU = True  #@param {type:"boolean"}
-MEMORY_16GB = None  # the earlier name of FIT_TO_GPU, still accepted: True fits, False turns every saver off
 INSTANCE_PROMPT = "a photo of sks dog"  #@param {type:"string"}
 CLASS_PROMPT = "a photo of a dog"  #@param {type:"string"}
 PRIOR_PRESERVATION = "preset"  #@param ["preset", "on", "off"]
@@ -124,12 +124,12 @@ for folder, prompt, *_ in [(instance_dir, INSTANCE_PROMPT), *CONCEPTS]:
 
 # %% [markdown]
 # ## Save the settings
-# Written to `PROJECT_DIR/config.json`; notebooks 2–5 read it. Change a setting above and rerun this cell
-# to update it.
+# Written to `PROJECT_DIR/config.json`; notebooks 2–6 read it. Change a setting above and rerun this cell
+# to update it. Snapshots: one halfway and one at the end (notebook 3 can add more).
 
 # %%
 config, fitted = projects.setup_config(
-    project, kind=PRESET, method=METHOD, fit_to_gpu=FIT_TO_GPU, memory_16gb=MEMORY_16GB, model=MODEL_ID,
+    project, kind=PRESET, method=METHOD, fit_to_gpu=FIT_TO_GPU, model=MODEL_ID,
     instance_dir=instance_dir, instance_prompt=INSTANCE_PROMPT, class_prompt=CLASS_PROMPT,
     prior_preservation=PRIOR_PRESERVATION, num_class_images=NUM_CLASS_IMAGES, resolution=resolution,
     learning_rate=LEARNING_RATE, max_steps=MAX_STEPS, concepts=CONCEPTS, with_report=True)

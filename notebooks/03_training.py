@@ -38,15 +38,19 @@ if HOSTED and importlib.util.find_spec("dreambooth_nb") is None:
 # turn noisy and look like copies of your photos. Training the text encoder gives better results but needs
 # about 1 GB more; EMA made no clear difference. 0 / empty keep notebook 1's values.
 #
-# `FIT_TO_GPU` ticks the panel's "Fit the memory savers to this GPU": gradient checkpointing, batch or
-# accumulation and 8-bit Adam become the fastest that fit the GPU of this runtime (the same effective batch, the
-# same training), re-chosen when a run resumes on another GPU; set a saver by hand to override it.
+# The panel's "Fit the memory savers to this GPU" starts as notebook 1's `FIT_TO_GPU` saved it: gradient
+# checkpointing, batch or accumulation and 8-bit Adam become the fastest that fit the GPU of this runtime (the
+# same effective batch, the same training), re-chosen when a run resumes on another GPU and never as large as
+# what ran out of memory there before; set a saver by hand to override it.
 #
 # On a runtime with several GPUs (Kaggle's 2×T4) the panel shows **GPUs**: training runs data-parallel on
 # that many (all by default; batch size is per GPU) and the panel shows the effective batch.
 #
 # `TRAIN_NOW` starts training when the cell runs, without the button. It is automatic when the notebook
 # runs headless (papermill, nbclient, CI), where nobody can click.
+#
+# **Stopping:** the panel's **Stop** button (or the kernel's ■ interrupt) ends training at the next step,
+# with one line saying which state is kept; **Train** again resumes from it, as after a Colab disconnect.
 
 # %% tags=["parameters"]
 #@title Settings { display-mode: "form" }
@@ -59,7 +63,6 @@ SNAPSHOT_STEPS = ""  #@param {type:"string"}
 SAMPLE_INFERENCE_STEPS = 50  #@param {type:"slider", min:10, max:150, step:5}
 #@markdown Save the full training state every N steps, so a disconnect loses at most N steps (0: automatic, every 100 steps where the disk allows it).
 CHECKPOINTING_STEPS = 0  #@param {type:"integer"}
-FIT_TO_GPU = True  #@param {type:"boolean"}
 TRAIN_NOW = False  #@param {type:"boolean"}
 
 # %%
@@ -80,7 +83,6 @@ config = ui.apply_parameters(project.load_config(), learning_rate=LEARNING_RATE,
 # (on this GPU or another) resumes, re-fitted within what may change on resume, and the log says so.
 
 # %%
-panel = ui.TrainingPanel(config, run_dir_for=project.run_dir_for, sample_steps=SAMPLE_INFERENCE_STEPS,
-                         fit=FIT_TO_GPU).show()
+panel = ui.TrainingPanel(config, run_dir_for=project.run_dir_for, sample_steps=SAMPLE_INFERENCE_STEPS).show()
 if TRAIN_NOW or platform.is_headless():
-    panel.train()  # exactly what the Train button does
+    panel.start()  # exactly what the Train button does (headless: here, the cell waits for it)

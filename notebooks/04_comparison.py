@@ -60,7 +60,7 @@ ui.show_errors_as_messages()  # our errors show as one message, not a stack trac
 platform.use_hf_token()  # a token in HF_TOKEN or a Colab/Kaggle secret, for gated models; never shown
 project = projects.open_project(PROJECT_DIR, create=False)
 config = project.load_config()
-runs = project.select_runs(RUNS)
+project.select_runs(RUNS)  # (a misspelt name stops here, with the runs there are)
 spec = EvalSpec.for_config(config, contexts=[c.strip() for c in CONTEXTS.split(";") if c.strip()],
                            seeds=ui.parse_int_list(SEEDS, name="SEEDS", allow_zero=True), scheduler=SCHEDULER,
                            num_inference_steps=INFERENCE_STEPS, guidance_scale=GUIDANCE)
@@ -69,9 +69,11 @@ spec = EvalSpec.for_config(config, contexts=[c.strip() for c in CONTEXTS.split("
 # ## The grid, the metrics and the suggested snapshot
 # Drawn at once with the settings above and saved as PNG (with a JSON file listing every cell, the metrics
 # and the suggestion) in `PROJECT_DIR/comparisons`, with the metrics plotted against steps (one line per
-# run). Change the scheduler or the steps in the panel and press **Draw** to redraw.
+# run). Change the scheduler, the steps or the guidance in the panel and press **Draw** to redraw: runs trained
+# since are drawn too. **Stop** (or the kernel's ■) ends a drawing at the next image; the images rendered so
+# far are kept, so Draw goes on from there.
 
 # %%
-panel = ui.ComparePanel(runs, spec, out_dir=project.comparisons_dir, columns=COLUMNS,
+panel = ui.ComparePanel(lambda: project.select_runs(RUNS), spec, out_dir=project.comparisons_dir, columns=COLUMNS,
                         title=config.subjects_label).show()
-grid = panel.draw()
+panel.start()  # the first grid, as Draw makes it (headless: here, the cell waits for it)

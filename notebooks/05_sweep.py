@@ -64,10 +64,12 @@ spec = EvalSpec.for_config(config, contexts=[c.strip() for c in CONTEXTS.split("
 
 # %% [markdown]
 # ## Run the sweep
-# Runs go to `PROJECT_DIR/sweeps`; notebook 4 can compare them with your other runs too.
+# Runs go to `PROJECT_DIR/sweeps/sweep/lr2e-6`, … (named as notebook 3's runs are), each sweep's grid to its own
+# file there (`sweep-grid-lr5e-6_2e-6-steps400_800_1200.png`); notebook 4 can compare the runs with your other
+# runs too. **Stop** (or the kernel's ■) ends the sweep at the next step or image; Run sweep again goes on.
 
 # %%
 panel = ui.SweepPanel(config, lrs=LEARNING_RATES, save_at=SAVE_AT, spec=spec,
                       sweep_dir_for=project.sweep_dir_for).show()
 if RUN_NOW or platform.is_headless():
-    result = panel.run()  # exactly what the Run sweep button does
+    panel.start()  # exactly what the Run sweep button does (headless: here, the cell waits for it)

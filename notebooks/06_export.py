@@ -16,7 +16,8 @@
 # Take the model out of the suite: one `.safetensors` file in the original Stable Diffusion layout, the file
 # AUTOMATIC1111 and ComfyUI load, written into `PROJECT_DIR/exports` (on Drive on Colab). Optionally, push
 # the model to the Hugging Face Hub as well: a **private** repository by default, with a model card and your
-# samples. Pick the snapshot notebook 4 showed you looked best; by default the last one of your run.
+# samples. By default the snapshot notebook 4 suggested for your run (★ in its grid), else its last one; set
+# `STEP` to take another.
 
 # %%
 #@title Install (Colab and Kaggle only; keeps the preinstalled torch)
@@ -33,9 +34,10 @@ if HOSTED and importlib.util.find_spec("dreambooth_nb") is None:
 
 # %% [markdown]
 # ## Settings
-# `RUN` is a run as notebook 4 names it (`lr2e-6`, `sweeps/lr-5e-06`); empty means the run of your project
-# settings, the one notebook 3 trained. `STEP` picks its snapshot (0: the last). fp16 (`HALF`) halves the
-# file — 2.1 GB for SD 1.5 — and is what AUTOMATIC1111 and ComfyUI compute in anyway.
+# `RUN` is a run folder as notebook 4 lists them (`lr2e-6`, `lr1e-4-lora`, a sweep's `sweeps/lr5e-6`); empty
+# means the run of your project settings, the one notebook 3 trained. `STEP` picks its snapshot (0: the one
+# notebook 4 suggested, else the last). fp16 (`HALF`) halves the file — 2.1 GB for SD 1.5 — and is what
+# AUTOMATIC1111 and ComfyUI compute in anyway.
 #
 # To push to the Hub, add a Hugging Face token **with write access** as a secret named `HF_TOKEN` (Colab: the
 # key icon; Kaggle: Add-ons > Secrets) and set `REPO_ID` to `your-name/model-name`.

@@ -348,7 +348,8 @@ def test_the_panel_refits_a_resumed_run_and_the_log_says_so(make_config, capsys)
                         cache_latents=True, gradient_accumulation_steps=2)
     train_module.train(saved)
     assert previous_run(saved.replace(max_train_steps=4)) is not None
-    panel = ui.TrainingPanel(saved.replace(max_train_steps=4), sample_steps=2, sample_seeds=(0,), gpu="T4")
+    panel = ui.TrainingPanel(saved.replace(max_train_steps=4, fit_to_gpu=True), sample_steps=2, sample_seeds=(0,),
+                             gpu="T4")
     assert panel.fit_box.value and panel.values()["gradient_checkpointing"] is False
     assert (panel.values()["train_batch_size"], panel.values()["use_8bit_adam"]) == (2, True)
     assert "Resuming, re-fitted to T4: gradient checkpointing off (was on); batch 2 × 1" in panel.fit_note.value

@@ -86,7 +86,7 @@ class Suite:
         p = str(self.project)
         self.parameters = {
             "01_setup": dict(PROJECT_DIR=p, MODEL_ID=str(model), UPLOAD_PHOTOS=False, HF_LOGIN=True,
-                             PRESET="object", MEMORY_16GB=True, INSTANCE_PROMPT="a photo of sks dog",
+                             PRESET="object", FIT_TO_GPU=True, INSTANCE_PROMPT="a photo of sks dog",
                              CLASS_PROMPT="a photo of a dog", PRIOR_PRESERVATION="on", NUM_CLASS_IMAGES=3,
                              RESOLUTION=32, LEARNING_RATE=1e-4, MAX_STEPS=6),
             "02_class_images": dict(PROJECT_DIR=p),
@@ -185,11 +185,12 @@ def test_01_setup_writes_the_project_config(suite):
     assert "4 usable, 0 skipped" in text
     html = "".join(o.get("data", {}).get("text/html", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "Memory plan" in html and "on T4" in html  # the plan of the saved settings (no GPU here: a T4)
-    # MEMORY_16GB=True, the earlier name of FIT_TO_GPU: the 16 GB profile fitted to the GPU, which (a T4 for the
-    # tiny model) needs none of its savers; the report says which it turned off and why.
+    # FIT_TO_GPU: the 16 GB profile fitted to the GPU, which (a T4 for the tiny model) needs none of its savers;
+    # the report says which it turned off and why, and the choice is saved for notebook 3's panel.
     assert "Memory savers" in html and "Fitted to T4: gradient checkpointing off, batch 4 × 1, Adam 32-bit" in html
     assert (config["gradient_checkpointing"], config["train_batch_size"], config["gradient_accumulation_steps"],
             config["use_8bit_adam"], config["cache_latents"]) == (False, 4, 1, False, True)
+    assert config["fit_to_gpu"] is True and config["snapshot_steps"] == [3]  # (what notebook 3's panel starts from)
     assert "Hugging Face token from the HF_TOKEN environment variable is set" in text
     assert has_image(nb)  # the thumbnail grid
 
@@ -231,7 +232,7 @@ def test_03_interactive_rerun_waits_for_the_button_which_resumes(suite):
     run = suite.project / "runs" / "lr1e-4-prior"
     check = f"import os\nassert not os.path.exists({str(run / 'snapshots' / 'step-000006')!r}), 'trained without a click'"
     nb = suite.execute("03_training", params, label="03_training_button", env={"DREAMBOOTH_NB_HEADLESS": "0"},
-                       extra_cells=[check, "panel.button.click()"])
+                       extra_cells=[check, "panel.button.click()\npanel.runner.join()  # (it trains in its own thread)"])
     assert (run / "snapshots" / "step-000006" / "model_index.json").is_file()
     outputs = json.dumps([s.get("outputs", []) for s in widget_states(nb)])  # the panel's Output widgets
     assert "Resuming from state-000002: step 2 of 6." in outputs
@@ -257,10 +258,11 @@ def test_04_draws_the_comparison_grid(suite):
 def test_05_sweep_trains_each_rate_and_draws_the_grid(suite):
     nb = suite.run("05_sweep")
     sweep = suite.project / "sweeps"
-    assert (sweep / "sweep-grid.png").is_file() and (sweep / "sweep-grid.json").is_file()
+    (grid,) = [p for p in sweep.glob("sweep-grid-*.png") if p.with_suffix(".json").is_file()]
+    assert grid.name == "sweep-grid-lr1e-4_5e-5-steps1_2.png"
     for lr in ("1e-4", "5e-5"):
-        assert (sweep / "sweep" / f"lr-{lr}" / "snapshots" / "step-000002" / "model_index.json").is_file()
-    assert has_image(nb)
+        assert (sweep / "sweep" / f"lr{lr}" / "snapshots" / "step-000002" / "model_index.json").is_file()
+    assert widget_images(nb) >= 2  # in the panel: the loss plot of both rates, the grid (and its metrics plot)
 
 
 def test_06_exports_the_single_file(suite):
@@ -331,7 +333,7 @@ def test_the_notebooks_train_and_export_an_sdxl_lora(sdxl_suite):
     assert sorted(p.name for p in (sdxl_suite.project / "exports").iterdir()) == ["lr1e-3-lora-step-000004.safetensors"]
     assert "Exported the LoRA of lr1e-3-lora/step-000004" in stream_text(sdxl_suite.results["06_export"])
     assert widget_images(sdxl_suite.results["04_comparison"]) == 1
-    assert (sdxl_suite.project / "sweeps" / "sweep-grid.png").is_file()
+    assert list((sdxl_suite.project / "sweeps").glob("sweep-grid-*.json"))
 
 
 # --- Two subjects, one with captions ----------------------------------------------------------------------------

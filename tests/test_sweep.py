@@ -23,13 +23,13 @@ def test_sweep_trains_renders_draws_and_reruns_for_free(make_config, monkeypatch
                    on_step=lambda step, loss, lr: steps_seen.append((step, lr)))
 
     assert result.runs == [run_folder(config.output_dir, 5e-4), run_folder(config.output_dir, 1e-4)]
-    assert result.runs[0].name == "lr-5e-4" and result.lrs == [5e-4, 1e-4]
+    assert result.runs[0].name == "lr5e-4" and result.lrs == [5e-4, 1e-4]  # named as training runs are
     assert [s for s, _ in steps_seen] == [1, 2, 3, 4, 1, 2, 3, 4]
     for lr, run in zip(result.lrs, result.runs):
         assert [s for s, _ in storage.list_snapshots(run)] == [2, 4]
         assert json.loads((run / "config.json").read_text())["learning_rate"] == lr
 
-    assert result.grid == tmp_path / "project" / "sweep-grid.png" and result.grid.is_file()
+    assert result.grid == tmp_path / "project" / "sweep-grid-lr5e-4_1e-4-steps2_4.png" and result.grid.is_file()
     assert result.sidecar == result.grid.with_suffix(".json")
     side = json.loads(result.sidecar.read_text())
     # The base model's column, then each rate's steps side by side; a row per prompt and seed.
@@ -55,7 +55,7 @@ def test_sweep_trains_renders_draws_and_reruns_for_free(make_config, monkeypatch
     grid = compare(result.runs, spec, title="two runs")
     assert grid.parent == tmp_path / "project" / "sweep" / "grids"
     side = json.loads(grid.with_suffix(".json").read_text())
-    assert side["col_labels"] == [["base model", 0], ["lr-5e-4", 2], ["lr-5e-4", 4], ["lr-1e-4", 2], ["lr-1e-4", 4]]
+    assert side["col_labels"] == [["base model", 0], ["lr5e-4", 2], ["lr5e-4", 4], ["lr1e-4", 2], ["lr1e-4", 4]]
     assert [c["image"] for c in side["cells"]] == images
 
     # Steps filter, runs down and steps across, an explicit snapshot folder, a step one run lacks (empty cell).
@@ -73,7 +73,7 @@ def test_sweep_trains_renders_draws_and_reruns_for_free(make_config, monkeypatch
     grid = compare(result.runs, wide, rows=("run", "step"), cols="prompt", steps=[4])
     side = json.loads(grid.with_suffix(".json").read_text())
     assert side["rows"] == ["run", "step", "seed"] and side["shape"] == [6, 2] and len(side["cells"]) == 12
-    assert side["row_labels"][:3] == [["base model", 0, 0], ["base model", 0, 1], ["lr-5e-4", 4, 0]]
+    assert side["row_labels"][:3] == [["base model", 0, 0], ["base model", 0, 1], ["lr5e-4", 4, 0]]
 
 
 def test_sweep_argument_errors(make_config):
@@ -115,8 +115,8 @@ def test_sweep_passes_each_run_to_train_and_makes_class_images_first(make_config
     result = sweep(config, lrs=(2e-6, 1e-6), save_at=(6, 3), spec=spec)
     images = ["class-00000.png", "class-00001.png"]
     assert events == [("class images", str(tmp_path / "class")),
-                      ("train", 2e-6, 6, [3, 6], str(tmp_path / "p" / "sweep" / "lr-2e-6"), images),
-                      ("train", 1e-6, 6, [3, 6], str(tmp_path / "p" / "sweep" / "lr-1e-6"), images)]
+                      ("train", 2e-6, 6, [3, 6], str(tmp_path / "p" / "sweep" / "lr2e-6"), images),
+                      ("train", 1e-6, 6, [3, 6], str(tmp_path / "p" / "sweep" / "lr1e-6"), images)]
     side = json.loads(result.sidecar.read_text())
     assert [(c["labels"]["lr"], c["labels"]["step"]) for c in side["cells"]] == [(None, 0), (2e-6, 3), (2e-6, 6),
                                                                                   (1e-6, 3), (1e-6, 6)]
@@ -131,3 +131,15 @@ def test_sweep_runs_share_one_latent_cache(make_config, tmp_path):
     for lr in (5e-4, 1e-4):
         saved = json.loads((run_folder(config.output_dir, lr) / "config.json").read_text())
         assert saved["latent_cache_dir"] == str(cache)
+
+
+def test_each_sweep_keeps_its_grid_and_an_earlier_sweep_goes_on_in_its_folder(tmp_path):
+    """Other rates or steps: another grid file; a sweep begun by an earlier version (`lr-5e-6`) keeps its folder."""
+    from dreambooth_nb.sweep import grid_path
+
+    first = grid_path(tmp_path, lrs=[5e-6, 2e-6], save_at=[400, 800])
+    assert first.name == "sweep-grid-lr5e-6_2e-6-steps400_800.png"
+    assert grid_path(tmp_path, lrs=[1e-6], save_at=[400, 800]) != first
+    assert run_folder(tmp_path, 5e-6) == tmp_path / "sweep" / "lr5e-6"
+    (tmp_path / "sweep" / "lr-5e-6").mkdir(parents=True)
+    assert run_folder(tmp_path, 5e-6) == tmp_path / "sweep" / "lr-5e-6"

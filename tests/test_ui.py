@@ -117,8 +117,8 @@ def test_the_panel_shows_the_memory_plan_of_its_settings(base, tiny_model, monke
 
 def test_the_panel_fits_the_savers_and_a_person_can_override_them(base, tiny_model):
     profile = preset("object", "16gb", pretrained_model_name_or_path=str(tiny_model), resolution=32,
-                     instance_data_dir=base.instance_data_dir, output_dir=base.output_dir)
-    panel = ui.TrainingPanel(profile, gpu="T4")
+                     instance_data_dir=base.instance_data_dir, output_dir=base.output_dir, fit_to_gpu=True)
+    panel = ui.TrainingPanel(profile, gpu="T4")  # (the fit as the config says: notebook 1's choice)
     savers = ("gradient_checkpointing", "train_batch_size", "gradient_accumulation_steps", "use_8bit_adam")
     assert panel.fit_box.value and [panel.values()[k] for k in savers] == [False, 4, 1, False]
     assert "Fitted to T4: gradient checkpointing off, batch 4 × 1, Adam 32-bit" in panel.fit_note.value
@@ -139,7 +139,8 @@ def test_the_panel_fits_the_savers_and_a_person_can_override_them(base, tiny_mod
 def test_the_train_button_shows_a_dreambooth_error_as_a_message(base, tmp_path, capsys):
     panel = ui.TrainingPanel(base.replace(instance_data_dir=str(tmp_path / "no-photos"), max_train_steps=4))
     panel._clicked()  # what a click runs; the error must not escape into the kernel log
-    assert "Stopped" in panel.status.value and "instance_data_dir" in panel.status.value
+    panel.runner.join()
+    assert "Error:" in panel.status.value and "instance_data_dir" in panel.status.value
     assert panel.button.disabled is False
 
 
@@ -277,6 +278,7 @@ def test_stopping_the_kernel_while_training_says_where_and_how_to_resume(base, t
 
     monkeypatch.setattr(train_module, "compute_loss", interrupt_at_step_5)
     panel._clicked()  # what the Train button runs
+    panel.runner.join()
     log = "".join(o.get("text", "") for o in panel.log.outputs)
     assert "Training stopped at step 4; the last saved state is state-000004 (step 4). Press Train to resume." \
         in panel.status.value
@@ -299,18 +301,17 @@ def test_setup_config_applies_presets_and_choices(tmp_path):
     fixed = projects.setup_config(project, kind="face", fit_to_gpu=False, model="stable-diffusion-v1-5/stable-diffusion-v1-5",
                                   instance_prompt="a photo of sks person", class_prompt="a photo of a person",
                                   resolution=512)
-    assert fixed == report.original  # the fixed 16 GB profile: batch via accumulation, every saver on
-    old_name = projects.setup_config(project, kind="face", memory_16gb=True, gpu="T4",
-                                     model="stable-diffusion-v1-5/stable-diffusion-v1-5",
-                                     instance_prompt="a photo of sks person", class_prompt="a photo of a person",
-                                     resolution=512)
-    assert old_name == face  # the earlier parameter: the 16 GB profile became "fit to this GPU"
+    # The fixed 16 GB profile (batch via accumulation, every saver on), and the choice saved for the panel.
+    assert fixed == report.original.replace(fit_to_gpu=False) and face.fit_to_gpu and not fixed.fit_to_gpu
+    assert ui.TrainingPanel(face).fit_box.value and not ui.TrainingPanel(fixed).fit_box.value
+    assert face.snapshot_steps == [600]  # halfway, as notebook 3's panel starts: the summary says what happens
+    assert "snapshots at [600]" in ui.config_summary(face)
     assert face.class_data_dir == str(project.class_dir) and face.instance_data_dir == str(project.instance_dir)
-    obj = projects.setup_config(project, kind="object", memory_16gb=False, model="stable-diffusion-v1-5/stable-diffusion-v1-5",
+    obj = projects.setup_config(project, kind="object", fit_to_gpu=False, model="stable-diffusion-v1-5/stable-diffusion-v1-5",
                                 instance_prompt="a photo of sks mug", prior_preservation="on",
                                 class_prompt="a photo of a mug", num_class_images=50, learning_rate=5e-6,
                                 max_steps=800)
-    assert obj.with_prior_preservation and obj.num_class_images == 50 and obj.train_batch_size == 4
+    assert obj.with_prior_preservation and obj.num_class_images == 50 and obj.effective_batch == 4
     assert (obj.learning_rate, obj.max_train_steps) == (5e-6, 800)
     with pytest.raises(ConfigError, match="PRESET"):
         projects.setup_config(project, kind="pet", model="stable-diffusion-v1-5/stable-diffusion-v1-5", instance_prompt="x")
@@ -484,6 +485,7 @@ def test_the_gpus_choice_trains_data_parallel_and_shows_the_effective_batch(make
     panel.fields["gradient_accumulation_steps"].value = 1
     assert panel.config().num_processes == 2 and panel.config().train_batch_size == 2  # the batch is per GPU
     panel._clicked()
+    panel.runner.join()
     log = "".join(o.get("text", "") for o in panel.log.outputs)
     assert "Training in 2 processes (effective batch 4)." in log
     saved = json.loads((Path(config.output_dir) / "config.json").read_text())

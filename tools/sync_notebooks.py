@@ -5,7 +5,7 @@
     python tools/sync_notebooks.py --check   # exit 1 and name the notebooks that are out of date
 
 The `.py` files are the sources: edit them, then run this. The generated notebooks have no outputs, no
-widget state, a `python3` kernelspec (so JupyterLab does not ask for a kernel), Colab metadata asking for
+widget state, no jupytext pairing (users' editors must not write files beside them), a `python3` kernelspec (so JupyterLab does not ask for a kernel), Colab metadata asking for
 a GPU runtime, and stable cell ids (so regenerating an unchanged source gives the same bytes).
 The check also verifies that jupytext writes each source back unchanged, so opening a paired notebook
 in Jupyter never rewrites the `.py`.
@@ -37,7 +37,8 @@ def build(source: Path) -> str:
     nb.metadata = {
         "accelerator": "GPU",
         "colab": {"gpuType": "T4", "provenance": []},
-        "jupytext": {"formats": "ipynb,py:percent"},
+        # No jupytext pairing here: a user with jupytext installed would otherwise get a stray .py written beside
+        # every notebook on autosave. The pairing lives in the sources' header, for development only.
         "kernelspec": dict(KERNELSPEC),
         "language_info": {"name": "python"},
     }

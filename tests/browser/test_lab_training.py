@@ -44,6 +44,8 @@ MAX_STEPS = 40
 CHECKPOINTING_STEPS = 4
 INTERRUPT_AFTER = 10
 SETUP_LR = 1e-4  # notebook 1's value: where the slider starts
+RENDER_STEPS = 60  # inference steps in notebooks 4 and 5: ~1 s per tiny image on a CPU, time to press Stop
+STOP_WITHIN = 10  # seconds: how soon a Stop or an interrupt must end a drawing or a sweep
 TARGET_LR = 3e-5  # where the test drags it
 
 
@@ -80,7 +82,7 @@ def lab_dirs(tiny_model, tmp_path_factory):
     instance_prompt, class_prompt, _ = write_subject(project / "instance", n=4)
     run_notebook(NOTEBOOKS / "01_setup.ipynb",
                  dict(PROJECT_DIR=str(project), MODEL_ID=str(tiny_model), UPLOAD_PHOTOS=False, PRESET="object",
-                      MEMORY_16GB=True, INSTANCE_PROMPT=instance_prompt, CLASS_PROMPT=class_prompt,
+                      FIT_TO_GPU=True, INSTANCE_PROMPT=instance_prompt, CLASS_PROMPT=class_prompt,
                       PRIOR_PRESERVATION="off", RESOLUTION=32, LEARNING_RATE=SETUP_LR, MAX_STEPS=MAX_STEPS),
                  workdir=root, out=root / "executed" / "01_setup.ipynb", timeout=240)
     served = root / "lab"
@@ -89,6 +91,15 @@ def lab_dirs(tiny_model, tmp_path_factory):
                            dict(PROJECT_DIR=str(project), SNAPSHOT_STEPS=str(MAX_STEPS // 2),
                                 CHECKPOINTING_STEPS=CHECKPOINTING_STEPS, SAMPLE_INFERENCE_STEPS=3))
     nbformat.write(nb, str(served / "03_training.ipynb"))
+    # Notebooks 4 and 5 with renders slow enough (many inference steps, seeds) to be stopped midway on a CPU.
+    compare = dict(PROJECT_DIR=str(project), INFERENCE_STEPS=RENDER_STEPS, SEEDS="0, 1, 2, 3, 4, 5",
+                   CONTEXTS="in the snow; on a beach", GUIDANCE=4.0)
+    nbformat.write(inject_parameters(nbformat.read(NOTEBOOKS / "04_comparison.ipynb", as_version=4), compare),
+                   str(served / "04_comparison.ipynb"))
+    sweep = dict(PROJECT_DIR=str(project), LEARNING_RATES="1e-4, 5e-5", SAVE_AT="200, 400",
+                 INFERENCE_STEPS=RENDER_STEPS, CONTEXTS="in the snow")
+    nbformat.write(inject_parameters(nbformat.read(NOTEBOOKS / "05_sweep.ipynb", as_version=4), sweep),
+                   str(served / "05_sweep.ipynb"))
     return {"root": root, "project": project, "served": served}
 
 
@@ -151,8 +162,9 @@ class Lab:
             body = response.read()
         return json.loads(body) if body else None
 
-    def page_url(self, name: str) -> str:
-        return f"{self.url}/lab/tree/{name}?token={self.token}"
+    def page_url(self, name: str, *, reset: bool = False) -> str:
+        """The notebook's page; `reset`: in a fresh workspace (only this notebook open, and active)."""
+        return f"{self.url}/lab/tree/{name}?token={self.token}" + ("&reset" if reset else "")
 
     def kernel(self, name: str) -> str:
         """The connection file of the kernel that the notebook `name` runs on."""
@@ -337,7 +349,7 @@ def _scenario(page, lab, panel: Panel, name: str, project: Path) -> None:
         _menu(page, "Run", "runmenu:run-all")
     panel.slider.wait_for(timeout=120_000)
     panel.box.scroll_into_view_if_needed()
-    assert panel.status_text() == "Ready: press Train.", "headless detection trained without the button"
+    assert panel.status_text().startswith("Ready: press Train"), "headless detection trained without the button"
     readout = panel.slider.locator(".widget-readout")
     assert float(readout.inner_text()) == SETUP_LR, "the slider does not start at notebook 1's learning rate"
 
@@ -419,7 +431,10 @@ def _scenario(page, lab, panel: Panel, name: str, project: Path) -> None:
     panel.button.click()
     failed = panel.wait_status(lambda t: t.startswith(("Failed", "Stopped")), timeout=60, what="the failure")
     assert failed == "Failed: RuntimeError: injected by the browser test", failed
-    log = panel.box.locator(".widget-output").last.inner_text()
+    log, deadline = "", time.monotonic() + 15  # (it trained in its own thread: the traceback follows the status)
+    while "RuntimeError: injected by the browser test" not in log and time.monotonic() < deadline:
+        time.sleep(0.2)
+        log = panel.box.locator(".widget-output").last.inner_text()
     assert "Traceback" in log and "RuntimeError: injected by the browser test" in log, log
     assert not panel.button.is_disabled(), "Train is not clickable again after the failure"
 
@@ -430,3 +445,138 @@ def _scenario(page, lab, panel: Panel, name: str, project: Path) -> None:
     page.wait_for_timeout(500)
     log = console.inner_text()
     assert "Traceback" not in log and "KeyboardInterrupt" not in log, f"the log console holds:\n{log[:3000]}"
+
+
+# --- Notebooks 4 and 5: Stop, the interrupt, progress, the dropdown, the saved notebook ---------------------------
+class ActionPanel:
+    """A comparison or sweep panel, found by its main button."""
+
+    def __init__(self, page, button: str):
+        self.page = page
+        self.button = page.locator("button.widget-button", has_text=button).last
+        self.box = page.locator(".widget-vbox", has=self.button).last
+        self.stop = self.box.locator("button.widget-button", has_text="Stop")
+        self.status = self.box.locator(".widget-hprogress + .widget-html .widget-html-content")
+        self.bar = self.box.locator(".widget-hprogress")
+
+    def status_text(self) -> str:
+        return self.status.inner_text().strip()
+
+    def progress(self) -> tuple[int, str]:
+        """(the bar's value as the page has it, its label)."""
+        fill = self.bar.locator(".progress-bar")
+        width = fill.evaluate("el => el.style.width || getComputedStyle(el).width")
+        label = self.bar.locator(".widget-label").inner_text().strip()
+        return width, label
+
+    def wait(self, predicate, *, timeout: float, what: str) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.status_text()
+            if predicate(text):
+                return text
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the panel never showed {what} within {timeout:.0f} s; it says: {text!r}")
+            time.sleep(0.1)
+
+
+def _open_and_run_all(page, lab, name: str) -> None:
+    page.goto(lab.page_url(name, reset=True))
+    page.locator(".jp-StatusBar-TextItem", has_text=re.compile(r"^(?!No Kernel).* \| Idle$")).wait_for(timeout=90_000)
+    _menu(page, "Run", "runmenu:run-all")
+
+
+def _kernel_answers(lab, name: str) -> None:
+    assert lab.evaluate(name, "6 * 7", timeout=20) == 42, "the kernel does not answer after the stop"
+
+
+def test_comparison_and_sweep_panels_stop_show_progress_and_leave_a_static_copy(page, lab, lab_dirs):
+    try:
+        _comparison_and_sweep(page, lab, lab_dirs)
+    except BaseException as err:
+        panel = Panel(page)
+        evidence = _keep_evidence(page, panel, lab_dirs["root"] / "evidence-compare")
+        if isinstance(err, AssertionError):
+            raise AssertionError(f"{err}\n({evidence}; server log {lab.log_path})") from None
+        raise
+
+
+def _comparison_and_sweep(page, lab, lab_dirs) -> None:
+    name = "04_comparison.ipynb"
+    _open_and_run_all(page, lab, name)
+    draw = ActionPanel(page, "Draw")
+    draw.button.wait_for(timeout=120_000)
+    draw.box.scroll_into_view_if_needed()
+
+    # The scheduler's dropdown shows its whole text ("DDIM (recommended)" was cut).
+    select = draw.box.locator(".widget-dropdown", has=page.locator(".widget-label", has_text="Scheduler")).locator("select")
+    # The selected text's rendered width (its font, measured on a canvas) beside the room the select gives it
+    # (its inner width less padding and the arrow's ~20 px).
+    text, needed, room = select.evaluate("""el => {
+        const style = getComputedStyle(el), context = document.createElement("canvas").getContext("2d");
+        context.font = `${style.fontWeight} ${style.fontSize} ${style.fontFamily}`;
+        const text = el.options[el.selectedIndex].text;
+        const padding = parseFloat(style.paddingLeft) + parseFloat(style.paddingRight);
+        return [text, context.measureText(text).width, el.clientWidth - padding - 20];
+    }""")
+    assert text.replace("\xa0", " ") == "DDIM (recommended)" and needed <= room, \
+        f"the dropdown's text is cut: {text!r} needs {needed:.0f} px, has {room:.0f}"
+
+    # Run All started the first drawing in the background: the bar moves, Stop is live, the kernel is free.
+    draw.wait(lambda t: t.startswith("Rendering"), timeout=120, what="rendering")
+    first = draw.progress()
+    deadline = time.monotonic() + 60
+    while draw.progress() == first and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert draw.progress() != first, f"the progress bar did not move while rendering ({first})"
+    assert first[1] == "Rendering", first
+    _kernel_answers(lab, name)  # the kernel is free while it draws
+    pressed = time.monotonic()
+    draw.stop.click()
+    stopped = draw.wait(lambda t: t.startswith(("Stopped", "Done")), timeout=STOP_WITHIN + 20, what="the stop")
+    assert time.monotonic() - pressed < STOP_WITHIN, f"Stop took {time.monotonic() - pressed:.0f} s"
+    assert stopped.startswith("Stopped: Drawing stopped; the images rendered so far are kept"), stopped
+    _kernel_answers(lab, name)
+
+    # Draw again, then the kernel's interrupt (the toolbar's ■): the same stop, as fast.
+    draw.button.click()
+    draw.wait(lambda t: t.startswith("Rendering"), timeout=60, what="rendering again")
+    pressed = time.monotonic()
+    page.click('.jp-NotebookPanel-toolbar [data-command="notebook:interrupt-kernel"]')
+    stopped = draw.wait(lambda t: t.startswith(("Stopped", "Done")), timeout=STOP_WITHIN + 20, what="the interrupt")
+    assert time.monotonic() - pressed < STOP_WITHIN and stopped.startswith("Stopped: Drawing stopped"), stopped
+    _kernel_answers(lab, name)
+    notebook = page.locator(".jp-Notebook").inner_text()
+    for word in ("Traceback", "KeyboardInterrupt", "Exception ignored"):
+        assert word not in notebook, f"the notebook shows {word!r} after the stops"
+
+    # Save the notebook, shut its kernel down and open it again: a static copy of the panel shows instead of
+    # only "Error displaying widget: model not found".
+    _menu(page, "File", "docmanager:save")
+    page.wait_for_timeout(1000)
+    for kernel in lab.api("kernels"):
+        lab.api(f"kernels/{kernel['id']}", method="DELETE")
+    page.goto(lab.page_url(name, reset=True))  # (opened anew: the notebook is read from disk)
+    fallback = page.locator(".dreambooth-nb-fallback").first
+    fallback.wait_for(state="visible", timeout=60_000)
+    text = fallback.inner_text()
+    assert "rerun this cell to get the controls back" in text and "Drawing stopped" in text, text
+    dialog = page.locator(".jp-Dialog")
+    if dialog.count() and dialog.is_visible():  # (a kernel choice for the reopened notebook: not needed)
+        dialog.locator("button.jp-mod-reject").click()
+
+    # Notebook 5: Stop during a sweep ends it as fast, with its message, and the kernel stays usable.
+    name = "05_sweep.ipynb"
+    _open_and_run_all(page, lab, name)
+    sweep = ActionPanel(page, "Run sweep")
+    sweep.button.wait_for(timeout=120_000)
+    sweep.box.scroll_into_view_if_needed()
+    assert sweep.status_text().startswith("Ready: press Run sweep"), sweep.status_text()
+    sweep.button.click()
+    sweep.wait(lambda t: t.startswith("step "), timeout=120, what="a training step")
+    pressed = time.monotonic()
+    sweep.stop.click()
+    stopped = sweep.wait(lambda t: t.startswith(("Stopped", "Done")), timeout=STOP_WITHIN + 20, what="the stop")
+    assert time.monotonic() - pressed < STOP_WITHIN, f"Stop took {time.monotonic() - pressed:.0f} s"
+    assert stopped.startswith("Stopped: Sweep stopped; every run keeps its last saved state"), stopped
+    _kernel_answers(lab, name)
