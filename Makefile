@@ -38,7 +38,7 @@ test-browser: install
 	DREAMBOOTH_NB_REQUIRE_BROWSER=1 TQDM_DISABLE=1 $(PY) -m pytest -q tests/browser
 
 demo: install
-	$(PY) -m dreambooth_nb.demo --out demo-output
+	$(PY) -m dreambooth_nb.notebook.demo --out demo-output
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

@@ -136,7 +136,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("No CUDA GPU here: this check runs on a lent GPU machine (see README, Development).")
         return 1
-    from dreambooth_nb.planner import FRAGMENTATION
+    from dreambooth_nb.planning.planner import FRAGMENTATION
 
     props = torch.cuda.get_device_properties(0)
     header = f"{props.name}, {props.total_memory / 2**30:.1f} GiB (capped at {T4_GIB:g} GiB), torch {torch.__version__}"
@@ -156,7 +156,7 @@ def main() -> int:
     from PIL import Image
     import numpy as np
 
-    from dreambooth_nb.tiny import build_sd15_shaped_pipeline, build_sdxl_shaped_pipeline
+    from dreambooth_nb.toy.tiny import build_sd15_shaped_pipeline, build_sdxl_shaped_pipeline
 
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)

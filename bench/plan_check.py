@@ -17,8 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dreambooth_nb import TrainConfig  # noqa: E402
-import dreambooth_nb.planner as planner  # noqa: E402
-from dreambooth_nb.planner import GIB, plan  # noqa: E402
+import dreambooth_nb.planning.planner as planner  # noqa: E402
+from dreambooth_nb.planning.planner import GIB, plan  # noqa: E402
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SDXL = "stabilityai/stable-diffusion-xl-base-1.0"

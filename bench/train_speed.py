@@ -1,4 +1,4 @@
-"""Steps per second and peak memory of `dreambooth_nb.train` for each memory option, as ratios to a baseline.
+"""Steps per second and peak memory of `dreambooth_nb.training.train` for each memory option, as ratios to a baseline.
 
     python bench/train_speed.py            # CPU: the tiny pipeline, 32 px (under 2 minutes)
     python bench/train_speed.py --cuda     # GPU: an SD 1.5-shaped random model at 512 px
@@ -150,7 +150,7 @@ def main() -> None:
     from PIL import Image
     import numpy as np
 
-    from dreambooth_nb.tiny import build_sd15_shaped_pipeline, build_sdxl_shaped_pipeline, build_tiny_pipeline
+    from dreambooth_nb.toy.tiny import build_sd15_shaped_pipeline, build_sdxl_shaped_pipeline, build_tiny_pipeline
 
     options = SDXL_OPTIONS if args.sdxl else CUDA_OPTIONS if args.cuda else CPU_OPTIONS
     steps = args.steps or (8 if args.cuda else 12)

@@ -5,21 +5,21 @@
     final = train(config)
 """
 
-from . import quiet
+from dreambooth_nb import quiet
 
 quiet.install()  # before torch, diffusers and transformers load: see quiet.HARMLESS for what and why
 
-from .config import PRESETS, Concept, TrainConfig, preset  # noqa: E402
-from .errors import ConfigError, DataError, DreamboothError, TrainingStopped  # noqa: E402
-from .train import train  # noqa: E402
-from .priors import generate_class_images  # noqa: E402
-from .evaluate import EvalSpec  # noqa: E402
-from .compare import compare  # noqa: E402
-from .sweep import sweep  # noqa: E402
-from .export import export  # noqa: E402
-from .hub import push_to_hub  # noqa: E402
-from .planner import MemoryPlan, plan  # noqa: E402
-from .fitting import FitReport, fit, fit_report  # noqa: E402
+from dreambooth_nb.config import PRESETS, Concept, TrainConfig, preset  # noqa: E402
+from dreambooth_nb.errors import ConfigError, DataError, DreamboothError, TrainingStopped  # noqa: E402
+from dreambooth_nb.training.train import train  # noqa: E402
+from dreambooth_nb.training.priors import generate_class_images  # noqa: E402
+from dreambooth_nb.results.evaluate import EvalSpec  # noqa: E402
+from dreambooth_nb.results.compare import compare  # noqa: E402
+from dreambooth_nb.results.sweep import sweep  # noqa: E402
+from dreambooth_nb.results.export import export  # noqa: E402
+from dreambooth_nb.results.hub import push_to_hub  # noqa: E402
+from dreambooth_nb.planning.planner import MemoryPlan, plan  # noqa: E402
+from dreambooth_nb.planning.fitting import FitReport, fit, fit_report  # noqa: E402
 
 __all__ = ["TrainConfig", "Concept", "preset", "PRESETS", "train", "DreamboothError", "ConfigError", "DataError",
            "TrainingStopped", "generate_class_images", "EvalSpec", "compare", "sweep", "plan", "MemoryPlan",

@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError
+from dreambooth_nb.errors import ConfigError
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -339,7 +339,7 @@ class TrainConfig:
     def to_json(self, path=None) -> str:
         text = json.dumps(self.to_dict(), indent=2)
         if path is not None:
-            from .storage import atomic_write_text
+            from dreambooth_nb.storage import atomic_write_text
 
             atomic_write_text(Path(path), text + "\n")
         return text
@@ -391,7 +391,7 @@ def model_location(name: str) -> str | None:
     checkpoint, .safetensors or .ckpt: see `single_file`), "hub" (an id such as 'owner/name' that is not a
     local folder) or None (none of these). The rule is diffusers' own: an existing folder wins, so a relative
     path like `models/sd15` is local when it exists and a Hub id otherwise."""
-    from .single_file import is_single_file
+    from dreambooth_nb.model.single_file import is_single_file
 
     if Path(name).expanduser().is_dir():
         return "folder"

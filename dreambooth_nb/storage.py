@@ -23,7 +23,7 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import DataError, TrainingStopped
+from dreambooth_nb.errors import DataError, TrainingStopped
 
 _TMP_PREFIX = ".tmp-"
 _OLD_PREFIX = ".old-"

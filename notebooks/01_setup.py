@@ -81,7 +81,9 @@ CONCEPTS = [
 # %%
 from pathlib import Path
 
-from dreambooth_nb import images, plan, platform, project as projects, ui
+from dreambooth_nb import plan
+from dreambooth_nb.dataset import images
+from dreambooth_nb.notebook import platform, project as projects, ui
 
 ui.show_errors_as_messages()  # our errors show as one message, not a stack trace
 print(platform.check_environment().summary())

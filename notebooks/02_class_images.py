@@ -39,8 +39,10 @@ if HOSTED and importlib.util.find_spec("dreambooth_nb") is None:
 PROJECT_DIR = ""  #@param {type:"string"}
 
 # %%
-from dreambooth_nb import images, platform, priors, project as projects, ui
-from dreambooth_nb.priors import generate_class_images
+from dreambooth_nb.dataset import images
+from dreambooth_nb.notebook import platform, project as projects, ui
+from dreambooth_nb.training import priors
+from dreambooth_nb.training.priors import generate_class_images
 
 ui.show_errors_as_messages()  # our errors show as one message, not a stack trace
 platform.use_hf_token()  # a token in HF_TOKEN or a Colab/Kaggle secret, for gated models; never shown

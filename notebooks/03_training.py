@@ -66,7 +66,7 @@ CHECKPOINTING_STEPS = 0  #@param {type:"integer"}
 TRAIN_NOW = False  #@param {type:"boolean"}
 
 # %%
-from dreambooth_nb import platform, project as projects, ui
+from dreambooth_nb.notebook import platform, project as projects, ui
 
 ui.show_errors_as_messages()  # our errors show as one message, not a stack trace
 platform.use_hf_token()  # a token in HF_TOKEN or a Colab/Kaggle secret, for gated models; never shown

@@ -52,8 +52,8 @@ CONTEXTS = "in the snow; as an oil painting"  #@param {type:"string"}
 RUN_NOW = False  #@param {type:"boolean"}
 
 # %%
-from dreambooth_nb import platform, project as projects, ui
-from dreambooth_nb.evaluate import EvalSpec
+from dreambooth_nb.notebook import platform, project as projects, ui
+from dreambooth_nb.results.evaluate import EvalSpec
 
 ui.show_errors_as_messages()  # our errors show as one message, not a stack trace
 platform.use_hf_token()  # a token in HF_TOKEN or a Colab/Kaggle secret, for gated models; never shown

@@ -59,8 +59,9 @@ PRIVATE = True  #@param {type:"boolean"}
 # %%
 from IPython.display import Markdown, display
 
-from dreambooth_nb import hub, platform, project as projects, ui
-from dreambooth_nb.export import export, file_name, how_to_use, snapshot_in_project
+from dreambooth_nb.results import hub
+from dreambooth_nb.notebook import platform, project as projects, ui
+from dreambooth_nb.results.export import export, file_name, how_to_use, snapshot_in_project
 
 ui.show_errors_as_messages()  # our errors show as one message, not a stack trace
 platform.use_hf_token()  # a token in HF_TOKEN or a Colab/Kaggle secret; never shown

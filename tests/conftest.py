@@ -26,7 +26,7 @@ if torch.cuda.is_available() and os.environ.get("DREAMBOOTH_NB_GPU_CAP_GIB"):  #
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """Folder of a random tiny `StableDiffusionPipeline` (32 px images, 16 px latents)."""
-    from dreambooth_nb.tiny import build_tiny_pipeline
+    from dreambooth_nb.toy.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-model"))
 
@@ -34,14 +34,14 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_sdxl_model(tmp_path_factory):
     """Folder of a random tiny `StableDiffusionXLPipeline` (two text encoders, `text_time` conditioning)."""
-    from dreambooth_nb.tiny import build_tiny_sdxl_pipeline
+    from dreambooth_nb.toy.tiny import build_tiny_sdxl_pipeline
 
     return build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny-sdxl"))
 
 
 @pytest.fixture(scope="session")
 def tiny_model_vpred(tmp_path_factory):
-    from dreambooth_nb.tiny import build_tiny_pipeline
+    from dreambooth_nb.toy.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-model-v"), prediction_type="v_prediction")
 

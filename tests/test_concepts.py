@@ -13,14 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from dreambooth_nb import Concept, TrainConfig, snapshots, train
+from dreambooth_nb import Concept, TrainConfig, train
+from dreambooth_nb.model import snapshots
 from dreambooth_nb.config import changed_settings
-from dreambooth_nb.data import TrainingData
+from dreambooth_nb.training.data import TrainingData
 from dreambooth_nb.errors import ConfigError, DataError
-from dreambooth_nb.families import Family
-from dreambooth_nb.images import scan_images
-from dreambooth_nb.models import load_components
-from dreambooth_nb.prompts import tokenize
+from dreambooth_nb.model.families import Family
+from dreambooth_nb.dataset.images import scan_images
+from dreambooth_nb.model.loading import load_components
+from dreambooth_nb.training.prompts import tokenize
 from photos import write_photos
 
 
@@ -133,7 +134,7 @@ def test_a_caption_longer_than_the_text_encoder_reads_is_named(make_config, phot
 def test_captions_reach_the_text_encoder(make_config, photos, monkeypatch):
     """With the text encoder training (so it runs on every batch), the ids it gets for the captioned photo
     are the caption's and differ from the instance prompt's; the other photo gets the instance prompt's."""
-    from dreambooth_nb.prompts import Prompts
+    from dreambooth_nb.training.prompts import Prompts
 
     for extra in photos.glob("photo-[12].png"):
         extra.unlink()  # two photos: photo-0 captioned, photo-3 not
@@ -230,7 +231,8 @@ def test_class_images_per_subject_with_one_pipeline(two_subjects, monkeypatch):
 
 
 def test_subjects_of_one_class_may_share_its_folder(two_subjects, tmp_path):
-    from dreambooth_nb import generate_class_images, memory
+    from dreambooth_nb import generate_class_images
+    from dreambooth_nb.planning import memory
 
     config = two_subjects(with_prior_preservation=True, sample_batch_size=3)
     shared = config.replace(concepts=[Concept(c.instance_data_dir, c.instance_prompt, str(tmp_path / "dogs"),
@@ -254,7 +256,7 @@ def test_two_subjects_train_and_validate_on_both(two_subjects):
 
 
 def test_exports_and_model_cards_name_every_subject(two_subjects, make_config):
-    from dreambooth_nb.export import how_to_use, subject_prompts
+    from dreambooth_nb.results.export import how_to_use, subject_prompts
 
     saved = two_subjects().to_dict()
     assert subject_prompts(saved) == "a photo of sks dog; a photo of sks cat"
@@ -266,7 +268,7 @@ def test_exports_and_model_cards_name_every_subject(two_subjects, make_config):
 
 def test_the_memory_plan_holds_every_subjects_images(two_subjects, make_config):
     """Photos and class images of both subjects are held in RAM (and as cached latents) during training."""
-    from dreambooth_nb import planner
+    from dreambooth_nb.planning import planner
 
     one = make_config(with_prior_preservation=True, class_prompt="a photo of a dog", class_data_dir="c",
                       num_class_images=2)
@@ -278,7 +280,7 @@ def test_the_memory_plan_holds_every_subjects_images(two_subjects, make_config):
 def test_the_setup_notebooks_concepts_rows(tiny_model, photos, tmp_path):
     """Notebook 1's CONCEPTS: a row per further subject; a new class prompt gets its own class folder, a class
     prompt seen before shares that folder; each subject gets the preset's class-image count; bad rows named."""
-    from dreambooth_nb import project as projects
+    from dreambooth_nb.notebook import project as projects
 
     project = projects.Project(tmp_path / "project")
     cats = write_photos(tmp_path / "cats", n=3, seed=1)
@@ -313,7 +315,7 @@ def test_the_evaluation_has_one_block_of_prompts_per_subject(two_subjects):
 
 
 def test_the_settings_summary_lists_every_subject(two_subjects, make_config):
-    from dreambooth_nb import ui
+    from dreambooth_nb.notebook import ui
 
     text = ui.config_summary(two_subjects(with_prior_preservation=True))
     assert "Subjects:           2, taking turns in every batch" in text
@@ -328,7 +330,8 @@ def test_each_subject_is_measured_against_its_own_photos_and_prompts():
     against its own photos and shape; the run's metric is their mean."""
     import numpy as np
 
-    from dreambooth_nb import quality, toyworld
+    from dreambooth_nb.results import quality
+    from dreambooth_nb.toy import world as toyworld
 
     judge = quality.ToyJudge()
     circle, square = (toyworld.subject_images(shape=s) for s in ("circle", "square"))

@@ -112,7 +112,7 @@ def test_precision_is_decided_where_training_runs(make_config):
     """A config written on a CPU runtime ("auto") trains in fp16 on a T4; "fp16" on CPU is refused by train()
     before anything loads, naming the setting."""
     from dreambooth_nb import train
-    from dreambooth_nb.models import resolve_precision
+    from dreambooth_nb.model.loading import resolve_precision
 
     assert preset("object", "16gb").mixed_precision == "auto"
     assert resolve_precision("auto", torch.device("cpu")) == "no"

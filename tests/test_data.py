@@ -7,9 +7,9 @@ import torch
 from PIL import Image
 
 from dreambooth_nb import train
-from dreambooth_nb.data import item_index, resize_and_crop, sample_generator, to_tensor
+from dreambooth_nb.training.data import item_index, resize_and_crop, sample_generator, to_tensor
 
-data_module = importlib.import_module("dreambooth_nb.data")
+data_module = importlib.import_module("dreambooth_nb.training.data")
 
 
 def test_every_epoch_is_a_permutation_and_epochs_differ():

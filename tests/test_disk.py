@@ -11,8 +11,10 @@ import textwrap
 import pytest
 import torch
 
-from dreambooth_nb import TrainConfig, memory, preset, storage
-from dreambooth_nb.memory import RunSizes, disk_plan
+from dreambooth_nb import TrainConfig, preset
+from dreambooth_nb.planning import memory
+from dreambooth_nb import storage
+from dreambooth_nb.planning.memory import RunSizes, disk_plan
 
 # SD 1.5's parameter counts (its UNet, CLIP text encoder and VAE).
 SD15 = RunSizes(unet=859_520_964, text_encoder=123_060_480, vae=83_653_863, trained=859_520_964)
@@ -97,7 +99,7 @@ def test_only_colab_drive_keeps_deleted_files(tmp_path):
 
 
 def test_parameter_counts_come_from_the_configs_alone(tiny_model, make_config):
-    from dreambooth_nb.models import count_parameters, load_components, parameter_counts
+    from dreambooth_nb.model.loading import count_parameters, load_components, parameter_counts
 
     counts = parameter_counts(make_config(train_text_encoder=True))
     parts = load_components(make_config(), device=torch.device("cpu"), precision="no")

@@ -25,8 +25,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dreambooth_nb import TrainingStopped, storage, train
-from dreambooth_nb.distributed import for_processes, sample_positions
+from dreambooth_nb import TrainingStopped, train
+from dreambooth_nb import storage
+from dreambooth_nb.training.distributed import for_processes, sample_positions
 
 # Each launch starts two fresh Python processes that import torch and diffusers (~10 s on 2 cores).
 pytestmark = pytest.mark.timeout(600)
@@ -122,7 +123,7 @@ NAN_IN_RANK_1 = textwrap.dedent("""
     import os
     if os.environ.get("RANK") == "1":  # only the second worker: its loss becomes NaN at its second step
         import importlib, torch
-        train = importlib.import_module("dreambooth_nb.train")
+        train = importlib.import_module("dreambooth_nb.training.train")
         real, calls = train.compute_loss, []
 
         def poisoned(*args, **kwargs):
@@ -169,7 +170,7 @@ def _lora_ups(snapshot: Path) -> torch.Tensor:
     """The LoRA up (B) weights, which start at zero: the update itself."""
     from safetensors.torch import load_file
 
-    from dreambooth_nb.snapshots import LORA_WEIGHTS
+    from dreambooth_nb.model.snapshots import LORA_WEIGHTS
 
     tensors = load_file(snapshot / LORA_WEIGHTS)
     keys = sorted(k for k in tensors if "lora_B" in k or "lora_up" in k)
@@ -250,11 +251,11 @@ def test_workers_die_with_the_kernel_that_started_them(make_config, tmp_path):
 HANG_IN_RANK_1 = textwrap.dedent("""
     import os
     from datetime import timedelta
-    import dreambooth_nb.distributed as distributed
+    import dreambooth_nb.training.distributed as distributed
     distributed.TIMEOUT = timedelta(seconds=5)
     if os.environ.get("RANK") == "1":  # the second worker stops answering at its second step
         import importlib, time
-        train = importlib.import_module("dreambooth_nb.train")
+        train = importlib.import_module("dreambooth_nb.training.train")
         real, calls = train.compute_loss, []
 
         def hung(*args, **kwargs):
@@ -278,7 +279,7 @@ def test_a_hung_rank_ends_the_run_with_a_message(make_config, tmp_path, monkeypa
 
 
 def test_nccl_settings_keep_what_is_set():
-    from dreambooth_nb.distributed import nccl_environment
+    from dreambooth_nb.training.worker import nccl_environment
 
     environ = {"NCCL_IB_DISABLE": "0"}
     settings = nccl_environment(environ)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from dreambooth_nb import TrainConfig
-from dreambooth_nb.ema import HostBuffer, make_ema, step_ema
+from dreambooth_nb.training.ema import HostBuffer, make_ema, step_ema
 
 
 def _module(seed: int = 0) -> torch.nn.Module:

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dreambooth_nb import snapshots
+from dreambooth_nb.model import snapshots
 from dreambooth_nb.errors import ConfigError, DataError
-from dreambooth_nb.evaluate import EvalSpec, render, render_dir
-from dreambooth_nb.snapshots import native_resolution
+from dreambooth_nb.results.evaluate import EvalSpec, render, render_dir
+from dreambooth_nb.model.snapshots import native_resolution
 
 
 def pixels(path):
@@ -114,7 +114,7 @@ def test_render_is_cached_and_deterministic(snapshot, count_loads):
 @pytest.mark.parametrize("scheduler", ["ddim", "pndm", "dpm"])
 def test_each_scheduler_renders(snapshot, scheduler, monkeypatch):
     used = []
-    from dreambooth_nb import evaluate
+    from dreambooth_nb.results import evaluate
 
     real = evaluate.make_scheduler
     monkeypatch.setattr(evaluate, "make_scheduler", lambda name, cfg: used.append(real(name, cfg)) or used[-1])

@@ -19,13 +19,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from sd_runs import PROMPT, train_run
 
-from dreambooth_nb import snapshots, storage
+from dreambooth_nb.model import snapshots
+from dreambooth_nb import storage
 from dreambooth_nb.errors import ConfigError, DataError
-from dreambooth_nb.export import ExportError, choose_snapshot, export, how_to_use, layout_for
-from dreambooth_nb.tiny import build_sd_topology_pipeline
+from dreambooth_nb.results.export import ExportError, choose_snapshot, export, how_to_use, layout_for
+from dreambooth_nb.toy.tiny import build_sd_topology_pipeline
 
 # The package exports the function `export`, which hides the module of the same name as an attribute.
-export_module = importlib.import_module("dreambooth_nb.export")
+export_module = importlib.import_module("dreambooth_nb.results.export")
 FAKE_TOKEN = "hf_FAKEexportNeverWritten0123456789abcd"
 
 
@@ -200,7 +201,7 @@ def test_how_to_use_names_the_file_prompt_and_base(runs, tmp_path):
 
 RSS_SCRIPT = textwrap.dedent("""
     import gc, sys
-    from dreambooth_nb.export import export
+    from dreambooth_nb.results.export import export
 
     def peak_kib():
         return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))

@@ -18,9 +18,11 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
 import dreambooth_nb
-from dreambooth_nb import ConfigError, TrainConfig, TrainingStopped, models, snapshots, storage, train
+from dreambooth_nb import ConfigError, TrainConfig, TrainingStopped, train
+from dreambooth_nb.model import loading as models, snapshots
+from dreambooth_nb import storage
 
-train_module = importlib.import_module("dreambooth_nb.train")
+train_module = importlib.import_module("dreambooth_nb.training.train")
 
 
 def unet_calls(monkeypatch, *, fail_at: int | None = None, error=None, output=None):
@@ -58,8 +60,8 @@ def test_not_enough_disk_stops_before_anything_is_loaded_with_the_plan(make_conf
                          class_prompt="a photo of a dog", class_data_dir=str(tmp_path / "class"), num_class_images=3)
     Usage = namedtuple("Usage", "total used free")
     monkeypatch.setattr(storage.shutil, "disk_usage", lambda path: Usage(10**12, 10**12 - 1_234_567, 1_234_567))
-    monkeypatch.setattr(train_module.models, "load_components", lambda *a, **k: pytest.fail("loaded the model"))
-    monkeypatch.setattr("dreambooth_nb.priors.generate_class_images", lambda *a, **k: pytest.fail("generated"))
+    monkeypatch.setattr(train_module.loading, "load_components", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr("dreambooth_nb.training.priors.generate_class_images", lambda *a, **k: pytest.fail("generated"))
     with pytest.raises(TrainingStopped) as info:
         train(config)
     message = str(info.value)
@@ -196,7 +198,7 @@ def test_out_of_memory_names_the_next_saver_and_the_advice_resumes(make_config, 
 
 
 def test_the_memory_savers_come_in_the_documented_order():
-    from dreambooth_nb.memory import next_memory_saver
+    from dreambooth_nb.planning.memory import next_memory_saver
 
     config = TrainConfig(train_batch_size=2, train_text_encoder=True, use_ema=True)
     order = []
@@ -211,7 +213,7 @@ def test_the_memory_savers_come_in_the_documented_order():
 
 
 @pytest.mark.parametrize("where,stage", [
-    ("models.load_components", "loading the model"),
+    ("loading.load_components", "loading the model"),
     ("TrainingData.encode", "encoding the photos"),
     ("make_ema", "setting up the optimizer"),
     ("save_snapshot", "saving the snapshot of step 2"),
@@ -298,7 +300,7 @@ def test_a_run_refuses_a_config_json_with_a_typo_before_loading_anything(tmp_pat
     data = make_config().to_dict()
     data["checkpointing_step"] = data.pop("checkpointing_steps")
     (tmp_path / "config.json").write_text(json.dumps(data))
-    monkeypatch.setattr(train_module.models, "load_components", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(train_module.loading, "load_components", lambda *a, **k: pytest.fail("loaded a model"))
     with pytest.raises(ConfigError, match="checkpointing_step"):
         train(TrainConfig.from_json(tmp_path / "config.json"))
 
@@ -339,11 +341,11 @@ def test_a_plan_that_does_not_fit_the_gpu_stops_before_any_download_unless_overr
     """On a GPU, `train` plans first (configs only) and refuses settings whose plan exceeds the card, with
     the plan and its advice; check_memory_plan=False trains anyway. (The plan's numbers: tests/test_plan.py.)"""
     from dreambooth_nb import plan as plan_function
-    from dreambooth_nb.planner import MemoryPlan
+    from dreambooth_nb.planning.planner import MemoryPlan
 
     too_big = plan_function(make_config(), gpu=0.001)  # a real plan, for a card of 1 MiB
     assert not too_big.fits and isinstance(too_big, MemoryPlan)
-    monkeypatch.setattr(importlib.import_module("dreambooth_nb.planner"), "plan", lambda config, gpu=None: too_big)
+    monkeypatch.setattr(importlib.import_module("dreambooth_nb.planning.planner"), "plan", lambda config, gpu=None: too_big)
     with pytest.raises(TrainingStopped, match=r"(?s)will not fit this GPU.*check_memory_plan=False"):
         train_module._check_memory_plan(make_config(), progress=train_module.Progress())
     progress = train_module.Progress()
@@ -352,7 +354,7 @@ def test_a_plan_that_does_not_fit_the_gpu_stops_before_any_download_unless_overr
 
 
 def test_the_out_of_memory_message_compares_the_peak_with_the_plan():
-    from dreambooth_nb.memory import out_of_memory_advice
+    from dreambooth_nb.planning.memory import out_of_memory_advice
 
     message = out_of_memory_advice(TrainConfig(), peak_bytes=13 * 2**30, planned_bytes=9 * 2**30)
     assert "peak 13.0 GiB allocated; the memory plan expected 9.0 GiB at the peak" in message
@@ -402,7 +404,7 @@ def test_8bit_adam_is_probed_before_the_memory_plan(make_config, monkeypatch, ca
     assert progress.planned_gpu_bytes > plan(config).gpu_allocated_bytes
     assert "with 32-bit AdamW: 8-bit Adam cannot run here, RuntimeError: no kernel" in capsys.readouterr().out
     assert progress.optimizer == "RuntimeError: no kernel"
-    monkeypatch.setattr(importlib.import_module("dreambooth_nb.planner"), "plan",
+    monkeypatch.setattr(importlib.import_module("dreambooth_nb.planning.planner"), "plan",
                         lambda config, gpu=None: plan(config, gpu=0.001))
     with pytest.raises(TrainingStopped, match=r"8-bit Adam cannot run here \(RuntimeError: no kernel\), so 32-bit"):
         train_module._check_memory(config, device=torch.device("cuda"), progress=train_module.Progress())
@@ -426,13 +428,13 @@ def test_a_torch_without_kernels_for_the_gpu_is_said_in_one_line(capability, arc
 
 def test_training_refuses_a_gpu_this_torch_cannot_drive(make_config, monkeypatch):
     monkeypatch.setattr(models, "gpu_problem", lambda: "This torch cannot run on the Tesla P100.")
-    monkeypatch.setattr(train_module.models, "load_components", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(train_module.loading, "load_components", lambda *a, **k: pytest.fail("loaded the model"))
     with pytest.raises(TrainingStopped, match="cannot run on the Tesla P100"):
         train(make_config())
 
 
 def test_the_setup_report_leads_with_a_gpu_torch_cannot_drive():
-    from dreambooth_nb.platform import Environment
+    from dreambooth_nb.notebook.platform import Environment
 
     env = Environment(platform="kaggle", device="cuda", gpu_name="Tesla P100-PCIE-16GB", torch_version="2.9.0",
                       problem="This torch (2.9.0) cannot run on the Tesla P100-PCIE-16GB (compute capability 6.0).")

@@ -20,12 +20,13 @@ import importlib
 import pytest
 import torch
 
-from dreambooth_nb import fit, fit_report, preset, ui
+from dreambooth_nb import fit, fit_report, preset
+from dreambooth_nb.notebook import ui
 from dreambooth_nb.config import changed_settings
-from dreambooth_nb.fitting import SAVERS, previous_run, step_seconds
-from dreambooth_nb.planner import plan
+from dreambooth_nb.planning.fitting import SAVERS, previous_run, step_seconds
+from dreambooth_nb.planning.planner import plan
 
-train_module = importlib.import_module("dreambooth_nb.train")
+train_module = importlib.import_module("dreambooth_nb.training.train")
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
@@ -367,7 +368,7 @@ def test_no_previous_run_to_resume(make_config):
 def test_the_fit_for_two_gpus_plans_the_buckets_and_fits_a_t4():
     """Kaggle's 2×T4: the object preset's 4 images per step split 2 per GPU (the effective batch kept); the fit
     plans each process with DDP's buckets and still fits a T4."""
-    from dreambooth_nb.distributed import for_processes
+    from dreambooth_nb.training.distributed import for_processes
 
     two = for_processes(sd15("object"), 2)
     report = fit_report(two, "T4")
@@ -385,8 +386,8 @@ def test_the_fit_for_two_gpus_plans_the_buckets_and_fits_a_t4():
 def test_a_run_that_ran_out_of_memory_is_never_fitted_as_large_again(tmp_path, monkeypatch):
     """The plan under-estimated what ran out of memory: pressing Train again (the panel re-fits) must not choose
     it, nor anything planned as large, on that GPU; a larger GPU is fitted as usual."""
-    from dreambooth_nb import memory
-    from dreambooth_nb.planner import GPUS
+    from dreambooth_nb.planning import memory
+    from dreambooth_nb.planning.planner import GPUS
 
     config = sd15("object", output_dir=str(tmp_path / "run"))
     first = fit_report(config, "T4")

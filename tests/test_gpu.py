@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 import importlib
 
 from dreambooth_nb import TrainingStopped, train
-from dreambooth_nb.models import bf16_supported, bitsandbytes_works, resolve_precision, xformers_works
+from dreambooth_nb.model.loading import bf16_supported, bitsandbytes_works, resolve_precision, xformers_works
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -43,7 +43,7 @@ def test_xformers_probe_answers_and_training_runs_either_way(make_config, capsys
 def test_out_of_memory_message_gives_the_measured_peak(make_config, monkeypatch):
     import importlib
 
-    train_module = importlib.import_module("dreambooth_nb.train")
+    train_module = importlib.import_module("dreambooth_nb.training.train")
     real = train_module.compute_loss
 
     def explode(*args, **kwargs):
@@ -69,12 +69,12 @@ def test_ema_resumes_on_the_gpu_and_offloaded(make_config, offload):
 
 @cuda
 def test_a_frozen_text_encoder_leaves_the_gpu(make_config, monkeypatch):
-    train_module = importlib.import_module("dreambooth_nb.train")
+    train_module = importlib.import_module("dreambooth_nb.training.train")
     real, where = train_module.compute_loss, []
 
     parts = []
-    real_load = train_module.models.load_components
-    monkeypatch.setattr(train_module.models, "load_components", lambda *a, **k: parts.append(real_load(*a, **k)) or parts[-1])
+    real_load = train_module.loading.load_components
+    monkeypatch.setattr(train_module.loading, "load_components", lambda *a, **k: parts.append(real_load(*a, **k)) or parts[-1])
 
     def spy(batch, **kwargs):
         where.append((next(parts[0].text_encoder.parameters()).device.type,
@@ -100,7 +100,7 @@ def test_the_offloaded_ema_is_pinned_once_and_takes_no_pinned_memory_per_step():
     nothing from PyTorch's pinned-memory cache (which rounds each request up to a power of two and keeps it:
     ≈ 8 GB pinned for SD 1.5's 3.44 GB EMA when every step moved it back with `.to("cpu", non_blocking=True)`)."""
     from dreambooth_nb import TrainConfig
-    from dreambooth_nb.ema import make_ema, step_ema
+    from dreambooth_nb.training.ema import make_ema, step_ema
 
     device = torch.device("cuda")
     module = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.Linear(1024, 333)).to(device)

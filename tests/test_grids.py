@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from dreambooth_nb.errors import ConfigError
-from dreambooth_nb.grids import cell_labels, draw_grid, format_label, layout, resolve_axes
+from dreambooth_nb.results.grids import cell_labels, draw_grid, format_label, layout, resolve_axes
 
 
 def cell(lr, step, prompt="p", seed=0, image="x.png"):

@@ -11,12 +11,13 @@ import yaml
 from PIL import Image
 from sd_runs import CLASS_PROMPT, PROMPT, train_run
 
-from dreambooth_nb import hub, storage
+from dreambooth_nb.results import hub
+from dreambooth_nb import storage
 from dreambooth_nb.errors import ConfigError
-from dreambooth_nb.evaluate import render_dir
-from dreambooth_nb.export import export
-from dreambooth_nb.images import png_bytes
-from dreambooth_nb.tiny import build_sd_topology_pipeline
+from dreambooth_nb.results.evaluate import render_dir
+from dreambooth_nb.results.export import export
+from dreambooth_nb.dataset.images import png_bytes
+from dreambooth_nb.toy.tiny import build_sd_topology_pipeline
 
 FAKE_TOKEN = "hf_FAKEhubNeverPrinted0123456789abcdef"
 
@@ -121,7 +122,7 @@ def test_license_and_base_come_from_the_hub_base(project):
 
 def test_no_token_no_push(project, recorded, monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setattr("dreambooth_nb.platform.find_hf_token", lambda: (None, ""))
+    monkeypatch.setattr("dreambooth_nb.notebook.platform.find_hf_token", lambda: (None, ""))
     with pytest.raises(ConfigError, match="HF_TOKEN: pushing to the Hub needs a token with write access"):
         hub.push_to_hub(project["run"], "someone/sks-dog")
     assert recorded == {}

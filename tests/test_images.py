@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, ImageFile, JpegImagePlugin
 
 from dreambooth_nb.errors import ConfigError, DataError, DreamboothError
-from dreambooth_nb.images import ImageError, ScanReport, load_image, scan_images, thumbnail_grid
+from dreambooth_nb.dataset.images import ImageError, ScanReport, load_image, scan_images, thumbnail_grid
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 

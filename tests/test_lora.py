@@ -7,8 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dreambooth_nb import memory, preset, snapshots, storage, train
-from dreambooth_nb.memory import RunSizes
+from dreambooth_nb import preset, train
+from dreambooth_nb.planning import memory
+from dreambooth_nb.model import snapshots
+from dreambooth_nb import storage
+from dreambooth_nb.planning.memory import RunSizes
 
 LORA = dict(method="lora", learning_rate=1e-3)
 
@@ -128,7 +131,7 @@ def test_the_lora_preset_and_its_disk_plan(tmp_path):
 
 
 def test_parameter_counts_know_what_lora_trains(make_config):
-    from dreambooth_nb.models import parameter_counts
+    from dreambooth_nb.model.loading import parameter_counts
 
     full, lora = parameter_counts(make_config()), parameter_counts(make_config(**LORA))
     assert full["trained"] == full["unet"]
@@ -153,7 +156,7 @@ def test_a_lora_run_exports_its_adapters_or_a_merged_checkpoint(make_config, tmp
     from diffusers import StableDiffusionPipeline
     from safetensors import safe_open
 
-    from dreambooth_nb.export import export, how_to_use
+    from dreambooth_nb.results.export import export, how_to_use
 
     config = make_config(max_train_steps=2, **LORA)
     final = train(config)

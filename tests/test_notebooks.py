@@ -2,7 +2,7 @@
 
 A tiny random Stable Diffusion pipeline stands in for the model (these tests prove the notebooks *run*;
 the toy-model demo shows that training learns). Each notebook runs in its own kernel via nbclient, exactly
-as `python -m dreambooth_nb.demo` does. A planted fake Hugging Face token must never reach any output.
+as `python -m dreambooth_nb.notebook.demo` does. A planted fake Hugging Face token must never reach any output.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from dreambooth_nb import snapshots, storage
-from dreambooth_nb.demo import ORDER, inject_parameters, run_notebook
+from dreambooth_nb.model import snapshots
+from dreambooth_nb import storage
+from dreambooth_nb.notebook.demo import ORDER, inject_parameters, run_notebook
 
 # The first test that needs a notebook runs every earlier one too, each in its own kernel (imports alone
 # take ~5 s per kernel): the module gets more than the suite's 300 s per test.
@@ -80,7 +81,7 @@ class Suite:
         self.results: dict[str, object] = {}
         self.seconds: dict[str, float] = {}
         photos = self.project / "instance"
-        from dreambooth_nb.demo import write_subject
+        from dreambooth_nb.notebook.demo import write_subject
 
         self.instance_prompt, self.class_prompt, _ = write_subject(photos, n=4)
         p = str(self.project)
@@ -365,7 +366,7 @@ def test_two_subjects_go_through_setup_class_images_training_and_comparison(tiny
 
 def test_the_demo_collects_each_grid_with_its_sidecar_and_metrics_plot(tmp_path):
     """`make demo` ends by copying the grids out of the project: a metrics plot is not a grid of its own."""
-    from dreambooth_nb.demo import collect_grids
+    from dreambooth_nb.notebook.demo import collect_grids
 
     project = tmp_path / "project"
     for folder, stem in (("comparisons", "compare-abc"), ("sweeps", "sweep-grid")):

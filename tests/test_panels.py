@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from dreambooth_nb import progress, ui
+from dreambooth_nb import progress
+from dreambooth_nb.notebook import ui
 from dreambooth_nb.config import PRESETS
 from dreambooth_nb.errors import ActionStopped, TrainingStopped
-from dreambooth_nb.evaluate import EvalSpec
+from dreambooth_nb.results.evaluate import EvalSpec
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -127,7 +128,7 @@ def _spec():
 
 def test_stop_during_draw_ends_it_with_one_message_and_draw_goes_on_from_the_kept_images(trained_run, tmp_path,
                                                                                         monkeypatch):
-    import dreambooth_nb.evaluate as evaluate
+    import dreambooth_nb.results.evaluate as evaluate
 
     runs = {"lr1e-4": Path(trained_run.output_dir)}
     panel = ui.ComparePanel(lambda: runs, _spec(), out_dir=tmp_path / "comparisons")
@@ -172,7 +173,7 @@ def test_the_compare_panel_asks_for_its_runs_at_every_draw_and_has_every_control
 def test_a_stopped_training_says_where_and_the_fallback_keeps_the_last_state(make_config, monkeypatch):
     import importlib
 
-    train_module = importlib.import_module("dreambooth_nb.train")
+    train_module = importlib.import_module("dreambooth_nb.training.train")
     config = make_config(max_train_steps=50, checkpointing_steps=2)
     panel = ui.TrainingPanel(config, fit=False)
     real, calls = train_module.compute_loss, []
@@ -243,8 +244,8 @@ def test_the_sweep_plot_keeps_every_rate():
 
 def test_a_bad_run_name_in_notebook_6_names_its_run_setting(trained_run, tmp_path):
     from dreambooth_nb import ConfigError
-    from dreambooth_nb.export import snapshot_in_project
-    from dreambooth_nb.project import Project
+    from dreambooth_nb.results.export import snapshot_in_project
+    from dreambooth_nb.notebook.project import Project
 
     project = Project(tmp_path)
     with pytest.raises(ConfigError, match=r"^RUN: lr9e-9 not found; the runs with snapshots are: lr1e-4"):

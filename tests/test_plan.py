@@ -2,7 +2,7 @@
 verdict and its advice, LoRA and SDXL, and host RAM measured against a real CPU training run.
 
 Everything runs offline on CPU: traces run on fake tensors (no memory), and the SD configs ship in
-`dreambooth_nb/known_models/`. The SD 1.5 traces are shared through the planner's own cache.
+`dreambooth_nb/model/known_models/`. The SD 1.5 traces are shared through the planner's own cache.
 """
 
 import json
@@ -14,9 +14,10 @@ from dataclasses import replace
 
 import pytest
 
-from dreambooth_nb import TrainConfig, memory, preset
+from dreambooth_nb import TrainConfig, preset
+from dreambooth_nb.planning import memory
 from dreambooth_nb.errors import ConfigError
-from dreambooth_nb.planner import (GIB, KNOWN_MODELS, MemoryPlan, component_sizes, optimizer_state_bytes, plan,
+from dreambooth_nb.planning.planner import (GIB, KNOWN_MODELS, MemoryPlan, component_sizes, optimizer_state_bytes, plan,
                                 read_model_configs, saver_changes)
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -84,7 +85,7 @@ def test_published_t4_table(precision, batch, accumulation, checkpointing, eight
     """The plan of the code that was measured: that script keeps torch's autocast weight cache (ours turns it
     off, see `planner.AUTOCAST_WEIGHT_CACHE`), and its torch 1.12 AdamW stepped one tensor at a time (as our
     fused AdamW does: no step temporaries)."""
-    import dreambooth_nb.planner as planner
+    import dreambooth_nb.planning.planner as planner
 
     monkeypatch.setattr(planner, "AUTOCAST_WEIGHT_CACHE", True)
     config = sd15(mixed_precision=precision, train_batch_size=batch, gradient_accumulation_steps=accumulation,
@@ -209,7 +210,7 @@ def test_the_goal_cases_fit_without_the_autocast_weight_cache(monkeypatch):
     """SD 1.5, prior preservation, batch 1 × 4, 16gb profile: UNet only ≤ 9.5 GiB and UNet + text encoder
     ≤ 11 GiB at the peak (allocated). With accumulation the gradients live through the forward; autocast's
     cache would add an fp16 copy of every weight beside them, which is why `train` turns it off."""
-    import dreambooth_nb.planner as planner
+    import dreambooth_nb.planning.planner as planner
 
     goal = sd15(with_prior_preservation=True, class_prompt="a photo of a dog", class_data_dir="class",
                 gradient_accumulation_steps=4)
@@ -253,7 +254,7 @@ def _medium_pipeline(folder):
     """A 26 M-parameter UNet: big enough that weights, gradients and Adam outweigh the libraries."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
-    from dreambooth_nb.tiny import TINY_WORDS, build_text_encoder, build_tokenizer, build_unet, build_vae
+    from dreambooth_nb.toy.tiny import TINY_WORDS, build_text_encoder, build_tokenizer, build_unet, build_vae
 
     tokenizer = build_tokenizer(TINY_WORDS)
     pipe = StableDiffusionPipeline(vae=build_vae(), text_encoder=build_text_encoder(tokenizer), tokenizer=tokenizer,
@@ -291,7 +292,7 @@ def test_ddp_buckets_cost_a_gradient_copy_unless_they_are_views(monkeypatch):
     backward; or accumulation: they are always alive) — there two processes plan as one. Where the peak is
     the end of the forward (checkpointing off), the buckets are memory a single process would not hold yet:
     views or copies, a gradient's worth more."""
-    import dreambooth_nb.planner as planner_module
+    import dreambooth_nb.planning.planner as planner_module
 
     config = preset("object", "16gb", instance_data_dir="p", instance_prompt="a photo of sks mug", resolution=512)
 

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dreambooth_nb import generate_class_images, priors, snapshots
+from dreambooth_nb import generate_class_images
+from dreambooth_nb.training import priors
+from dreambooth_nb.model import snapshots
 from dreambooth_nb.errors import DataError
 
 
@@ -131,7 +133,7 @@ def test_training_uses_exactly_num_class_images_yours_first(class_config, monkey
     """The class half of every batch draws from the selected images only: 10 of yours in the folder and
     num_class_images=2 train on the first two, and nothing is generated."""
     from dreambooth_nb import train
-    from dreambooth_nb.data import ImageFolder
+    from dreambooth_nb.training.data import ImageFolder
 
     config = class_config(num_class_images=2, max_train_steps=1)
     own = write_own(Path(config.class_data_dir), [f"reg-{i:02d}.png" for i in range(10)])

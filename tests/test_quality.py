@@ -7,11 +7,14 @@ import shutil
 import numpy as np
 import pytest
 
-from dreambooth_nb import TrainConfig, quality, storage, toyworld
-from dreambooth_nb.compare import compare
-from dreambooth_nb.evaluate import EvalSpec
-from dreambooth_nb.export import choose_snapshot
-from dreambooth_nb.quality import Roles, Tolerances, suggest
+from dreambooth_nb import TrainConfig
+from dreambooth_nb.results import quality
+from dreambooth_nb import storage
+from dreambooth_nb.toy import world as toyworld
+from dreambooth_nb.results.compare import compare
+from dreambooth_nb.results.evaluate import EvalSpec
+from dreambooth_nb.results.export import choose_snapshot
+from dreambooth_nb.results.quality import Roles, Tolerances, suggest
 
 TOL = Tolerances(prompt=0.25, prior=0.15, gain=0.1)
 BASE = {"subject_fidelity": 0.1, "prompt_fidelity": 0.9, "prior_preservation": 1.0, "diversity": 0.3}

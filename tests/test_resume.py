@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 from photos import write_photos
 
 from dreambooth_nb import Concept, TrainConfig, train
-from dreambooth_nb import snapshots, storage
+from dreambooth_nb.model import snapshots
+from dreambooth_nb import storage
 
 WORKER = Path(__file__).with_name("train_worker.py")
 FIRST_STATE = "states/state-*/state.json"

@@ -9,11 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dreambooth_nb import ConfigError, preset, snapshots, train
-from dreambooth_nb.families import SDXL
-from dreambooth_nb.models import SDXL_FP16_VAE, model_family, vae_source
+from dreambooth_nb import ConfigError, preset, train
+from dreambooth_nb.model import snapshots
+from dreambooth_nb.model.families import SDXL
+from dreambooth_nb.model.loading import SDXL_FP16_VAE, model_family, vae_source
 
-train_module = importlib.import_module("dreambooth_nb.train")
+train_module = importlib.import_module("dreambooth_nb.training.train")
 LORA = dict(method="lora", learning_rate=1e-3)
 
 
@@ -104,7 +105,7 @@ def test_the_sdxl_lora_loads_in_diffusers_both_files_and_changes_the_output(sdxl
 
 
 def test_full_fine_tuning_of_sdxl_is_refused_before_anything_loads(sdxl_config, monkeypatch):
-    monkeypatch.setattr(train_module.models, "load_components", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(train_module.loading, "load_components", lambda *a, **k: pytest.fail("loaded the model"))
     with pytest.raises(ConfigError, match="method: full fine-tuning of SDXL"):
         train(sdxl_config(method="full", learning_rate=1e-5))
 
@@ -126,7 +127,7 @@ def test_the_sdxl_preset():
 
 
 def test_setup_takes_the_sdxl_preset_for_an_sdxl_model(tiny_sdxl_model, tmp_path):
-    from dreambooth_nb import project as projects
+    from dreambooth_nb.notebook import project as projects
 
     project = projects.Project(tmp_path)
     (tmp_path / "instance").mkdir()
@@ -142,7 +143,7 @@ def test_a_merged_export_of_an_sdxl_lora_is_refused_before_anything_loads(sdxl_c
     process's peak memory does not move."""
     import resource
 
-    from dreambooth_nb.export import ExportError, export
+    from dreambooth_nb.results.export import ExportError, export
 
     final = train(sdxl_config(max_train_steps=1))
     monkeypatch.setattr(snapshots, "load_pipeline", lambda *a, **k: pytest.fail("loaded the pipeline"))

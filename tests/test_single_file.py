@@ -13,12 +13,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from sd_runs import train_run
 
-from dreambooth_nb import TrainConfig, single_file, snapshots, storage
+from dreambooth_nb import TrainConfig
+from dreambooth_nb.model import single_file, snapshots
+from dreambooth_nb import storage
 from dreambooth_nb.config import model_location
 from dreambooth_nb.errors import ConfigError
-from dreambooth_nb.export import export
-from dreambooth_nb.single_file import KnownBase, diffusers_folder, prediction_type
-from dreambooth_nb.tiny import build_sd_topology_pipeline
+from dreambooth_nb.results.export import export
+from dreambooth_nb.model.single_file import KnownBase, diffusers_folder, prediction_type
+from dreambooth_nb.toy.tiny import build_sd_topology_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ import json
 import numpy as np
 import pytest
 
-from dreambooth_nb import metrics, toyworld
-from dreambooth_nb.toyworld import TOY_MODEL_DIR
+from dreambooth_nb.toy import metrics, world as toyworld
+from dreambooth_nb.toy.world import TOY_MODEL_DIR
 
 
 def solid(colour, shape="circle", background="white", seeds=range(6)):
@@ -151,7 +151,8 @@ def test_a_short_lora_run_learns_the_subject(tmp_path, instance_photos):
     rendered through the LoRA snapshot the way comparisons load it."""
     import torch
 
-    from dreambooth_nb import TrainConfig, snapshots, train
+    from dreambooth_nb import TrainConfig, train
+    from dreambooth_nb.model import snapshots
 
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -182,7 +183,8 @@ def test_two_subjects_trained_together_are_both_learned(tmp_path):
     (measured: circle 0.15 → 0.58, square 0.13 → 0.36; one of 8 renders moves the mean by ≈ 0.08)."""
     import torch
 
-    from dreambooth_nb import Concept, TrainConfig, snapshots, train
+    from dreambooth_nb import Concept, TrainConfig, train
+    from dreambooth_nb.model import snapshots
 
     subjects = {}
     for shape in ("circle", "square"):

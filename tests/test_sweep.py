@@ -6,9 +6,12 @@ import sys
 
 import pytest
 
-from dreambooth_nb import EvalSpec, compare, models, priors, snapshots, storage, sweep
+from dreambooth_nb import EvalSpec, compare, sweep
+from dreambooth_nb.model import loading as models, snapshots
+from dreambooth_nb.training import priors
+from dreambooth_nb import storage
 from dreambooth_nb.errors import ConfigError
-from dreambooth_nb.sweep import run_folder
+from dreambooth_nb.results.sweep import run_folder
 
 
 def refuse(*args, **kwargs):
@@ -90,7 +93,7 @@ def test_sweep_argument_errors(make_config):
 
 def test_sweep_passes_each_run_to_train_and_makes_class_images_first(make_config, tiny_model, monkeypatch, tmp_path):
     """With prior preservation the class images exist before the first run; each run gets its overrides."""
-    module = sys.modules["dreambooth_nb.sweep"]  # `dreambooth_nb.sweep` the attribute is the function
+    module = sys.modules["dreambooth_nb.results.sweep"]  # `dreambooth_nb.results.sweep` the attribute is the function
     events = []
     real_generate = priors.generate_class_images
 
@@ -135,7 +138,7 @@ def test_sweep_runs_share_one_latent_cache(make_config, tmp_path):
 
 def test_each_sweep_keeps_its_grid_and_an_earlier_sweep_goes_on_in_its_folder(tmp_path):
     """Other rates or steps: another grid file; a sweep begun by an earlier version (`lr-5e-6`) keeps its folder."""
-    from dreambooth_nb.sweep import grid_path
+    from dreambooth_nb.results.sweep import grid_path
 
     first = grid_path(tmp_path, lrs=[5e-6, 2e-6], save_at=[400, 800])
     assert first.name == "sweep-grid-lr5e-6_2e-6-steps400_800.png"

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from dreambooth_nb import metrics, toyworld
-from dreambooth_nb.toyworld import TOY_MODEL_DIR
+from dreambooth_nb.toy import metrics, world as toyworld
+from dreambooth_nb.toy.world import TOY_MODEL_DIR
 
 
 def pixels(image):

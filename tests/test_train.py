@@ -7,14 +7,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dreambooth_nb import models, train
-from dreambooth_nb.data import CLASS, INSTANCE, ImageFolder, TrainingData
-from dreambooth_nb.models import load_components
-from dreambooth_nb.prompts import Prompts
-from dreambooth_nb.train import compute_loss, make_optimizer
+from dreambooth_nb import train
+from dreambooth_nb.model import loading as models
+from dreambooth_nb.training.data import CLASS, INSTANCE, ImageFolder, TrainingData
+from dreambooth_nb.model.loading import load_components
+from dreambooth_nb.training.prompts import Prompts
+from dreambooth_nb.training.train import compute_loss, make_optimizer
 
 # The package exports the function `train`, which hides the module of the same name as an attribute.
-train_module = importlib.import_module("dreambooth_nb.train")
+train_module = importlib.import_module("dreambooth_nb.training.train")
 
 
 def _weights(folder, part="unet"):
@@ -222,7 +223,7 @@ def test_restoring_random_state_saved_on_more_gpus_than_there_are(monkeypatch):
 
 
 def test_the_xformers_probe_survives_an_error_without_a_message(monkeypatch):
-    from dreambooth_nb import models
+    from dreambooth_nb.model import loading as models
 
     assert models.first_line(RuntimeError()) == "RuntimeError"
     assert models.first_line(ValueError("bad\nmore")) == "ValueError: bad"
@@ -252,7 +253,7 @@ def test_text_encoder_stops_training_at_its_stop_step(make_config, tmp_path):
 
 
 def test_loss_falls_on_a_fixed_batch(make_config):
-    from dreambooth_nb.methods import method_for
+    from dreambooth_nb.model.methods import method_for
 
     config = make_config(learning_rate=1e-3, train_batch_size=2)
     parts = load_components(config, device=torch.device("cpu"), precision="no")
@@ -307,7 +308,7 @@ def test_saved_snapshots_reload_and_generate(make_config):
 def test_finished_run_is_not_trained_again(make_config, monkeypatch):
     config = make_config(max_train_steps=2)
     first = train(config)
-    monkeypatch.setattr(train_module.models, "load_components", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(train_module.loading, "load_components", lambda *a, **k: pytest.fail("trained again"))
     assert train(config) == first
 
 
@@ -334,7 +335,7 @@ def test_the_validation_loss_is_measured_at_every_snapshot_the_same_way(make_con
     assert a == b and [v["step"] for v in a] == seen == [1, 2, 3]
     assert all(v["fit"] > 0 and v["prior"] > 0 for v in a)
     # Rendered once by the base model, one image at a time, into a folder shared by the runs beside each other.
-    from dreambooth_nb.priors import BASE_RENDERS
+    from dreambooth_nb.training.priors import BASE_RENDERS
 
     (shared,) = (tmp_path / BASE_RENDERS).iterdir()
     assert len(list(shared.glob("class-*.png"))) == 4 and not (tmp_path / "a" / "validation").exists()
@@ -346,7 +347,7 @@ def test_the_validation_loss_is_measured_at_every_snapshot_the_same_way(make_con
 
 def test_a_run_that_rendered_its_own_validation_images_keeps_them(make_config, tmp_path):
     """Runs of earlier versions rendered them into their own `validation/`: resumed, they keep those numbers."""
-    from dreambooth_nb.priors import BASE_RENDERS, reference_folder
+    from dreambooth_nb.training.priors import BASE_RENDERS, reference_folder
 
     config = make_config(max_train_steps=2, class_prompt="a photo of a dog", output_dir=str(tmp_path / "old"))
     own = tmp_path / "old" / "validation"

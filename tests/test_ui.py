@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from dreambooth_nb import platform, project as projects, ui
+from dreambooth_nb.notebook import platform, project as projects, ui
 from dreambooth_nb.config import TrainConfig, preset
 from dreambooth_nb.errors import ConfigError, DataError
 
@@ -258,10 +258,10 @@ def test_stopping_the_kernel_while_training_says_where_and_how_to_resume(base, t
     step reached, the last state, 'press Train to resume' — not a traceback, and the rerun resumes."""
     import importlib
 
-    from dreambooth_nb.tiny import build_tiny_pipeline
+    from dreambooth_nb.toy.tiny import build_tiny_pipeline
     from photos import write_photos
 
-    train_module = importlib.import_module("dreambooth_nb.train")
+    train_module = importlib.import_module("dreambooth_nb.training.train")
     model = build_tiny_pipeline(tmp_path / "model")
     config = base.replace(pretrained_model_name_or_path=str(model), instance_data_dir=str(write_photos(tmp_path / "p")),
                           resolution=32, max_train_steps=6, checkpointing_steps=2, learning_rate=1e-4,

@@ -1,6 +1,6 @@
 """Train the project's embedded toy text-to-image model from scratch, on CPU, deterministically.
 
-    python tools/train_toy_model.py --out dreambooth_nb/toy_model
+    python tools/train_toy_model.py --out dreambooth_nb/toy/toy_model
 
 Phases (each timed and printed):
   0. render the data: a broad image distribution (VAE) and a captioned toy world (UNet + text encoder);
@@ -30,8 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dreambooth_nb import metrics, toyworld  # noqa: E402
-from dreambooth_nb.tiny import build_text_encoder, build_tokenizer, build_unet, build_vae  # noqa: E402
+from dreambooth_nb.toy import metrics, world as toyworld  # noqa: E402
+from dreambooth_nb.toy.tiny import build_text_encoder, build_tokenizer, build_unet, build_vae  # noqa: E402
 
 # The DDPM schedule the UNet is trained with; the saved DDIM scheduler uses the same betas. Linear betas
 # (DDPM's own, as for 32 px CIFAR) leave almost no signal at t=T (alpha_bar_T ~ 4e-5), so sampling from
@@ -44,7 +44,7 @@ EVAL_CAPTIONS = [toyworld.caption_for(c, s) for c in toyworld.COLOURS for s in t
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="dreambooth_nb/toy_model", help="folder for the pipeline (replaced)")
+    p.add_argument("--out", default="dreambooth_nb/toy/toy_model", help="folder for the pipeline (replaced)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2,
                    help="torch CPU threads, fixed for reproducibility (the shipped model used 2; 1 is faster on a "
@@ -455,7 +455,7 @@ learning tests use a model that has really learned something, with no download.
 
 ```python
 from diffusers import StableDiffusionPipeline
-from dreambooth_nb.toyworld import TOY_MODEL_DIR
+from dreambooth_nb.toy.world import TOY_MODEL_DIR
 pipe = StableDiffusionPipeline.from_pretrained(TOY_MODEL_DIR)
 image = pipe("a photo of a red circle", height=32, width=32, num_inference_steps=25,
              guidance_scale={a['guidance']}).images[0]
@@ -486,7 +486,7 @@ thread counts may differ in the last bits. Times below were measured on a shared
 - Scheduler: `DDIMScheduler` with the training betas (linear, 1e-4..0.02), `steps_offset=1`,
   `clip_sample=False`, `set_alpha_to_one=False`. Fine-tuning code reads the same betas with
   `DDPMScheduler.from_pretrained(TOY_MODEL_DIR, subfolder="scheduler")`.
-- Tokenizer: a CLIP BPE tokenizer (`dreambooth_nb.tiny.build_tokenizer`), `model_max_length=16`, with
+- Tokenizer: a CLIP BPE tokenizer (`dreambooth_nb.toy.tiny.build_tokenizer`), `model_max_length=16`, with
   every word of `toyworld.VOCABULARY` as one token: the world's words, the rare identifiers, and `sks`,
   which no caption uses.
 - VAE round trip (mean absolute error per channel, 0..255): {r['vae']['world_mae']:.1f} on held-out world

@@ -75,7 +75,7 @@ def lab_dirs(tiny_model, tmp_path_factory):
         pytest.fail(f"{REQUIRE_ENV}=1 but {MISSING}")
     import nbformat
 
-    from dreambooth_nb.demo import inject_parameters, run_notebook, write_subject
+    from dreambooth_nb.notebook.demo import inject_parameters, run_notebook, write_subject
 
     root = tmp_path_factory.mktemp("browser")
     project = root / "project"
@@ -427,7 +427,7 @@ def _scenario(page, lab, panel: Panel, name: str, project: Path) -> None:
     # panel, not only in JupyterLab's log console, where an uncaught widget-callback error lands unseen.
     lab.evaluate(name, "1", setup="import sys\n"
                  "def _injected(*args, **kwargs): raise RuntimeError('injected by the browser test')\n"
-                 "sys.modules['dreambooth_nb.train'].train = _injected")
+                 "sys.modules['dreambooth_nb.training.train'].train = _injected")
     panel.button.click()
     failed = panel.wait_status(lambda t: t.startswith(("Failed", "Stopped")), timeout=60, what="the failure")
     assert failed == "Failed: RuntimeError: injected by the browser test", failed

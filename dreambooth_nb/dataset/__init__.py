@@ -1,0 +1,1 @@
+"""What the photos and class folders hold: usable images, captions, what is missing."""

@@ -1,0 +1,330 @@
+"""Loading the Stable Diffusion parts for training: dtypes, attention backend, checkpointing.
+
+Trained parts stay fp32 *master* weights and run under autocast: loading them in fp16 and training
+them is what produces "Attempting to unscale FP16 gradients". Frozen parts go to fp16/bf16 on a GPU
+to save memory.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dreambooth_nb.model.families import Family, family_of
+from dreambooth_nb.model.single_file import resolve
+
+
+@dataclass
+class Components:
+    family: Family
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    noise_scheduler: object
+    """DDPM scheduler with the base model's noise schedule: adds noise in training."""
+    inference_scheduler: object
+    """The base pipeline's own scheduler, saved unchanged into every snapshot."""
+    tokenizer_2: object = None
+    text_encoder_2: torch.nn.Module | None = None
+    """SDXL's second tokenizer and text encoder (with projection); None for SD 1.x/2.x."""
+    vae_source: str | None = None
+    """Where the VAE came from when not from the base model (SDXL's fp16-fix VAE): snapshots record it."""
+
+    @property
+    def text_encoders(self) -> list:
+        return [getattr(self, name) for name in self.family.text_encoders]
+
+    @property
+    def tokenizers(self) -> list:
+        return [getattr(self, name) for name in self.family.tokenizers]
+
+
+SDXL_FP16_VAE = "madebyollin/sdxl-vae-fp16-fix"
+"""SDXL's own VAE overflows to NaN in fp16; this retrained copy does not (it is what diffusers' SDXL
+examples and Hugging Face's free-Colab SDXL Dreambooth notebook pass as `--pretrained_vae_model_name_or_path`)."""
+
+
+def vae_source(config, *, family: Family, half: bool) -> str | None:
+    """The VAE to load instead of the base model's: the config's, else SDXL's fp16-fix one where the VAE
+    runs in fp16 (on a GPU without bf16; bf16 and fp32 do not overflow), else None."""
+    if config.vae_model_name_or_path:
+        return config.vae_model_name_or_path
+    return SDXL_FP16_VAE if family.is_sdxl and half else None
+
+
+def model_family(config) -> Family:
+    """SD or SDXL, from the base model's `model_index.json` (a few hundred bytes, before any download)."""
+    return family_of_model(config.pretrained_model_name_or_path, revision=config.revision)
+
+
+def family_of_model(model: str, *, revision: str | None = None) -> Family:
+    """The family of a base model (Hub id, folder or single file) from its `model_index.json`."""
+    return family_of(_read_model_index(model, revision=revision), source=model)
+
+
+def is_local(model: str) -> bool:
+    from dreambooth_nb.config import model_location
+
+    return model_location(model) == "folder"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def unsupported_gpu(*, name: str, capability: tuple[int, int], arch_list: list[str], torch_version: str) -> str | None:
+    """Why this torch cannot run on this GPU, or None. A build runs on a GPU it has machine code for (an `sm_XY`
+    of the same major version, minor ≤ the GPU's) or PTX it can compile there (a `compute_XY` at or below the
+    GPU's capability). Kaggle's current torch has no sm_60 code, so its P100s fail at the first kernel."""
+    major, minor = capability
+    for arch in arch_list:
+        kind, _, number = arch.partition("_")
+        if not number.isdigit() or len(number) < 2:
+            continue
+        arch_major, arch_minor = int(number[:-1]), int(number[-1])
+        if kind == "sm" and arch_major == major and arch_minor <= minor:
+            return None
+        if kind == "compute" and (arch_major, arch_minor) <= (major, minor):
+            return None
+    built = ", ".join(a for a in arch_list if a.startswith("sm_")) or "no GPU"
+    return (f"This torch ({torch_version}) cannot run on the {name} (compute capability {major}.{minor}): it was built "
+            f"for {built}. Choose another GPU: on Kaggle, Settings > Accelerator > GPU T4 x2; on Colab, a T4.")
+
+
+def gpu_problem() -> str | None:
+    """Why the GPU here cannot train (see `unsupported_gpu`), or None (it can, or there is none)."""
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    return unsupported_gpu(name=props.name, capability=(props.major, props.minor), arch_list=torch.cuda.get_arch_list(),
+                           torch_version=torch.__version__)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """bf16 runs natively: on CPU, and on GPUs of compute capability 8.0 and newer (Ampere: A100, L4, RTX 30).
+
+    `torch.cuda.is_bf16_supported()` also says True on a T4 (sm_75), where bf16 is emulated and slow.
+    """
+    if device.type != "cuda":
+        return device.type == "cpu"
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """The mixed precision a run uses on `device`: "auto" decided here, impossible choices refused."""
+    from dreambooth_nb.errors import ConfigError
+
+    if requested == "auto":
+        if device.type != "cuda":
+            return "no"
+        return "bf16" if bf16_supported(device) else "fp16"
+    if requested == "fp16" and device.type != "cuda":
+        raise ConfigError("mixed_precision: 'fp16' needs a CUDA GPU and this runtime has none; use 'auto' "
+                          "(fp32 here, fp16 on a T4), 'no', or 'bf16' on CPU.")
+    if requested == "bf16" and not bf16_supported(device):
+        name = torch.cuda.get_device_name(device)
+        raise ConfigError(f"mixed_precision: this GPU ({name}) has no native bf16 (it needs compute capability "
+                          "8.0 or newer; a T4 is 7.5) and emulating it is slow; use 'fp16' or 'auto'.")
+    return requested
+
+
+def weight_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """dtype of the frozen parts: half precision only on a GPU (CPU fp16 kernels are slow or missing)."""
+    if device.type != "cuda":
+        return torch.float32
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+
+
+KNOWN_MODELS = Path(__file__).parent / "known_models"
+"""The configs (no weights) of the base models people start from, so that their family, parameter counts
+and memory plan are known offline and before any download."""
+
+
+def _read_model_index(model: str, *, revision: str | None) -> dict:
+    model = resolve(model)
+    if is_local(model):
+        return json.loads((Path(model) / "model_index.json").read_text())
+    known = KNOWN_MODELS / model / "model_index.json"
+    if revision is None and model.count("/") == 1 and known.is_file():
+        return json.loads(known.read_text())
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.load_config(model, revision=revision)
+
+
+def transformers_dtype(dtype: torch.dtype) -> dict:
+    """The dtype keyword for a transformers `from_pretrained`: `dtype` from 4.56 (where `torch_dtype` warns
+    that it is deprecated), `torch_dtype` before (Colab may ship an older transformers)."""
+    import transformers
+
+    return _dtype_keyword(dtype, transformers.__version__, since="4.56")
+
+
+def diffusers_dtype(dtype: torch.dtype) -> dict:
+    """The dtype keyword for a diffusers `from_pretrained` (models and pipelines): `dtype` from 0.40, which
+    accepts it (0.42 warns that `torch_dtype` is deprecated), `torch_dtype` before."""
+    import diffusers
+
+    return _dtype_keyword(dtype, diffusers.__version__, since="0.40")
+
+
+def _dtype_keyword(dtype: torch.dtype, version: str, *, since: str) -> dict:
+    from packaging.version import Version
+
+    return {"dtype": dtype} if Version(version) >= Version(since) else {"torch_dtype": dtype}
+
+
+def load_components(config, *, device: torch.device, precision: str, method=None) -> Components:
+    """Load tokenizer, text encoder, VAE, UNet and the DDPM noise scheduler of `config`'s base model.
+
+    Each part is loaded in the dtype `method` (`methods.method_for(config)`) wants — trained parts fp32,
+    frozen parts half precision on a GPU — never cast after loading: diffusers keeps some modules in fp32
+    only when it knows the dtype at load. Which parameters train is the method's business (`setup`).
+    """
+    import diffusers
+    import transformers
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    from dreambooth_nb.model.methods import method_for
+
+    model = resolve(config.pretrained_model_name_or_path)  # a single file: its converted folder
+    common = dict(revision=config.revision, local_files_only=is_local(model))
+    frozen = weight_dtype(precision, device)
+    index = _read_model_index(model, revision=config.revision)
+    family = family_of(index, source=config.pretrained_model_name_or_path)
+    method = method or method_for(config)
+
+    def transformers_part(name: str, **kwargs):  # the class model_index.json names, e.g. CLIPTextModelWithProjection
+        return getattr(transformers, index[name][1]).from_pretrained(model, subfolder=name, **kwargs, **common)
+
+    text = {name: transformers_part(name) for name in family.tokenizers}
+    for name in family.text_encoders:
+        text[name] = transformers_part(name, variant=config.variant,
+                                       **transformers_dtype(method.load_dtype(name, frozen=frozen))).to(device)
+    noise_scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler", **common)
+    inference_scheduler = getattr(diffusers, index["scheduler"][1]).from_pretrained(model, subfolder="scheduler",
+                                                                                    **common)
+    other_vae = vae_source(config, family=family, half=frozen != torch.float32)
+    vae = (AutoencoderKL.from_pretrained(other_vae, **diffusers_dtype(frozen)) if other_vae else
+           AutoencoderKL.from_pretrained(model, subfolder="vae", variant=config.variant, **diffusers_dtype(frozen),
+                                         **common)).to(device)
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", variant=config.variant,
+                                                **diffusers_dtype(method.load_dtype("unet", frozen=frozen)),
+                                                **common).to(device)
+    parts = Components(family=family, vae=vae, unet=unet, noise_scheduler=noise_scheduler,
+                       inference_scheduler=inference_scheduler, vae_source=other_vae, **text)
+    for module in (vae, unet, *parts.text_encoders):
+        module.requires_grad_(False)
+    return parts
+
+
+def parameter_counts(config) -> dict[str, int]:
+    """Parameters of the base model's UNet, text encoder and VAE, and of what `config` trains on them (the
+    LoRA adapters, or the parts themselves), from the configs alone (a few KB; the modules are built on the
+    meta device, no weights): what the disk plan needs before any download."""
+    import transformers
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from dreambooth_nb.model.methods import method_for
+
+    model = resolve(config.pretrained_model_name_or_path)  # a single file: its converted folder
+    common = dict(revision=config.revision, local_files_only=is_local(model))
+    index = _read_model_index(model, revision=config.revision)
+    family = family_of(index, source=config.pretrained_model_name_or_path)
+    with init_empty_weights():
+        encoders = {}
+        for name in family.text_encoders:
+            model_class = getattr(transformers, index[name][1])
+            encoders[name] = model_class(model_class.config_class.from_pretrained(model, subfolder=name, **common))
+        parts = Components(
+            family=family, tokenizer=None, noise_scheduler=None, inference_scheduler=None, **encoders,
+            unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model, subfolder="unet", **common)),
+            vae=AutoencoderKL.from_config(AutoencoderKL.load_config(model, subfolder="vae", **common)))
+        counts = {name: count_parameters(getattr(parts, name)) for name in ("unet", "vae", *family.text_encoders)}
+        trained = method_for(config).setup(parts)
+    counts["trained"] = sum(count_parameters(module, trainable_only=True) for module in trained.values())
+    return counts
+
+
+def first_line(err: BaseException, *, limit: int = 160) -> str:
+    """`Type: first line of the message` (an exception may have an empty message)."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:limit]}" if lines else type(err).__name__
+
+
+@functools.lru_cache(maxsize=None)
+def bitsandbytes_works(device: torch.device) -> tuple[bool, str]:
+    """Run one real 8-bit AdamW step: bitsandbytes can import and still fail at its first kernel call. Asked
+    once per device and process (the setup report, the memory plan and the optimizer ask the same question)."""
+    try:
+        import bitsandbytes as bnb
+
+        probe = torch.nn.Parameter(torch.zeros(4096, device=device))
+        probe.grad = torch.ones_like(probe)
+        bnb.optim.AdamW8bit([probe], lr=1e-3).step()
+        return True, "bitsandbytes works"
+    except Exception as err:
+        return False, first_line(err)
+
+
+def xformers_works(device: torch.device) -> tuple[bool, str]:
+    """Try xformers for real: on Colab it often imports but fails at the first call after a torch update."""
+    if device.type != "cuda":
+        return False, "xformers needs a CUDA GPU"
+    try:
+        import xformers.ops
+
+        q = torch.randn(1, 16, 2, 40, device=device, dtype=torch.float16)
+        xformers.ops.memory_efficient_attention(q, q, q)
+        return True, "xformers works"
+    except Exception as err:  # ImportError, or any kernel failure: all mean "use SDPA"
+        return False, f"xformers is not usable ({first_line(err, limit=120)})"
+
+
+def set_attention(unet, *, backend: str, device: torch.device) -> str:
+    """Select the attention backend and return the one actually used. SDPA is diffusers' default."""
+    if backend == "xformers":
+        ok, why = xformers_works(device)
+        if ok:
+            unet.enable_xformers_memory_efficient_attention()
+            return "xformers"
+        print(f"Attention: {why}; using PyTorch SDPA instead (same speed within a few percent).")
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet.set_attn_processor(AttnProcessor2_0())
+    return "sdpa"
+
+
+def enable_tf32(device: torch.device) -> bool:
+    """TF32 matmuls on Ampere and newer: free speed, no visible quality change for diffusion training."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        return True
+    return False
+
+
+def enable_gradient_checkpointing(components: Components, *, train_text_encoder: bool) -> None:
+    components.unet.enable_gradient_checkpointing()
+    if not train_text_encoder:
+        return
+    # transformers recomputes only in train mode (it checks `self.training`): `train()` sets that mode.
+    # Non-reentrant: gradients then reach LoRA adapters behind frozen embeddings too. transformers 5
+    # renamed the method (the old name warns); Colab may ship a 4.x that has only the old one.
+    kwargs = {"use_reentrant": False}
+    for encoder in components.text_encoders:
+        if hasattr(encoder, "activation_checkpointing_enable"):
+            encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def count_parameters(module: torch.nn.Module, *, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,245 @@
+"""Snapshots: the trained weights at a step, kept for comparison and export (never rotated).
+
+    snapshots/step-000200/      an intermediate snapshot holds only what training changed
+        snapshot.json             step, base model (id or folder, revision, variant), parts, native size
+        unet/                     config + weights (fp16 when training used mixed precision)
+        text_encoder/             only when the text encoder was trained
+    snapshots/step-000400/      the final snapshot is a complete pipeline folder as well:
+        model_index.json, vae/, tokenizer/, scheduler/, ...   `StableDiffusionPipeline.from_pretrained(it)`
+
+    A LoRA run's snapshots (every one, the final too) hold its adapters, a few MB:
+        snapshot.json, pytorch_lora_weights.safetensors     `pipe.load_lora_weights(folder)` (diffusers)
+        lora_kohya.safetensors                              the same in kohya's layout (A1111, ComfyUI)
+
+Why partial: on a free 15 GB Google Drive a complete fp16 SD 1.5 pipeline is 2.13 GB per snapshot, the
+UNet alone 1.72 GB; the VAE, the tokenizer and a frozen text encoder never change, so they are written once,
+in the final snapshot. `load_pipeline` composes a partial snapshot with its base model (from the Hub cache
+or the local folder it names), so comparison, sweeps and export treat every snapshot alike.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from dreambooth_nb import storage
+from dreambooth_nb.model.single_file import resolve
+from dreambooth_nb.errors import DataError
+
+FORMAT = 1
+_WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
+            "text_encoder": "model.safetensors"}
+
+
+def save(path: Path, *, step: int, config, parts, trained: dict[str, dict], dtype: torch.dtype,
+         complete: bool) -> Path:
+    """Write the snapshot of `step` atomically.
+
+    `trained` maps each trained part ("unet", "text_encoder") to the tensors to save for it (its state dict,
+    or the EMA weights); `parts` (`models.Components`) gives their configs and, for a `complete` snapshot,
+    the frozen parts, the tokenizer and the scheduler.
+    """
+    import diffusers
+
+    family = parts.family
+    with storage.atomic_folder(path) as tmp:
+        for name, tensors in trained.items():
+            _save_part(getattr(parts, name), tensors, tmp / name, dtype=dtype)
+        if complete:
+            pipeline = getattr(diffusers, family.pipeline_class)
+            modules = {name: getattr(parts, name) for name in (*family.text_encoders, *family.tokenizers)}
+            pipe = pipeline(vae=parts.vae, unet=parts.unet, scheduler=parts.inference_scheduler, **modules,
+                            **family.pipeline_kwargs())
+            pipe.save_config(tmp)
+            for name in family.tokenizers:
+                getattr(parts, name).save_pretrained(tmp / name)
+            parts.inference_scheduler.save_pretrained(tmp / "scheduler")
+            for name in ("vae", *family.text_encoders):
+                if name not in trained:
+                    module = getattr(parts, name)
+                    _save_part(module, module.state_dict(), tmp / name, dtype=dtype)
+        storage.write_json(tmp / storage.SNAPSHOT_MARKER, {
+            "format": FORMAT, "step": step, "complete": complete, "trained": sorted(trained),
+            "base": _base_reference(config.pretrained_model_name_or_path), "revision": config.revision,
+            "variant": config.variant, "native_resolution": _native_resolution(parts),
+            "dtype": str(dtype).removeprefix("torch.")})
+    return path
+
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' name: `pipe.load_lora_weights(folder)` finds it
+KOHYA_WEIGHTS = "lora_kohya.safetensors"  # the same adapters in kohya's layout, for AUTOMATIC1111 and ComfyUI
+
+
+def save_lora(path: Path, *, step: int, config, parts, adapters: dict[str, dict], dtype: torch.dtype,
+              alpha: float) -> Path:
+    """Write a LoRA snapshot atomically: the adapters of each trained part (by parameter name, as
+    `methods.LoRA.saved_tensors` gives them) in diffusers' format and in kohya's (`lora_unet_…`, `lora_te_…`
+    keys, `lora_down`/`lora_up`, a per-module `.alpha`), converted by diffusers' own converters.
+
+    The scale alpha / rank is folded into the up weights and both files say alpha = rank: every loader then
+    applies exactly what training did (diffusers' kohya converter writes alpha = rank whatever the adapter's
+    alpha was, and a diffusers-format file without metadata loads with alpha = rank as well).
+    """
+    import diffusers
+    from diffusers.utils import convert_state_dict_to_kohya
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    family = parts.family
+    scale = alpha / config.lora_rank
+    peft = {}
+    for name, tensors in adapters.items():
+        tensors = {k: v.detach().to("cpu", torch.float32) for k, v in tensors.items()}
+        layer = get_peft_model_state_dict(getattr(parts, name), state_dict=tensors)
+        layer = {k: (v * scale if ".lora_B." in k else v).to(dtype) for k, v in layer.items()}
+        if name.startswith("text_encoder"):
+            # Named from the CLIP layout, not from what the installed transformers calls its modules: 5.x
+            # drops the `text_model.` level that every LoRA file (and kohya's `lora_te_text_model_…`) has.
+            layer = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in layer.items()}
+        peft[name] = layer
+    with storage.atomic_folder(path) as tmp:
+        # PEFT's key layout (`….lora_A.weight`), diffusers' current format: its older `lora.down` names
+        # cover linear layers only, and a conv adapter beside them made diffusers drop the linear ones.
+        getattr(diffusers, family.pipeline_class).save_lora_weights(
+            tmp, weight_name=LORA_WEIGHTS, **{f"{name}_lora_layers": layer for name, layer in peft.items()})
+        kohya = convert_state_dict_to_kohya({f"{name}.{k}": v for name, layer in peft.items() for k, v in layer.items()})
+        if not family.is_sdxl:  # diffusers says `lora_te1_` (SDXL has two encoders); SD 1.x/2.x files say `lora_te_`
+            kohya = {k.replace("lora_te1_", "lora_te_", 1): v for k, v in kohya.items()}
+        save_file({k: v.contiguous() for k, v in kohya.items()}, tmp / KOHYA_WEIGHTS,
+                  metadata={"ss_network_dim": str(config.lora_rank), "ss_network_alpha": str(config.lora_rank),
+                            "ss_network_module": "networks.lora",
+                            "ss_base_model_version": "sdxl_base_v1-0" if family.is_sdxl else "sd_v1"})
+        storage.write_json(tmp / storage.SNAPSHOT_MARKER, {
+            "format": FORMAT, "step": step, "complete": False, "trained": sorted(adapters), "method": "lora",
+            "lora": {"rank": config.lora_rank, "alpha": alpha, "scale_folded_into_up_weights": scale,
+                     "target_modules": list(config.lora_target_modules)},
+            "base": _base_reference(config.pretrained_model_name_or_path), "revision": config.revision,
+            "variant": config.variant, "native_resolution": _native_resolution(parts), "vae": parts.vae_source,
+            "dtype": str(dtype).removeprefix("torch.")})
+    return path
+
+
+def _save_part(module, tensors: dict, folder: Path, *, dtype: torch.dtype) -> None:
+    folder.mkdir(parents=True)
+    if hasattr(module, "save_config"):  # diffusers model
+        module.save_config(folder)
+        filename = _WEIGHTS["unet"]
+    else:  # transformers model
+        module.config.save_pretrained(folder)
+        filename = _WEIGHTS["text_encoder"]
+    storage.save_weights(tensors, folder, filename=filename, dtype=dtype)
+
+
+def _base_reference(model: str) -> str:
+    """A Hub id as is; a local folder or single file as an absolute path, so the snapshot loads from any
+    working folder (a single file, not its converted folder: that cache is rebuilt in each Colab session)."""
+    from dreambooth_nb.config import model_location
+
+    return str(Path(model).expanduser().resolve()) if model_location(model) in ("folder", "file") else model
+
+
+def _native_resolution(parts) -> int:
+    return int(parts.unet.config.sample_size) * 2 ** (len(parts.vae.config.block_out_channels) - 1)
+
+
+# --- Reading -------------------------------------------------------------------------------------------
+def info(path) -> dict:
+    """What `snapshot.json` says; a complete pipeline folder without one (older runs, base models) too."""
+    path = Path(path)
+    marker = path / storage.SNAPSHOT_MARKER
+    if marker.is_file():
+        return json.loads(marker.read_text())
+    if (path / "model_index.json").is_file():
+        return {"format": 0, "complete": True, "trained": [], "base": None}
+    raise DataError(f"{path}: not a snapshot (no snapshot.json or model_index.json). Pass a snapshot folder "
+                    "such as output_dir/snapshots/step-000400, or train first.")
+
+
+def is_snapshot(path) -> bool:
+    path = Path(path)
+    return (path / storage.SNAPSHOT_MARKER).is_file() or (path / "model_index.json").is_file()
+
+
+def native_resolution(path) -> int:
+    """The image size the model was made for: UNet sample size × the VAE's downsampling (8 for SD)."""
+    path = Path(path)
+    meta = info(path)
+    if meta.get("native_resolution"):
+        return int(meta["native_resolution"])
+    try:
+        unet = json.loads((path / "unet" / "config.json").read_text())
+        vae = json.loads((path / "vae" / "config.json").read_text())
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, KeyError, TypeError, ValueError) as err:
+        raise DataError(f"{path}: cannot read the UNet/VAE config to find the native image size ({err}); "
+                        "set EvalSpec.resolution explicitly (512 for SD 1.5).") from None
+
+
+def load_pipeline(path, *, device: torch.device, dtype: torch.dtype | None = None, revision: str | None = None,
+                  variant: str | None = None, vae: str | None = None):
+    """The inference pipeline of a snapshot, a pipeline folder or a Hub id (`revision`, `variant` for those):
+    fp16 on a GPU, fp32 on CPU, safety checker off, no progress bar. A partial snapshot is composed with
+    its base model (and the VAE it trained with: SDXL's fp16-fix one); `vae` names another VAE to use."""
+    import diffusers
+    import transformers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from dreambooth_nb.config import model_location
+    from dreambooth_nb.model.families import family_of
+    from dreambooth_nb.model.loading import SDXL_FP16_VAE, _read_model_index, diffusers_dtype, transformers_dtype
+
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    path_text = str(path)
+    meta = info(path) if model_location(path_text) == "folder" else {"complete": True, "trained": []}
+    meta = {"revision": revision, "variant": variant, "vae": vae, **{k: v for k, v in meta.items() if v is not None}}
+    source, overrides = resolve(path_text), {}
+    lora = meta.get("method") == "lora"
+    if not meta["complete"]:
+        source = resolve(meta["base"])  # a single file: its converted folder
+    local = model_location(source) == "folder"
+    try:
+        index = _read_model_index(source, revision=meta.get("revision"))
+        if not meta["complete"] and not lora:
+            overrides["unet"] = UNet2DConditionModel.from_pretrained(Path(path) / "unet", **diffusers_dtype(dtype))
+            for name in meta["trained"]:
+                if name.startswith("text_encoder"):
+                    overrides[name] = getattr(transformers, index[name][1]).from_pretrained(
+                        Path(path) / name, **transformers_dtype(dtype))
+        family = family_of(index, source=source)
+        # The VAE the snapshot trained with, the one asked for, or SDXL's fp16-fix one wherever SDXL runs in
+        # fp16 (its own VAE overflows to NaN there: black images); a complete snapshot carries its own.
+        other_vae = meta.get("vae") if (vae or not meta["complete"]) else None
+        if other_vae is None and family.is_sdxl and dtype == torch.float16:
+            other_vae = SDXL_FP16_VAE
+        if other_vae:
+            overrides["vae"] = AutoencoderKL.from_pretrained(other_vae, **diffusers_dtype(dtype))
+        pipe = getattr(diffusers, family.pipeline_class).from_pretrained(
+            source, **diffusers_dtype(dtype), revision=meta.get("revision"), variant=meta.get("variant"),
+            local_files_only=local, **family.pipeline_kwargs(), **overrides)
+    except OSError as err:
+        if meta["complete"]:
+            raise
+        raise DataError(f"{path}: this snapshot holds only the trained weights and needs its base model "
+                        f"{source!r}, which could not be loaded ({str(err).splitlines()[0][:200]}). Connect to the "
+                        "internet (Hub id) or restore that folder.") from None
+    if lora:
+        _load_adapters(pipe, Path(path), trained=meta["trained"])
+    pipe.set_progress_bar_config(disable=True)
+    if device.type == "cuda":
+        # The VAE decodes one image at a time, and in tiles above its native size: a batch of SDXL images at
+        # 1024 px would otherwise need several GB at once, beside the UNet, on a 15 GB T4.
+        pipe.vae.enable_slicing()
+        pipe.vae.enable_tiling()
+    return pipe.to(device)
+
+
+def _load_adapters(pipe, path: Path, *, trained: list[str]) -> None:
+    """A LoRA snapshot's adapters into `pipe` (fused: inference runs at the base model's speed)."""
+    if any(name.startswith("text_encoder") for name in trained):
+        pipe.load_lora_weights(path, weight_name=LORA_WEIGHTS)
+    else:  # UNet only: loading through the pipeline would warn that the text encoder has no adapter
+        # (`load_lora_adapter`: diffusers ≥ 0.32, the floor in pyproject.toml)
+        pipe.unet.load_lora_adapter(str(path), weight_name=LORA_WEIGHTS, prefix="unet")
+    pipe.fuse_lora()

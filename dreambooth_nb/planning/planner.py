@@ -1,0 +1,947 @@
+"""Will it fit? A pre-flight plan of GPU memory, host RAM and disk for a `TrainConfig`, before any download.
+
+    from dreambooth_nb.planning.planner import plan
+    plan(config)               # the GPU here (a T4 where there is none)
+    plan(config, gpu="T4")     # or "P100", "L4", "A100-40GB", "A100-80GB", a number of GiB, "cpu"
+
+The plan needs no weights and no GPU: it reads the model's configs (a few KB: `model_index.json` and each
+component's `config.json`, shipped in `known_models/` for the usual bases) and combines two things:
+
+- **A trace** of one training micro-step (text encoder and UNet forward, loss, backward) run on *fake*
+  tensors (`torch._subclasses.fake_tensor.FakeTensorMode`): the real diffusers / transformers modules, the
+  real autocast and gradient checkpointing, but no memory behind any tensor. A dispatch mode counts every
+  tensor's storage as it is created and freed, so the peak and what is alive at that moment (weights,
+  gradients, autocast's fp16 weight copies, activations) come out exact for that code path. The CPU build of
+  torch cannot run CUDA autocast, so the trace runs CPU autocast in bf16 (the same bytes as fp16) with CUDA's
+  fp32 list (group_norm, layer_norm, softmax) patched in for the length of the trace.
+- **Arithmetic** for what the trace cannot see: optimizer state (bitsandbytes 8-bit or torch AdamW), the
+  optimizer step's temporaries, EMA, the VAE when latents are not cached, the CUDA context, and the caching
+  allocator's fragmentation.
+
+Traces are cached by (model configs, the settings that shape the step), so a settings panel re-plans
+instantly unless batch, resolution, checkpointing, precision or what is trained changes (a new SD 1.5 trace
+takes about 4 s on one core; the first plan in a process about 10 s, the imports included).
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import dataclasses
+import functools
+import html
+import json
+import math
+import os
+import re
+import threading
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from dreambooth_nb.planning import memory
+from dreambooth_nb import storage
+from dreambooth_nb.errors import ConfigError
+from dreambooth_nb.model.loading import KNOWN_MODELS  # (one place knows where the shipped configs are)
+
+GIB = 2**30
+
+# --- GPUs -------------------------------------------------------------------------------------------------
+# Total memory as `torch.cuda.get_device_properties(0).total_memory` reports it (what a run can use, before
+# the CUDA context), and whether the chip has native bf16 (compute capability ≥ 8.0; a T4 is sm_75 and only
+# emulates it, see the project notes).
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    total_bytes: int
+    bf16: bool
+
+
+GPUS = {
+    "T4": Gpu("T4", int(14.75 * GIB), bf16=False),          # Colab / Kaggle T4, sm_75 (measured: 14.75 GiB)
+    "P100": Gpu("P100", int(15.89 * GIB), bf16=False),      # Kaggle P100-16GB, sm_60
+    "L4": Gpu("L4", int(22.0 * GIB), bf16=True),            # Colab L4 24 GB, sm_89 (≈22 GiB usable)
+    "A100-40GB": Gpu("A100-40GB", int(39.39 * GIB), bf16=True),  # sm_80
+    "A100-80GB": Gpu("A100-80GB", int(79.15 * GIB), bf16=True),  # sm_80
+}
+
+# The CUDA context, cuBLAS and cuDNN handles live outside PyTorch's allocator (≈0.3 GiB context with lazy
+# module loading, CUDA ≥ 11.7, plus library handles); nvidia-smi counts them, max_memory_allocated does not.
+CUDA_CONTEXT_BYTES = int(0.4 * GIB)
+# What a run needs beyond its allocated peak even after PyTorch's caching allocator has given back the blocks
+# it kept (it does so before failing): blocks only partly used, and cuDNN convolution workspaces. An
+# assumption (10 %), to be checked against `torch.cuda.max_memory_reserved` on a GPU.
+FRAGMENTATION = 0.10
+# Host RAM that importing and running diffusers, transformers and accelerate adds to a Python process that
+# already imported torch: measured 0.21–0.24 GiB (peak RSS of `train()` on the tiny pipeline on CPU, Linux,
+# diffusers 0.42, transformers 5.24, accelerate 1.15), almost all of it the libraries themselves.
+LIBRARIES_BYTES = int(0.22 * GIB)
+# Host-side CUDA runtime (driver, cuBLAS/cuDNN kernels loaded lazily): an estimate, not measured here.
+CUDA_HOST_BYTES = int(0.5 * GIB)
+
+# bitsandbytes AdamW8bit (optim/optimizer.py, init_state): two uint8 moments and a float32 absmax per
+# 256-element block for each; tensors under 4096 elements (`min_8bit_size`) keep two float32 moments.
+BNB_BLOCK = 256
+BNB_MIN_8BIT_SIZE = 4096
+# The CUDA caching allocator hands out multiples of 512 bytes (c10/cuda/CUDACachingAllocator.cpp).
+ALLOCATION_ROUNDING = 512
+
+LORA_TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # diffusers' text-encoder LoRA
+# Whether training's autocast keeps its cache of fp16 weight copies until the forward pass ends (torch's
+# default, `cache_enabled=True`). With the cache, every trained fp32 weight has an fp16 twin for the whole
+# forward (1.6 GiB for SD 1.5); `train` turns it off (`AutocastKwargs(cache_enabled=False)`): each weight is
+# cast once per forward anyway, and gradient checkpointing recasts it in the backward.
+AUTOCAST_WEIGHT_CACHE = False
+# Several processes: DDP all-reduces gradients through buckets that hold every trained parameter's gradient
+# for the whole run. With `gradient_as_bucket_view` (which `train` asks DDP for when this is True) the
+# gradients are views into them: gradient memory is alive from the first forward on, as with accumulation.
+# Without (DDP's default) the buckets are a second fp32 copy of every gradient (+3.2 GiB for SD 1.5's UNet).
+DDP_BUCKET_VIEWS = True
+
+
+def resolve_gpu(gpu) -> tuple[Gpu | None, list[str]]:
+    """The GPU to plan for (None: a CPU run) and notes on how it was chosen."""
+    if gpu is None:
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(0)
+            return Gpu(props.name, props.total_memory, bf16=props.major >= 8), []
+        return GPUS["T4"], ["No GPU here: planned for a T4 (Colab, Kaggle)."]
+    if isinstance(gpu, (int, float)) and not isinstance(gpu, bool):
+        if gpu <= 0:
+            raise ConfigError(f"gpu: {gpu!r} GiB is not a memory size; give a positive number such as 16.")
+        return Gpu(f"{gpu:g} GiB GPU", int(gpu * GIB), bf16=False), []
+    if isinstance(gpu, str) and gpu.lower() == "cpu":
+        return None, []
+    if isinstance(gpu, str):
+        for name, known in GPUS.items():
+            if gpu.upper() == name.upper():
+                return known, []
+    raise ConfigError(f"gpu: {gpu!r} is unknown; choose one of {', '.join(GPUS)}, a number of GiB, 'cpu', "
+                      "or None for the GPU present.")
+
+
+# --- Model configs ----------------------------------------------------------------------------------------
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
+
+
+@dataclass(frozen=True)
+class ModelConfigs:
+    """The configs of a pipeline's model components, as JSON text (hashable: the cache key of every trace)."""
+
+    source: str
+    text: str
+
+    @property
+    def components(self) -> dict[str, dict]:
+        return json.loads(self.text)
+
+    @property
+    def is_sdxl(self) -> bool:
+        return "text_encoder_2" in self.components
+
+
+def read_model_configs(model: str, *, revision: str | None = None) -> ModelConfigs:
+    """Configs of `model` from a local folder, from `known_models/` for a known Hub id, or from the Hub.
+
+    Only the small JSON files are read: no weights. A Hub id not shipped here needs internet (the files
+    are a few KB each). A single .safetensors / .ckpt file: the configs it will be converted with, from its
+    header (`single_file`), without converting it.
+    """
+    from dreambooth_nb.model import single_file
+
+    local = Path(model)
+    if local.is_dir():
+        return _configs_from_folder(local, source=str(local))
+    if single_file.is_single_file(model):
+        return _configs_from_single_file(local)
+    known = KNOWN_MODELS / model
+    if model.count("/") == 1 and (known / "model_index.json").is_file():
+        return _configs_from_folder(known, source=model)
+    return _configs_from_hub(model, revision=revision)
+
+
+def _configs_from_single_file(file: Path) -> ModelConfigs:
+    import tempfile
+
+    from dreambooth_nb.model import single_file
+
+    kind = single_file.inspect(file)
+    with tempfile.TemporaryDirectory() as folder:
+        configs = single_file.configs_for(kind.base, Path(folder), prediction=kind.prediction)
+        return _configs_from_folder(configs, source=str(file))
+
+
+def _configs_from_folder(folder: Path, *, source: str) -> ModelConfigs:
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        raise ConfigError(f"pretrained_model_name_or_path: {folder} has no model_index.json; point it at a "
+                          "diffusers pipeline folder or at a Hub id such as "
+                          "'stable-diffusion-v1-5/stable-diffusion-v1-5'.")
+    index = json.loads(index_path.read_text())
+    configs = {}
+    for name in _components_in(index, source=source):
+        path = folder / name / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"pretrained_model_name_or_path: {path} is missing; the folder is not a complete "
+                              "diffusers pipeline (save it with save_pretrained, or use the Hub id).")
+        configs[name] = json.loads(path.read_text())
+    return ModelConfigs(source=source, text=json.dumps(configs, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=32)
+def _configs_from_hub(model: str, *, revision: str | None) -> ModelConfigs:
+    from huggingface_hub import hf_hub_download
+
+    def fetch(filename: str, subfolder: str | None = None) -> dict:
+        try:
+            path = hf_hub_download(model, filename, subfolder=subfolder, revision=revision)
+            return json.loads(Path(path).read_text())
+        except Exception as err:  # offline, gated, misspelt: every one means "cannot read the configs"
+            raise ConfigError(f"pretrained_model_name_or_path: cannot read {subfolder + '/' if subfolder else ''}"
+                              f"{filename} of {model!r} from the Hub ({type(err).__name__}); check the id and "
+                              "the internet connection (and HF_TOKEN for a gated model), or give a local "
+                              "folder.") from None
+
+    index = fetch("model_index.json")
+    configs = {name: fetch("config.json", name) for name in _components_in(index, source=model)}
+    return ModelConfigs(source=model, text=json.dumps(configs, sort_keys=True))
+
+
+def _components_in(index: dict, *, source: str) -> list[str]:
+    names = [name for name in COMPONENTS if isinstance(index.get(name), list) and index[name][0]]
+    if "unet" not in names or "vae" not in names or "text_encoder" not in names:
+        raise ConfigError(f"pretrained_model_name_or_path: {source} is a {index.get('_class_name', 'pipeline')} "
+                          "without a UNet, VAE and text encoder; the planner (and training) need a Stable "
+                          "Diffusion 1.x / 2.x / XL pipeline.")
+    return names
+
+
+# --- What a config asks for -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Setup:
+    """The settings of a config that decide memory, resolved for one device (hashable: a cache key).
+
+    Fields the config does not have yet (`method`, `lora_*`, `offload_ema`) read as their defaults, so the
+    planner works before and after they land.
+    """
+
+    device: str                 # "cuda" or "cpu"
+    precision: str              # "no", "fp16" or "bf16"
+    method: str                 # "full" or "lora"
+    lora_rank: int
+    lora_dropout: float
+    lora_targets: tuple[str, ...]
+    train_text_encoder: bool
+    batch: int                  # samples per micro-step: instance images, plus as many class images with prior
+    accumulation: int
+    resolution: int
+    checkpointing: bool
+    eight_bit_adam: bool
+    cache_latents: bool
+    ema: bool
+    offload_ema: bool
+    variant: str | None
+    processes: int = 1          # data-parallel processes, one per GPU: the plan is per GPU
+
+    @property
+    def half(self) -> bool:
+        return self.precision != "no"
+
+    @property
+    def ddp_buckets(self) -> bool:
+        """Whether DDP's gradient buckets exist (several processes)."""
+        return self.processes > 1
+
+
+def setup_for(config, gpu: Gpu | None) -> Setup:
+    precision = getattr(config, "mixed_precision", "no")
+    if gpu is None:
+        precision = "bf16" if precision == "bf16" else "no"  # CPU autocast is bf16 only; "auto" means fp32
+    elif precision == "auto":
+        precision = "bf16" if gpu.bf16 else "fp16"
+    method = getattr(config, "method", "full")
+    if method not in ("full", "lora"):
+        raise ConfigError(f"method: {method!r} is unknown; choose 'full' or 'lora'.")
+    prior = 2 if config.with_prior_preservation else 1
+    return Setup(
+        device="cpu" if gpu is None else "cuda", precision=precision, method=method,
+        lora_rank=int(getattr(config, "lora_rank", 4)), lora_dropout=float(getattr(config, "lora_dropout", 0.0)),
+        lora_targets=tuple(getattr(config, "lora_target_modules", ("to_q", "to_k", "to_v", "to_out.0"))),
+        train_text_encoder=bool(config.train_text_encoder), batch=config.train_batch_size * prior,
+        accumulation=config.gradient_accumulation_steps, resolution=config.resolution,
+        checkpointing=bool(config.gradient_checkpointing), eight_bit_adam=bool(config.use_8bit_adam),
+        cache_latents=bool(config.cache_latents), ema=bool(config.use_ema),
+        offload_ema=bool(getattr(config, "offload_ema", False)), variant=getattr(config, "variant", None),
+        processes=int(getattr(config, "num_processes", 1)))
+
+
+# --- The trace --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StepTrace:
+    """What one traced micro-step holds, by kind, in bytes (rounded as the CUDA allocator does): at the end
+    of the forward pass and at the step's peak.
+
+    The kinds: `trained` and `frozen` weights inside the trace (trained masters; frozen parts that take part
+    in the step, such as a LoRA's base UNet), `grads`, `autocast copies` (fp16 casts of fp32 weights, which
+    autocast caches until it exits) and `activations` (everything else). `trained_numels` are the sizes of
+    the trained tensors, for the optimizer state.
+    """
+
+    forward: dict
+    peak: dict
+    trained_numels: tuple[int, ...]
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Counts the bytes of every storage alive, by kind, and remembers the kinds at the highest total.
+
+    Every op's outputs pass through `__torch_dispatch__`; a weakref finalizer on each new storage takes its
+    bytes off again when the storage dies, which in eager PyTorch is exactly when the memory is freed.
+    """
+
+    def __init__(self, *, trained, frozen):
+        super().__init__()
+        self.live = dict.fromkeys(("trained", "frozen", "grads", "autocast copies", "activations"), 0)
+        self.peak = 0
+        self.at_peak = dict(self.live)
+        self._kinds: dict[int, list] = {}
+        self._weights = set()
+        for kind, tensors in (("trained", trained), ("frozen", frozen)):
+            for tensor in tensors:
+                self._add(tensor, kind)
+                self._weights.add(tensor.untyped_storage()._cdata)
+
+    def _add(self, tensor: torch.Tensor, kind: str) -> None:
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key in self._kinds:
+            return
+        size = -(-storage.nbytes() // ALLOCATION_ROUNDING) * ALLOCATION_ROUNDING
+        self._kinds[key] = [kind, size]
+        self.live[kind] += size
+        weakref.finalize(storage, self._free, key)
+
+    def _free(self, key: int) -> None:
+        kind, size = self._kinds.pop(key)
+        self.live[kind] -= size
+
+    def mark_grad(self, tensor: torch.Tensor) -> None:
+        """A parameter's `.grad` was set: its storage (created by the backward) now counts as a gradient."""
+        entry = self._kinds.get(tensor.untyped_storage()._cdata)
+        if entry is None:
+            self._add(tensor, "grads")
+        elif entry[0] != "grads":
+            self.live[entry[0]] -= entry[1]
+            self.live["grads"] += entry[1]
+            entry[0] = "grads"
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        kind = "activations"
+        if func is torch.ops.aten._to_copy.default and isinstance(args[0], torch.Tensor) \
+                and args[0].untyped_storage()._cdata in self._weights:
+            kind = "autocast copies"  # autocast casting a weight to fp16 (cached until autocast exits)
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                self._add(tensor, kind)
+        total = sum(self.live.values())
+        if total > self.peak:
+            self.peak, self.at_peak = total, dict(self.live)
+        return out
+
+
+_PATCH_LOCK = threading.Lock()
+# CUDA autocast runs these in fp32 (ATen/autocast_mode.h, AT_FORALL_FP32 and ..._SET_OPT_DTYPE); CPU autocast
+# leaves them in bf16. For the stand-in trace, CPU autocast borrows CUDA's rule for them.
+_CUDA_FP32_OPS = ("group_norm", "layer_norm", "softmax.int", "log_softmax.int")
+
+
+class _CudaAutocastPolicy:
+    """For the length of a trace, CPU autocast runs CUDA's fp32 ops in fp32 (process-wide, hence the lock)."""
+
+    def __enter__(self):
+        _PATCH_LOCK.acquire()
+        key = torch._C.DispatchKey.AutocastCPU
+        self.lib = torch.library.Library("aten", "IMPL")
+        for name in _CUDA_FP32_OPS:
+            op = getattr(torch.ops.aten, name.split(".")[0])
+            overload = getattr(op, name.split(".")[1]) if "." in name else op.default
+            self.lib.impl(name, _in_fp32(overload, key), "AutocastCPU")
+        return self
+
+    def __exit__(self, *exc):
+        self.lib._destroy()
+        _PATCH_LOCK.release()
+
+
+def _in_fp32(op, key):
+    def kernel(*args, **kwargs):
+        def cast(value):
+            return value.float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+            return op(*map(cast, args), **{k: cast(v) for k, v in kwargs.items()})
+
+    return kernel
+
+
+class _LoraLinear(torch.nn.Module):
+    """A frozen Linear plus a trained low-rank update: the memory shape of peft's LoRA layer."""
+
+    def __init__(self, base: torch.nn.Linear, *, rank: int, dropout: float):
+        super().__init__()
+        self.base = base
+        self.dropout = torch.nn.Dropout(dropout) if dropout else torch.nn.Identity()
+        self.down = torch.nn.Linear(base.in_features, rank, bias=False, dtype=torch.float32)
+        self.up = torch.nn.Linear(rank, base.out_features, bias=False, dtype=torch.float32)
+
+    def forward(self, x):
+        return self.base(x) + self.up(self.down(self.dropout(x)))
+
+
+def _add_lora(module: torch.nn.Module, *, targets: tuple[str, ...], rank: int, dropout: float) -> None:
+    names = [name for name, child in module.named_modules()
+             if isinstance(child, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, child, _LoraLinear(getattr(parent, child), rank=rank, dropout=dropout))
+
+
+@dataclass(frozen=True)
+class TraceKey:
+    configs: ModelConfigs
+    device: str
+    half: bool
+    method: str
+    lora_rank: int
+    lora_dropout: float
+    lora_targets: tuple[str, ...]
+    train_text_encoder: bool
+    batch: int
+    resolution: int
+    checkpointing: bool
+    grads_present: bool
+    autocast_cache: bool
+
+
+def trace_key(configs: ModelConfigs, setup: Setup) -> TraceKey:
+    # From the second accumulated micro-batch on, the gradients of the earlier ones are alive throughout; so
+    # are DDP's buckets when the gradients are views into them (DDP_BUCKET_VIEWS).
+    grads_present = setup.accumulation > 1 or (setup.ddp_buckets and DDP_BUCKET_VIEWS)
+    return TraceKey(configs=configs, device=setup.device, half=setup.half, method=setup.method,
+                    lora_rank=setup.lora_rank if setup.method == "lora" else 0,
+                    lora_dropout=setup.lora_dropout if setup.method == "lora" else 0.0,
+                    lora_targets=setup.lora_targets if setup.method == "lora" else (),
+                    train_text_encoder=setup.train_text_encoder, batch=setup.batch, resolution=setup.resolution,
+                    checkpointing=setup.checkpointing, grads_present=grads_present,
+                    autocast_cache=AUTOCAST_WEIGHT_CACHE)
+
+
+@functools.lru_cache(maxsize=64)
+def trace_step(key: TraceKey) -> StepTrace:
+    """Trace one micro-step on fake tensors: text encoder(s) if trained, UNet, loss, backward."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    components = key.configs.components
+    low = torch.bfloat16  # stands in for fp16: the same bytes
+    frozen_dtype = low if key.half and key.device == "cuda" else torch.float32  # see models.weight_dtype
+    with FakeTensorMode(), _policy(key):
+        modules = _build_trained_modules(components, key=key, frozen_dtype=frozen_dtype)
+        trained = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+        frozen = [p for m in modules.values() for p in m.parameters() if not p.requires_grad]
+        if key.grads_present:
+            for p in trained:
+                p.grad = torch.zeros_like(p)
+        inputs = _step_inputs(components, key=key)
+        tracker = _LiveBytes(trained=trained, frozen=frozen)
+        for p in trained:
+            p.register_post_accumulate_grad_hook(lambda p: tracker.mark_grad(p.grad))
+            if p.grad is not None:
+                tracker.mark_grad(p.grad)
+        with tracker:
+            loss = _micro_step(modules, inputs, autocast_dtype=low if key.half else None, cache=key.autocast_cache)
+            forward = dict(tracker.at_peak)
+            loss.backward()
+        return StepTrace(forward=forward, peak=tracker.at_peak, trained_numels=tuple(p.numel() for p in trained))
+
+
+def _policy(key: TraceKey):
+    return _CudaAutocastPolicy() if key.half and key.device == "cuda" else contextlib.nullcontext()
+
+
+def _build_trained_modules(components: dict, *, key: TraceKey, frozen_dtype) -> dict[str, torch.nn.Module]:
+    """The UNet, and the text encoder(s) when trained, with the dtypes and flags training gives them."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_config(components["unet"])
+    encoders = {}
+    if key.train_text_encoder:
+        encoders = {name: _text_encoder(components[name], with_projection=name == "text_encoder_2")
+                    for name in ("text_encoder", "text_encoder_2") if name in components}
+    if key.method == "lora":
+        # LoRA: the base stays frozen in 16-bit on the GPU; only the adapters are fp32 masters.
+        for module, targets in [(unet, key.lora_targets)] + [(m, LORA_TEXT_ENCODER_TARGETS) for m in encoders.values()]:
+            _freeze_as(module, frozen_dtype)
+            _add_lora(module, targets=targets, rank=key.lora_rank, dropout=key.lora_dropout)
+    if key.checkpointing:
+        unet.enable_gradient_checkpointing()
+        for encoder in encoders.values():
+            getattr(encoder, "activation_checkpointing_enable", encoder.gradient_checkpointing_enable)()
+    modules = {"unet": unet, **encoders}
+    for module in modules.values():
+        module.train()  # (transformers checkpoints only in training mode)
+    return modules
+
+
+def _freeze_as(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Frozen weights in `dtype`, replaced one by one (`Module.to` cannot swap fake parameters in place)."""
+    for child in module.modules():
+        for name, param in list(child.named_parameters(recurse=False)):
+            child._parameters[name] = torch.nn.Parameter(param.detach().to(dtype), requires_grad=False)
+
+
+def _text_encoder(config: dict, *, with_projection: bool):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    fields = {k: v for k, v in config.items() if not k.startswith("_") and k not in ("architectures",)}
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(CLIPTextConfig(**fields))
+
+
+def _step_inputs(components: dict, *, key: TraceKey) -> dict:
+    unet, vae = components["unet"], components["vae"]
+    factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    side = key.resolution // factor
+    tokens = components["text_encoder"].get("max_position_embeddings", 77)
+    b = key.batch
+    inputs = {"latents": torch.randn(b, unet.get("in_channels", 4), side, side),
+              "timesteps": torch.randint(0, 1000, (b,)), "token_ids": torch.zeros(b, tokens, dtype=torch.long),
+              "hidden": torch.randn(b, tokens, unet["cross_attention_dim"])}
+    if unet.get("addition_embed_type") == "text_time":  # SDXL: pooled text embedding and size/crop ids
+        pooled = unet["projection_class_embeddings_input_dim"] - 6 * unet["addition_time_embed_dim"]
+        inputs["added"] = {"text_embeds": torch.randn(b, pooled), "time_ids": torch.randn(b, 6)}
+    return inputs
+
+
+def _micro_step(modules: dict, inputs: dict, *, autocast_dtype, cache: bool):
+    """The forward and loss of `train.compute_loss`, under the autocast accelerate applies."""
+    context = torch.autocast("cpu", dtype=autocast_dtype, cache_enabled=cache) if autocast_dtype \
+        else contextlib.nullcontext()
+    with context:
+        hidden, added = inputs["hidden"], inputs.get("added")
+        if "text_encoder" in modules:
+            hidden, added = _encode(modules, inputs)
+        prediction = modules["unet"](inputs["latents"], inputs["timesteps"], hidden,
+                                     added_cond_kwargs=added).sample
+    return torch.nn.functional.mse_loss(prediction.float(), inputs["latents"].float())
+
+
+def _encode(modules: dict, inputs: dict):
+    ids = inputs["token_ids"]
+    if "text_encoder_2" not in modules:
+        return modules["text_encoder"](ids)[0], None
+    # SDXL: penultimate hidden states of both encoders side by side; the pooled projection of the second.
+    first = modules["text_encoder"](ids, output_hidden_states=True)
+    second = modules["text_encoder_2"](ids, output_hidden_states=True)
+    hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+    return hidden, {"text_embeds": second[0], "time_ids": inputs["added"]["time_ids"]}
+
+
+@functools.lru_cache(maxsize=16)
+def trace_vae_encode(configs: ModelConfigs, *, resolution: int, dtype_bytes: int) -> int:
+    """Bytes the VAE encoder needs beyond its weights to encode one image (`LatentSource` encodes one by one)."""
+    from diffusers import AutoencoderKL
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    dtype = torch.float32 if dtype_bytes == 4 else torch.bfloat16
+    with FakeTensorMode(), torch.no_grad():
+        vae = AutoencoderKL.from_config(configs.components["vae"])
+        _freeze_as(vae, dtype)
+        tracker = _LiveBytes(trained=[], frozen=list(vae.parameters()))
+        pixels = torch.randn(1, 3, resolution, resolution, dtype=dtype)
+        with tracker:
+            vae.encode(pixels).latent_dist.mean.float()
+        return tracker.peak - tracker.live["frozen"]
+
+
+@functools.lru_cache(maxsize=16)
+def component_sizes(configs: ModelConfigs) -> dict[str, int]:
+    """Parameter count of each component, from its config alone (built on the meta device: no memory)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    sizes = {}
+    with torch.device("meta"):
+        for name, config in configs.components.items():
+            if name == "unet":
+                module = UNet2DConditionModel.from_config(config)
+            elif name == "vae":
+                module = AutoencoderKL.from_config(config)
+            else:
+                module = _text_encoder(config, with_projection=name == "text_encoder_2")
+            sizes[name] = sum(p.numel() for p in module.parameters())
+    return sizes
+
+
+# --- Arithmetic -------------------------------------------------------------------------------------------
+def _rounded(nbytes: float) -> int:
+    return int(-(-nbytes // ALLOCATION_ROUNDING) * ALLOCATION_ROUNDING)
+
+
+def optimizer_state_bytes(numels, *, eight_bit: bool) -> int:
+    """AdamW state for tensors of these sizes: two fp32 moments, or bitsandbytes' 8-bit blockwise state."""
+    total = 0
+    for n in numels:
+        if eight_bit and n >= BNB_MIN_8BIT_SIZE:
+            blocks = math.ceil(n / BNB_BLOCK)
+            total += 2 * _rounded(n) + 2 * _rounded(4 * blocks)
+        else:
+            total += 2 * _rounded(4 * n)
+    return total
+
+
+def optimizer_step_bytes(numels, *, eight_bit: bool, device: str) -> int:
+    """Temporaries of one optimizer step.
+
+    bitsandbytes updates in place, and so does torch's fused AdamW, which `train` uses on CUDA (its default,
+    the foreach path, would build `torch._foreach_sqrt(...)`: one fp32 temporary per trained tensor at once,
+    3.2 GiB for SD 1.5). On CPU it goes tensor by tensor: two temporaries the size of the largest tensor.
+    """
+    if eight_bit or not numels or device == "cuda":
+        return 0
+    return 2 * _rounded(4 * max(numels))
+
+
+# --- The plan ---------------------------------------------------------------------------------------------
+@dataclass
+class MemoryPlan:
+    """Peak GPU memory, host RAM and disk of a training run, each with where it goes; the verdict; advice.
+
+    GPU, three numbers: `gpu_allocated_bytes`, the peak of live tensors (what `torch.cuda.max_memory_allocated`
+    reports); `gpu_peak_bytes`, what the card shows at the peak (nvidia-smi: allocated, the caching
+    allocator's kept blocks and the CUDA context; the breakdown adds up to it); `gpu_required_bytes`, the
+    least the card must have (allocated + a margin for fragmentation and workspaces + the context: before
+    failing, the allocator gives its cache back). `fits` compares the last with `gpu_total_bytes`.
+    `host_peak_bytes` is what the run adds to a Python process that has imported torch; `disk_bytes` the most
+    the run's new files (class images, snapshots, states) occupy at once.
+    """
+
+    gpu: str
+    gpu_total_bytes: int
+    gpu_peak_bytes: int
+    gpu_allocated_bytes: int
+    gpu_required_bytes: int
+    gpu_phase: str
+    gpu_breakdown: dict[str, int]
+    host_peak_bytes: int
+    host_phase: str
+    host_breakdown: dict[str, int]
+    disk_bytes: int
+    disk_breakdown: dict[str, int]
+    fits: bool
+    trained_params: int
+    total_params: int
+    summary: str
+    advice: list[str] = field(default_factory=list)
+    advised_changes: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def headroom_bytes(self) -> int:
+        """Memory the card has beyond what the run requires (negative: short by that much)."""
+        return self.gpu_total_bytes - self.gpu_required_bytes
+
+    def _rows(self) -> list[tuple[str, str]]:
+        rows = []
+        if self.gpu_total_bytes:
+            verdict = "fits" if self.fits else "does NOT fit"
+            rows.append((f"GPU peak ({self.gpu_phase})", f"{_size(self.gpu_peak_bytes)}; needs "
+                         f"{_gib(self.gpu_required_bytes)} of {_gib(self.gpu_total_bytes)} GiB: {verdict}"))
+            rows += [(f"  {name}", _size(size)) for name, size in self.gpu_breakdown.items() if size]
+        rows.append((f"Host RAM peak ({self.host_phase})", _size(self.host_peak_bytes)))
+        rows += [(f"  {name}", _size(size)) for name, size in self.host_breakdown.items() if size]
+        rows.append(("Disk peak", _size(self.disk_bytes)))
+        rows += [(f"  {name}", _size(size)) for name, size in self.disk_breakdown.items() if size]
+        return rows
+
+    def __repr__(self) -> str:
+        rows = self._rows()
+        width = max(len(name) for name, _ in rows)
+        lines = [f"Memory plan: {self.summary}"] + [f"{name:<{width}}  {value}" for name, value in rows]
+        lines += [f"To fit: {a}" for a in self.advice] + self.notes
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        body = "".join(
+            f"<tr><td style='text-align:left;padding-left:{'1.5em' if name.startswith('  ') else '0'}'>"
+            f"{html.escape(name.strip())}</td><td style='text-align:right'>{html.escape(value)}</td></tr>"
+            for name, value in self._rows())
+        extra = "".join(f"<li>To fit: {html.escape(a)}</li>" for a in self.advice) + \
+            "".join(f"<li>{html.escape(n)}</li>" for n in self.notes)
+        colour = "#2e7d32" if self.fits else "#c62828"
+        return (f"<div><b style='color:{colour}'>Memory plan</b>: {html.escape(self.summary)}"
+                f"<table>{body}</table>{f'<ul>{extra}</ul>' if extra else ''}</div>")
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / GIB:.2f}"
+
+
+def _size(nbytes: int) -> str:
+    """GiB with two decimals; MiB below 0.1 GiB (a tiny model must not read "0.00")."""
+    return f"{nbytes / GIB:.2f} GiB" if nbytes >= 0.1 * GIB else f"{nbytes / 2**20:.1f} MiB"
+
+
+def plan(config, gpu=None, *, advise: bool = True) -> MemoryPlan:
+    """Plan the memory of training `config` on `gpu` (see `resolve_gpu`); no weights, no GPU needed.
+
+    When it does not fit, `advice` names the fewest memory savers, tried in the order of
+    `memory.next_memory_saver`, that make it fit, and `advised_changes` holds them as settings.
+    """
+    card, notes = resolve_gpu(gpu)
+    result = _plan(config, card)
+    result.notes = notes + result.notes
+    if advise and not result.fits:
+        result.advice, result.advised_changes = _advice(config, card)
+    return result
+
+
+def _plan(config, card: Gpu | None) -> MemoryPlan:
+    setup = setup_for(config, card)
+    configs = read_model_configs(config.pretrained_model_name_or_path, revision=getattr(config, "revision", None))
+    sizes = component_sizes(configs)
+    step = trace_step(trace_key(configs, setup))
+    trained_params = sum(step.trained_numels)
+    device = device_peak(setup, configs=configs, sizes=sizes, step=step)
+    host = _host_parts(config, setup, sizes=sizes, trained_params=trained_params)
+    notes = []
+    if card is None:  # a CPU run: the device's memory is host RAM
+        host_phase, host_parts = _host_peak(host, device=device)
+        gpu_name, total, allocated, required, peak, gpu_parts, gpu_phase = "cpu", 0, 0, 0, 0, {}, "none"
+        ram = _host_ram_bytes()
+        fits = ram is None or sum(host_parts.values()) <= ram
+        if ram is not None and not fits:
+            notes.append(f"This machine has {_gib(ram)} GiB of RAM.")
+    else:
+        gpu_name, total, gpu_phase = card.name, card.total_bytes, device.phase
+        allocated = sum(device.allocated.values())
+        reserved = max(device.reserved, int(allocated * (1 + FRAGMENTATION)))
+        required = int(allocated * (1 + FRAGMENTATION)) + CUDA_CONTEXT_BYTES
+        fits = required <= total
+        # Where the run fits, the allocator trims its cache rather than fail: the card shows at most its total.
+        peak = min(reserved + CUDA_CONTEXT_BYTES, total) if fits else reserved + CUDA_CONTEXT_BYTES
+        gpu_parts = {**device.allocated, "allocator cache": peak - CUDA_CONTEXT_BYTES - allocated,
+                     "CUDA context": CUDA_CONTEXT_BYTES}
+        host_phase, host_parts = _host_peak(host, device=None)
+    disk_bytes, disk = _disk_parts(config, sizes=sizes, trained_params=trained_params)
+    what = "LoRA on the UNet" if setup.method == "lora" else "UNet"
+    if setup.train_text_encoder:
+        what += " + text encoder" + ("s" if configs.is_sdxl else "")
+    summary = (f"{configs.source}, {what}, {setup.resolution} px, {setup.batch} image"
+               f"{'s' if setup.batch > 1 else ''} per micro-step × {setup.accumulation}, "
+               f"{setup.precision if setup.half else 'fp32'}, on {gpu_name}")
+    return MemoryPlan(gpu=gpu_name, gpu_total_bytes=total, gpu_peak_bytes=peak, gpu_allocated_bytes=allocated,
+                      gpu_required_bytes=required, gpu_phase=gpu_phase, gpu_breakdown=gpu_parts,
+                      host_peak_bytes=sum(host_parts.values()), host_phase=host_phase, host_breakdown=host_parts,
+                      disk_bytes=disk_bytes, disk_breakdown=disk, fits=fits, trained_params=trained_params,
+                      total_params=sum(sizes.values()), summary=summary, notes=notes)
+
+
+@dataclass(frozen=True)
+class DevicePeak:
+    """The training device's peak: the phase, what is allocated then by kind, and what the allocator reserves."""
+
+    phase: str
+    allocated: dict
+    reserved: int
+
+
+def device_peak(setup: Setup, *, configs: ModelConfigs, sizes: dict, step: StepTrace) -> DevicePeak:
+    """The largest of the micro-step, the optimizer step, the VAE encode (uncached) and the offloaded EMA update.
+
+    Allocated: what is alive in each phase, the trace's peak plus what stays resident outside it (optimizer
+    state, EMA, the VAE when latents are not cached). Reserved: PyTorch's caching allocator keeps every block a
+    step frees, and the gradients (and the foreach optimizer's temporaries), each the fp32 size of a weight,
+    seldom fit in the blocks the forward's activations and fp16 weight copies leave: so the allocator holds
+    both, as if the forward's peak and all gradients were alive at once. This reproduces the published T4
+    table (README) where the allocated peak alone falls up to 30 % short.
+
+    On a CPU run every part stays in RAM: the VAE and a frozen text encoder too, all fp32 (`models.weight_dtype`).
+    """
+    cuda = setup.device == "cuda"
+    numels = step.trained_numels
+    opt = optimizer_state_bytes(numels, eight_bit=setup.eight_bit_adam)
+    ema = 4 * sum(numels) if setup.ema else 0
+    resident_ema = 0 if setup.offload_ema and cuda else ema
+    grads = sum(_rounded(4 * n) for n in numels)
+    buckets = grads if setup.ddp_buckets and not DDP_BUCKET_VIEWS else 0  # a second copy, alive throughout
+    # Gradients alive between optimizer steps too: DDP's buckets when the gradients are views into them.
+    kept_grads = grads if setup.ddp_buckets and DDP_BUCKET_VIEWS else 0
+    step_temp = optimizer_step_bytes(numels, eight_bit=setup.eight_bit_adam, device=setup.device)
+    # SDXL's VAE overflows in fp16 (its config says force_upcast): training keeps it in fp32.
+    vae_bytes = 4 if configs.components["vae"].get("force_upcast") or not (setup.half and cuda) else 2
+    frozen = sizes["vae"] * vae_bytes if not (setup.cache_latents and cuda) else 0
+    if not cuda:  # text encoders that are not trained stay in RAM beside the rest
+        frozen += sum(sizes[n] * 4 for n in ("text_encoder", "text_encoder_2")
+                      if n in sizes and not setup.train_text_encoder)
+    peak, forward = step.peak, step.forward
+
+    def phase(at: dict, *, grads: int, copies: int = 0, activations: int = 0, ema_bytes: int = resident_ema):
+        return {"trained weights": at["trained"], "gradients": grads, "DDP gradient buckets": buckets,
+                "optimizer state": opt, "frozen weights": at["frozen"] + frozen, "EMA": ema_bytes,
+                "autocast weight copies": copies, "activations and temporaries": activations}
+
+    phases = {
+        "forward/backward": phase(peak, grads=peak["grads"], copies=peak["autocast copies"],
+                                  activations=peak["activations"]),
+        "optimizer step": phase(peak, grads=grads, activations=step_temp),
+    }
+    if not setup.cache_latents:
+        encode = trace_vae_encode(configs, resolution=setup.resolution, dtype_bytes=vae_bytes)
+        phases["VAE encode"] = phase(peak, grads=grads if setup.accumulation > 1 else kept_grads, activations=encode)
+    if ema and not resident_ema:
+        phases["EMA update"] = phase(peak, grads=kept_grads, ema_bytes=ema)  # brought to the GPU for its update
+    name = max(phases, key=lambda n: sum(phases[n].values()))
+    unreused = sum(phase(forward, grads=grads, copies=forward["autocast copies"],
+                         activations=forward["activations"]).values())
+    reserved = max(sum(phases[name].values()), unreused + step_temp)
+    return DevicePeak(phase=name, allocated=phases[name], reserved=reserved)
+
+
+@dataclass(frozen=True)
+class _HostParts:
+    libraries: int
+    cuda_runtime: int
+    loading: int
+    kept: dict
+    data: int
+    saving: int
+
+
+def _host_parts(config, setup: Setup, *, sizes: dict, trained_params: int) -> _HostParts:
+    """Host RAM of a GPU run by phase: libraries, loading, parts kept in RAM, photos and latents, saving."""
+    cuda = setup.device == "cuda"
+    stored = 2 if setup.variant == "fp16" else 4
+    # from_pretrained reads one component at a time into RAM before moving it to the GPU.
+    loading = max(sizes.values()) * stored if cuda else 0
+    half = 2 if setup.half else 4
+    kept = {}
+    if cuda and setup.cache_latents:
+        kept["VAE (latents cached)"] = sizes["vae"] * half
+    if cuda and not setup.train_text_encoder:
+        kept["text encoder (embeddings precomputed)"] = sum(sizes[n] for n in ("text_encoder", "text_encoder_2")
+                                                            if n in sizes) * half
+    if cuda and setup.ema and setup.offload_ema:
+        kept["EMA (offloaded)"] = 4 * trained_params  # one buffer, pinned once (`ema.HostBuffer`)
+    # Weights are saved a shard at a time (`storage.save_weights`), each copied to the host first; on a CPU
+    # run `.to("cpu")` copies nothing.
+    saving = min(4 * trained_params, storage.MAX_SHARD_BYTES) if cuda else 0
+    return _HostParts(libraries=LIBRARIES_BYTES, cuda_runtime=CUDA_HOST_BYTES if cuda else 0, loading=loading,
+                      kept=kept, data=_data_bytes(config, setup), saving=saving)
+
+
+def _data_bytes(config, setup: Setup) -> int:
+    """Photos and class images held as 8-bit RGB (shorter side = resolution), plus cached latents in RAM."""
+    photos, classes = _image_counts(config)
+    pixels = setup.resolution**2 * 3
+    images = int(photos * pixels * 4 / 3) + classes * pixels  # photos are often 4:3, class images square
+    latents = 0
+    if setup.cache_latents:
+        flips = 2 if getattr(config, "random_flip", False) else 1
+        side = setup.resolution // 8
+        latents = (photos + classes) * flips * 2 * 4 * side * side * 4  # mean and std, fp32, 4 channels
+    return images + latents
+
+
+def _image_counts(config) -> tuple[int, int]:
+    """(photos, class images) of all the run's subjects: what training holds in memory."""
+    subjects = config.subjects()
+    photos = sum(_count_files(s.instance_data_dir, default=10) for s in subjects)
+    classes = sum(s.num_class_images for s in subjects) if config.with_prior_preservation else 0
+    return photos, classes
+
+
+def _count_files(folder, *, default: int) -> int:
+    if not folder or not Path(folder).is_dir():
+        return default
+    return sum(1 for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def _host_peak(host: _HostParts, *, device: DevicePeak | None) -> tuple[str, dict]:
+    """The larger of loading and training (on a GPU while a state is saved; on CPU the step itself), by kind."""
+    base = {"Python libraries": host.libraries, "CUDA runtime (host side)": host.cuda_runtime}
+    training = {**base, **host.kept, "photos, class images, latents": host.data}
+    if device is not None:  # a CPU run: the training step itself is in RAM
+        training.update(device.allocated)
+        phase = f"training, {device.phase}"
+    else:
+        training["saving a state"] = host.saving
+        phase = "training, saving a state"
+    loading = {**base, "loading (largest part)": host.loading}
+    if sum(loading.values()) > sum(training.values()):
+        return "loading", loading
+    return phase, training
+
+
+def _host_ram_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _disk_parts(config, *, sizes: dict, trained_params: int) -> tuple[int, dict[str, int]]:
+    """The disk's peak as `memory.disk_plan` simulates it (class images, snapshots, rotated states), by kind."""
+    run = memory.RunSizes(unet=sizes["unet"], vae=sizes["vae"], trained=trained_params,
+                          text_encoder=sizes["text_encoder"] + sizes.get("text_encoder_2", 0))
+    disk = memory.disk_plan(config, sizes=run)
+    classes = sum(size for what, size in disk.items if "class images" in what)
+    parts = {"class images": classes, "states and snapshots": disk.peak_bytes - classes}
+    if config.cache_latents and getattr(config, "latent_cache_dir", None):
+        n = sum(_image_counts(config))
+        side = config.resolution // 8
+        parts["latent cache"] = n * 2 * 4 * side * side * 4  # mean and std, fp32, 4 channels
+    return disk.peak_bytes, parts
+
+
+# --- Advice -----------------------------------------------------------------------------------------------
+_SETTING = re.compile(r"""(\w+)=('[^']*'|"[^"]*"|True|False|None|[-+.\w]+)""")
+
+
+def saver_changes(saver: str) -> dict:
+    """The settings a `memory.next_memory_saver` suggestion names, as Python values:
+    "method='lora' with learning_rate=1e-4 (why)" → {"method": "lora", "learning_rate": 0.0001}."""
+    head = saver.split(" (")[0]
+    return {name: ast.literal_eval(value) for name, value in _SETTING.findall(head)}
+
+
+def _advice(config, card: Gpu | None) -> tuple[list[str], dict]:
+    """The fewest savers, in `next_memory_saver`'s order, whose plan fits.
+
+    Climbs the ladder until the plan fits, then drops each saver whose removal still fits (a cheaper rung
+    may be needless once a later one is on: 8-bit Adam alone can do what checkpointing could not).
+    """
+    ladder, current = [], config
+    while not _plan(current, card).fits:
+        saver = memory.next_memory_saver(current)
+        changed = dataclasses.replace(current, **saver_changes(saver)) if saver else current
+        if changed == current:  # the ladder's end (or a rung that names no setting)
+            final = _plan(current, card)
+            need = final.gpu_required_bytes if card else final.host_peak_bytes
+            return [*ladder, f"even with every saver on it needs {_gib(need)} GiB: lower the resolution or use "
+                    "a GPU with more memory."], {}
+        ladder.append(saver)
+        current = changed
+    kept = list(ladder)
+    for saver in ladder[:-1]:
+        trial = [s for s in kept if s != saver]
+        changes = {k: v for s in trial for k, v in saver_changes(s).items()}
+        if _plan(dataclasses.replace(config, **changes), card).fits:
+            kept = trial
+    return kept, {k: v for s in kept for k, v in saver_changes(s).items()}

@@ -1,0 +1,642 @@
+"""Take the model out: one `.safetensors` file in the original Stable Diffusion layout, for AUTOMATIC1111 and
+ComfyUI.
+
+    from dreambooth_nb import export
+    export("project/runs/lr2e-6", "project/exports/sks-dog.safetensors")   # a run (its last snapshot) or a snapshot
+
+A single-file checkpoint holds the UNet, the VAE and the text encoder under the names of the original
+CompVis / Stability code (`ldm`): `model.diffusion_model.input_blocks.1.1.…` for the UNet,
+`first_stage_model.…` for the VAE, `cond_stage_model.transformer.text_model.…` for SD 1.x's CLIP and
+`cond_stage_model.model.…` for SD 2.x's OpenCLIP. AUTOMATIC1111 and ComfyUI read only that layout. Here the
+names are derived from each part's config (blocks, layers), one table per model family (`LAYOUTS`: SD 1.x,
+SD 2.x; SDXL adds its own), following diffusers' reference converter
+(scripts/convert_diffusers_to_original_stable_diffusion.py), and the tests prove them with diffusers' own
+loader: `StableDiffusionPipeline.from_single_file(file, config=base)` gives back every tensor of the snapshot.
+
+The file is streamed: its header (every name, dtype and shape) is written first, from the source files'
+headers, then each tensor is read alone from its safetensors file, converted, written and freed. Host memory
+stays at about one tensor (SD 1.5's largest is the 152 MB token embedding), never a copy of the model —
+Colab's VM has ≈12.7 GB, SD 1.5 in fp32 is 4.3 GB. (safetensors' own `save_file` needs every tensor in
+memory at once, and before 0.6 it copied each one into a bytes object too.)
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from dreambooth_nb.model import snapshots
+from dreambooth_nb import storage
+from dreambooth_nb.config import saved_subjects
+from dreambooth_nb.errors import ConfigError, DataError, DreamboothError
+from dreambooth_nb.planning.memory import _size  # bytes for people: "2.13 GB", "18.8 MB"
+
+
+class ExportError(DreamboothError):
+    """A snapshot cannot be written as a single file; the message names it and says what to do."""
+
+
+# --- Names: diffusers → original (ldm) ----------------------------------------------------------------
+@dataclass(frozen=True)
+class Target:
+    """Where a diffusers tensor goes in the file. Several sources may fill one target in order (`part` of
+    `parts`, concatenated along dim 0); `conv1x1` turns a linear layer's 2-D weight into a 1×1 convolution's."""
+
+    name: str
+    part: int = 0
+    parts: int = 1
+    conv1x1: bool = False
+
+
+UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+               "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+# The VAE's mid-block attention: ldm uses 1×1 convolutions where diffusers uses linear layers. diffusers
+# before 0.17 named them query/key/value/proj_attn, and Hub files saved then (SD 1.5's VAE) still do.
+VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
+                 "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}
+
+
+def unet_names(config: dict) -> dict[str, Target]:
+    """diffusers' `UNet2DConditionModel` → ldm's `openaimodel.UNetModel` (SD 1.x and 2.x), from the block layout.
+
+    ldm numbers the blocks flat. `input_blocks.0` is conv_in; each down block adds `layers` (resnet, attention)
+    pairs and then its downsampler; `output_blocks` holds `layers + 1` pairs per up block, the upsampler sitting
+    after the attention (index 2), or after the resnet (index 1) in a block without attention.
+    """
+    blocks, layers = len(config["block_out_channels"]), config["layers_per_block"]
+    names = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+             "mid_block.attentions.0": "middle_block.1"}
+    resnets = {"mid_block.resnets.0": "middle_block.0", "mid_block.resnets.1": "middle_block.2"}
+    for i in range(blocks):
+        for j in range(layers):
+            flat = 1 + i * (layers + 1) + j
+            resnets[f"down_blocks.{i}.resnets.{j}"] = f"input_blocks.{flat}.0"
+            names[f"down_blocks.{i}.attentions.{j}"] = f"input_blocks.{flat}.1"
+        for j in range(layers + 1):
+            flat = i * (layers + 1) + j
+            resnets[f"up_blocks.{i}.resnets.{j}"] = f"output_blocks.{flat}.0"
+            names[f"up_blocks.{i}.attentions.{j}"] = f"output_blocks.{flat}.1"
+        if i < blocks - 1:
+            names[f"down_blocks.{i}.downsamplers.0.conv"] = f"input_blocks.{(i + 1) * (layers + 1)}.0.op"
+            after = 2 if config["up_block_types"][i].startswith("CrossAttn") else 1
+            names[f"up_blocks.{i}.upsamplers.0.conv"] = f"output_blocks.{i * (layers + 1) + layers}.{after}.conv"
+    for ours, theirs in resnets.items():
+        names.update({f"{ours}.{a}": f"{theirs}.{b}" for a, b in UNET_RESNET.items()})
+    return {ours: Target(theirs) for ours, theirs in names.items()}
+
+
+def vae_names(config: dict) -> dict[str, Target]:
+    """diffusers' `AutoencoderKL` → ldm's `Encoder` / `Decoder` (diffusionmodules/model.py). ldm counts the
+    decoder's up blocks from the full-resolution end, diffusers from the latent end."""
+    blocks, layers = len(config["block_out_channels"]), config["layers_per_block"]
+    names = {f"{side}.{name}": Target(f"{side}.{name}") for side in ("encoder", "decoder")
+             for name in ("conv_in", "conv_out")}
+    names |= {name: Target(name) for name in ("quant_conv", "post_quant_conv")}
+    names |= {f"{side}.conv_norm_out": Target(f"{side}.norm_out") for side in ("encoder", "decoder")}
+    resnets = {}
+    for side in ("encoder", "decoder"):
+        resnets |= {f"{side}.mid_block.resnets.{k}": f"{side}.mid.block_{k + 1}" for k in (0, 1)}
+        names |= {f"{side}.mid_block.attentions.0.{ours}": Target(f"{side}.mid.attn_1.{theirs}",
+                                                                  conv1x1=ours != "group_norm")
+                  for ours, theirs in VAE_ATTENTION.items()}
+    for i in range(blocks):
+        up = blocks - 1 - i
+        resnets |= {f"encoder.down_blocks.{i}.resnets.{j}": f"encoder.down.{i}.block.{j}" for j in range(layers)}
+        resnets |= {f"decoder.up_blocks.{i}.resnets.{j}": f"decoder.up.{up}.block.{j}" for j in range(layers + 1)}
+        if i < blocks - 1:
+            names[f"encoder.down_blocks.{i}.downsamplers.0.conv"] = Target(f"encoder.down.{i}.downsample.conv")
+            names[f"decoder.up_blocks.{i}.upsamplers.0.conv"] = Target(f"decoder.up.{up}.upsample.conv")
+    for ours, theirs in resnets.items():
+        names[ours] = Target(theirs)
+        names[f"{ours}.conv_shortcut"] = Target(f"{theirs}.nin_shortcut")
+    return names
+
+
+def clip_names(config: dict) -> dict[str, Target]:
+    """OpenAI CLIP (SD 1.x) under ldm's `FrozenCLIPEmbedder`: transformers' own names below `text_model.`,
+    spelled out from the layer count — transformers 5 saves them without `text_model.`, 4.x with it."""
+    prefixes = ["embeddings", "final_layer_norm"] + [f"encoder.layers.{i}" for i in range(config["num_hidden_layers"])]
+    return {name: Target(f"text_model.{name}") for name in prefixes}
+
+
+def open_clip_names(config: dict) -> dict[str, Target]:
+    """OpenCLIP (SD 2.x) under ldm's `FrozenOpenCLIPEmbedder` (open_clip's text transformer): q, k and v packed
+    into one `in_proj` as torch.nn.MultiheadAttention stores them ([q; k; v] along dim 0), the position
+    embedding a bare parameter. diffusers keeps 23 of OpenCLIP-H's 24 layers (SD 2 reads the penultimate one)
+    and no text projection; AUTOMATIC1111 and ComfyUI run the same 23 layers."""
+    names = {"embeddings.token_embedding": Target("token_embedding"),
+             "embeddings.position_embedding.weight": Target("positional_embedding"),
+             "final_layer_norm": Target("ln_final")}
+    for i in range(config["num_hidden_layers"]):
+        ours, theirs = f"encoder.layers.{i}", f"transformer.resblocks.{i}"
+        names |= {f"{ours}.layer_norm1": Target(f"{theirs}.ln_1"), f"{ours}.layer_norm2": Target(f"{theirs}.ln_2"),
+                  f"{ours}.mlp.fc1": Target(f"{theirs}.mlp.c_fc"), f"{ours}.mlp.fc2": Target(f"{theirs}.mlp.c_proj"),
+                  f"{ours}.self_attn.out_proj": Target(f"{theirs}.attn.out_proj")}
+        for part, projection in enumerate("qkv"):
+            for kind in ("weight", "bias"):
+                names[f"{ours}.self_attn.{projection}_proj.{kind}"] = Target(f"{theirs}.attn.in_proj_{kind}",
+                                                                            part=part, parts=3)
+    return names
+
+
+# Saved by transformers before 4.31 (SD 1.5's Hub file has it): the positions 0..76, a buffer every loader rebuilds.
+NOT_WEIGHTS = {"text_encoder": {"embeddings.position_ids"}}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A model family's single-file layout: each part's prefix in the file and its name table, and the
+    `modelspec.architecture` ids (Stability AI's ModelSpec, as kohya's sd-scripts writes them) by prediction type."""
+
+    family: str
+    parts: dict[str, tuple[str, Callable[[dict], dict[str, Target]]]]
+    architecture: dict[str, str]
+
+
+LAYOUTS = {
+    "sd1": Layout("SD 1.x", {"unet": ("model.diffusion_model.", unet_names), "vae": ("first_stage_model.", vae_names),
+                             "text_encoder": ("cond_stage_model.transformer.", clip_names)},
+                  {"epsilon": "stable-diffusion-v1", "v_prediction": "stable-diffusion-v1"}),
+    "sd2": Layout("SD 2.x", {"unet": ("model.diffusion_model.", unet_names), "vae": ("first_stage_model.", vae_names),
+                             "text_encoder": ("cond_stage_model.model.", open_clip_names)},
+                  {"epsilon": "stable-diffusion-v2-512", "v_prediction": "stable-diffusion-v2-768-v"}),
+}
+
+
+def layout_for(configs: dict[str, dict]) -> Layout:
+    """SD 2.x's text encoder is OpenCLIP (GELU), SD 1.x's is OpenAI CLIP (quick-GELU): their configs differ there."""
+    if configs["unet"].get("addition_embed_type") == "text_time":
+        raise ExportError("This is an SDXL model: single-file export supports SD 1.x and 2.x so far.")
+    return LAYOUTS["sd2" if configs["text_encoder"].get("hidden_act") == "gelu" else "sd1"]
+
+
+def target_of(key: str, names: dict[str, Target]) -> Target | None:
+    """The target of tensor `key`: the entry of its longest prefix (whole dotted parts), the rest of the name kept."""
+    pieces = key.split(".")
+    for cut in range(len(pieces), 0, -1):
+        found = names.get(".".join(pieces[:cut]))
+        if found is not None:
+            return replace(found, name=".".join([found.name, *pieces[cut:]]))
+    return None
+
+
+# --- Which snapshot, and where its parts are ------------------------------------------------------------
+def choose_snapshot(run_or_snapshot, *, step: int | None = None) -> Path:
+    """The snapshot that `export` and `hub.push_to_hub` take: a snapshot (or pipeline) folder as it is; for a
+    run folder the one saved at `step`, else the one the latest comparison suggested (`quality.suggest`, kept
+    in `<run>/suggestion.json`) when there is one, else the last. The one place that decides it."""
+    from dreambooth_nb.results.quality import suggested_step
+
+    path = Path(run_or_snapshot).expanduser()
+    if snapshots.is_snapshot(path):
+        return path
+    saved = dict(storage.list_snapshots(path))
+    if not saved:
+        raise DataError(f"{path}: no snapshot there. Pass a run folder that finished training (PROJECT_DIR/runs/"
+                        "<name>) or a snapshot folder (…/snapshots/step-000400).")
+    if step is None:
+        suggested, why = suggested_step(path)
+        if suggested in saved:
+            print(f"The suggested snapshot of {path.name}: {why}")
+            return saved[suggested]
+        return saved[max(saved)]
+    if step not in saved:
+        raise ConfigError(f"STEP: {path.name} has no snapshot at step {step}; it has steps "
+                          f"{', '.join(map(str, saved))} (0: the one notebook 4 suggested, else the last).")
+    return saved[step]
+
+
+def snapshot_in_project(project, run: str = "", *, step: int = 0) -> Path:
+    """Notebook 6's snapshot: of run `run` (a name as notebook 4 lists them: `lr2e-6`, `sweeps/lr5e-6`), else
+    of the run the project's settings train (notebook 3's); at `step`, else the one `choose_snapshot` picks."""
+    runs = project.select_runs(run, setting="RUN")
+    folder = next(iter(runs.values())) if run.strip() else project.run_dir_for(project.load_config())
+    if folder not in runs.values():
+        raise ConfigError(f"RUN: the run of the project's settings ({folder.name}) has no snapshot yet; train it "
+                          f"(notebook 3), or name one of the runs that have: {', '.join(runs)}.")
+    return choose_snapshot(folder, step=step or None)
+
+
+def file_name(snapshot: Path, name: str = "") -> str:
+    """`name` as a .safetensors file name; by default the run's and the snapshot's (`lr2e-6-step-000400`)."""
+    stem = Path(name.strip()).name.removesuffix(".safetensors") if name.strip() else label(snapshot, sep="-")
+    return f"{stem}.safetensors"
+
+
+def label(snapshot: Path, *, sep: str = "/") -> str:
+    """`run/step-000400` for a run's snapshot, the folder's name for any other pipeline folder."""
+    snapshot = Path(snapshot)
+    if snapshot.parent.name != "snapshots":
+        return snapshot.name
+    return f"{snapshot.parent.parent.name}{sep}{snapshot.name}"
+
+
+def run_config(snapshot: Path) -> dict:
+    """The saved config of the run a snapshot belongs to (`run/snapshots/step-N`), or {} for a bare pipeline."""
+    saved = Path(snapshot).parent.parent / "config.json"
+    return json.loads(saved.read_text()) if Path(snapshot).parent.name == "snapshots" and saved.is_file() else {}
+
+
+def subject_prompts(config: dict, key: str = "instance_prompt") -> str | None:
+    """A saved run config's instance (or, with `key="class_prompt"`, class) prompt: each subject's, joined
+    with "; " when the run had several (`concepts`); None when there is none."""
+    values = [subject.get(key) for subject in saved_subjects(config)]
+    return "; ".join(dict.fromkeys(v for v in values if v)) or None
+
+
+@dataclass
+class Weights:
+    """One part's safetensors weights (one file, or shards with an index), read a tensor at a time."""
+
+    folder: Path
+    config: dict
+    tensors: dict[str, tuple[Path, tuple[int, ...]]]
+    """name → (file, shape), from the files' headers."""
+
+    @classmethod
+    def open(cls, folder: Path, *, stem: str, variant: str | None = None) -> Weights:
+        from safetensors import safe_open
+
+        ext = f".{variant}" if variant else ""
+        index = folder / f"{stem}.safetensors.index{ext}.json"  # diffusers' and transformers' naming of a variant
+        single = folder / f"{stem}{ext}.safetensors"
+        if index.is_file():
+            files = sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()})
+        elif single.is_file():
+            files = [single]
+        else:
+            raise ExportError(f"{folder}: no {single.name} (nor its sharded index) there. Export reads safetensors "
+                              "weights; a part saved as .bin must be re-saved with save_pretrained() first.")
+        tensors = {}
+        for file in files:
+            with safe_open(file, framework="pt") as handle:
+                for name in handle.keys():
+                    tensors[name] = (file, tuple(handle.get_slice(name).get_shape()))
+        return cls(folder=folder, config=json.loads((folder / "config.json").read_text()), tensors=tensors)
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor, its file mapped only while it is read (so a finished file's pages leave memory too)."""
+        from safetensors import safe_open
+
+        with safe_open(self.tensors[name][0], framework="pt") as handle:
+            return handle.get_tensor(name)
+
+
+_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+PARTS = tuple(_STEMS)
+
+
+def part_sources(snapshot: Path, meta: dict) -> tuple[dict[str, Weights], Path]:
+    """Each part's weights — from the snapshot when it holds the part (it was trained, or the snapshot is
+    complete), else from its base model — and the folder holding the scheduler config."""
+    inside = [name for name in PARTS if meta["complete"] or name in meta["trained"]]
+    base = None if len(inside) == len(PARTS) else base_folder(meta, [p for p in PARTS if p not in inside])
+    parts = {name: Weights.open(snapshot / name, stem=_STEMS[name]) if name in inside else
+             Weights.open(base / name, stem=_STEMS[name], variant=meta.get("variant")) for name in PARTS}
+    return parts, snapshot if (snapshot / "scheduler").is_dir() else base
+
+
+def base_folder(meta: dict, parts: list[str]) -> Path:
+    """A local folder holding the base model's `parts` and scheduler config: the folder itself, the converted
+    folder of a single file, or the Hub cache (downloading only those files when they are not there yet)."""
+    from dreambooth_nb.model import single_file
+    from dreambooth_nb.config import model_location
+
+    base = meta.get("base")
+    where = model_location(base) if base else None
+    if where == "folder":
+        return Path(base)
+    if where == "file":
+        return single_file.diffusers_folder(base)
+    if where != "hub":
+        raise ExportError(f"The snapshot's base model {base!r} is not there any more (not a folder, a file or a "
+                          "Hub id); restore it, or export the run's final snapshot, which is complete.")
+    return _from_hub(base, parts, revision=meta.get("revision"), variant=meta.get("variant"))
+
+
+def _from_hub(repo: str, parts: list[str], *, revision: str | None, variant: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    ext = f".{variant}" if variant else ""
+    wanted = ["model_index.json", "scheduler/*.json"]
+    for name in parts:
+        wanted += [f"{name}/config.json", f"{name}/{_STEMS[name]}{ext}.safetensors",
+                   f"{name}/{_STEMS[name]}.safetensors.index{ext}.json"]
+    try:
+        folder = Path(snapshot_download(repo, revision=revision, allow_patterns=wanted))
+        shards = [f"{name}/{shard}" for name in parts
+                  for index in (folder / name).glob(f"*.safetensors.index{ext}.json")
+                  for shard in set(json.loads(index.read_text())["weight_map"].values())]
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=wanted + shards)) if shards else folder
+    except Exception as err:  # offline, gated, deleted: each means "the base is not reachable"
+        raise ExportError(f"The snapshot holds only the trained weights; the rest comes from its base model "
+                          f"{repo!r}, which could not be loaded ({type(err).__name__}). Connect to the internet (and "
+                          "set HF_TOKEN for a gated model), or export the run's final snapshot, which is complete."
+                          ) from None
+
+
+# --- The file ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Entry:
+    """One tensor of the file: its name, its sources (filled in order), its shape in the file."""
+
+    name: str
+    sources: tuple[tuple[Weights, str], ...]
+    shape: tuple[int, ...]
+
+    def tensor(self, dtype: torch.dtype) -> torch.Tensor:
+        pieces = [weights.read(name) for weights, name in self.sources]
+        tensor = (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).to(dtype)
+        if not torch.isfinite(tensor).all():
+            if all(torch.isfinite(piece).all() for piece in pieces):
+                raise ExportError(f"{self.name} has values beyond fp16's range; export with half=False.")
+            raise ExportError(f"{self.name} holds NaN or infinite values: this snapshot is broken (the loss "
+                              "diverged?); export an earlier one.")
+        return tensor.reshape(self.shape).contiguous()
+
+
+def entries_for(parts: dict[str, Weights], layout: Layout) -> list[Entry]:
+    """Every tensor of the file, in order (UNet, VAE, text encoder), from the parts' headers alone."""
+    entries = []
+    for part, (prefix, names_for) in layout.parts.items():
+        weights, names = parts[part], names_for(parts[part].config)
+        targets: dict[str, list] = {}
+        for key in sorted(weights.tensors):
+            ours = key.removeprefix("text_model.") if part == "text_encoder" else key
+            if ours in NOT_WEIGHTS.get(part, ()):
+                continue
+            target = target_of(ours, names)
+            if target is None:
+                raise ExportError(f"{weights.folder}: {key} has no name in the {layout.family} single-file layout; "
+                                  "this model's architecture is not one AUTOMATIC1111 or ComfyUI load.")
+            slot = targets.setdefault(prefix + target.name, [target, [None] * target.parts])
+            slot[1][target.part] = (weights, key)
+        for name, (target, sources) in targets.items():
+            if None in sources:
+                raise ExportError(f"{weights.folder}: {name} needs {target.parts} tensors (q, k, v) and some are "
+                                  "missing.")
+            shapes = [weights.tensors[key][1] for weights, key in sources]
+            shape = (sum(s[0] for s in shapes), *shapes[0][1:])
+            conv = target.conv1x1 and len(shape) == 2
+            entries.append(Entry(name, tuple(sources), shape + (1, 1) if conv else shape))
+    return entries
+
+
+DTYPE_CODES = {torch.float16: "F16", torch.float32: "F32"}  # safetensors' header codes
+
+
+def write_safetensors(path: Path, entries: list[Entry], *, dtype: torch.dtype, metadata: dict[str, str]) -> Path:
+    """Write `entries` as one safetensors file, a tensor at a time. The format
+    (github.com/huggingface/safetensors, "Format"): 8 bytes little-endian header length, a JSON header
+    (`__metadata__` of strings; per tensor dtype, shape and [begin, end) byte offsets into the data, which
+    follows without holes), padded with spaces to 8 bytes as the reference writer does, then the data."""
+    header, offset = {"__metadata__": metadata}, 0
+    for entry in entries:
+        size = math.prod(entry.shape) * dtype.itemsize
+        header[entry.name] = {"dtype": DTYPE_CODES[dtype], "shape": list(entry.shape),
+                              "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with storage.atomic_file(path) as out:
+        out.write(len(raw).to_bytes(8, "little"))
+        out.write(raw)
+        for entry in entries:
+            out.write(entry.tensor(dtype).view(torch.uint8).numpy().data)  # little-endian, as the format wants
+    return path
+
+
+# --- Export ----------------------------------------------------------------------------------------------
+def export(snapshot_or_run, path, *, half: bool = True, step: int | None = None, merged: bool = False) -> Path:
+    """Write the snapshot (a run: its snapshot at `step`, else its last) as one original-layout `.safetensors`
+    file at `path` (fp16 with `half`: 2.1 GB for SD 1.5, half the fp32 size, what AUTOMATIC1111 and ComfyUI
+    compute in anyway). A v-prediction model also gets `<path stem>.yaml` beside it, the config AUTOMATIC1111
+    needs for it. A LoRA run exports its adapters (kohya's layout: a few MB that AUTOMATIC1111 and ComfyUI load
+    as a LoRA), or with `merged` the base model with the adapters fused in, as one checkpoint. Returns `path`."""
+    snapshot = choose_snapshot(snapshot_or_run, step=step)
+    path = Path(path).expanduser()
+    if path.suffix != ".safetensors":
+        raise ConfigError(f"{path}: the exported file must end in .safetensors (AUTOMATIC1111 and ComfyUI look "
+                          "for that name).")
+    meta = snapshots.info(snapshot)
+    if meta.get("method") == "lora":
+        return _export_lora(snapshot, meta, path, half=half, merged=merged)
+    return _export_checkpoint(snapshot, meta, path, half=half)
+
+
+def _export_lora(snapshot: Path, meta: dict, path: Path, *, half: bool, merged: bool) -> Path:
+    """The adapters as kohya's file with the run's metadata; or (`merged`) base + adapters as a checkpoint."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save
+
+    if merged:
+        from dreambooth_nb.model.loading import family_of_model
+
+        # Asked before anything loads: merging an SDXL LoRA would load the whole SDXL pipeline in fp32 on the CPU
+        # (≈13.9 GB, more than a Colab VM has) only to find that its single-file layout is not written here.
+        if family_of_model(meta["base"], revision=meta.get("revision")).is_sdxl:
+            raise ExportError("merged: an SDXL LoRA cannot be merged into a single checkpoint here yet (single-file "
+                              "export covers SD 1.x and 2.x). Export the LoRA itself (merged=False: a few MB, kohya's "
+                              "layout) and load it on top of SDXL in ComfyUI or AUTOMATIC1111.")
+        with tempfile.TemporaryDirectory() as folder:  # the fused pipeline, saved, then exported as any snapshot
+            pipe = snapshots.load_pipeline(snapshot, device=torch.device("cpu"), dtype=torch.float32)
+            pipe.unload_lora_weights()  # (the fused weights stay)
+            pipe.save_pretrained(folder, safe_serialization=True)
+            del pipe
+            return _export_checkpoint(Path(folder), {"complete": True, "trained": [], "base": meta.get("base"),
+                                                     "step": meta.get("step")}, path, half=half, described=snapshot)
+    kohya = snapshot / snapshots.KOHYA_WEIGHTS
+    with safe_open(kohya, framework="pt") as handle:
+        kohya_meta = dict(handle.metadata() or {})
+    config = run_config(snapshot)
+    prompt = subject_prompts(config)
+    xl = kohya_meta.get("ss_base_model_version", "").startswith("sdxl")
+    info = {**kohya_meta, "modelspec.sai_model_spec": "1.0.0",
+            "modelspec.architecture": ("stable-diffusion-xl-v1-base" if xl else "stable-diffusion-v1") + "/lora",
+            "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+            "modelspec.title": f"{prompt} ({snapshot.parent.parent.name}, step {meta.get('step')})",
+            "modelspec.description": f"Dreambooth LoRA of {base_name(meta.get('base'))} made with dreambooth-nb.",
+            **({"modelspec.trigger_phrase": prompt} if prompt else {}),
+            "dreambooth_nb.base_model": base_name(meta.get("base")), "dreambooth_nb.step": str(meta.get("step")),
+            "dreambooth_nb.learning_rate": str(config.get("learning_rate")), "dreambooth_nb.method": "lora"}
+    dtype = torch.float16 if half else torch.float32
+    tensors = {k: v if k.endswith(".alpha") else v.to(dtype).contiguous() for k, v in load_file(kohya).items()}
+    storage.atomic_write_bytes(path, save(tensors, metadata=info))  # a few MB: written whole
+    print(f"Exported the LoRA of {label(snapshot)} ({_size(path.stat().st_size)}, kohya's layout) to {path}")
+    return path
+
+
+def _export_checkpoint(snapshot: Path, meta: dict, path: Path, *, half: bool, described: Path | None = None) -> Path:
+    parts, scheduler_folder = part_sources(snapshot, meta)
+    configs = {name: weights.config for name, weights in parts.items()}
+    layout = layout_for(configs)
+    scheduler = json.loads((scheduler_folder / "scheduler" / "scheduler_config.json").read_text())
+    prediction = scheduler.get("prediction_type", "epsilon")
+    if prediction not in layout.architecture:
+        raise ExportError(f"{snapshot}: the model predicts {prediction!r}; AUTOMATIC1111 and ComfyUI load epsilon and "
+                          "v-prediction models.")
+    entries = entries_for(parts, layout)
+    described = described or snapshot  # (a merged LoRA is described as its snapshot, not the temporary folder)
+    config = run_config(described)
+    info = describe(described, meta, config, layout=layout, prediction=prediction, configs=configs)
+    write_safetensors(path, entries, dtype=torch.float16 if half else torch.float32, metadata=info)
+    if prediction == "v_prediction":
+        storage.atomic_write_text(path.with_suffix(".yaml"), ldm_yaml(configs, scheduler, layout=layout))
+    print(f"Exported {label(snapshot)} ({layout.family}, {'fp16' if half else 'fp32'}, {_size(path.stat().st_size)}) "
+          f"to {path}"
+          + (f" with {path.with_suffix('.yaml').name} (v-prediction)" if prediction == "v_prediction" else ""))
+    return path
+
+
+def base_name(base: str | None) -> str:
+    """A base model as the file's metadata names it: a Hub id as it is, a local folder or file by its name only.
+    Its absolute path says nothing on another machine and shows the user's folders (/content/drive/MyDrive/…,
+    /home/alice/…) to everyone the file is shared with."""
+    from dreambooth_nb.config import model_location
+
+    if not base:
+        return "unknown"
+    return base if model_location(base) == "hub" else f"local: {Path(base).name}"
+
+
+def describe(snapshot: Path, meta: dict, config: dict, *, layout: Layout, prediction: str,
+             configs: dict[str, dict]) -> dict[str, str]:
+    """The file's metadata: Stability AI's ModelSpec keys (`modelspec.*`, as kohya's sd-scripts and the UIs read
+    them) and the run's settings (`dreambooth_nb.*`). Nothing secret: no token (a config never holds one), no
+    local paths (`base_name`), no photo folders."""
+    from importlib.metadata import version
+
+    marker = snapshot / storage.SNAPSHOT_MARKER
+    made = marker if marker.is_file() else snapshot / "model_index.json"
+    native = int(configs["unet"]["sample_size"]) * 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
+    resolution = int(config.get("resolution") or native)
+    prompt, step, base = subject_prompts(config), meta.get("step"), base_name(meta.get("base"))
+    title = f"{prompt} ({snapshot.parent.parent.name}, step {step})" if prompt else snapshot.name
+    spec = {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": layout.architecture[prediction],
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.title": title,
+        "modelspec.date": datetime.date.fromtimestamp(made.stat().st_mtime).isoformat(),
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.prediction_type": "v" if prediction == "v_prediction" else "epsilon",
+        "modelspec.description": f"Dreambooth fine-tune of {base} made with dreambooth-nb.",
+    }
+    if prompt:
+        spec["modelspec.trigger_phrase"] = prompt
+        spec["modelspec.usage_hint"] = f"Prompt with '{prompt}'."
+    run = {"base_model": base, "step": step, "instance_prompt": prompt,
+           "class_prompt": subject_prompts(config, "class_prompt"), "learning_rate": config.get("learning_rate"),
+           "max_train_steps": config.get("max_train_steps"), "resolution": config.get("resolution"), "train_text_encoder": config.get("train_text_encoder"),
+           "prior_preservation": config.get("with_prior_preservation"), "seed": config.get("seed"),
+           "version": version("dreambooth-nb")}
+    return spec | {f"dreambooth_nb.{k}": str(v) for k, v in run.items() if v is not None}
+
+
+def ldm_yaml(configs: dict[str, dict], scheduler: dict, *, layout: Layout) -> str:
+    """The ldm config AUTOMATIC1111 reads from `<model>.yaml` beside a checkpoint (it takes v-prediction from
+    there), built from the model's own configs in the shape of Stability AI's
+    configs/stable-diffusion/v2-inference-v.yaml (stablediffusion repository)."""
+    import yaml
+
+    unet, vae = configs["unet"], configs["vae"]
+    channels = unet["block_out_channels"]
+    heads = unet["attention_head_dim"]  # diffusers' name; SD 1.x/2.x configs store the number of heads there
+    heads = heads if isinstance(heads, int) else heads[0]
+    sd2 = layout is LAYOUTS["sd2"]
+    cond = ({"target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
+             "params": {"freeze": True, "layer": "penultimate"}} if sd2 else
+            {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"})
+    unet_params = {"use_checkpoint": True, "use_fp16": True, "image_size": 32, "in_channels": unet["in_channels"],
+                   "out_channels": unet["out_channels"], "model_channels": channels[0],
+                   "attention_resolutions": [2**i for i, kind in enumerate(unet["down_block_types"])
+                                             if kind.startswith("CrossAttn")][::-1],
+                   "num_res_blocks": unet["layers_per_block"], "channel_mult": [c // channels[0] for c in channels],
+                   "use_spatial_transformer": True, "transformer_depth": 1, "context_dim": unet["cross_attention_dim"],
+                   "use_linear_in_transformer": bool(unet.get("use_linear_projection")), "legacy": False}
+    unet_params |= {"num_head_channels": channels[0] // heads} if sd2 else {"num_heads": heads}
+    vae_channels = vae["block_out_channels"]
+    config = {"model": {
+        "base_learning_rate": 1.0e-4, "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
+        "params": {
+            "parameterization": "v" if scheduler.get("prediction_type") == "v_prediction" else "eps",
+            "linear_start": scheduler.get("beta_start", 0.00085), "linear_end": scheduler.get("beta_end", 0.012),
+            "num_timesteps_cond": 1, "log_every_t": 200, "timesteps": scheduler.get("num_train_timesteps", 1000),
+            "first_stage_key": "jpg", "cond_stage_key": "txt", "image_size": unet["sample_size"],
+            "channels": unet["in_channels"], "cond_stage_trainable": False, "conditioning_key": "crossattn",
+            "monitor": "val/loss_simple_ema", "scale_factor": vae.get("scaling_factor", 0.18215), "use_ema": False,
+            "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet_params},
+            "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": {
+                "embed_dim": vae["latent_channels"], "monitor": "val/rec_loss",
+                "ddconfig": {"double_z": True, "z_channels": vae["latent_channels"], "resolution": 256,
+                             "in_channels": vae["in_channels"], "out_ch": vae["out_channels"], "ch": vae_channels[0],
+                             "ch_mult": [c // vae_channels[0] for c in vae_channels],
+                             "num_res_blocks": vae["layers_per_block"], "attn_resolutions": [], "dropout": 0.0},
+                "lossconfig": {"target": "torch.nn.Identity"}}},
+            "cond_stage_config": cond}}}
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+def _how_to_use_lora(name: str, *, meta: dict, prompt: str) -> str:
+    xl = meta.get("modelspec.architecture", "").startswith("stable-diffusion-xl")
+    pipeline = "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline"
+    base = meta.get("dreambooth_nb.base_model", "")
+    base = base if base and not base.startswith(("local:", "unknown")) else "<the base model it was trained on>"
+    stem = Path(name).stem
+    return "\n".join([
+        "## How to use it (a LoRA: load it on top of its base model)", "", "**diffusers**", "", "```python",
+        "import torch", f"from diffusers import {pipeline}", "",
+        f'pipe = {pipeline}.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")',
+        f'pipe.load_lora_weights(".", weight_name="{name}")', f'image = pipe("{prompt}, in the snow").images[0]',
+        "```", "",
+        f"**AUTOMATIC1111**: put `{name}` into `stable-diffusion-webui/models/Lora/`, choose the base model as the "
+        f"checkpoint and prompt with `{prompt}, <lora:{stem}:1>`.", "",
+        f"**ComfyUI**: put `{name}` into `ComfyUI/models/loras/` and add a *LoraLoader* node after *Load "
+        "Checkpoint* (the base model).", ""])
+
+
+def how_to_use(file=None, *, repo_id: str | None = None, prompt: str | None = None) -> str:
+    """Markdown: how to generate with the model in diffusers (from the Hub repository `repo_id`, or from the
+    exported `file`), AUTOMATIC1111 and ComfyUI. Prompt, base model and prediction type come from the file's
+    metadata when there is a file."""
+    meta = {}
+    if file is not None:
+        from safetensors import safe_open
+
+        with safe_open(file, framework="pt") as handle:
+            meta = handle.metadata() or {}
+    # (a run of several subjects has their prompts joined with "; ": the example uses the first)
+    prompt = (prompt or meta.get("modelspec.trigger_phrase") or "a photo of sks dog").split("; ")[0]
+    name = Path(file).name if file is not None else None
+    if meta.get("dreambooth_nb.method") == "lora":
+        return _how_to_use_lora(name, meta=meta, prompt=prompt)
+    base = meta.get("dreambooth_nb.base_model", "")
+    v = meta.get("modelspec.prediction_type") == "v"
+    lines = ["## How to use it", "", "**diffusers**", "", "```python", "import torch",
+             "from diffusers import StableDiffusionPipeline", ""]
+    if repo_id:
+        lines.append(f'pipe = StableDiffusionPipeline.from_pretrained("{repo_id}", torch_dtype=torch.float16)')
+    if name:
+        # from_single_file guesses the configs from the keys; naming the base is exact (SD 2.x 512 vs 768 px).
+        config = f', config="{base}"' if base and not base.startswith(("local:", "unknown")) else ""
+        load = f'pipe = StableDiffusionPipeline.from_single_file("{name}"{config}, torch_dtype=torch.float16)'
+        lines += ["# or from the single file:", f"# {load}"] if repo_id else [load]
+    lines += ['pipe = pipe.to("cuda")', f'image = pipe("{prompt}, in the snow").images[0]', "```", ""]
+    if name:
+        yaml_note = (f" with `{Path(name).with_suffix('.yaml')}` beside it (it tells AUTOMATIC1111 that the model "
+                     "predicts v)") if v else ""
+        comfy_note = (" ComfyUI guesses v-prediction from the weights; if images come out grey or noisy, add a "
+                      "*ModelSamplingDiscrete* node set to v_prediction.") if v else ""
+        lines += [f"**AUTOMATIC1111**: put `{name}` into `stable-diffusion-webui/models/Stable-diffusion/`"
+                  f"{yaml_note}, refresh the checkpoint list, choose it and prompt with `{prompt}`.", "",
+                  f"**ComfyUI**: put `{name}` into `ComfyUI/models/checkpoints/` and choose it in the *Load "
+                  f"Checkpoint* node.{comfy_note}", ""]
+    return "\n".join(lines)

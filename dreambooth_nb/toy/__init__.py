@@ -1,0 +1,1 @@
+"""The embedded toy model's world, its measurements, and tiny models built from configs."""

@@ -1,0 +1,1 @@
+"""The run: the sample stream, prompts, the one training loop, several GPUs, class images, EMA."""

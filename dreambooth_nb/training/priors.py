@@ -1,0 +1,225 @@
+"""Class images for prior preservation: yours first, the shortfall generated once, deterministically.
+
+The class folder may already hold images — a regularization set you brought (hundreds of "person" or
+"dog" photos, as kohya's and TheLastBen's guides suggest) — and they count: every usable image in the
+folder is yours unless it is named `class-NNNNN.png`, the name generated images get. Training uses exactly
+`num_class_images`: your images first (in name order), then generated ones by index; only the images
+still missing are generated. Generated image i always comes from seed (seed, i), so it is the same image
+whether it is made in the first batch or after a Colab disconnect, and a rerun writes nothing new.
+"""
+
+from __future__ import annotations
+
+import gc
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from dreambooth_nb.model import snapshots
+from dreambooth_nb.errors import DataError
+from dreambooth_nb.dataset.images import CAPTION_SUFFIX, IMAGE_SUFFIXES, png_bytes, scan_images
+from dreambooth_nb.progress import in_task, report
+from dreambooth_nb.storage import atomic_write_bytes
+
+_NAME = "class-{:05d}.png"
+_NAME_RE = re.compile(r"^class-(\d{5})\.png$")
+
+
+def class_image_path(folder, index: int) -> Path:
+    return Path(folder) / _NAME.format(index)
+
+
+def image_seed(seed: int, index: int) -> int:
+    return seed * 100_003 + index
+
+
+@dataclass
+class ClassImages:
+    """What the class folder holds for a run that wants `wanted` class images, and what it still needs."""
+
+    folder: Path
+    wanted: int
+    yours: list[Path] = field(default_factory=list)
+    """Usable images you put in the folder (any name but `class-NNNNN.png`), in name order."""
+    generated: dict[int, Path] = field(default_factory=dict)
+    """Usable generated images by index."""
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    """Files that cannot be used, with the reason (not counted)."""
+
+    @property
+    def to_generate(self) -> list[int]:
+        """Indices of the generated images still needed: the shortfall after your images."""
+        return [i for i in range(max(0, self.wanted - len(self.yours))) if i not in self.generated]
+
+    @property
+    def selected(self) -> list[Path]:
+        """The images training uses, once nothing is missing: yours first, then generated ones by index."""
+        needed = max(0, self.wanted - len(self.yours))
+        return self.yours[:self.wanted] + [self.generated[i] for i in range(needed) if i in self.generated]
+
+    def summary(self) -> str:
+        used_yours = min(len(self.yours), self.wanted)
+        used_generated = max(0, self.wanted - len(self.yours)) - len(self.to_generate)
+        lines = [f"{self.folder}: {self.wanted} class images wanted — {used_yours} of yours"
+                 + (f" (of {len(self.yours)} found)" if len(self.yours) > self.wanted else "")
+                 + f", {used_generated} generated earlier, {len(self.to_generate)} to generate."]
+        lines += [f"  Skipped {path.name}: {reason}" for path, reason in self.skipped]
+        return "\n".join(lines)
+
+
+def class_images(config, *, decode: bool = True) -> ClassImages:
+    """The class folder of `config` as training will use it. `decode=False` trusts file names and
+    extensions instead of opening every image (the disk plan's quick count)."""
+    folder = Path(config.class_data_dir)
+    found = ClassImages(folder=folder, wanted=config.num_class_images)
+    if decode:
+        report = scan_images(folder, resolution=config.resolution, min_images=0, allow_empty=True)
+        usable, found.skipped = report.usable, report.skipped
+        found.skipped += [(path, "a text file: class images all train with the class prompt (captions are read "
+                                 "in photo folders only)")
+                          for path in sorted(folder.iterdir()) if path.suffix.lower() == CAPTION_SUFFIX] \
+            if folder.is_dir() else []
+    else:
+        usable = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    for path in usable:
+        match = _NAME_RE.match(path.name)
+        if match:
+            found.generated[int(match.group(1))] = path
+        else:
+            found.yours.append(path)
+    return found
+
+
+BASE_RENDERS = "base-model-renders"
+"""Beside the run folders (`output_dir`'s parent): the base model's renders of each class prompt that the
+validation loss's prior half uses when prior preservation is off, made once and shared by every run there."""
+
+
+def reference_folder(config, subject, *, number: int = 1) -> Path:
+    """Where the base model's renders of `subject`'s class prompt are: the run's own `validation/` folder
+    (`validation-2/`, ... for further subjects) when an earlier version made them there (a resumed run keeps
+    its numbers), else a folder shared by the runs beside it, named by what decides the images."""
+    from dreambooth_nb.training.validation import hash_seed
+
+    own = Path(config.output_dir) / ("validation" if number == 1 else f"validation-{number}")
+    if own.is_dir() and any(own.glob("class-*.png")):
+        return own
+    from dreambooth_nb.model.single_file import resolve
+
+    model = resolve(config.pretrained_model_name_or_path)
+    model = str(Path(model).resolve()) if Path(model).exists() else model
+    key = hash_seed(model, config.revision, config.variant, config.vae_model_name_or_path, subject.class_prompt,
+                    config.resolution, config.seed)
+    words = re.sub(r"[^a-z0-9]+", "-", subject.class_prompt.lower()).strip("-")[:40]
+    return Path(config.output_dir).parent / BASE_RENDERS / f"{words}-{config.resolution}px-{key % 16**8:08x}"
+
+
+def _reference_configs(config) -> list:
+    """Per subject: a one-subject config whose class folder holds its reference renders, or None (no class
+    prompt)."""
+    from dreambooth_nb.training.validation import REFERENCE_IMAGES
+
+    found = []
+    for number, subject in enumerate(config.subjects(), start=1):
+        if not subject.class_prompt:
+            found.append(None)
+            continue
+        folder = reference_folder(config, subject, number=number)
+        # One image at a time: SDXL at 1024 px with guidance at batch 4 would not fit a T4 beside nothing else.
+        found.append(config.for_subject(subject).replace(class_data_dir=str(folder), num_class_images=REFERENCE_IMAGES,
+                                                         sample_batch_size=1))
+    return found
+
+
+def render_reference_images(config, *, shard: tuple[int, int] = (0, 1), device: torch.device | None = None) -> None:
+    """Render the base model's images of each subject's class prompt that are still missing (this process's
+    share of them, `shard` as in `generate_class_images`): the prior half of the validation loss when prior
+    preservation is off (`validation.py`). Deterministic like class images, and made once for every run
+    beside this one (`reference_folder`)."""
+    from dreambooth_nb.training.validation import REFERENCE_IMAGES
+
+    for reference in _reference_configs(config):
+        if reference is not None and class_images(reference, decode=False).to_generate:
+            if shard[0] == 0:
+                print(f"Rendering {REFERENCE_IMAGES} images of '{reference.class_prompt}' with the base model, once "
+                      f"for the runs in {Path(config.output_dir).parent}: the validation loss measures how far "
+                      "training moves the class from them.")
+            generate_class_images(reference, quiet=True, shard=shard, device=device)
+
+
+def reference_images(config) -> list[list[Path]]:
+    """Per subject, the base model's renders of its class prompt (`render_reference_images` made them); empty
+    for a subject without a class prompt."""
+    return [class_images(reference).selected if reference is not None else []
+            for reference in _reference_configs(config)]
+
+
+def generate_class_images(config, *, device: torch.device | None = None, pipe=None, quiet: bool = False,
+                          shard: tuple[int, int] = (0, 1)) -> list[Path]:
+    """Generate the class images every subject of `config` still needs; return the class folders.
+
+    Counts your own images first (see the module docs). Uses `config.pretrained_model_name_or_path`,
+    each subject's `class_prompt`, `class_data_dir` and `num_class_images`, and `sample_batch_size`,
+    `resolution` and `seed`. Pass `pipe` to reuse an already loaded pipeline; else one is loaded when
+    something is missing, once for all subjects. `shard` = (rank, processes): with several GPUs each process
+    makes every processes-th missing image, on its own device (image i is the same whoever makes it: its
+    seed is (seed, i)).
+    """
+    subjects = [config.for_subject(subject) for subject in config.subjects()]
+    if not all(subject.class_prompt and subject.class_data_dir for subject in subjects):
+        raise DataError("class_prompt and class_data_dir are needed to generate class images.")
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    own_pipe = pipe is None
+    try:
+        for subject in subjects:  # (two subjects may share a class folder: each counts what is there now)
+            missing = _missing(subject, shard=shard, quiet=quiet)
+            if missing and pipe is None:
+                pipe = snapshots.load_pipeline(config.pretrained_model_name_or_path, device=device,
+                                               revision=config.revision, variant=config.variant,
+                                               vae=config.vae_model_name_or_path)
+            if missing:
+                _generate(subject, missing, pipe=pipe, quiet=quiet)
+    finally:
+        if own_pipe and pipe is not None:
+            del pipe
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    return [Path(subject.class_data_dir) for subject in subjects]
+
+
+def _missing(config, *, shard: tuple[int, int], quiet: bool) -> list[int]:
+    """The indices this process generates for a one-subject `config` (after a look at the folder)."""
+    Path(config.class_data_dir).mkdir(parents=True, exist_ok=True)
+    found = class_images(config)
+    if not quiet:
+        print(found.summary())
+    rank, processes = shard
+    # By index, not by position in the list: a rank that looks later, after another rank already wrote an
+    # image, still takes the same share, so no image is made twice or left out.
+    return [index for index in found.to_generate if index % processes == rank]
+
+
+def _generate(config, missing: list[int], *, pipe, quiet: bool) -> None:
+    """Images `missing` of a one-subject `config`, written atomically one by one."""
+    folder = Path(config.class_data_dir)
+    with tqdm(total=len(missing), desc="Class images", **({"disable": True} if in_task() else {})) as bar:
+        for start in range(0, len(missing), config.sample_batch_size):
+            report("generating class images", start, len(missing))
+            batch = missing[start:start + config.sample_batch_size]
+            # One generator per image: image i does not depend on which batch it lands in.
+            generators = [torch.Generator("cpu").manual_seed(image_seed(config.seed, i)) for i in batch]
+            images = pipe([config.class_prompt] * len(batch), generator=generators,
+                          height=config.resolution, width=config.resolution).images
+            for index, image in zip(batch, images):
+                atomic_write_bytes(class_image_path(folder, index), png_bytes(image))
+            bar.update(len(batch))
+    still_missing = [i for i in missing if not class_image_path(folder, i).is_file()]
+    if still_missing:
+        raise DataError(f"{folder}: {len(still_missing)} class images are still missing after generation; "
+                        "check free disk space and run again (finished images are kept).")
+    if not quiet:
+        print(f"Generated {len(missing)} class images of '{config.class_prompt}'.")

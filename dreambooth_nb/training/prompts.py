@@ -1,0 +1,55 @@
+"""The run's prompts as the UNet sees them: token ids, the encoders' hidden states, SDXL's added conditioning.
+
+A batch names each row's prompt by its index in the run's prompt table (`batch["prompt"]`); `Prompts` turns
+those into the UNet's `encoder_hidden_states` and (SDXL) `added_cond_kwargs`, through the model family
+(`families.py`). While the text encoders train they run on every batch; once frozen the whole table is
+encoded once and they leave the GPU. The loop never knows which model or how many encoders it has.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dreambooth_nb.model.families import Family, time_ids
+
+
+def tokenize(prompts: list[str], *, tokenizer) -> torch.Tensor:
+    """Token ids [n, tokenizer.model_max_length], padded and truncated as the pipelines do."""
+    return tokenizer(prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                     return_tensors="pt").input_ids
+
+
+class Prompts:
+    def __init__(self, texts: list[str], *, family: Family, tokenizers: list):
+        self.texts, self.family = list(texts), family
+        self.token_ids = [tokenize(self.texts, tokenizer=tokenizer) for tokenizer in tokenizers]
+        self._encoded: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    @torch.no_grad()
+    def encode_once(self, encoders: list, *, device: torch.device) -> None:
+        """Encode every prompt now, with the (frozen) encoders, and move those off the GPU: they are kept
+        in host memory for the final snapshot."""
+        hidden, pooled = self.family.encode(encoders, [ids.to(device) for ids in self.token_ids])
+        self._encoded = (hidden.float(), None if pooled is None else pooled.float())
+        for encoder in encoders:
+            if next(encoder.parameters()).is_cuda:
+                encoder.to("cpu")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def conditioning(self, batch: dict, *, encoders: list | None, device: torch.device,
+                     resolution: int) -> tuple[torch.Tensor, dict | None]:
+        """(encoder_hidden_states, added_cond_kwargs) for a batch: live through `encoders` while they train,
+        else from the table `encode_once` made."""
+        rows = batch["prompt"].to(device)
+        if encoders is not None:
+            hidden, pooled = self.family.encode(encoders, [ids.to(device)[rows] for ids in self.token_ids])
+        else:
+            hidden, pooled = self._encoded[0][rows], None if self._encoded[1] is None else self._encoded[1][rows]
+        conditions = None
+        if self.family.is_sdxl:
+            conditions = torch.stack([time_ids(original_size=tuple(size), crop_top_left=tuple(crop),
+                                               target_size=(resolution, resolution))
+                                      for size, crop in zip(batch["original_size"].tolist(), batch["crop"].tolist())])
+            conditions = conditions.to(device)
+        return hidden, self.family.added_conditioning(pooled, conditions)
