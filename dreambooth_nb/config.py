@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dreambooth_nb.errors import ConfigError
+from dreambooth_nb.storage import atomic_write_text
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -339,8 +340,6 @@ class TrainConfig:
     def to_json(self, path=None) -> str:
         text = json.dumps(self.to_dict(), indent=2)
         if path is not None:
-            from dreambooth_nb.storage import atomic_write_text
-
             atomic_write_text(Path(path), text + "\n")
         return text
 
@@ -391,8 +390,6 @@ def model_location(name: str) -> str | None:
     checkpoint, .safetensors or .ckpt: see `single_file`), "hub" (an id such as 'owner/name' that is not a
     local folder) or None (none of these). The rule is diffusers' own: an existing folder wins, so a relative
     path like `models/sd15` is local when it exists and a Hub id otherwise."""
-    from dreambooth_nb.model.single_file import is_single_file
-
     if Path(name).expanduser().is_dir():
         return "folder"
     if is_single_file(name):
@@ -403,6 +400,13 @@ def model_location(name: str) -> str | None:
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+
+def is_single_file(model: str) -> bool:
+    """An existing single-file checkpoint in the original layout (`model.single_file` converts it)."""
+    path = Path(model).expanduser()
+    return path.suffix.lower() in SINGLE_FILE_SUFFIXES and path.is_file()
 
 
 def default_snapshot_steps(max_steps: int) -> list[int]:

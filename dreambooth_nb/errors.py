@@ -23,3 +23,7 @@ class TrainingStopped(DreamboothError):
 
 class ActionStopped(DreamboothError):
     """A panel's action (drawing a grid, a sweep) stopped by the person; the message says what was kept."""
+
+
+class ExportError(DreamboothError):
+    """A snapshot cannot be written as a single file; the message names it and says what to do."""

@@ -39,10 +39,9 @@ if HOSTED and importlib.util.find_spec("dreambooth_nb") is None:
 PROJECT_DIR = ""  #@param {type:"string"}
 
 # %%
-from dreambooth_nb.dataset import images
+from dreambooth_nb import generate_class_images
+from dreambooth_nb.dataset import classes, images
 from dreambooth_nb.notebook import platform, project as projects, ui
-from dreambooth_nb.training import priors
-from dreambooth_nb.training.priors import generate_class_images
 
 ui.show_errors_as_messages()  # our errors show as one message, not a stack trace
 platform.use_hf_token()  # a token in HF_TOKEN or a Colab/Kaggle secret, for gated models; never shown
@@ -59,7 +58,7 @@ print(ui.config_summary(config))
 subjects = [config.for_subject(subject) for subject in config.subjects()]  # (several with CONCEPTS)
 if config.with_prior_preservation:
     for subject in subjects:
-        found = priors.class_images(subject)
+        found = classes.class_images(subject)
         print(found.summary())
         if found.yours:
             print("Yours (up to 16):")
@@ -73,7 +72,7 @@ if config.with_prior_preservation:
 if config.with_prior_preservation:
     generate_class_images(config)  # every subject's, one pipeline load
     for subject in subjects:
-        files = priors.class_images(subject).selected
+        files = classes.class_images(subject).selected
         print(f"{len(files)} class images of '{subject.class_prompt}' for training. A sample:")
         ui.show_image(images.thumbnail_grid(files[:16], size=128))
 else:

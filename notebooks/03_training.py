@@ -66,6 +66,7 @@ CHECKPOINTING_STEPS = 0  #@param {type:"integer"}
 TRAIN_NOW = False  #@param {type:"boolean"}
 
 # %%
+from dreambooth_nb.environment import is_headless
 from dreambooth_nb.notebook import platform, project as projects, ui
 
 ui.show_errors_as_messages()  # our errors show as one message, not a stack trace
@@ -84,5 +85,5 @@ config = ui.apply_parameters(project.load_config(), learning_rate=LEARNING_RATE,
 
 # %%
 panel = ui.TrainingPanel(config, run_dir_for=project.run_dir_for, sample_steps=SAMPLE_INFERENCE_STEPS).show()
-if TRAIN_NOW or platform.is_headless():
+if TRAIN_NOW or is_headless():
     panel.start()  # exactly what the Train button does (headless: here, the cell waits for it)

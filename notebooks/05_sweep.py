@@ -52,6 +52,7 @@ CONTEXTS = "in the snow; as an oil painting"  #@param {type:"string"}
 RUN_NOW = False  #@param {type:"boolean"}
 
 # %%
+from dreambooth_nb.environment import is_headless
 from dreambooth_nb.notebook import platform, project as projects, ui
 from dreambooth_nb.results.evaluate import EvalSpec
 
@@ -71,5 +72,5 @@ spec = EvalSpec.for_config(config, contexts=[c.strip() for c in CONTEXTS.split("
 # %%
 panel = ui.SweepPanel(config, lrs=LEARNING_RATES, save_at=SAVE_AT, spec=spec,
                       sweep_dir_for=project.sweep_dir_for).show()
-if RUN_NOW or platform.is_headless():
+if RUN_NOW or is_headless():
     panel.start()  # exactly what the Run sweep button does (headless: here, the cell waits for it)

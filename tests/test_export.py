@@ -22,7 +22,9 @@ from sd_runs import PROMPT, train_run
 from dreambooth_nb.model import snapshots
 from dreambooth_nb import storage
 from dreambooth_nb.errors import ConfigError, DataError
-from dreambooth_nb.results.export import ExportError, choose_snapshot, export, how_to_use, layout_for
+from dreambooth_nb.errors import ExportError
+from dreambooth_nb.model.layout import layout_for
+from dreambooth_nb.results.export import choose_snapshot, export, how_to_use
 from dreambooth_nb.toy.tiny import build_sd_topology_pipeline
 
 # The package exports the function `export`, which hides the module of the same name as an attribute.

@@ -122,7 +122,7 @@ def test_license_and_base_come_from_the_hub_base(project):
 
 def test_no_token_no_push(project, recorded, monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setattr("dreambooth_nb.notebook.platform.find_hf_token", lambda: (None, ""))
+    monkeypatch.setattr("dreambooth_nb.results.hub.find_hf_token", lambda: (None, ""))
     with pytest.raises(ConfigError, match="HF_TOKEN: pushing to the Hub needs a token with write access"):
         hub.push_to_hub(project["run"], "someone/sks-dog")
     assert recorded == {}

@@ -17,7 +17,8 @@ import pytest
 from dreambooth_nb import TrainConfig, preset
 from dreambooth_nb.planning import memory
 from dreambooth_nb.errors import ConfigError
-from dreambooth_nb.planning.planner import (GIB, KNOWN_MODELS, MemoryPlan, component_sizes, optimizer_state_bytes, plan,
+from dreambooth_nb.model import KNOWN_MODELS
+from dreambooth_nb.planning.planner import (GIB, MemoryPlan, component_sizes, optimizer_state_bytes, plan,
                                 read_model_configs, saver_changes)
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -228,14 +229,15 @@ _MEASURE = r"""
 import json, os, sys, tempfile
 import torch
 torch.set_num_threads(1)
-import dreambooth_nb
-from dreambooth_nb import TrainConfig, train
 
 def kib(key):
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key))
 
-open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS: the idle baseline, torch and the package imported
+# VmHWM := VmRSS: the baseline is a process that imported torch, what the plan's LIBRARIES_BYTES starts from
+# (the package, diffusers, transformers and accelerate are part of what is measured)
+open("/proc/self/clear_refs", "w").write("5")
 base = kib("VmRSS")
+from dreambooth_nb import TrainConfig, train
 with tempfile.TemporaryDirectory() as out:
     train(TrainConfig(output_dir=out, **json.loads(sys.argv[1])))
 print("PEAK", (kib("VmHWM") - base) * 1024)

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from dreambooth_nb import generate_class_images
+from dreambooth_nb.dataset import classes
 from dreambooth_nb.training import priors
 from dreambooth_nb.model import snapshots
 from dreambooth_nb.errors import DataError
@@ -41,31 +42,31 @@ def test_generates_the_count_then_nothing_more(class_config, monkeypatch):
     monkeypatch.setattr(snapshots, "load_pipeline", no_pipeline)
     assert generate_class_images(config) == [folder]  # complete: no pipeline, nothing written
     assert {f: (folder / f).stat().st_mtime_ns for f in files} == mtimes
-    assert priors.class_images(config).to_generate == []
-    assert priors.class_images(config.replace(num_class_images=5)).to_generate == [3, 4]
+    assert classes.class_images(config).to_generate == []
+    assert classes.class_images(config.replace(num_class_images=5)).to_generate == [3, 4]
 
 
 def test_partial_folder_resumes_with_identical_images(class_config, monkeypatch):
     config = class_config()
     [folder] = generate_class_images(config)
-    before = {i: pixels(priors.class_image_path(folder, i)) for i in range(3)}
+    before = {i: pixels(classes.class_image_path(folder, i)) for i in range(3)}
     assert not np.array_equal(before[0], before[1])  # each index has its own seed
-    mtime_0 = priors.class_image_path(folder, 0).stat().st_mtime_ns
+    mtime_0 = classes.class_image_path(folder, 0).stat().st_mtime_ns
 
     # A disconnect lost image 1 (generated in a batch with image 0); alone now, it comes back pixel-identical.
-    priors.class_image_path(folder, 1).unlink()
+    classes.class_image_path(folder, 1).unlink()
     loads = []
     real = snapshots.load_pipeline
     monkeypatch.setattr(snapshots, "load_pipeline", lambda *a, **k: loads.append(a) or real(*a, **k))
     generate_class_images(config)
     assert len(loads) == 1
-    assert np.array_equal(pixels(priors.class_image_path(folder, 1)), before[1])
-    assert priors.class_image_path(folder, 0).stat().st_mtime_ns == mtime_0  # untouched
+    assert np.array_equal(pixels(classes.class_image_path(folder, 1)), before[1])
+    assert classes.class_image_path(folder, 0).stat().st_mtime_ns == mtime_0  # untouched
 
     # Asking for more images writes only the new indices; the first three stay as they were.
     generate_class_images(config.replace(num_class_images=4))
     assert sorted(p.name for p in folder.glob("class-*.png"))[-1] == "class-00003.png"
-    assert priors.class_image_path(folder, 0).stat().st_mtime_ns == mtime_0
+    assert classes.class_image_path(folder, 0).stat().st_mtime_ns == mtime_0
 
 
 def test_needs_prompt_and_folder(make_config):
@@ -88,7 +89,7 @@ def test_your_images_alone_need_no_generation_and_no_model(class_config, monkeyp
     monkeypatch.setattr(snapshots, "load_pipeline", no_pipeline)
     generate_class_images(config)
     assert "3 class images wanted — 3 of yours, 0 generated earlier, 0 to generate" in capsys.readouterr().out
-    assert priors.class_images(config).selected == sorted(own)
+    assert classes.class_images(config).selected == sorted(own)
     assert not list(Path(config.class_data_dir).glob("class-*.png"))
 
 
@@ -99,7 +100,7 @@ def test_yours_and_generated_only_the_shortfall_is_made_and_a_rerun_makes_nothin
     generate_class_images(config)
     assert sorted(p.name for p in folder.glob("class-*.png")) == ["class-00000.png", "class-00001.png",
                                                                    "class-00002.png"]
-    assert priors.class_images(config).selected == own + [priors.class_image_path(folder, i) for i in range(3)]
+    assert classes.class_images(config).selected == own + [classes.class_image_path(folder, i) for i in range(3)]
     capsys.readouterr()
     monkeypatch.setattr(snapshots, "load_pipeline", no_pipeline)
     generate_class_images(config)
@@ -111,9 +112,9 @@ def test_more_of_yours_than_wanted_generates_nothing_and_picks_the_same_subset(c
     own = write_own(Path(config.class_data_dir), [f"reg-{i:03d}.jpg" for i in range(7)])
     monkeypatch.setattr(snapshots, "load_pipeline", no_pipeline)
     generate_class_images(config)
-    first = priors.class_images(config).selected
-    assert first == own[:3] and priors.class_images(config).selected == first
-    assert "3 of yours (of 7 found)" in priors.class_images(config).summary()
+    first = classes.class_images(config).selected
+    assert first == own[:3] and classes.class_images(config).selected == first
+    assert "3 of yours (of 7 found)" in classes.class_images(config).summary()
 
 
 def test_unusable_files_in_the_class_folder_are_named_and_not_counted(class_config, capsys):
@@ -125,7 +126,7 @@ def test_unusable_files_in_the_class_folder_are_named_and_not_counted(class_conf
     generate_class_images(config)
     out = capsys.readouterr().out
     assert "Skipped broken.jpg" in out and "Skipped notes.txt" in out
-    found = priors.class_images(config)
+    found = classes.class_images(config)
     assert [p.name for p in found.yours] == ["good.png"] and len(found.selected) == 3
 
 

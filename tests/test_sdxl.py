@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from dreambooth_nb import ConfigError, preset, train
 from dreambooth_nb.model import snapshots
 from dreambooth_nb.model.families import SDXL
-from dreambooth_nb.model.loading import SDXL_FP16_VAE, model_family, vae_source
+from dreambooth_nb.model.base import BaseModel
+from dreambooth_nb.model.loading import vae_source
 
 train_module = importlib.import_module("dreambooth_nb.training.train")
 LORA = dict(method="lora", learning_rate=1e-3)
@@ -111,8 +112,8 @@ def test_full_fine_tuning_of_sdxl_is_refused_before_anything_loads(sdxl_config, 
 
 
 def test_the_family_and_the_fp16_vae(sdxl_config, make_config):
-    assert model_family(sdxl_config()) is SDXL and model_family(make_config()).name == "sd"
-    assert vae_source(sdxl_config(), family=SDXL, half=True) == SDXL_FP16_VAE  # SDXL's VAE overflows in fp16
+    assert BaseModel.of(sdxl_config()).family is SDXL and BaseModel.of(make_config()).family.name == "sd"
+    assert vae_source(sdxl_config(), family=SDXL, half=True) == "madebyollin/sdxl-vae-fp16-fix"  # SDXL's VAE overflows in fp16
     assert vae_source(sdxl_config(), family=SDXL, half=False) is None  # bf16 / fp32 need no fix
     assert vae_source(sdxl_config(vae_model_name_or_path="me/vae"), family=SDXL, half=True) == "me/vae"
 
@@ -143,7 +144,8 @@ def test_a_merged_export_of_an_sdxl_lora_is_refused_before_anything_loads(sdxl_c
     process's peak memory does not move."""
     import resource
 
-    from dreambooth_nb.results.export import ExportError, export
+    from dreambooth_nb.errors import ExportError
+    from dreambooth_nb.results.export import export
 
     final = train(sdxl_config(max_train_steps=1))
     monkeypatch.setattr(snapshots, "load_pipeline", lambda *a, **k: pytest.fail("loaded the pipeline"))

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from dreambooth_nb import environment
 from dreambooth_nb.notebook import platform, project as projects, ui
 from dreambooth_nb.config import TrainConfig, preset
 from dreambooth_nb.errors import ConfigError, DataError
@@ -354,11 +355,11 @@ def test_load_config_without_setup_says_what_to_do(tmp_path):
 # --- Platform -----------------------------------------------------------------------------------------------
 def test_detect_platform(tmp_path):
     none = tmp_path / "no-kaggle"
-    assert platform.detect_platform(modules={"google.colab": object()}, environ={}, kaggle_dir=none) == "colab"
-    assert platform.detect_platform(modules={}, environ={"KAGGLE_KERNEL_RUN_TYPE": "Interactive"},
+    assert environment.detect_platform(modules={"google.colab": object()}, environ={}, kaggle_dir=none) == "colab"
+    assert environment.detect_platform(modules={}, environ={"KAGGLE_KERNEL_RUN_TYPE": "Interactive"},
                                     kaggle_dir=none) == "kaggle"
-    assert platform.detect_platform(modules={}, environ={}, kaggle_dir=tmp_path) == "kaggle"
-    assert platform.detect_platform(modules={}, environ={}, kaggle_dir=none) == "local"
+    assert environment.detect_platform(modules={}, environ={}, kaggle_dir=tmp_path) == "kaggle"
+    assert environment.detect_platform(modules={}, environ={}, kaggle_dir=none) == "local"
 
 
 def test_project_dir_defaults_per_platform():
@@ -376,11 +377,11 @@ def test_mount_drive_only_on_colab_for_drive_paths(tmp_path):
 
 
 def test_headless_detection():
-    assert platform.is_headless(environ={}, kernel=SimpleNamespace(_allow_stdin=False)) is True
-    assert platform.is_headless(environ={}, kernel=SimpleNamespace(_allow_stdin=True)) is False
-    assert platform.is_headless(environ={"DREAMBOOTH_NB_HEADLESS": "1"}, kernel=SimpleNamespace(_allow_stdin=True))
-    assert not platform.is_headless(environ={"DREAMBOOTH_NB_HEADLESS": "0"}, kernel=SimpleNamespace(_allow_stdin=False))
-    assert platform.is_headless(environ={}) is True  # plain Python: no kernel, nobody to click
+    assert environment.is_headless(environ={}, kernel=SimpleNamespace(_allow_stdin=False)) is True
+    assert environment.is_headless(environ={}, kernel=SimpleNamespace(_allow_stdin=True)) is False
+    assert environment.is_headless(environ={"DREAMBOOTH_NB_HEADLESS": "1"}, kernel=SimpleNamespace(_allow_stdin=True))
+    assert not environment.is_headless(environ={"DREAMBOOTH_NB_HEADLESS": "0"}, kernel=SimpleNamespace(_allow_stdin=False))
+    assert environment.is_headless(environ={}) is True  # plain Python: no kernel, nobody to click
 
 
 def test_environment_report_on_cpu():
@@ -411,8 +412,8 @@ def test_hf_login_from_env_never_prints_or_saves_the_token(tmp_path, monkeypatch
 
 def test_hf_login_from_the_prompt_sets_the_session_only(monkeypatch, capsys):
     monkeypatch.setattr(platform, "_whoami", lambda token: None)
-    monkeypatch.setattr(platform, "_colab_secret", lambda name: None)
-    monkeypatch.setattr(platform, "_kaggle_secret", lambda name: None)
+    monkeypatch.setattr(environment, "_colab_secret", lambda name: None)
+    monkeypatch.setattr(environment, "_kaggle_secret", lambda name: None)
     env: dict = {}
     assert platform.hf_login(environ=env, ask=lambda prompt: f" {FAKE_TOKEN} \n") is True
     assert env["HF_TOKEN"] == FAKE_TOKEN
@@ -427,8 +428,8 @@ def test_hf_login_offline_verification_never_echoes_the_token(monkeypatch, capsy
 
 
 def test_hf_login_headless_without_a_token_skips(monkeypatch, capsys):
-    monkeypatch.setattr(platform, "_colab_secret", lambda name: None)
-    monkeypatch.setattr(platform, "_kaggle_secret", lambda name: None)
+    monkeypatch.setattr(environment, "_colab_secret", lambda name: None)
+    monkeypatch.setattr(environment, "_kaggle_secret", lambda name: None)
     assert platform.hf_login(environ={"DREAMBOOTH_NB_HEADLESS": "1"}) is False
     assert "No Hugging Face token" in capsys.readouterr().out
 

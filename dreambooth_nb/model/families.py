@@ -26,6 +26,10 @@ class Family:
     tokenizers: tuple[str, ...]
     native_resolution: int
     """The size the family's base models were trained at (SD 1.5: 512, SDXL: 1024)."""
+    half_precision_vae: str | None = None
+    """A VAE to use instead of the base model's wherever the VAE runs in fp16 (None: its own is fine). SDXL's own
+    VAE overflows to NaN in fp16; madebyollin/sdxl-vae-fp16-fix does not (what diffusers' SDXL examples and Hugging
+    Face's free-Colab SDXL Dreambooth notebook pass as `--pretrained_vae_model_name_or_path`)."""
     encoders_with_unused_parts: tuple[str, ...] = ()
     """The text encoders holding parameters no loss reaches when they train (SDXL's first: only its penultimate
     hidden state is used, so its last layer gets no gradient; the second also gives its pooled output, which
@@ -70,7 +74,8 @@ SD = Family(name="sd", pipeline_class="StableDiffusionPipeline", text_encoders=(
             tokenizers=("tokenizer",), native_resolution=512)
 SDXL = Family(name="sdxl", pipeline_class="StableDiffusionXLPipeline",
               text_encoders=("text_encoder", "text_encoder_2"), tokenizers=("tokenizer", "tokenizer_2"),
-              native_resolution=1024, encoders_with_unused_parts=("text_encoder",))
+              native_resolution=1024, half_precision_vae="madebyollin/sdxl-vae-fp16-fix",
+              encoders_with_unused_parts=("text_encoder",))
 FAMILIES = {"StableDiffusionPipeline": SD, "StableDiffusionXLPipeline": SDXL}
 
 

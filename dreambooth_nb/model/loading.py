@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import functools
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from dreambooth_nb.model.families import Family, family_of
-from dreambooth_nb.model.single_file import resolve
+from dreambooth_nb.errors import ConfigError
+from dreambooth_nb.model.base import BaseModel, empty_modules
+from dreambooth_nb.model.dtypes import diffusers_dtype, transformers_dtype
+from dreambooth_nb.model.families import Family
+from dreambooth_nb.model.methods import method_for
 
 
 @dataclass
@@ -45,33 +46,12 @@ class Components:
         return [getattr(self, name) for name in self.family.tokenizers]
 
 
-SDXL_FP16_VAE = "madebyollin/sdxl-vae-fp16-fix"
-"""SDXL's own VAE overflows to NaN in fp16; this retrained copy does not (it is what diffusers' SDXL
-examples and Hugging Face's free-Colab SDXL Dreambooth notebook pass as `--pretrained_vae_model_name_or_path`)."""
-
-
 def vae_source(config, *, family: Family, half: bool) -> str | None:
-    """The VAE to load instead of the base model's: the config's, else SDXL's fp16-fix one where the VAE
-    runs in fp16 (on a GPU without bf16; bf16 and fp32 do not overflow), else None."""
+    """The VAE to load instead of the base model's: the config's, else the family's for half precision where
+    the VAE runs in fp16 (SDXL's fp16-fix one; bf16 and fp32 do not overflow), else None."""
     if config.vae_model_name_or_path:
         return config.vae_model_name_or_path
-    return SDXL_FP16_VAE if family.is_sdxl and half else None
-
-
-def model_family(config) -> Family:
-    """SD or SDXL, from the base model's `model_index.json` (a few hundred bytes, before any download)."""
-    return family_of_model(config.pretrained_model_name_or_path, revision=config.revision)
-
-
-def family_of_model(model: str, *, revision: str | None = None) -> Family:
-    """The family of a base model (Hub id, folder or single file) from its `model_index.json`."""
-    return family_of(_read_model_index(model, revision=revision), source=model)
-
-
-def is_local(model: str) -> bool:
-    from dreambooth_nb.config import model_location
-
-    return model_location(model) == "folder"
+    return family.half_precision_vae if half else None
 
 
 def default_device() -> torch.device:
@@ -118,8 +98,6 @@ def bf16_supported(device: torch.device) -> bool:
 
 def resolve_precision(requested: str, device: torch.device) -> str:
     """The mixed precision a run uses on `device`: "auto" decided here, impossible choices refused."""
-    from dreambooth_nb.errors import ConfigError
-
     if requested == "auto":
         if device.type != "cuda":
             return "no"
@@ -141,47 +119,10 @@ def weight_dtype(precision: str, device: torch.device) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
 
 
-KNOWN_MODELS = Path(__file__).parent / "known_models"
-"""The configs (no weights) of the base models people start from, so that their family, parameter counts
-and memory plan are known offline and before any download."""
-
-
-def _read_model_index(model: str, *, revision: str | None) -> dict:
-    model = resolve(model)
-    if is_local(model):
-        return json.loads((Path(model) / "model_index.json").read_text())
-    known = KNOWN_MODELS / model / "model_index.json"
-    if revision is None and model.count("/") == 1 and known.is_file():
-        return json.loads(known.read_text())
-    from diffusers import DiffusionPipeline
-
-    return DiffusionPipeline.load_config(model, revision=revision)
-
-
-def transformers_dtype(dtype: torch.dtype) -> dict:
-    """The dtype keyword for a transformers `from_pretrained`: `dtype` from 4.56 (where `torch_dtype` warns
-    that it is deprecated), `torch_dtype` before (Colab may ship an older transformers)."""
-    import transformers
-
-    return _dtype_keyword(dtype, transformers.__version__, since="4.56")
-
-
-def diffusers_dtype(dtype: torch.dtype) -> dict:
-    """The dtype keyword for a diffusers `from_pretrained` (models and pipelines): `dtype` from 0.40, which
-    accepts it (0.42 warns that `torch_dtype` is deprecated), `torch_dtype` before."""
-    import diffusers
-
-    return _dtype_keyword(dtype, diffusers.__version__, since="0.40")
-
-
-def _dtype_keyword(dtype: torch.dtype, version: str, *, since: str) -> dict:
-    from packaging.version import Version
-
-    return {"dtype": dtype} if Version(version) >= Version(since) else {"torch_dtype": dtype}
-
-
-def load_components(config, *, device: torch.device, precision: str, method=None) -> Components:
-    """Load tokenizer, text encoder, VAE, UNet and the DDPM noise scheduler of `config`'s base model.
+def load_components(config, *, device: torch.device, precision: str, method=None,
+                    base: BaseModel | None = None) -> Components:
+    """Load tokenizer, text encoder, VAE, UNet and the DDPM noise scheduler of `config`'s base model (`base`:
+    the run's `BaseModel`, made here if not given).
 
     Each part is loaded in the dtype `method` (`methods.method_for(config)`) wants — trained parts fp32,
     frozen parts half precision on a GPU — never cast after loading: diffusers keeps some modules in fp32
@@ -191,13 +132,9 @@ def load_components(config, *, device: torch.device, precision: str, method=None
     import transformers
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-    from dreambooth_nb.model.methods import method_for
-
-    model = resolve(config.pretrained_model_name_or_path)  # a single file: its converted folder
-    common = dict(revision=config.revision, local_files_only=is_local(model))
+    base = base or BaseModel.of(config)
+    model, common, index, family = base.path, base.load_kwargs(), base.index, base.family
     frozen = weight_dtype(precision, device)
-    index = _read_model_index(model, revision=config.revision)
-    family = family_of(index, source=config.pretrained_model_name_or_path)
     method = method or method_for(config)
 
     def transformers_part(name: str, **kwargs):  # the class model_index.json names, e.g. CLIPTextModelWithProjection
@@ -224,30 +161,15 @@ def load_components(config, *, device: torch.device, precision: str, method=None
     return parts
 
 
-def parameter_counts(config) -> dict[str, int]:
-    """Parameters of the base model's UNet, text encoder and VAE, and of what `config` trains on them (the
+def parameter_counts(config, *, base: BaseModel | None = None) -> dict[str, int]:
+    """Parameters of the base model's UNet, text encoder(s) and VAE, and of what `config` trains on them (the
     LoRA adapters, or the parts themselves), from the configs alone (a few KB; the modules are built on the
-    meta device, no weights): what the disk plan needs before any download."""
-    import transformers
-    from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    from dreambooth_nb.model.methods import method_for
-
-    model = resolve(config.pretrained_model_name_or_path)  # a single file: its converted folder
-    common = dict(revision=config.revision, local_files_only=is_local(model))
-    index = _read_model_index(model, revision=config.revision)
-    family = family_of(index, source=config.pretrained_model_name_or_path)
-    with init_empty_weights():
-        encoders = {}
-        for name in family.text_encoders:
-            model_class = getattr(transformers, index[name][1])
-            encoders[name] = model_class(model_class.config_class.from_pretrained(model, subfolder=name, **common))
-        parts = Components(
-            family=family, tokenizer=None, noise_scheduler=None, inference_scheduler=None, **encoders,
-            unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model, subfolder="unet", **common)),
-            vae=AutoencoderKL.from_config(AutoencoderKL.load_config(model, subfolder="vae", **common)))
-        counts = {name: count_parameters(getattr(parts, name)) for name in ("unet", "vae", *family.text_encoders)}
+    meta device, no weights; a single file is not converted): what the disk plan needs before any download."""
+    base = base or BaseModel.of(config)
+    modules = empty_modules(base.component_configs)
+    counts = {name: count_parameters(module) for name, module in modules.items()}
+    parts = Components(family=base.family, tokenizer=None, noise_scheduler=None, inference_scheduler=None, **modules)
+    with torch.device("meta"):  # (LoRA adapters too)
         trained = method_for(config).setup(parts)
     counts["trained"] = sum(count_parameters(module, trainable_only=True) for module in trained.values())
     return counts

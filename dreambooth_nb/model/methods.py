@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from dreambooth_nb.errors import ConfigError
+from dreambooth_nb.model import snapshots
 
 # The text encoder's attention projections, as diffusers' train_dreambooth_lora.py targets them.
 LORA_TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -56,8 +57,6 @@ class FullFineTuning:
         return dict(module.state_dict())
 
     def save_snapshot(self, path: Path, *, step: int, parts, weights: dict, dtype: torch.dtype) -> None:
-        from dreambooth_nb.model import snapshots
-
         snapshots.save(path, step=step, config=self.config, parts=parts, trained=weights, dtype=dtype,
                        complete=step == self.config.max_train_steps)
 
@@ -108,8 +107,6 @@ class LoRA(FullFineTuning):
         return {name: param for name, param in module.named_parameters() if ".lora_" in name}
 
     def save_snapshot(self, path: Path, *, step: int, parts, weights: dict, dtype: torch.dtype) -> None:
-        from dreambooth_nb.model import snapshots
-
         snapshots.save_lora(path, step=step, config=self.config, parts=parts, adapters=weights, dtype=dtype,
                             alpha=self.alpha)
 

@@ -33,10 +33,13 @@ from pathlib import Path
 import torch
 
 from dreambooth_nb import storage
+from dreambooth_nb.config import is_single_file
+from dreambooth_nb.quiet import silenced
+from dreambooth_nb.model import KNOWN_MODELS
 from dreambooth_nb.errors import ConfigError
+from dreambooth_nb.model.dtypes import diffusers_dtype
+from dreambooth_nb.model.layout import LAYOUTS, Weights, entries_for
 
-SUFFIXES = (".safetensors", ".ckpt")
-KNOWN_MODELS = Path(__file__).parent / "known_models"
 CACHE_ENV = "DREAMBOOTH_NB_CACHE"
 MARKER = "single_file.json"  # written last into a converted folder: where it came from, what was detected
 
@@ -63,11 +66,6 @@ KNOWN_BASES = {
 FAMILY_KEYS = {"cond_stage_model.transformer.text_model.embeddings.position_embedding.weight": "sd1",
                "cond_stage_model.model.token_embedding.weight": "sd2",
                "conditioner.embedders.1.model.positional_embedding": "sdxl"}
-
-
-def is_single_file(model: str) -> bool:
-    path = Path(model).expanduser()
-    return path.suffix.lower() in SUFFIXES and path.is_file()
 
 
 def resolve(model: str) -> str:
@@ -238,8 +236,6 @@ def check_shapes(file: Path, shapes: dict, configs: Path, *, family: str, base: 
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from dreambooth_nb.results.export import LAYOUTS, Weights, entries_for
-
     parts = {}
     with init_empty_weights():
         modules = {"unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(configs / "unet")),
@@ -269,8 +265,6 @@ def _load(file: Path, configs: Path, base: KnownBase, *, dtype: torch.dtype):
     ("…kept in float32: []"): that warning is silenced, nothing else."""
     from diffusers import StableDiffusionPipeline
 
-    from dreambooth_nb.model.loading import diffusers_dtype
-    from dreambooth_nb.quiet import silenced
 
     tokenizer = _tokenizer(base, configs)
     with silenced("diffusers.models.modeling_utils"):

@@ -25,8 +25,10 @@ from pathlib import Path
 import torch
 
 from dreambooth_nb import storage
-from dreambooth_nb.model.single_file import resolve
+from dreambooth_nb.config import model_location
 from dreambooth_nb.errors import DataError
+from dreambooth_nb.model.base import BaseModel
+from dreambooth_nb.model.dtypes import diffusers_dtype, transformers_dtype
 
 FORMAT = 1
 _WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
@@ -62,7 +64,7 @@ def save(path: Path, *, step: int, config, parts, trained: dict[str, dict], dtyp
                     _save_part(module, module.state_dict(), tmp / name, dtype=dtype)
         storage.write_json(tmp / storage.SNAPSHOT_MARKER, {
             "format": FORMAT, "step": step, "complete": complete, "trained": sorted(trained),
-            "base": _base_reference(config.pretrained_model_name_or_path), "revision": config.revision,
+            "base": BaseModel.of(config).reference, "revision": config.revision,
             "variant": config.variant, "native_resolution": _native_resolution(parts),
             "dtype": str(dtype).removeprefix("torch.")})
     return path
@@ -115,7 +117,7 @@ def save_lora(path: Path, *, step: int, config, parts, adapters: dict[str, dict]
             "format": FORMAT, "step": step, "complete": False, "trained": sorted(adapters), "method": "lora",
             "lora": {"rank": config.lora_rank, "alpha": alpha, "scale_folded_into_up_weights": scale,
                      "target_modules": list(config.lora_target_modules)},
-            "base": _base_reference(config.pretrained_model_name_or_path), "revision": config.revision,
+            "base": BaseModel.of(config).reference, "revision": config.revision,
             "variant": config.variant, "native_resolution": _native_resolution(parts), "vae": parts.vae_source,
             "dtype": str(dtype).removeprefix("torch.")})
     return path
@@ -130,14 +132,6 @@ def _save_part(module, tensors: dict, folder: Path, *, dtype: torch.dtype) -> No
         module.config.save_pretrained(folder)
         filename = _WEIGHTS["text_encoder"]
     storage.save_weights(tensors, folder, filename=filename, dtype=dtype)
-
-
-def _base_reference(model: str) -> str:
-    """A Hub id as is; a local folder or single file as an absolute path, so the snapshot loads from any
-    working folder (a single file, not its converted folder: that cache is rebuilt in each Colab session)."""
-    from dreambooth_nb.config import model_location
-
-    return str(Path(model).expanduser().resolve()) if model_location(model) in ("folder", "file") else model
 
 
 def _native_resolution(parts) -> int:
@@ -186,38 +180,32 @@ def load_pipeline(path, *, device: torch.device, dtype: torch.dtype | None = Non
     import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from dreambooth_nb.config import model_location
-    from dreambooth_nb.model.families import family_of
-    from dreambooth_nb.model.loading import SDXL_FP16_VAE, _read_model_index, diffusers_dtype, transformers_dtype
-
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     path_text = str(path)
     meta = info(path) if model_location(path_text) == "folder" else {"complete": True, "trained": []}
     meta = {"revision": revision, "variant": variant, "vae": vae, **{k: v for k, v in meta.items() if v is not None}}
-    source, overrides = resolve(path_text), {}
+    # What loads: the pipeline itself when complete, else its base model (a single file: its converted folder).
+    model = BaseModel(path_text if meta["complete"] else meta["base"], revision=meta.get("revision"))
+    source, overrides = model.path, {}
     lora = meta.get("method") == "lora"
-    if not meta["complete"]:
-        source = resolve(meta["base"])  # a single file: its converted folder
-    local = model_location(source) == "folder"
     try:
-        index = _read_model_index(source, revision=meta.get("revision"))
+        index, family = model.index, model.family
         if not meta["complete"] and not lora:
             overrides["unet"] = UNet2DConditionModel.from_pretrained(Path(path) / "unet", **diffusers_dtype(dtype))
             for name in meta["trained"]:
                 if name.startswith("text_encoder"):
                     overrides[name] = getattr(transformers, index[name][1]).from_pretrained(
                         Path(path) / name, **transformers_dtype(dtype))
-        family = family_of(index, source=source)
-        # The VAE the snapshot trained with, the one asked for, or SDXL's fp16-fix one wherever SDXL runs in
-        # fp16 (its own VAE overflows to NaN there: black images); a complete snapshot carries its own.
+        # The VAE the snapshot trained with, the one asked for, or the family's for fp16 wherever the model runs
+        # in fp16 (SDXL's own VAE overflows to NaN there: black images); a complete snapshot carries its own.
         other_vae = meta.get("vae") if (vae or not meta["complete"]) else None
-        if other_vae is None and family.is_sdxl and dtype == torch.float16:
-            other_vae = SDXL_FP16_VAE
+        if other_vae is None and dtype == torch.float16:
+            other_vae = family.half_precision_vae
         if other_vae:
             overrides["vae"] = AutoencoderKL.from_pretrained(other_vae, **diffusers_dtype(dtype))
         pipe = getattr(diffusers, family.pipeline_class).from_pretrained(
-            source, **diffusers_dtype(dtype), revision=meta.get("revision"), variant=meta.get("variant"),
-            local_files_only=local, **family.pipeline_kwargs(), **overrides)
+            source, **diffusers_dtype(dtype), variant=meta.get("variant"), **model.load_kwargs(),
+            **family.pipeline_kwargs(), **overrides)
     except OSError as err:
         if meta["complete"]:
             raise

@@ -21,6 +21,10 @@ import sys
 import time
 from pathlib import Path
 
+from dreambooth_nb.toy import world
+from dreambooth_nb.toy.tiny import build_tiny_pipeline
+from dreambooth_nb.toy.world import TOY_MODEL_DIR
+
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 ORDER = ("01_setup", "02_class_images", "03_training", "04_comparison", "05_sweep", "06_export")
 
@@ -106,13 +110,10 @@ def _kernel_state(nb, client) -> str:
 def toy_model_or_tiny(out: Path) -> tuple[Path, bool]:
     """The trained toy model if it is in the package, else a random tiny pipeline built into `out`."""
     try:
-        from dreambooth_nb.toy.world import TOY_MODEL_DIR
-
         if (Path(TOY_MODEL_DIR) / "model_index.json").is_file():
             return Path(TOY_MODEL_DIR), True
     except ImportError:
         pass
-    from dreambooth_nb.toy.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline(out / "tiny-model"), False
 
@@ -121,8 +122,6 @@ def write_subject(folder: Path, n: int = 5) -> tuple[str, str, str]:
     """The toy subject's photos into `folder`; returns (instance prompt, class prompt, a new context)."""
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        from dreambooth_nb.toy import world
-
         for i, image in enumerate(world.subject_images(n=n)):
             image.save(folder / f"subject-{i}.png")
         context = world.SUBJECT_CONTEXT_PROMPT[len(world.SUBJECT_INSTANCE_PROMPT):].strip()

@@ -21,10 +21,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from dreambooth_nb.notebook import platform as _platform
 from dreambooth_nb import storage
 from dreambooth_nb.config import Concept, TrainConfig, changed_settings, default_snapshot_steps, lr_label, preset
 from dreambooth_nb.errors import ConfigError, DataError
+from dreambooth_nb.model.base import BaseModel
+from dreambooth_nb.notebook import platform as _platform
+from dreambooth_nb.planning.fitting import fit_report
+
 
 
 @dataclass(frozen=True)
@@ -155,8 +158,6 @@ def setup_config(project: Project, *, kind: str = "object", method: str = "full"
     config (`TrainConfig.fit_to_gpu`): the training panel follows it, so it is made once, here.
     `with_report=True` returns `(config, FitReport or None)`.
     """
-    from dreambooth_nb.model.loading import model_family
-
     if kind not in ("object", "face"):
         raise ConfigError(f"PRESET: {kind!r} is unknown; choose 'object' or 'face'.")
     if method not in ("full", "lora"):
@@ -182,7 +183,7 @@ def setup_config(project: Project, *, kind: str = "object", method: str = "full"
             instance_data_dir=values.pop("instance_data_dir"), instance_prompt=values.pop("instance_prompt"),
             class_data_dir=values.pop("class_data_dir"), class_prompt=values.pop("class_prompt")))
     values.update(overrides)
-    sdxl = model_family(TrainConfig(pretrained_model_name_or_path=str(model))).is_sdxl
+    sdxl = BaseModel(str(model)).family.is_sdxl
     family = ("sdxl",) if sdxl else (("lora",) if method == "lora" else ())
     if sdxl and not str(model).startswith("stabilityai/stable-diffusion-xl-base-1.0"):
         values.setdefault("variant", None)  # the preset's fp16 variant is SDXL base's; other models may lack it
@@ -194,8 +195,6 @@ def setup_config(project: Project, *, kind: str = "object", method: str = "full"
                                       for c in config.concepts]).validate()
     report = None
     if config.fit_to_gpu:
-        from dreambooth_nb.planning.fitting import fit_report
-
         report = fit_report(config, gpu)
         config = report.config.validate()
     return (config, report) if with_report else config
@@ -222,9 +221,7 @@ def subjects_from_rows(project: Project, rows, *, first: Concept) -> list[Concep
 
 def native_resolution(model: str) -> int:
     """The image size `model`'s family was trained at (SD 1.5: 512, SDXL: 1024), from its model_index.json."""
-    from dreambooth_nb.model.loading import model_family
-
-    return model_family(TrainConfig(pretrained_model_name_or_path=str(model))).native_resolution
+    return BaseModel(str(model)).family.native_resolution
 
 
 def run_name(config: TrainConfig) -> str:

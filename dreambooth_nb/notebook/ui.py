@@ -18,9 +18,22 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from dreambooth_nb.results import quality
 from dreambooth_nb.config import MIXED_PRECISION, PRESETS, TrainConfig, default_snapshot_steps
-from dreambooth_nb.errors import ConfigError, DreamboothError, TrainingStopped
+from dreambooth_nb.environment import COLAB, detect_platform, is_headless
+from dreambooth_nb.errors import ActionStopped, ConfigError, DreamboothError, TrainingStopped
+from dreambooth_nb.planning.fitting import fit_report, previous_run
+from dreambooth_nb.planning.memory import out_of_memory_record
+from dreambooth_nb.planning.planner import plan
+from dreambooth_nb.progress import Task, running, stop_tasks_on_interrupt
+from dreambooth_nb.results import quality
+from dreambooth_nb.results.compare import compare
+from dreambooth_nb.results.evaluate import EvalSpec, render, render_dir
+from dreambooth_nb.results.grids import draw_grid
+from dreambooth_nb.results.sweep import run_folder, sweep
+from dreambooth_nb.storage import latest_state, list_snapshots
+from dreambooth_nb.training.distributed import for_processes, visible_gpus
+from dreambooth_nb.training.train import train
+
 
 # --- Errors: the message, not a stack trace ----------------------------------------------------------
 
@@ -373,8 +386,6 @@ def _replace_outputs(output, *objs) -> None:
 def show_rendered(rendered, *, path, title: str | None = None) -> Path | None:
     """Rendered images (evaluate.render) as one labelled grid, a row per prompt and a column per seed,
     saved at `path` and shown."""
-    from dreambooth_nb.results.grids import draw_grid
-
     rendered = list(rendered)
     if not rendered:
         return None
@@ -468,8 +479,6 @@ class Fallback:
     def show(self) -> None:
         from IPython.display import HTML, display
 
-        from dreambooth_nb.notebook.platform import COLAB, detect_platform
-
         if detect_platform() != COLAB:
             self.handle = display(HTML(self.html()), display_id=True)
 
@@ -514,8 +523,6 @@ class Runner:
         self.thread = None
 
     def _begin(self):
-        from dreambooth_nb.progress import Task
-
         self.task = Task(on_progress=self._moved)
         self.button.disabled, self.stop_button.disabled = True, False
         return self.task
@@ -527,8 +534,6 @@ class Runner:
         """`work()` here and now; what it returns. The kernel's interrupt stops it at its next report."""
         import signal
         import threading
-
-        from dreambooth_nb.progress import running
 
         task = self._begin()
         main = threading.current_thread() is threading.main_thread()
@@ -545,8 +550,6 @@ class Runner:
         """`work()` in a thread of its own (what a button's click runs); returns at once. `work` must say
         its own errors: nothing may escape a thread into JupyterLab's log console."""
         import threading
-
-        from dreambooth_nb.progress import running, stop_tasks_on_interrupt
 
         stop_tasks_on_interrupt()
         task = self._begin()
@@ -617,8 +620,6 @@ class TrainingPanel:
     def __init__(self, config: TrainConfig, *, run_dir_for=None, sample_steps: int = 50, sample_seeds=(0, 1),
                  fit: bool | None = None, gpu=None, processes: int | None = None):
         import ipywidgets as widgets
-
-        from dreambooth_nb.training.distributed import for_processes, visible_gpus
 
         processes = visible_gpus() if processes is None else processes
         # Every GPU by default, as train(num_processes=None), with the effective batch of the config: the
@@ -723,8 +724,6 @@ class TrainingPanel:
 
     def _gpus_changed(self, change) -> None:
         """Another number of GPUs keeps the images per step: batch and accumulation are split anew."""
-        from dreambooth_nb.training.distributed import for_processes
-
         try:
             current = config_from_widgets({**self.values(), "num_processes": change["old"]}, self.base)
             split = for_processes(current, change["new"])
@@ -750,9 +749,6 @@ class TrainingPanel:
         """Set the saver widgets to `fit`'s choice for the panel's settings (for the run they would resume,
         within what may change on resume), and say what it chose and why."""
         import json
-
-        from dreambooth_nb.planning.fitting import fit_report, previous_run
-        from dreambooth_nb.planning.memory import out_of_memory_record
 
         try:
             # From the savers of the config the panel opened with (notebook 1's): "before" stays what was saved.
@@ -819,8 +815,6 @@ class TrainingPanel:
 
     def start(self) -> None:
         """Train as the button does: in the background, so that Stop works; headless, here and now."""
-        from dreambooth_nb.notebook.platform import is_headless
-
         if is_headless():
             self.train()
         else:
@@ -858,8 +852,6 @@ class TrainingPanel:
         raise stopped
 
     def _stopped_message(self) -> str:
-        from dreambooth_nb.storage import latest_state
-
         step = self.progress.value
         state = latest_state(self._config.output_dir) if self._config is not None else None
         kept = f"the last saved state is {state.name} (step {int(state.name.split('-')[1])})" if state else \
@@ -867,9 +859,6 @@ class TrainingPanel:
         return f"Training stopped at step {step}; {kept}. Press Train to resume."
 
     def _train(self, *, output=None) -> Path:
-        from dreambooth_nb.storage import list_snapshots
-        from dreambooth_nb.training.train import train
-
         self.status.value = "Loading the model and the photos…"
         if self.fit_box.value:  # again: a state saved since (another GPU yesterday) is resumed within what may change
             self._apply_fit()
@@ -914,8 +903,6 @@ class TrainingPanel:
 
     def show_samples(self, config: TrainConfig, snapshot: Path) -> None:
         """Fixed-seed samples of `snapshot` (cached on disk: showing them again costs nothing)."""
-        from dreambooth_nb.results.evaluate import EvalSpec, render, render_dir
-
         # The subject and its class only: new contexts are notebook 4's job (and each prompt costs ~7 s on a T4).
         spec = EvalSpec.for_config(config, contexts=(), seeds=self.sample_seeds, num_inference_steps=self.sample_steps)
         print(f"Samples from {snapshot.name} (DDIM, {spec.num_inference_steps} steps):")
@@ -955,8 +942,6 @@ def _say_errors(log, work) -> None:
 def _failure_html(err: DreamboothError) -> str:
     """The status line of a panel whose action ended early: "Stopped" for a stop, "Error" for a setting or a
     file to fix."""
-    from dreambooth_nb.errors import ActionStopped
-
     label = "Stopped" if isinstance(err, (TrainingStopped, ActionStopped)) else "Error"
     return f"<b style='color:#c00'>{label}:</b> {html.escape(str(err))}"
 
@@ -995,8 +980,6 @@ def batch_line(values: dict) -> str:
 
 def memory_line(panel) -> str:
     """One line for the training panel: the memory plan of its settings on this GPU (a T4 when there is none)."""
-    from dreambooth_nb.planning.planner import plan
-
     try:
         config = panel.settings() if hasattr(panel, "settings") else config_from_widgets(panel.values(), panel.base)
         result = plan(config, getattr(panel, "gpu", None))
@@ -1080,8 +1063,6 @@ class ComparePanel:
 
     def start(self) -> None:
         """Draw as the Draw button does: in the background, so that Stop works; headless, here and now."""
-        from dreambooth_nb.notebook.platform import is_headless
-
         if is_headless():
             self.draw()
         else:
@@ -1092,8 +1073,6 @@ class ComparePanel:
         self.runner.start(lambda: _say_errors(self.output, self._draw_and_say))
 
     def _draw_and_say(self) -> Path:
-        from dreambooth_nb.errors import ActionStopped
-
         try:
             return self._draw()
         except KeyboardInterrupt:  # (Stop, the kernel's interrupt)
@@ -1109,8 +1088,6 @@ class ComparePanel:
 
     def _draw(self) -> Path:
         from IPython.display import HTML, Image
-
-        from dreambooth_nb.results.compare import compare
 
         rows, cols = grid_axes(self.columns.value)
         spec = self.spec()
@@ -1186,8 +1163,6 @@ class SweepPanel:
 
     def start(self) -> None:
         """Run as the button does: in the background, so that Stop works; headless, here and now."""
-        from dreambooth_nb.notebook.platform import is_headless
-
         if is_headless():
             self.run()
         else:
@@ -1198,8 +1173,6 @@ class SweepPanel:
         self.runner.start(lambda: _say_errors(self.output, lambda: self._run_and_say(output=self.output)))
 
     def _run_and_say(self, *, output=None):
-        from dreambooth_nb.errors import ActionStopped
-
         try:
             return self._run(output=output)
         except KeyboardInterrupt:  # (Stop, the kernel's interrupt)
@@ -1215,8 +1188,6 @@ class SweepPanel:
 
     def _run(self, *, output=None):
         from IPython.display import Image
-
-        from dreambooth_nb.results.sweep import run_folder, sweep
 
         lrs, save_at = self.values()
         config = self.base
@@ -1245,8 +1216,6 @@ class SweepPanel:
 def _finished_losses(runs: dict) -> dict:
     """{label: (steps, losses)} of the runs that finished before (their history.json), for the sweep's plot."""
     import json
-
-    from dreambooth_nb.storage import list_snapshots
 
     found = {}
     for label, folder in runs.items():

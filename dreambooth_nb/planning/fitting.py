@@ -28,8 +28,10 @@ import dataclasses
 import html
 from dataclasses import dataclass, field
 
-from dreambooth_nb.planning import planner
+from dreambooth_nb import storage
 from dreambooth_nb.config import TrainConfig, changed_settings
+from dreambooth_nb.planning import memory, planner
+
 
 # --- What each saver costs: a step-time model fitted to the published T4 table --------------------------------
 # ShivamShrirao/diffusers, examples/dreambooth/README.md ("Use the table below to choose the best flags based on
@@ -221,8 +223,6 @@ class _Search:
     def _out_of_memory(self) -> tuple[TrainConfig | None, int | None]:
         """The savers with which this run ran out of memory on a GPU no larger than this one, and their plan's
         need here: the plan under-estimated them, so nothing planned as large is chosen again."""
-        from dreambooth_nb.planning import memory
-
         record = memory.out_of_memory_record(self.config.output_dir) if self.config.output_dir else None
         if record is None or self.card is None or self.card.total_bytes > record.get("total_bytes", 0):
             return None, None
@@ -286,9 +286,6 @@ class _Search:
     def _disk_prefers_8bit(self) -> str | None:
         """Why 32-bit AdamW would cost disk (its states are 12 instead of ≈6 bytes per trained parameter): the
         disk plan of the output folder then keeps states less often, or does not fit. None: no such reason."""
-        from dreambooth_nb.planning import memory
-        from dreambooth_nb import storage
-
         c = self.config
         if not c.output_dir:
             return None
@@ -405,8 +402,6 @@ def previous_run(config: TrainConfig) -> dict | None:
     `fit_report(..., previous=...)`; None when there is none to resume, or it trained something else."""
     import json
     from pathlib import Path
-
-    from dreambooth_nb import storage
 
     out = Path(config.output_dir)
     saved = out / "config.json"

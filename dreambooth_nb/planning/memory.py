@@ -9,6 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dreambooth_nb.dataset.classes import class_images
+from dreambooth_nb.model.loading import parameter_counts
+from dreambooth_nb.storage import write_json
+
 # Bytes of optimizer state per trained parameter.
 ADAMW_BYTES = 8.0
 ADAMW_8BIT_BYTES = 2.03  # two uint8 moments + a float32 absmax per 256-element block; tensors under 4096 elements stay 32-bit
@@ -36,11 +40,9 @@ class RunSizes:
         return self.unet + self.text_encoder + self.text_encoder_2 + self.vae
 
 
-def run_sizes(config) -> RunSizes:
-    """The base model's sizes from its configs (no weights are downloaded)."""
-    from dreambooth_nb.model.loading import parameter_counts
-
-    return RunSizes(**parameter_counts(config))
+def run_sizes(config, *, base=None) -> RunSizes:
+    """The base model's sizes from its configs (no weights are downloaded); `base`: the run's `BaseModel`."""
+    return RunSizes(**parameter_counts(config, base=base))
 
 
 def state_bytes(config, *, trained_params: int) -> int:
@@ -188,8 +190,6 @@ def _missing_class_images(config) -> int:
     """Class images still to generate, all subjects together (a folder two subjects share counted once)."""
     if not config.with_prior_preservation:
         return 0
-    from dreambooth_nb.training.priors import class_images
-
     missing: dict[str, int] = {}
     for subject in config.subjects():
         if subject.class_data_dir:
@@ -239,8 +239,6 @@ def record_out_of_memory(config) -> None:
     fit of this run then only chooses settings planned below them (`fitting.fit_report`), so pressing Train
     again never repeats what just failed. Best effort: a full disk must not hide the advice."""
     import torch
-
-    from dreambooth_nb.storage import write_json
 
     if not torch.cuda.is_available():
         return

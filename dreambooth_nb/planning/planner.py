@@ -46,7 +46,7 @@ from torch.utils._pytree import tree_leaves
 from dreambooth_nb.planning import memory
 from dreambooth_nb import storage
 from dreambooth_nb.errors import ConfigError
-from dreambooth_nb.model.loading import KNOWN_MODELS  # (one place knows where the shipped configs are)
+from dreambooth_nb.model.base import BaseModel, empty_modules, text_encoder_from_config
 
 GIB = 2**30
 
@@ -127,12 +127,10 @@ def resolve_gpu(gpu) -> tuple[Gpu | None, list[str]]:
 
 
 # --- Model configs ----------------------------------------------------------------------------------------
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
-
-
 @dataclass(frozen=True)
 class ModelConfigs:
-    """The configs of a pipeline's model components, as JSON text (hashable: the cache key of every trace)."""
+    """The configs of a pipeline's model components (`BaseModel.component_configs`), as JSON text: hashable, the
+    cache key of every trace."""
 
     source: str
     text: str
@@ -142,84 +140,14 @@ class ModelConfigs:
         return json.loads(self.text)
 
     @property
-    def is_sdxl(self) -> bool:
-        return "text_encoder_2" in self.components
+    def text_encoders(self) -> int:
+        return sum(1 for name in self.components if name.startswith("text_encoder"))
 
 
 def read_model_configs(model: str, *, revision: str | None = None) -> ModelConfigs:
-    """Configs of `model` from a local folder, from `known_models/` for a known Hub id, or from the Hub.
-
-    Only the small JSON files are read: no weights. A Hub id not shipped here needs internet (the files
-    are a few KB each). A single .safetensors / .ckpt file: the configs it will be converted with, from its
-    header (`single_file`), without converting it.
-    """
-    from dreambooth_nb.model import single_file
-
-    local = Path(model)
-    if local.is_dir():
-        return _configs_from_folder(local, source=str(local))
-    if single_file.is_single_file(model):
-        return _configs_from_single_file(local)
-    known = KNOWN_MODELS / model
-    if model.count("/") == 1 and (known / "model_index.json").is_file():
-        return _configs_from_folder(known, source=model)
-    return _configs_from_hub(model, revision=revision)
-
-
-def _configs_from_single_file(file: Path) -> ModelConfigs:
-    import tempfile
-
-    from dreambooth_nb.model import single_file
-
-    kind = single_file.inspect(file)
-    with tempfile.TemporaryDirectory() as folder:
-        configs = single_file.configs_for(kind.base, Path(folder), prediction=kind.prediction)
-        return _configs_from_folder(configs, source=str(file))
-
-
-def _configs_from_folder(folder: Path, *, source: str) -> ModelConfigs:
-    index_path = folder / "model_index.json"
-    if not index_path.is_file():
-        raise ConfigError(f"pretrained_model_name_or_path: {folder} has no model_index.json; point it at a "
-                          "diffusers pipeline folder or at a Hub id such as "
-                          "'stable-diffusion-v1-5/stable-diffusion-v1-5'.")
-    index = json.loads(index_path.read_text())
-    configs = {}
-    for name in _components_in(index, source=source):
-        path = folder / name / "config.json"
-        if not path.is_file():
-            raise ConfigError(f"pretrained_model_name_or_path: {path} is missing; the folder is not a complete "
-                              "diffusers pipeline (save it with save_pretrained, or use the Hub id).")
-        configs[name] = json.loads(path.read_text())
-    return ModelConfigs(source=source, text=json.dumps(configs, sort_keys=True))
-
-
-@functools.lru_cache(maxsize=32)
-def _configs_from_hub(model: str, *, revision: str | None) -> ModelConfigs:
-    from huggingface_hub import hf_hub_download
-
-    def fetch(filename: str, subfolder: str | None = None) -> dict:
-        try:
-            path = hf_hub_download(model, filename, subfolder=subfolder, revision=revision)
-            return json.loads(Path(path).read_text())
-        except Exception as err:  # offline, gated, misspelt: every one means "cannot read the configs"
-            raise ConfigError(f"pretrained_model_name_or_path: cannot read {subfolder + '/' if subfolder else ''}"
-                              f"{filename} of {model!r} from the Hub ({type(err).__name__}); check the id and "
-                              "the internet connection (and HF_TOKEN for a gated model), or give a local "
-                              "folder.") from None
-
-    index = fetch("model_index.json")
-    configs = {name: fetch("config.json", name) for name in _components_in(index, source=model)}
-    return ModelConfigs(source=model, text=json.dumps(configs, sort_keys=True))
-
-
-def _components_in(index: dict, *, source: str) -> list[str]:
-    names = [name for name in COMPONENTS if isinstance(index.get(name), list) and index[name][0]]
-    if "unet" not in names or "vae" not in names or "text_encoder" not in names:
-        raise ConfigError(f"pretrained_model_name_or_path: {source} is a {index.get('_class_name', 'pipeline')} "
-                          "without a UNet, VAE and text encoder; the planner (and training) need a Stable "
-                          "Diffusion 1.x / 2.x / XL pipeline.")
-    return names
+    """The component configs of base model `model` (no weights; see `BaseModel.component_configs`)."""
+    return ModelConfigs(source=model, text=json.dumps(BaseModel(model, revision=revision).component_configs,
+                                                      sort_keys=True))
 
 
 # --- What a config asks for -------------------------------------------------------------------------------
@@ -483,7 +411,7 @@ def _build_trained_modules(components: dict, *, key: TraceKey, frozen_dtype) -> 
     unet = UNet2DConditionModel.from_config(components["unet"])
     encoders = {}
     if key.train_text_encoder:
-        encoders = {name: _text_encoder(components[name], with_projection=name == "text_encoder_2")
+        encoders = {name: text_encoder_from_config(components[name], with_projection=name == "text_encoder_2")
                     for name in ("text_encoder", "text_encoder_2") if name in components}
     if key.method == "lora":
         # LoRA: the base stays frozen in 16-bit on the GPU; only the adapters are fp32 masters.
@@ -505,14 +433,6 @@ def _freeze_as(module: torch.nn.Module, dtype: torch.dtype) -> None:
     for child in module.modules():
         for name, param in list(child.named_parameters(recurse=False)):
             child._parameters[name] = torch.nn.Parameter(param.detach().to(dtype), requires_grad=False)
-
-
-def _text_encoder(config: dict, *, with_projection: bool):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    fields = {k: v for k, v in config.items() if not k.startswith("_") and k not in ("architectures",)}
-    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-    return cls(CLIPTextConfig(**fields))
 
 
 def _step_inputs(components: dict, *, key: TraceKey) -> dict:
@@ -574,19 +494,8 @@ def trace_vae_encode(configs: ModelConfigs, *, resolution: int, dtype_bytes: int
 @functools.lru_cache(maxsize=16)
 def component_sizes(configs: ModelConfigs) -> dict[str, int]:
     """Parameter count of each component, from its config alone (built on the meta device: no memory)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    sizes = {}
-    with torch.device("meta"):
-        for name, config in configs.components.items():
-            if name == "unet":
-                module = UNet2DConditionModel.from_config(config)
-            elif name == "vae":
-                module = AutoencoderKL.from_config(config)
-            else:
-                module = _text_encoder(config, with_projection=name == "text_encoder_2")
-            sizes[name] = sum(p.numel() for p in module.parameters())
-    return sizes
+    return {name: sum(p.numel() for p in module.parameters())
+            for name, module in empty_modules(configs.components).items()}
 
 
 # --- Arithmetic -------------------------------------------------------------------------------------------
@@ -742,7 +651,7 @@ def _plan(config, card: Gpu | None) -> MemoryPlan:
     disk_bytes, disk = _disk_parts(config, sizes=sizes, trained_params=trained_params)
     what = "LoRA on the UNet" if setup.method == "lora" else "UNet"
     if setup.train_text_encoder:
-        what += " + text encoder" + ("s" if configs.is_sdxl else "")
+        what += " + text encoder" + ("s" if configs.text_encoders > 1 else "")
     summary = (f"{configs.source}, {what}, {setup.resolution} px, {setup.batch} image"
                f"{'s' if setup.batch > 1 else ''} per micro-step × {setup.accumulation}, "
                f"{setup.precision if setup.half else 'fp32'}, on {gpu_name}")

@@ -26,13 +26,16 @@ import hashlib
 import json
 from pathlib import Path
 
-from dreambooth_nb.results import quality
-from dreambooth_nb.model import snapshots
 from dreambooth_nb import storage
 from dreambooth_nb.config import saved_subjects
+from dreambooth_nb.dataset.images import load_image, scan_images
 from dreambooth_nb.errors import ConfigError, DataError
+from dreambooth_nb.model import snapshots
+from dreambooth_nb.model.base import BaseModel
+from dreambooth_nb.results import quality
 from dreambooth_nb.results.evaluate import EvalSpec, render, snapshot_step
 from dreambooth_nb.results.grids import NOTEBOOK_WIDTH, draw_grid, resolve_axes
+
 
 
 def compare(runs, spec: EvalSpec, *, rows=("prompt", "seed"), cols=("run", "step"), out=None, steps=None,
@@ -105,15 +108,13 @@ def _add_quality(grid: Path, report: dict | None, *, spec: EvalSpec) -> None:
 def _base_model(sources: list[dict]) -> str | None:
     """The base model the runs started from: the first run's `pretrained_model_name_or_path` (from its config,
     else its snapshot's `snapshot.json`); None when neither says (e.g. a bare pipeline folder)."""
-    from dreambooth_nb.model.single_file import resolve
-
     for source in sources:
         config = _run_config(source["folder"]) or {}
         model = config.get("pretrained_model_name_or_path")
         if model is None and snapshots.is_snapshot(source["snapshot"]):
             model = snapshots.info(source["snapshot"]).get("base")
         if model:
-            return resolve(str(model))
+            return BaseModel(str(model)).path
     return None
 
 
@@ -164,8 +165,6 @@ def _measured_base(base_cells: list[dict]) -> dict | None:
 def _photos(subject: dict, *, resolution) -> list:
     """A subject's instance photos (a run config or one of its `concepts`), loaded as training loads them; none
     (with a note) if the folder is gone."""
-    from dreambooth_nb.dataset.images import load_image, scan_images
-
     folder = subject.get("instance_data_dir")
     if not folder:
         return []

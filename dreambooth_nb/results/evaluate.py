@@ -35,6 +35,7 @@ import torch
 from dreambooth_nb.model import snapshots
 from dreambooth_nb import storage
 from dreambooth_nb.errors import ConfigError
+from dreambooth_nb.model.base import BaseModel
 from dreambooth_nb.dataset.images import png_bytes
 from dreambooth_nb.progress import in_task, report
 
@@ -229,9 +230,7 @@ def render(snapshot, spec: EvalSpec, *, device=None, cache_dir=None) -> list[Ren
 def native_resolution(model) -> int:
     """The image size `model` was made for: a snapshot or pipeline folder's (`snapshots.native_resolution`), or
     for a base model given by Hub id (rendered for comparison, with a `cache_dir`) its UNet and VAE configs'."""
-    from dreambooth_nb.config import model_location
-
-    if model_location(str(model)) != "hub":
+    if BaseModel(str(model)).location != "hub":
         return snapshots.native_resolution(model)
     from diffusers import AutoencoderKL, UNet2DConditionModel
 

@@ -26,166 +26,19 @@ import datetime
 import json
 import math
 import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from dreambooth_nb.model import snapshots
 from dreambooth_nb import storage
 from dreambooth_nb.config import saved_subjects
-from dreambooth_nb.errors import ConfigError, DataError, DreamboothError
-from dreambooth_nb.planning.memory import _size  # bytes for people: "2.13 GB", "18.8 MB"
+from dreambooth_nb.errors import ConfigError, DataError, ExportError
+from dreambooth_nb.model import snapshots
+from dreambooth_nb.model.base import BaseModel
+from dreambooth_nb.model.layout import Entry, Layout, LAYOUTS, Weights, entries_for, layout_for
+from dreambooth_nb.planning.memory import _size
+from dreambooth_nb.results.quality import suggested_step
 
-
-class ExportError(DreamboothError):
-    """A snapshot cannot be written as a single file; the message names it and says what to do."""
-
-
-# --- Names: diffusers → original (ldm) ----------------------------------------------------------------
-@dataclass(frozen=True)
-class Target:
-    """Where a diffusers tensor goes in the file. Several sources may fill one target in order (`part` of
-    `parts`, concatenated along dim 0); `conv1x1` turns a linear layer's 2-D weight into a 1×1 convolution's."""
-
-    name: str
-    part: int = 0
-    parts: int = 1
-    conv1x1: bool = False
-
-
-UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-               "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-# The VAE's mid-block attention: ldm uses 1×1 convolutions where diffusers uses linear layers. diffusers
-# before 0.17 named them query/key/value/proj_attn, and Hub files saved then (SD 1.5's VAE) still do.
-VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
-                 "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}
-
-
-def unet_names(config: dict) -> dict[str, Target]:
-    """diffusers' `UNet2DConditionModel` → ldm's `openaimodel.UNetModel` (SD 1.x and 2.x), from the block layout.
-
-    ldm numbers the blocks flat. `input_blocks.0` is conv_in; each down block adds `layers` (resnet, attention)
-    pairs and then its downsampler; `output_blocks` holds `layers + 1` pairs per up block, the upsampler sitting
-    after the attention (index 2), or after the resnet (index 1) in a block without attention.
-    """
-    blocks, layers = len(config["block_out_channels"]), config["layers_per_block"]
-    names = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
-             "mid_block.attentions.0": "middle_block.1"}
-    resnets = {"mid_block.resnets.0": "middle_block.0", "mid_block.resnets.1": "middle_block.2"}
-    for i in range(blocks):
-        for j in range(layers):
-            flat = 1 + i * (layers + 1) + j
-            resnets[f"down_blocks.{i}.resnets.{j}"] = f"input_blocks.{flat}.0"
-            names[f"down_blocks.{i}.attentions.{j}"] = f"input_blocks.{flat}.1"
-        for j in range(layers + 1):
-            flat = i * (layers + 1) + j
-            resnets[f"up_blocks.{i}.resnets.{j}"] = f"output_blocks.{flat}.0"
-            names[f"up_blocks.{i}.attentions.{j}"] = f"output_blocks.{flat}.1"
-        if i < blocks - 1:
-            names[f"down_blocks.{i}.downsamplers.0.conv"] = f"input_blocks.{(i + 1) * (layers + 1)}.0.op"
-            after = 2 if config["up_block_types"][i].startswith("CrossAttn") else 1
-            names[f"up_blocks.{i}.upsamplers.0.conv"] = f"output_blocks.{i * (layers + 1) + layers}.{after}.conv"
-    for ours, theirs in resnets.items():
-        names.update({f"{ours}.{a}": f"{theirs}.{b}" for a, b in UNET_RESNET.items()})
-    return {ours: Target(theirs) for ours, theirs in names.items()}
-
-
-def vae_names(config: dict) -> dict[str, Target]:
-    """diffusers' `AutoencoderKL` → ldm's `Encoder` / `Decoder` (diffusionmodules/model.py). ldm counts the
-    decoder's up blocks from the full-resolution end, diffusers from the latent end."""
-    blocks, layers = len(config["block_out_channels"]), config["layers_per_block"]
-    names = {f"{side}.{name}": Target(f"{side}.{name}") for side in ("encoder", "decoder")
-             for name in ("conv_in", "conv_out")}
-    names |= {name: Target(name) for name in ("quant_conv", "post_quant_conv")}
-    names |= {f"{side}.conv_norm_out": Target(f"{side}.norm_out") for side in ("encoder", "decoder")}
-    resnets = {}
-    for side in ("encoder", "decoder"):
-        resnets |= {f"{side}.mid_block.resnets.{k}": f"{side}.mid.block_{k + 1}" for k in (0, 1)}
-        names |= {f"{side}.mid_block.attentions.0.{ours}": Target(f"{side}.mid.attn_1.{theirs}",
-                                                                  conv1x1=ours != "group_norm")
-                  for ours, theirs in VAE_ATTENTION.items()}
-    for i in range(blocks):
-        up = blocks - 1 - i
-        resnets |= {f"encoder.down_blocks.{i}.resnets.{j}": f"encoder.down.{i}.block.{j}" for j in range(layers)}
-        resnets |= {f"decoder.up_blocks.{i}.resnets.{j}": f"decoder.up.{up}.block.{j}" for j in range(layers + 1)}
-        if i < blocks - 1:
-            names[f"encoder.down_blocks.{i}.downsamplers.0.conv"] = Target(f"encoder.down.{i}.downsample.conv")
-            names[f"decoder.up_blocks.{i}.upsamplers.0.conv"] = Target(f"decoder.up.{up}.upsample.conv")
-    for ours, theirs in resnets.items():
-        names[ours] = Target(theirs)
-        names[f"{ours}.conv_shortcut"] = Target(f"{theirs}.nin_shortcut")
-    return names
-
-
-def clip_names(config: dict) -> dict[str, Target]:
-    """OpenAI CLIP (SD 1.x) under ldm's `FrozenCLIPEmbedder`: transformers' own names below `text_model.`,
-    spelled out from the layer count — transformers 5 saves them without `text_model.`, 4.x with it."""
-    prefixes = ["embeddings", "final_layer_norm"] + [f"encoder.layers.{i}" for i in range(config["num_hidden_layers"])]
-    return {name: Target(f"text_model.{name}") for name in prefixes}
-
-
-def open_clip_names(config: dict) -> dict[str, Target]:
-    """OpenCLIP (SD 2.x) under ldm's `FrozenOpenCLIPEmbedder` (open_clip's text transformer): q, k and v packed
-    into one `in_proj` as torch.nn.MultiheadAttention stores them ([q; k; v] along dim 0), the position
-    embedding a bare parameter. diffusers keeps 23 of OpenCLIP-H's 24 layers (SD 2 reads the penultimate one)
-    and no text projection; AUTOMATIC1111 and ComfyUI run the same 23 layers."""
-    names = {"embeddings.token_embedding": Target("token_embedding"),
-             "embeddings.position_embedding.weight": Target("positional_embedding"),
-             "final_layer_norm": Target("ln_final")}
-    for i in range(config["num_hidden_layers"]):
-        ours, theirs = f"encoder.layers.{i}", f"transformer.resblocks.{i}"
-        names |= {f"{ours}.layer_norm1": Target(f"{theirs}.ln_1"), f"{ours}.layer_norm2": Target(f"{theirs}.ln_2"),
-                  f"{ours}.mlp.fc1": Target(f"{theirs}.mlp.c_fc"), f"{ours}.mlp.fc2": Target(f"{theirs}.mlp.c_proj"),
-                  f"{ours}.self_attn.out_proj": Target(f"{theirs}.attn.out_proj")}
-        for part, projection in enumerate("qkv"):
-            for kind in ("weight", "bias"):
-                names[f"{ours}.self_attn.{projection}_proj.{kind}"] = Target(f"{theirs}.attn.in_proj_{kind}",
-                                                                            part=part, parts=3)
-    return names
-
-
-# Saved by transformers before 4.31 (SD 1.5's Hub file has it): the positions 0..76, a buffer every loader rebuilds.
-NOT_WEIGHTS = {"text_encoder": {"embeddings.position_ids"}}
-
-
-@dataclass(frozen=True)
-class Layout:
-    """A model family's single-file layout: each part's prefix in the file and its name table, and the
-    `modelspec.architecture` ids (Stability AI's ModelSpec, as kohya's sd-scripts writes them) by prediction type."""
-
-    family: str
-    parts: dict[str, tuple[str, Callable[[dict], dict[str, Target]]]]
-    architecture: dict[str, str]
-
-
-LAYOUTS = {
-    "sd1": Layout("SD 1.x", {"unet": ("model.diffusion_model.", unet_names), "vae": ("first_stage_model.", vae_names),
-                             "text_encoder": ("cond_stage_model.transformer.", clip_names)},
-                  {"epsilon": "stable-diffusion-v1", "v_prediction": "stable-diffusion-v1"}),
-    "sd2": Layout("SD 2.x", {"unet": ("model.diffusion_model.", unet_names), "vae": ("first_stage_model.", vae_names),
-                             "text_encoder": ("cond_stage_model.model.", open_clip_names)},
-                  {"epsilon": "stable-diffusion-v2-512", "v_prediction": "stable-diffusion-v2-768-v"}),
-}
-
-
-def layout_for(configs: dict[str, dict]) -> Layout:
-    """SD 2.x's text encoder is OpenCLIP (GELU), SD 1.x's is OpenAI CLIP (quick-GELU): their configs differ there."""
-    if configs["unet"].get("addition_embed_type") == "text_time":
-        raise ExportError("This is an SDXL model: single-file export supports SD 1.x and 2.x so far.")
-    return LAYOUTS["sd2" if configs["text_encoder"].get("hidden_act") == "gelu" else "sd1"]
-
-
-def target_of(key: str, names: dict[str, Target]) -> Target | None:
-    """The target of tensor `key`: the entry of its longest prefix (whole dotted parts), the rest of the name kept."""
-    pieces = key.split(".")
-    for cut in range(len(pieces), 0, -1):
-        found = names.get(".".join(pieces[:cut]))
-        if found is not None:
-            return replace(found, name=".".join([found.name, *pieces[cut:]]))
-    return None
 
 
 # --- Which snapshot, and where its parts are ------------------------------------------------------------
@@ -193,8 +46,6 @@ def choose_snapshot(run_or_snapshot, *, step: int | None = None) -> Path:
     """The snapshot that `export` and `hub.push_to_hub` take: a snapshot (or pipeline) folder as it is; for a
     run folder the one saved at `step`, else the one the latest comparison suggested (`quality.suggest`, kept
     in `<run>/suggestion.json`) when there is one, else the last. The one place that decides it."""
-    from dreambooth_nb.results.quality import suggested_step
-
     path = Path(run_or_snapshot).expanduser()
     if snapshots.is_snapshot(path):
         return path
@@ -252,44 +103,6 @@ def subject_prompts(config: dict, key: str = "instance_prompt") -> str | None:
     return "; ".join(dict.fromkeys(v for v in values if v)) or None
 
 
-@dataclass
-class Weights:
-    """One part's safetensors weights (one file, or shards with an index), read a tensor at a time."""
-
-    folder: Path
-    config: dict
-    tensors: dict[str, tuple[Path, tuple[int, ...]]]
-    """name → (file, shape), from the files' headers."""
-
-    @classmethod
-    def open(cls, folder: Path, *, stem: str, variant: str | None = None) -> Weights:
-        from safetensors import safe_open
-
-        ext = f".{variant}" if variant else ""
-        index = folder / f"{stem}.safetensors.index{ext}.json"  # diffusers' and transformers' naming of a variant
-        single = folder / f"{stem}{ext}.safetensors"
-        if index.is_file():
-            files = sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()})
-        elif single.is_file():
-            files = [single]
-        else:
-            raise ExportError(f"{folder}: no {single.name} (nor its sharded index) there. Export reads safetensors "
-                              "weights; a part saved as .bin must be re-saved with save_pretrained() first.")
-        tensors = {}
-        for file in files:
-            with safe_open(file, framework="pt") as handle:
-                for name in handle.keys():
-                    tensors[name] = (file, tuple(handle.get_slice(name).get_shape()))
-        return cls(folder=folder, config=json.loads((folder / "config.json").read_text()), tensors=tensors)
-
-    def read(self, name: str) -> torch.Tensor:
-        """One tensor, its file mapped only while it is read (so a finished file's pages leave memory too)."""
-        from safetensors import safe_open
-
-        with safe_open(self.tensors[name][0], framework="pt") as handle:
-            return handle.get_tensor(name)
-
-
 _STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
 PARTS = tuple(_STEMS)
 
@@ -307,19 +120,14 @@ def part_sources(snapshot: Path, meta: dict) -> tuple[dict[str, Weights], Path]:
 def base_folder(meta: dict, parts: list[str]) -> Path:
     """A local folder holding the base model's `parts` and scheduler config: the folder itself, the converted
     folder of a single file, or the Hub cache (downloading only those files when they are not there yet)."""
-    from dreambooth_nb.model import single_file
-    from dreambooth_nb.config import model_location
-
-    base = meta.get("base")
-    where = model_location(base) if base else None
-    if where == "folder":
-        return Path(base)
-    if where == "file":
-        return single_file.diffusers_folder(base)
+    base = BaseModel(meta["base"], revision=meta.get("revision")) if meta.get("base") else None
+    where = base.location if base else None
+    if where in ("folder", "file"):  # (a single file: its converted folder)
+        return Path(base.path)
     if where != "hub":
         raise ExportError(f"The snapshot's base model {base!r} is not there any more (not a folder, a file or a "
                           "Hub id); restore it, or export the run's final snapshot, which is complete.")
-    return _from_hub(base, parts, revision=meta.get("revision"), variant=meta.get("variant"))
+    return _from_hub(base.name, parts, revision=base.revision, variant=meta.get("variant"))
 
 
 def _from_hub(repo: str, parts: list[str], *, revision: str | None, variant: str | None) -> Path:
@@ -344,52 +152,6 @@ def _from_hub(repo: str, parts: list[str], *, revision: str | None, variant: str
 
 
 # --- The file ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Entry:
-    """One tensor of the file: its name, its sources (filled in order), its shape in the file."""
-
-    name: str
-    sources: tuple[tuple[Weights, str], ...]
-    shape: tuple[int, ...]
-
-    def tensor(self, dtype: torch.dtype) -> torch.Tensor:
-        pieces = [weights.read(name) for weights, name in self.sources]
-        tensor = (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).to(dtype)
-        if not torch.isfinite(tensor).all():
-            if all(torch.isfinite(piece).all() for piece in pieces):
-                raise ExportError(f"{self.name} has values beyond fp16's range; export with half=False.")
-            raise ExportError(f"{self.name} holds NaN or infinite values: this snapshot is broken (the loss "
-                              "diverged?); export an earlier one.")
-        return tensor.reshape(self.shape).contiguous()
-
-
-def entries_for(parts: dict[str, Weights], layout: Layout) -> list[Entry]:
-    """Every tensor of the file, in order (UNet, VAE, text encoder), from the parts' headers alone."""
-    entries = []
-    for part, (prefix, names_for) in layout.parts.items():
-        weights, names = parts[part], names_for(parts[part].config)
-        targets: dict[str, list] = {}
-        for key in sorted(weights.tensors):
-            ours = key.removeprefix("text_model.") if part == "text_encoder" else key
-            if ours in NOT_WEIGHTS.get(part, ()):
-                continue
-            target = target_of(ours, names)
-            if target is None:
-                raise ExportError(f"{weights.folder}: {key} has no name in the {layout.family} single-file layout; "
-                                  "this model's architecture is not one AUTOMATIC1111 or ComfyUI load.")
-            slot = targets.setdefault(prefix + target.name, [target, [None] * target.parts])
-            slot[1][target.part] = (weights, key)
-        for name, (target, sources) in targets.items():
-            if None in sources:
-                raise ExportError(f"{weights.folder}: {name} needs {target.parts} tensors (q, k, v) and some are "
-                                  "missing.")
-            shapes = [weights.tensors[key][1] for weights, key in sources]
-            shape = (sum(s[0] for s in shapes), *shapes[0][1:])
-            conv = target.conv1x1 and len(shape) == 2
-            entries.append(Entry(name, tuple(sources), shape + (1, 1) if conv else shape))
-    return entries
-
-
 DTYPE_CODES = {torch.float16: "F16", torch.float32: "F32"}  # safetensors' header codes
 
 
@@ -438,11 +200,9 @@ def _export_lora(snapshot: Path, meta: dict, path: Path, *, half: bool, merged: 
     from safetensors.torch import load_file, save
 
     if merged:
-        from dreambooth_nb.model.loading import family_of_model
-
         # Asked before anything loads: merging an SDXL LoRA would load the whole SDXL pipeline in fp32 on the CPU
         # (≈13.9 GB, more than a Colab VM has) only to find that its single-file layout is not written here.
-        if family_of_model(meta["base"], revision=meta.get("revision")).is_sdxl:
+        if BaseModel(meta["base"], revision=meta.get("revision")).family.is_sdxl:
             raise ExportError("merged: an SDXL LoRA cannot be merged into a single checkpoint here yet (single-file "
                               "export covers SD 1.x and 2.x). Export the LoRA itself (merged=False: a few MB, kohya's "
                               "layout) and load it on top of SDXL in ComfyUI or AUTOMATIC1111.")
@@ -500,11 +260,9 @@ def base_name(base: str | None) -> str:
     """A base model as the file's metadata names it: a Hub id as it is, a local folder or file by its name only.
     Its absolute path says nothing on another machine and shows the user's folders (/content/drive/MyDrive/…,
     /home/alice/…) to everyone the file is shared with."""
-    from dreambooth_nb.config import model_location
-
     if not base:
         return "unknown"
-    return base if model_location(base) == "hub" else f"local: {Path(base).name}"
+    return base if BaseModel(base).location == "hub" else f"local: {Path(base).name}"
 
 
 def describe(snapshot: Path, meta: dict, config: dict, *, layout: Layout, prediction: str,

@@ -9,7 +9,7 @@ is one (with its `.yaml`), the snapshot's rendered samples and the project's new
 card's gallery, and the card. Nothing else: never a training state, the latent cache, the photos, the run's
 config (it holds local paths) or `snapshot.json` (it names the base model's local path).
 
-The token: `token=`, else where the notebooks find it (`platform.find_hf_token`: HF_TOKEN, a Colab or Kaggle
+The token: `token=`, else where the notebooks find it (`environment.find_hf_token`: HF_TOKEN, a Colab or Kaggle
 secret). It goes to `huggingface_hub` only; it is never printed and never written into the card or a file.
 """
 
@@ -26,7 +26,10 @@ import torch
 
 from dreambooth_nb.model import snapshots
 from dreambooth_nb import storage
+from dreambooth_nb.environment import find_hf_token
 from dreambooth_nb.errors import ConfigError
+from dreambooth_nb.model.base import BaseModel
+from dreambooth_nb.results.evaluate import render_dir
 from dreambooth_nb.results.export import base_name, choose_snapshot, how_to_use, label, run_config, subject_prompts
 from dreambooth_nb.planning.memory import _size  # bytes for people
 from dreambooth_nb.quiet import silenced
@@ -48,8 +51,6 @@ def push_to_hub(run_or_snapshot, repo_id: str, *, private: bool = True, token: s
     ("you/name"; created when missing, private unless `private=False`), with `single_file` (an export of it)
     and a model card. Returns the repository's URL."""
     from huggingface_hub import create_repo, upload_folder
-
-    from dreambooth_nb.notebook.platform import find_hf_token
 
     if not re.fullmatch(r"([\w.-]+/)?[\w.-]+", repo_id or ""):
         raise ConfigError(f"REPO_ID: {repo_id!r} is not a repository name; give 'you/name' (or just 'name', in your "
@@ -116,8 +117,6 @@ def gallery(snapshot: Path) -> list[tuple[Path, str]]:
     `dreambooth_nb` text chunk, `images.png_bytes`), then the project's newest comparison grid."""
     from PIL import Image
 
-    from dreambooth_nb.results.evaluate import render_dir
-
     found = []
     for image in sorted(render_dir(snapshot).glob("*/*.png"))[:GALLERY_SAMPLES]:
         with Image.open(image) as png:
@@ -133,9 +132,7 @@ def gallery(snapshot: Path) -> list[tuple[Path, str]]:
 def base_license(base: str | None) -> str | None:
     """The base model's license: its Hub card's `license`, else the table of usual bases, else a single
     file's `modelspec.license`; None when unknown."""
-    from dreambooth_nb.config import model_location
-
-    where = model_location(base) if base else None
+    where = BaseModel(base).location if base else None
     if where == "hub":
         try:
             from huggingface_hub import ModelCard

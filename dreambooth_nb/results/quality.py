@@ -38,6 +38,9 @@ import numpy as np
 
 from dreambooth_nb import progress, storage
 from dreambooth_nb.errors import DataError
+from dreambooth_nb.toy import metrics, world
+from dreambooth_nb.toy.tiny import TINY_WORDS, build_tokenizer
+
 
 BASE_RUN = "base model"
 """The label of the base model's cells (its step is 0) in grids and reports."""
@@ -131,14 +134,10 @@ class ToyJudge:
     tolerances = Tolerances(prompt=0.25, prior=0.15, gain=0.1)
 
     def subject_fidelity(self, renders, photos, *, prompt: str | None = None) -> float:
-        from dreambooth_nb.toy import metrics, world
-
         shape = world.parse_caption(prompt)["shape"] if prompt else None  # "a photo of sks square": a square
         return metrics.subject_fidelity(renders, photos, shape=shape or world.SUBJECT_CLASS)
 
     def prompt_fidelity(self, renders, prompt: str) -> float | None:
-        from dreambooth_nb.toy import metrics, world
-
         wanted = world.parse_caption(prompt)
         if wanted["background"] is None:
             return None
@@ -146,13 +145,9 @@ class ToyJudge:
                                        shape=wanted["shape"] or world.SUBJECT_CLASS)
 
     def prior_preservation(self, renders, base_renders) -> float:
-        from dreambooth_nb.toy import metrics
-
         return 1.0 - metrics.class_drift(renders, base_renders)
 
     def diversity(self, renders) -> float | None:
-        from dreambooth_nb.toy import metrics
-
         pairs = list(itertools.combinations(renders, 2))
         return float(np.mean([metrics.class_drift([a], [b]) for a, b in pairs])) if pairs else None
 
@@ -200,8 +195,6 @@ class EmbeddingJudge:
         """Random tiny DINOv2 and CLIP built from configs: no download, for tests."""
         import torch
         from transformers import CLIPConfig, CLIPModel, Dinov2Config, Dinov2Model
-
-        from dreambooth_nb.toy.tiny import TINY_WORDS, build_tokenizer
 
         torch.manual_seed(seed)
         tokenizer = build_tokenizer(TINY_WORDS + ["circle", "black", "background", "snow", "painting"])
@@ -369,9 +362,9 @@ def assess(runs: list[dict], base: dict | None, *, judge) -> dict:
             steps[step] = measure(judge, images, subjects=run["subjects"], base_images=base_images)
             done += 1
         validation = read_validation(run["folder"]) if run["folder"] else {}
-        for step, metrics in steps.items():
+        for step, measured in steps.items():
             if step in validation:
-                metrics["validation"] = validation[step]
+                measured["validation"] = validation[step]
         step, why = suggest(steps, base=base_metrics, tolerances=tolerances) if base_metrics else \
             (None, "the base model was not rendered, so nothing can be compared with it.")
         report["runs"].append({"run": run["run"], "lr": run["lr"], "folder": None if run["folder"] is None

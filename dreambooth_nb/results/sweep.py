@@ -20,11 +20,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from dreambooth_nb.results.compare import compare
 from dreambooth_nb.config import lr_label
 from dreambooth_nb.errors import ConfigError
+from dreambooth_nb.results.compare import compare
 from dreambooth_nb.results.evaluate import EvalSpec
+from dreambooth_nb.training import priors
 from dreambooth_nb.training.train import train
+
 
 
 @dataclass
@@ -79,8 +81,6 @@ def sweep(config, *, lrs=(5e-6, 2e-6), save_at=(400, 800, 1200), spec: EvalSpec 
         run.validate()
 
     if config.with_prior_preservation:
-        from dreambooth_nb.training import priors
-
         priors.generate_class_images(config, device=None if device is None else _device(device))
 
     for number, run in enumerate(runs, 1):

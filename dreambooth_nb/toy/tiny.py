@@ -14,7 +14,7 @@ from pathlib import Path
 
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from dreambooth_nb.model.loading import KNOWN_MODELS
+from dreambooth_nb.model import KNOWN_MODELS
 
 # Every single character a prompt may contain gets a token, alone and as a word end (`a</w>`).
 _ALPHABET = string.ascii_lowercase + string.digits + ".,'!?-:;()/&"

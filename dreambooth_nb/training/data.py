@@ -26,7 +26,9 @@ from PIL import Image
 
 from dreambooth_nb.training import distributed
 from dreambooth_nb.errors import DataError
+from dreambooth_nb.dataset.classes import class_images
 from dreambooth_nb.dataset.images import load_image, scan_images
+from dreambooth_nb.storage import atomic_write_bytes
 
 INSTANCE, CLASS = 0, 1  # stream ids of subject 0: photos and class images draw from independent streams
 
@@ -122,7 +124,7 @@ class ImageFolder:
 
     @classmethod
     def from_paths(cls, paths, *, prompt: str, resolution: int) -> "ImageFolder":
-        """These images, all with `prompt` (already checked, e.g. the class images `priors.class_images`
+        """These images, all with `prompt` (already checked, e.g. the class images `dataset.classes.class_images`
         selected)."""
         paths = list(paths)
         if not paths:
@@ -169,8 +171,6 @@ class LatentSource:
         if cache_dir is None:
             return self._encode(index, flip=flip, gen=torch.Generator())[:2]
         from safetensors.torch import load_file, save_file
-
-        from dreambooth_nb.storage import atomic_write_bytes
 
         key = hashlib.sha256(f"{model_key}|{self.resolution}|{self.center_crop}|{flip}|{self.dtype}".encode()
                              + self.folder.images[index].tobytes()).hexdigest()[:32]
@@ -249,11 +249,9 @@ class TrainingData:
     @classmethod
     def load(cls, config, *, reference: list[list] = ()) -> "TrainingData":
         """Every subject's photos (captions read) and, with prior preservation, exactly its selected class
-        images (`priors.class_images`: yours first, then generated ones); `reference`: per subject, the
+        images (`dataset.classes.class_images`: yours first, then generated ones); `reference`: per subject, the
         validation renders of its class prompt (`priors.reference_images`). Bad files are reported here,
         before any step."""
-        from dreambooth_nb.training.priors import class_images
-
         subjects = config.subjects()
         photos = [ImageFolder.load(s.instance_data_dir, prompt=s.instance_prompt, resolution=config.resolution)
                   for s in subjects]

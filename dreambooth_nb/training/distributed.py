@@ -31,8 +31,10 @@ import tempfile
 from datetime import timedelta
 from pathlib import Path
 
+from dreambooth_nb.environment import COLAB, detect_platform
 from dreambooth_nb.errors import ConfigError, TrainingStopped
 from dreambooth_nb.progress import report
+from dreambooth_nb.storage import write_json
 
 EVENT = "DREAMBOOTH_NB_EVENT "  # a line of rank 0's stdout that carries a callback, as JSON
 STOPPED = "DREAMBOOTH_NB_STOPPED "  # a line (any rank) that carries the message of a TrainingStopped
@@ -55,8 +57,6 @@ def in_worker() -> bool:
 def visible_gpus() -> int:
     """How many processes `num_processes=None` means: every visible GPU, except on Colab (one GPU there)."""
     import torch
-
-    from dreambooth_nb.notebook.platform import COLAB, detect_platform
 
     if detect_platform() == COLAB or not torch.cuda.is_available():
         return 1
@@ -94,8 +94,6 @@ def sample_positions(micro: int, *, batch: int, rank: int, world: int) -> range:
 def launch(config, *, on_step=None, on_validation=None) -> Path:
     """Train `config` (whose `num_processes` > 1) in that many fresh processes; return the final snapshot."""
     import torch
-
-    from dreambooth_nb.storage import write_json
 
     folder = Path(tempfile.mkdtemp(prefix="dreambooth-nb-"))
     path = folder / "config.json"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,77 +19,16 @@ from tqdm.auto import tqdm
 
 from dreambooth_nb.model import snapshots
 from dreambooth_nb.errors import DataError
-from dreambooth_nb.dataset.images import CAPTION_SUFFIX, IMAGE_SUFFIXES, png_bytes, scan_images
+from dreambooth_nb.model.base import BaseModel
+from dreambooth_nb.dataset.classes import class_image_path, class_images
+from dreambooth_nb.dataset.images import png_bytes
 from dreambooth_nb.progress import in_task, report
+from dreambooth_nb.training.validation import REFERENCE_IMAGES, hash_seed
 from dreambooth_nb.storage import atomic_write_bytes
-
-_NAME = "class-{:05d}.png"
-_NAME_RE = re.compile(r"^class-(\d{5})\.png$")
-
-
-def class_image_path(folder, index: int) -> Path:
-    return Path(folder) / _NAME.format(index)
 
 
 def image_seed(seed: int, index: int) -> int:
     return seed * 100_003 + index
-
-
-@dataclass
-class ClassImages:
-    """What the class folder holds for a run that wants `wanted` class images, and what it still needs."""
-
-    folder: Path
-    wanted: int
-    yours: list[Path] = field(default_factory=list)
-    """Usable images you put in the folder (any name but `class-NNNNN.png`), in name order."""
-    generated: dict[int, Path] = field(default_factory=dict)
-    """Usable generated images by index."""
-    skipped: list[tuple[Path, str]] = field(default_factory=list)
-    """Files that cannot be used, with the reason (not counted)."""
-
-    @property
-    def to_generate(self) -> list[int]:
-        """Indices of the generated images still needed: the shortfall after your images."""
-        return [i for i in range(max(0, self.wanted - len(self.yours))) if i not in self.generated]
-
-    @property
-    def selected(self) -> list[Path]:
-        """The images training uses, once nothing is missing: yours first, then generated ones by index."""
-        needed = max(0, self.wanted - len(self.yours))
-        return self.yours[:self.wanted] + [self.generated[i] for i in range(needed) if i in self.generated]
-
-    def summary(self) -> str:
-        used_yours = min(len(self.yours), self.wanted)
-        used_generated = max(0, self.wanted - len(self.yours)) - len(self.to_generate)
-        lines = [f"{self.folder}: {self.wanted} class images wanted — {used_yours} of yours"
-                 + (f" (of {len(self.yours)} found)" if len(self.yours) > self.wanted else "")
-                 + f", {used_generated} generated earlier, {len(self.to_generate)} to generate."]
-        lines += [f"  Skipped {path.name}: {reason}" for path, reason in self.skipped]
-        return "\n".join(lines)
-
-
-def class_images(config, *, decode: bool = True) -> ClassImages:
-    """The class folder of `config` as training will use it. `decode=False` trusts file names and
-    extensions instead of opening every image (the disk plan's quick count)."""
-    folder = Path(config.class_data_dir)
-    found = ClassImages(folder=folder, wanted=config.num_class_images)
-    if decode:
-        report = scan_images(folder, resolution=config.resolution, min_images=0, allow_empty=True)
-        usable, found.skipped = report.usable, report.skipped
-        found.skipped += [(path, "a text file: class images all train with the class prompt (captions are read "
-                                 "in photo folders only)")
-                          for path in sorted(folder.iterdir()) if path.suffix.lower() == CAPTION_SUFFIX] \
-            if folder.is_dir() else []
-    else:
-        usable = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
-    for path in usable:
-        match = _NAME_RE.match(path.name)
-        if match:
-            found.generated[int(match.group(1))] = path
-        else:
-            found.yours.append(path)
-    return found
 
 
 BASE_RENDERS = "base-model-renders"
@@ -102,15 +40,11 @@ def reference_folder(config, subject, *, number: int = 1) -> Path:
     """Where the base model's renders of `subject`'s class prompt are: the run's own `validation/` folder
     (`validation-2/`, ... for further subjects) when an earlier version made them there (a resumed run keeps
     its numbers), else a folder shared by the runs beside it, named by what decides the images."""
-    from dreambooth_nb.training.validation import hash_seed
-
     own = Path(config.output_dir) / ("validation" if number == 1 else f"validation-{number}")
     if own.is_dir() and any(own.glob("class-*.png")):
         return own
-    from dreambooth_nb.model.single_file import resolve
-
-    model = resolve(config.pretrained_model_name_or_path)
-    model = str(Path(model).resolve()) if Path(model).exists() else model
+    base = BaseModel.of(config)
+    model = str(Path(base.path).resolve()) if Path(base.path).exists() else base.path
     key = hash_seed(model, config.revision, config.variant, config.vae_model_name_or_path, subject.class_prompt,
                     config.resolution, config.seed)
     words = re.sub(r"[^a-z0-9]+", "-", subject.class_prompt.lower()).strip("-")[:40]
@@ -120,8 +54,6 @@ def reference_folder(config, subject, *, number: int = 1) -> Path:
 def _reference_configs(config) -> list:
     """Per subject: a one-subject config whose class folder holds its reference renders, or None (no class
     prompt)."""
-    from dreambooth_nb.training.validation import REFERENCE_IMAGES
-
     found = []
     for number, subject in enumerate(config.subjects(), start=1):
         if not subject.class_prompt:
@@ -139,8 +71,6 @@ def render_reference_images(config, *, shard: tuple[int, int] = (0, 1), device: 
     share of them, `shard` as in `generate_class_images`): the prior half of the validation loss when prior
     preservation is off (`validation.py`). Deterministic like class images, and made once for every run
     beside this one (`reference_folder`)."""
-    from dreambooth_nb.training.validation import REFERENCE_IMAGES
-
     for reference in _reference_configs(config):
         if reference is not None and class_images(reference, decode=False).to_generate:
             if shard[0] == 0:

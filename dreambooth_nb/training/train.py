@@ -19,19 +19,21 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from dreambooth_nb.training import distributed
-from dreambooth_nb.planning import memory, planner
-from dreambooth_nb.model import loading, snapshots
 from dreambooth_nb import storage
 from dreambooth_nb.config import TrainConfig, changed_settings
+from dreambooth_nb.errors import ConfigError, TrainingStopped
+from dreambooth_nb.model import loading, snapshots
+from dreambooth_nb.model.base import BaseModel
 from dreambooth_nb.model.methods import method_for
+from dreambooth_nb.planning import memory, planner
+from dreambooth_nb.progress import report
+from dreambooth_nb.training import distributed
 from dreambooth_nb.training.data import TrainingData
 from dreambooth_nb.training.ema import make_ema, step_ema, trained_names
-from dreambooth_nb.progress import report
+from dreambooth_nb.training.priors import generate_class_images, reference_images, render_reference_images
 from dreambooth_nb.training.prompts import Prompts
 from dreambooth_nb.training.validation import MAX_IMAGES, Validation
-from dreambooth_nb.errors import ConfigError, TrainingStopped
-from dreambooth_nb.model.single_file import resolve
+
 
 OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
@@ -136,7 +138,7 @@ def _train(config: TrainConfig, *, on_step, on_validation, progress_bar: bool, p
     config.validate()
     out = Path(config.output_dir)
     precision = loading.resolve_precision(config.mixed_precision, loading.default_device())
-    family = loading.model_family(config)
+    base = BaseModel.of(config)  # the base model, looked up once for the whole run
     accelerator = _new_accelerator(config, precision=precision)  # (with several processes: the process group)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     if main:  # one writer: every file of the run is written by rank 0 while the others wait
@@ -151,11 +153,11 @@ def _train(config: TrainConfig, *, on_step, on_validation, progress_bar: bool, p
         return final
 
     method = method_for(config)
-    method.check(family)  # e.g. full fine-tuning of SDXL: refused before any download
+    method.check(base.family)  # e.g. full fine-tuning of SDXL: refused before any download
 
     # --- Before anything is downloaded or encoded: will what this run writes fit the disk?
     start_step = json.loads((resume_from / storage.STATE_MARKER).read_text())["step"] if resume_from else 0
-    disk = memory.disk_plan(config, sizes=memory.run_sizes(config), start_step=start_step,
+    disk = memory.disk_plan(config, sizes=memory.run_sizes(config, base=base), start_step=start_step,
                             free_bytes=storage.free_bytes(out), trash_counts=storage.deletes_go_to_trash(out))
     if not disk.fits:
         raise TrainingStopped(disk.refusal())
@@ -165,13 +167,10 @@ def _train(config: TrainConfig, *, on_step, on_validation, progress_bar: bool, p
 
     reference = []
     if config.with_prior_preservation:
-        from dreambooth_nb.training.priors import generate_class_images
-
         progress.stage = "generating the class images"
         generate_class_images(config, shard=(rank, world), device=accelerator.device)  # each rank its share
         accelerator.wait_for_everyone()
     else:  # the class as the base model draws it, for the prior validation loss: each rank renders its share
-        from dreambooth_nb.training.priors import reference_images, render_reference_images
 
         progress.stage = "rendering the validation images"
         render_reference_images(config, shard=(rank, world), device=accelerator.device)
@@ -180,7 +179,7 @@ def _train(config: TrainConfig, *, on_step, on_validation, progress_bar: bool, p
 
     progress.stage = "loading the model"
     device = accelerator.device
-    parts = loading.load_components(config, device=device, precision=precision, method=method)
+    parts = loading.load_components(config, device=device, precision=precision, method=method, base=base)
     attention = loading.set_attention(parts.unet, backend=config.attention_backend, device=device)
     loading.enable_tf32(device)
     trained = method.setup(parts)  # which parameters train: whole parts, or LoRA adapters on them
@@ -193,7 +192,7 @@ def _train(config: TrainConfig, *, on_step, on_validation, progress_bar: bool, p
     for warning in data.long_prompts(parts.tokenizers[0]):
         print(f"Warning: {warning}")
     data.encode(vae=parts.vae, config=config, device=device, dtype=loading.weight_dtype(precision, device),
-                model_key=_model_key(config))
+                model_key=_model_key(config, base=base))
     prompts = Prompts(data.texts, family=parts.family, tokenizers=parts.tokenizers)
     validation = Validation(pairs=data.validation_pairs(count=MAX_IMAGES), prompts=prompts,
                             scheduler=parts.noise_scheduler, seed=config.seed, resolution=config.resolution)
@@ -591,10 +590,9 @@ def _new_accelerator(config: TrainConfig, *, precision: str):
                        kwargs_handlers=[AutocastKwargs(cache_enabled=False), ddp, group])
 
 
-def _model_key(config: TrainConfig) -> str:
-    """Identifies the VAE that encoded a cached latent."""
-    model = resolve(config.pretrained_model_name_or_path)  # a single file: its folder, keyed by the file's content
-    where = str(Path(model).resolve()) if loading.is_local(model) else model
+def _model_key(config: TrainConfig, *, base: BaseModel) -> str:
+    """Identifies the VAE that encoded a cached latent (a single file: its converted folder, keyed by its content)."""
+    where = str(Path(base.path).resolve()) if base.local else base.path
     return f"{where}@{config.revision}/{config.variant}"
 
 

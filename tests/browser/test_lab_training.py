@@ -427,7 +427,7 @@ def _scenario(page, lab, panel: Panel, name: str, project: Path) -> None:
     # panel, not only in JupyterLab's log console, where an uncaught widget-callback error lands unseen.
     lab.evaluate(name, "1", setup="import sys\n"
                  "def _injected(*args, **kwargs): raise RuntimeError('injected by the browser test')\n"
-                 "sys.modules['dreambooth_nb.training.train'].train = _injected")
+                 "sys.modules['dreambooth_nb.notebook.ui'].train = _injected")
     panel.button.click()
     failed = panel.wait_status(lambda t: t.startswith(("Failed", "Stopped")), timeout=60, what="the failure")
     assert failed == "Failed: RuntimeError: injected by the browser test", failed

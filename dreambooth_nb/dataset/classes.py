@@ -1,0 +1,76 @@
+"""What a class folder holds for prior preservation: your images first, generated ones by index, and what is
+still missing. Training uses exactly `num_class_images`: your usable images (any name but `class-NNNNN.png`,
+in name order), then generated ones by index; `training.priors` generates only what is missing.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dreambooth_nb.dataset.images import CAPTION_SUFFIX, IMAGE_SUFFIXES, scan_images
+
+_NAME = "class-{:05d}.png"
+_NAME_RE = re.compile(r"^class-(\d{5})\.png$")
+
+
+def class_image_path(folder, index: int) -> Path:
+    return Path(folder) / _NAME.format(index)
+
+
+@dataclass
+class ClassImages:
+    """What the class folder holds for a run that wants `wanted` class images, and what it still needs."""
+
+    folder: Path
+    wanted: int
+    yours: list[Path] = field(default_factory=list)
+    """Usable images you put in the folder (any name but `class-NNNNN.png`), in name order."""
+    generated: dict[int, Path] = field(default_factory=dict)
+    """Usable generated images by index."""
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    """Files that cannot be used, with the reason (not counted)."""
+
+    @property
+    def to_generate(self) -> list[int]:
+        """Indices of the generated images still needed: the shortfall after your images."""
+        return [i for i in range(max(0, self.wanted - len(self.yours))) if i not in self.generated]
+
+    @property
+    def selected(self) -> list[Path]:
+        """The images training uses, once nothing is missing: yours first, then generated ones by index."""
+        needed = max(0, self.wanted - len(self.yours))
+        return self.yours[:self.wanted] + [self.generated[i] for i in range(needed) if i in self.generated]
+
+    def summary(self) -> str:
+        used_yours = min(len(self.yours), self.wanted)
+        used_generated = max(0, self.wanted - len(self.yours)) - len(self.to_generate)
+        lines = [f"{self.folder}: {self.wanted} class images wanted — {used_yours} of yours"
+                 + (f" (of {len(self.yours)} found)" if len(self.yours) > self.wanted else "")
+                 + f", {used_generated} generated earlier, {len(self.to_generate)} to generate."]
+        lines += [f"  Skipped {path.name}: {reason}" for path, reason in self.skipped]
+        return "\n".join(lines)
+
+
+def class_images(config, *, decode: bool = True) -> ClassImages:
+    """The class folder of `config` as training will use it. `decode=False` trusts file names and
+    extensions instead of opening every image (the disk plan's quick count)."""
+    folder = Path(config.class_data_dir)
+    found = ClassImages(folder=folder, wanted=config.num_class_images)
+    if decode:
+        report = scan_images(folder, resolution=config.resolution, min_images=0, allow_empty=True)
+        usable, found.skipped = report.usable, report.skipped
+        found.skipped += [(path, "a text file: class images all train with the class prompt (captions are read "
+                                 "in photo folders only)")
+                          for path in sorted(folder.iterdir()) if path.suffix.lower() == CAPTION_SUFFIX] \
+            if folder.is_dir() else []
+    else:
+        usable = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    for path in usable:
+        match = _NAME_RE.match(path.name)
+        if match:
+            found.generated[int(match.group(1))] = path
+        else:
+            found.yours.append(path)
+    return found
