@@ -8,7 +8,6 @@ from PIL import Image
 
 from dreambooth_nb import generate_class_images
 from dreambooth_nb.dataset import classes
-from dreambooth_nb.training import priors
 from dreambooth_nb.model import snapshots
 from dreambooth_nb.errors import DataError
 

@@ -1,11 +1,10 @@
 """Model families: what differs between Stable Diffusion 1.x/2.x and SDXL — the one place that knows.
 
-Detected once from the base model's `model_index.json`. A family says which text encoders and tokenizers
-the model has, how a prompt becomes the UNet's conditioning (one CLIP encoder; or two, their penultimate
-hidden states side by side, plus the second one's pooled projection), what extra conditioning the UNet
-takes (SDXL's `add_time_ids`: the image's original size, the crop's top-left corner and the target size —
-the crop the data stream actually chose), and how its pipeline is built. The training loop asks it and
-does not branch on the model.
+Detected once from the base model's `model_index.json` (`BaseModel.family`). A family says which text encoders
+and tokenizers the model has, how a prompt becomes the UNet's conditioning, what extra conditioning the UNet
+takes, how its pipeline is built, which VAE runs in fp16, what it can be trained and exported as. Everything
+else asks it and does not branch on the model: a new family is a new `Family` (a subclass where it behaves
+differently) in this file and an entry in `FAMILIES`.
 """
 
 from __future__ import annotations
@@ -19,6 +18,9 @@ from dreambooth_nb.errors import ConfigError
 
 @dataclass(frozen=True)
 class Family:
+    """A model family's facts. This class is Stable Diffusion 1.x / 2.x: one CLIP text encoder, its last hidden
+    state, no extra conditioning; a family that differs overrides what differs (`SDXLFamily`)."""
+
     name: str
     pipeline_class: str
     text_encoders: tuple[str, ...]
@@ -26,6 +28,8 @@ class Family:
     tokenizers: tuple[str, ...]
     native_resolution: int
     """The size the family's base models were trained at (SD 1.5: 512, SDXL: 1024)."""
+    preset: str | None = None
+    """The preset every run of this family starts from (`config.PRESETS`): SDXL's, a LoRA at 1024 px."""
     half_precision_vae: str | None = None
     """A VAE to use instead of the base model's wherever the VAE runs in fp16 (None: its own is fine). SDXL's own
     VAE overflows to NaN in fp16; madebyollin/sdxl-vae-fp16-fix does not (what diffusers' SDXL examples and Hugging
@@ -36,26 +40,45 @@ class Family:
     comes from its last layer). Data-parallel training must let DDP look for unused parameters in these each
     step (`find_unused_parameters`, diffusers #5012), or it stops with "Expected to have finished reduction in
     the prior iteration"."""
-
-    @property
-    def is_sdxl(self) -> bool:
-        return self.name == "sdxl"
+    full_fine_tuning: str | None = None
+    """Why full fine-tuning of this family is refused (on a 16 GB GPU), or None: it is not."""
+    single_file_export: bool = True
+    """Whether `results.export` writes this family as one original-layout checkpoint (`model.layout`)."""
+    kohya_base_version: str = "sd_v1"
+    """`ss_base_model_version` of a LoRA file in kohya's layout (how AUTOMATIC1111 and ComfyUI tell the family)."""
 
     def pipeline_kwargs(self) -> dict:
-        """Keyword arguments for `from_pretrained` that only this family's pipeline takes."""
-        if self.is_sdxl:
-            return {}
-        # SD's pipelines would otherwise load a safety checker and a CLIP image processor nobody uses here.
+        """Keyword arguments for `from_pretrained` that only this family's pipeline takes: SD's would otherwise load
+        a safety checker and a CLIP image processor nobody uses here."""
         return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
     def encode(self, encoders: list, token_ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(hidden states for cross-attention, pooled embedding or None) for a batch of token ids per tokenizer.
+        """(hidden states for cross-attention, pooled embedding or None) for a batch of token ids per tokenizer:
+        the text encoder's last hidden state."""
+        return encoders[0](token_ids[0])[0], None
 
-        SD: the text encoder's last hidden state. SDXL, as diffusers' train_dreambooth_lora_sdxl.py: each
-        encoder's penultimate hidden state, concatenated, and the second encoder's projected pooled output.
-        """
-        if not self.is_sdxl:
-            return encoders[0](token_ids[0])[0], None
+    def added_conditioning(self, pooled: torch.Tensor | None, *, original_sizes: list, crops: list, resolution: int,
+                           device) -> dict | None:
+        """The UNet's `added_cond_kwargs` for a batch (each image's original (h, w) and crop's top-left corner), or
+        None: SD takes none."""
+        return None
+
+    def kohya_keys(self, kohya: dict) -> dict:
+        """A LoRA in kohya's layout as this family's files name it: diffusers' converter writes `lora_te1_` (SDXL has
+        two text encoders); SD 1.x/2.x files say `lora_te_`."""
+        return {k.replace("lora_te1_", "lora_te_", 1): v for k, v in kohya.items()}
+
+
+@dataclass(frozen=True)
+class SDXLFamily(Family):
+    """SDXL: two text encoders (their penultimate hidden states side by side, the second's pooled projection) and
+    `add_time_ids`: the image's original size, the crop's top-left corner and the target size — the crop the data
+    stream actually chose — as diffusers' train_dreambooth_lora_sdxl.py gives them."""
+
+    def pipeline_kwargs(self) -> dict:
+        return {}
+
+    def encode(self, encoders: list, token_ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         hidden, pooled = [], None
         for encoder, ids in zip(encoders, token_ids):
             out = encoder(ids, output_hidden_states=True)
@@ -63,20 +86,32 @@ class Family:
             hidden.append(out.hidden_states[-2])
         return torch.cat(hidden, dim=-1), pooled
 
-    def added_conditioning(self, pooled: torch.Tensor | None, time_ids: torch.Tensor | None) -> dict | None:
-        """The UNet's `added_cond_kwargs` (SDXL), or None."""
-        if not self.is_sdxl:
-            return None
-        return {"text_embeds": pooled, "time_ids": time_ids}
+    def added_conditioning(self, pooled: torch.Tensor | None, *, original_sizes: list, crops: list, resolution: int,
+                           device) -> dict | None:
+        ids = torch.tensor([[*size, *crop, resolution, resolution] for size, crop in zip(original_sizes, crops)],
+                           dtype=torch.float32, device=device)
+        return {"text_embeds": pooled, "time_ids": ids}
+
+    def kohya_keys(self, kohya: dict) -> dict:
+        return kohya
 
 
 SD = Family(name="sd", pipeline_class="StableDiffusionPipeline", text_encoders=("text_encoder",),
             tokenizers=("tokenizer",), native_resolution=512)
-SDXL = Family(name="sdxl", pipeline_class="StableDiffusionXLPipeline",
-              text_encoders=("text_encoder", "text_encoder_2"), tokenizers=("tokenizer", "tokenizer_2"),
-              native_resolution=1024, half_precision_vae="madebyollin/sdxl-vae-fp16-fix",
-              encoders_with_unused_parts=("text_encoder",))
+SDXL = SDXLFamily(
+    name="sdxl", pipeline_class="StableDiffusionXLPipeline", text_encoders=("text_encoder", "text_encoder_2"),
+    tokenizers=("tokenizer", "tokenizer_2"), native_resolution=1024, preset="sdxl",
+    half_precision_vae="madebyollin/sdxl-vae-fp16-fix", encoders_with_unused_parts=("text_encoder",),
+    full_fine_tuning="method: full fine-tuning of SDXL does not fit a 16 GB GPU (its UNet alone is 2.6 B parameters: "
+                     "10.3 GB as fp32 masters, as much again for gradients); use method='lora' (the 'sdxl' preset).",
+    single_file_export=False, kohya_base_version="sdxl_base_v1-0")
 FAMILIES = {"StableDiffusionPipeline": SD, "StableDiffusionXLPipeline": SDXL}
+"""Each family by the pipeline class its `model_index.json` names."""
+
+
+def family_named(name: str) -> Family:
+    """The family called `name` (`Family.name`: \"sd\", \"sdxl\")."""
+    return next(family for family in FAMILIES.values() if family.name == name)
 
 
 def family_of(model_index: dict, *, source: str = "the model") -> Family:
@@ -86,8 +121,3 @@ def family_of(model_index: dict, *, source: str = "the model") -> Family:
         raise ConfigError(f"pretrained_model_name_or_path: {source} is a {name or 'pipeline of unknown type'}; "
                           f"this suite trains {', '.join(FAMILIES)} models (SD 1.x, 2.x and SDXL).")
     return FAMILIES[name]
-
-
-def time_ids(*, original_size: tuple[int, int], crop_top_left: tuple[int, int], target_size: tuple[int, int]):
-    """SDXL's micro-conditioning for one image: (original h, w, crop top, crop left, target h, w)."""
-    return torch.tensor([*original_size, *crop_top_left, *target_size], dtype=torch.float32)

@@ -35,10 +35,8 @@ class FullFineTuning:
 
     def check(self, family) -> None:
         """Refuse what this method cannot do with the model's family, before anything downloads."""
-        if family.is_sdxl:
-            raise ConfigError("method: full fine-tuning of SDXL does not fit a 16 GB GPU (its UNet alone is "
-                              "2.6 B parameters: 10.3 GB as fp32 masters, as much again for gradients); use "
-                              "method='lora' (the 'sdxl' preset).")
+        if family.full_fine_tuning:
+            raise ConfigError(family.full_fine_tuning)
 
     def load_dtype(self, part: str, *, frozen: torch.dtype) -> torch.dtype:
         """The dtype a part is loaded in: trained parts are fp32 masters, frozen ones half precision on a GPU."""

@@ -115,7 +115,7 @@ def inspect(file: Path) -> Kind:
     """The `Kind` of single file `file`, from its header (and, for SD 2.x without metadata, one tensor); a file
     that is not a complete SD 1.x / 2.x checkpoint fails here with the reason."""
     shapes, dtype, metadata = read_header(file)
-    family = family_of(file, shapes)
+    family = layout_family(file, shapes)
     return Kind(shapes=shapes, dtype=dtype, family=family, base=KNOWN_BASES[family],
                 prediction=prediction_type(file, family, metadata))
 
@@ -158,7 +158,7 @@ def read_header(file: Path) -> tuple[dict[str, tuple[int, ...]], torch.dtype, di
 SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 
 
-def family_of(file: Path, shapes: dict) -> str:
+def layout_family(file: Path, shapes: dict) -> str:
     found = [family for key, family in FAMILY_KEYS.items() if key in shapes]
     where = f"pretrained_model_name_or_path: {file.name}"
     if "sdxl" in found:

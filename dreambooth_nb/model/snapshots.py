@@ -107,12 +107,11 @@ def save_lora(path: Path, *, step: int, config, parts, adapters: dict[str, dict]
         getattr(diffusers, family.pipeline_class).save_lora_weights(
             tmp, weight_name=LORA_WEIGHTS, **{f"{name}_lora_layers": layer for name, layer in peft.items()})
         kohya = convert_state_dict_to_kohya({f"{name}.{k}": v for name, layer in peft.items() for k, v in layer.items()})
-        if not family.is_sdxl:  # diffusers says `lora_te1_` (SDXL has two encoders); SD 1.x/2.x files say `lora_te_`
-            kohya = {k.replace("lora_te1_", "lora_te_", 1): v for k, v in kohya.items()}
+        kohya = family.kohya_keys(kohya)
         save_file({k: v.contiguous() for k, v in kohya.items()}, tmp / KOHYA_WEIGHTS,
                   metadata={"ss_network_dim": str(config.lora_rank), "ss_network_alpha": str(config.lora_rank),
                             "ss_network_module": "networks.lora",
-                            "ss_base_model_version": "sdxl_base_v1-0" if family.is_sdxl else "sd_v1"})
+                            "ss_base_model_version": family.kohya_base_version})
         storage.write_json(tmp / storage.SNAPSHOT_MARKER, {
             "format": FORMAT, "step": step, "complete": False, "trained": sorted(adapters), "method": "lora",
             "lora": {"rank": config.lora_rank, "alpha": alpha, "scale_folded_into_up_weights": scale,

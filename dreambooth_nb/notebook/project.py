@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dreambooth_nb import storage
-from dreambooth_nb.config import Concept, TrainConfig, changed_settings, default_snapshot_steps, lr_label, preset
+from dreambooth_nb.config import PRESETS, Concept, TrainConfig, changed_settings, default_snapshot_steps, lr_label, preset
 from dreambooth_nb.errors import ConfigError, DataError
 from dreambooth_nb.model.base import BaseModel
 from dreambooth_nb.notebook import platform as _platform
@@ -183,11 +183,12 @@ def setup_config(project: Project, *, kind: str = "object", method: str = "full"
             instance_data_dir=values.pop("instance_data_dir"), instance_prompt=values.pop("instance_prompt"),
             class_data_dir=values.pop("class_data_dir"), class_prompt=values.pop("class_prompt")))
     values.update(overrides)
-    sdxl = BaseModel(str(model)).family.is_sdxl
-    family = ("sdxl",) if sdxl else (("lora",) if method == "lora" else ())
-    if sdxl and not str(model).startswith("stabilityai/stable-diffusion-xl-base-1.0"):
-        values.setdefault("variant", None)  # the preset's fp16 variant is SDXL base's; other models may lack it
-    names = (kind, *family, "16gb")
+    # The family's own preset where it has one (SDXL: a LoRA at 1024 px, whatever `method` says), else the method's.
+    family_preset = BaseModel(str(model)).family.preset
+    extra = (family_preset,) if family_preset else ((method,) if method in PRESETS else ())
+    if family_preset and PRESETS[family_preset].get("pretrained_model_name_or_path") != str(model):
+        values.setdefault("variant", None)  # a preset's weight variant is its own model's; others may lack it
+    names = (kind, *extra, "16gb")
     config = preset(*names, **values, fit_to_gpu=bool(fit_to_gpu))
     if "snapshot_steps" not in values:  # (saved as notebook 3's panel will start: one at halfway, one at the end)
         config = config.replace(snapshot_steps=default_snapshot_steps(config.max_train_steps))

@@ -47,6 +47,7 @@ from dreambooth_nb.planning import memory
 from dreambooth_nb import storage
 from dreambooth_nb.errors import ConfigError
 from dreambooth_nb.model.base import BaseModel, empty_modules, text_encoder_from_config
+from dreambooth_nb.model.families import family_named
 
 GIB = 2**30
 
@@ -134,6 +135,8 @@ class ModelConfigs:
 
     source: str
     text: str
+    family: str
+    """`Family.name` of the model (its text encoders, how it encodes a prompt and conditions the UNet)."""
 
     @property
     def components(self) -> dict[str, dict]:
@@ -146,8 +149,9 @@ class ModelConfigs:
 
 def read_model_configs(model: str, *, revision: str | None = None) -> ModelConfigs:
     """The component configs of base model `model` (no weights; see `BaseModel.component_configs`)."""
-    return ModelConfigs(source=model, text=json.dumps(BaseModel(model, revision=revision).component_configs,
-                                                      sort_keys=True))
+    base = BaseModel(model, revision=revision)
+    return ModelConfigs(source=model, text=json.dumps(base.component_configs, sort_keys=True),
+                        family=base.family.name)
 
 
 # --- What a config asks for -------------------------------------------------------------------------------
@@ -394,7 +398,8 @@ def trace_step(key: TraceKey) -> StepTrace:
             if p.grad is not None:
                 tracker.mark_grad(p.grad)
         with tracker:
-            loss = _micro_step(modules, inputs, autocast_dtype=low if key.half else None, cache=key.autocast_cache)
+            loss = _micro_step(modules, inputs, family=family_named(key.configs.family), resolution=key.resolution,
+                               autocast_dtype=low if key.half else None, cache=key.autocast_cache)
             forward = dict(tracker.at_peak)
             loss.backward()
         return StepTrace(forward=forward, peak=tracker.at_peak, trained_numels=tuple(p.numel() for p in trained))
@@ -444,34 +449,28 @@ def _step_inputs(components: dict, *, key: TraceKey) -> dict:
     inputs = {"latents": torch.randn(b, unet.get("in_channels", 4), side, side),
               "timesteps": torch.randint(0, 1000, (b,)), "token_ids": torch.zeros(b, tokens, dtype=torch.long),
               "hidden": torch.randn(b, tokens, unet["cross_attention_dim"])}
-    if unet.get("addition_embed_type") == "text_time":  # SDXL: pooled text embedding and size/crop ids
+    if unet.get("addition_embed_type") == "text_time":  # a UNet that takes a pooled text embedding too
         pooled = unet["projection_class_embeddings_input_dim"] - 6 * unet["addition_time_embed_dim"]
-        inputs["added"] = {"text_embeds": torch.randn(b, pooled), "time_ids": torch.randn(b, 6)}
+        inputs["pooled"] = torch.randn(b, pooled)
     return inputs
 
 
-def _micro_step(modules: dict, inputs: dict, *, autocast_dtype, cache: bool):
-    """The forward and loss of `train.compute_loss`, under the autocast accelerate applies."""
+def _micro_step(modules: dict, inputs: dict, *, family, resolution: int, autocast_dtype, cache: bool):
+    """The forward and loss of `train.compute_loss`, under the autocast accelerate applies: the family encodes
+    the prompts (when its encoders are traced) and conditions the UNet, as in training."""
     context = torch.autocast("cpu", dtype=autocast_dtype, cache_enabled=cache) if autocast_dtype \
         else contextlib.nullcontext()
     with context:
-        hidden, added = inputs["hidden"], inputs.get("added")
+        hidden, pooled = inputs["hidden"], inputs.get("pooled")
         if "text_encoder" in modules:
-            hidden, added = _encode(modules, inputs)
+            encoders = [modules[name] for name in family.text_encoders]
+            hidden, pooled = family.encode(encoders, [inputs["token_ids"]] * len(encoders))
+        size = len(inputs["latents"])
+        added = family.added_conditioning(pooled, original_sizes=[(resolution, resolution)] * size,
+                                          crops=[(0, 0)] * size, resolution=resolution, device="cpu")
         prediction = modules["unet"](inputs["latents"], inputs["timesteps"], hidden,
                                      added_cond_kwargs=added).sample
     return torch.nn.functional.mse_loss(prediction.float(), inputs["latents"].float())
-
-
-def _encode(modules: dict, inputs: dict):
-    ids = inputs["token_ids"]
-    if "text_encoder_2" not in modules:
-        return modules["text_encoder"](ids)[0], None
-    # SDXL: penultimate hidden states of both encoders side by side; the pooled projection of the second.
-    first = modules["text_encoder"](ids, output_hidden_states=True)
-    second = modules["text_encoder_2"](ids, output_hidden_states=True)
-    hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
-    return hidden, {"text_embeds": second[0], "time_ids": inputs["added"]["time_ids"]}
 
 
 @functools.lru_cache(maxsize=16)

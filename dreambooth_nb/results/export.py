@@ -202,7 +202,7 @@ def _export_lora(snapshot: Path, meta: dict, path: Path, *, half: bool, merged: 
     if merged:
         # Asked before anything loads: merging an SDXL LoRA would load the whole SDXL pipeline in fp32 on the CPU
         # (≈13.9 GB, more than a Colab VM has) only to find that its single-file layout is not written here.
-        if BaseModel(meta["base"], revision=meta.get("revision")).family.is_sdxl:
+        if not BaseModel(meta["base"], revision=meta.get("revision")).family.single_file_export:
             raise ExportError("merged: an SDXL LoRA cannot be merged into a single checkpoint here yet (single-file "
                               "export covers SD 1.x and 2.x). Export the LoRA itself (merged=False: a few MB, kohya's "
                               "layout) and load it on top of SDXL in ComfyUI or AUTOMATIC1111.")

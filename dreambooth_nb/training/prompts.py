@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from dreambooth_nb.model.families import Family, time_ids
+from dreambooth_nb.model.families import Family
 
 
 def tokenize(prompts: list[str], *, tokenizer) -> torch.Tensor:
@@ -46,10 +46,6 @@ class Prompts:
             hidden, pooled = self.family.encode(encoders, [ids.to(device)[rows] for ids in self.token_ids])
         else:
             hidden, pooled = self._encoded[0][rows], None if self._encoded[1] is None else self._encoded[1][rows]
-        conditions = None
-        if self.family.is_sdxl:
-            conditions = torch.stack([time_ids(original_size=tuple(size), crop_top_left=tuple(crop),
-                                               target_size=(resolution, resolution))
-                                      for size, crop in zip(batch["original_size"].tolist(), batch["crop"].tolist())])
-            conditions = conditions.to(device)
-        return hidden, self.family.added_conditioning(pooled, conditions)
+        return hidden, self.family.added_conditioning(pooled, original_sizes=batch["original_size"].tolist(),
+                                                      crops=batch["crop"].tolist(), resolution=resolution,
+                                                      device=device)
