@@ -23,7 +23,13 @@ SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 ATTENTION = ("sdpa", "xformers")
-METHODS = ("full", "lora")
+METHOD_LEARNING_RATES = {
+    "full": (1e-3, "Dreambooth works best at 1e-6 to 5e-6."),
+    # LoRA's adapters start at zero and train at ≈100× full fine-tuning's rate.
+    "lora": (1e-2, "LoRA works best near 1e-4."),
+}
+"""The methods a config may name (`model.methods.METHODS` trains each), the highest learning rate each accepts
+and where it works best."""
 RESUMABLE = {"resumable": True}
 """Field metadata: the setting may change between a run and its resumption without changing what is
 trained (where things are saved, how often, how many steps in all, and the memory savers, which the
@@ -209,10 +215,11 @@ class TrainConfig:
         if not self.pretrained_model_name_or_path:
             fail("pretrained_model_name_or_path", "is empty; give a Hub id such as "
                  f"'{SD15}' or a local folder in diffusers layout.")
-        top = 1e-2 if self.method == "lora" else 1e-3  # adapters start at zero and train at ≈100× the rate
+        if self.method not in METHOD_LEARNING_RATES:
+            fail("method", f"{self.method!r} is unknown; choose 'full' (the study's fine-tuning) or 'lora'.")
+        top, best = METHOD_LEARNING_RATES[self.method]
         if not 0 < self.learning_rate <= top:
-            fail("learning_rate", f"{self.learning_rate!r} is out of range; use a value in (0, {top:g}]. "
-                 + ("LoRA works best near 1e-4." if self.method == "lora" else "Dreambooth works best at 1e-6 to 5e-6."))
+            fail("learning_rate", f"{self.learning_rate!r} is out of range; use a value in (0, {top:g}]. {best}")
         te_lr = self.text_encoder_learning_rate
         if te_lr is not None and not 0 < te_lr <= 1e-3:
             fail("text_encoder_learning_rate", f"{te_lr!r} is out of range; use a value in (0, 1e-3] or None.")
@@ -228,8 +235,6 @@ class TrainConfig:
             fail("lr_scheduler", f"{self.lr_scheduler!r} is unknown; choose one of {', '.join(LR_SCHEDULERS)}.")
         if self.mixed_precision not in MIXED_PRECISION:
             fail("mixed_precision", f"{self.mixed_precision!r} is unknown; choose 'no', 'fp16' or 'bf16'.")
-        if self.method not in METHODS:
-            fail("method", f"{self.method!r} is unknown; choose 'full' (the study's fine-tuning) or 'lora'.")
         if self.lora_rank <= 0:
             fail("lora_rank", f"must be a positive whole number (4 to 32 is usual), got {self.lora_rank!r}.")
         if self.lora_alpha is not None and self.lora_alpha <= 0:

@@ -203,7 +203,7 @@ def test_the_memory_savers_come_in_the_documented_order():
     config = TrainConfig(train_batch_size=2, train_text_encoder=True, use_ema=True)
     order = []
     while (saver := next_memory_saver(config)) is not None:
-        order.append(saver.split("=")[0].split(" ")[0])
+        order.append(next(iter(saver.changes)))
         name = order[-1]
         config = config.replace(**({"train_batch_size": 1} if name == "train_batch_size" else
                                    {"method": "lora", "learning_rate": 1e-4} if name == "method" else

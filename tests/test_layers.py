@@ -105,3 +105,11 @@ def test_no_import_cycles():
     for module in sorted(graph):
         if module not in state:
             visit(module)
+
+
+def test_a_config_names_exactly_the_methods_that_train():
+    """config validates the method names (and their learning-rate ranges) that `model.methods` implements."""
+    from dreambooth_nb.config import METHOD_LEARNING_RATES
+    from dreambooth_nb.model.methods import METHODS
+
+    assert set(METHOD_LEARNING_RATES) == set(METHODS)

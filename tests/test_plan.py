@@ -19,7 +19,7 @@ from dreambooth_nb.planning import memory
 from dreambooth_nb.errors import ConfigError
 from dreambooth_nb.model import KNOWN_MODELS
 from dreambooth_nb.planning.planner import (GIB, MemoryPlan, component_sizes, optimizer_state_bytes, plan,
-                                read_model_configs, saver_changes)
+                                read_model_configs)
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SD21 = "stabilityai/stable-diffusion-2-1"
@@ -183,13 +183,13 @@ def test_disk_is_the_disk_plan():
     assert plan(config, gpu="T4").disk_bytes == expected
 
 
-def test_saver_changes_parse_every_rung():
+def test_every_rung_of_the_ladder_names_its_settings():
     config = sd15(gradient_checkpointing=False, use_8bit_adam=False, cache_latents=False, use_ema=True,
                   train_batch_size=2, train_text_encoder=True)
     while (saver := memory.next_memory_saver(config)) is not None:
-        changes = saver_changes(saver)
-        assert changes, saver
-        config = replace(config, **changes)
+        assert saver.changes and str(saver).startswith(next(iter(saver.changes))), saver
+        config = replace(config, **saver.changes)
+    assert config.method == "lora" and config.learning_rate == 1e-4  # the last rung: a LoRA at its preset's rate
     assert config.train_batch_size == 1 and config.gradient_accumulation_steps == 2
 
 

@@ -29,9 +29,45 @@ class FullFineTuning:
     """Every UNet weight trains (and the text encoder's with `train_text_encoder`), as fp32 masters."""
 
     name = "full"
+    title = "full fine-tuning"
+    trains = "UNet"
+    """What trains, in a memory plan's one-line summary."""
+    lighter: str | None = "lora"
+    """The method to switch to when every memory saver is on and it still does not fit (the last saver)."""
 
     def __init__(self, config):
         self.config = config
+
+    @property
+    def label(self) -> str:
+        """What trains, for summaries and plans."""
+        return self.title
+
+    @property
+    def run_suffix(self) -> str:
+        """What the run folder's name adds for this method (`project.run_name`): nothing for the study's method."""
+        return ""
+
+    def snapshot_bytes(self, *, trained: int, total: int, complete: bool, weight_bytes: int) -> int:
+        """Bytes of a snapshot: the trained parts, or (`complete`: the final one) the whole pipeline."""
+        return (total if complete else trained) * weight_bytes
+
+    def snapshot_contents(self, *, complete: bool) -> str:
+        return "complete pipeline" if complete else "trained weights"
+
+    @property
+    def final_snapshot_complete(self) -> bool:
+        """Whether the last snapshot is a complete pipeline (`from_pretrained(it)`), or like every other one."""
+        return True
+
+    @staticmethod
+    def trace_adapters(modules: dict, *, options: tuple, frozen_dtype) -> None:
+        """What the planner's trace adds to the fake modules it builds (`planning.planner`): nothing here, every
+        weight of the trained parts trains."""
+
+    def trace_options(self) -> tuple:
+        """The settings that shape `trace_adapters` (part of the trace's cache key)."""
+        return ()
 
     def check(self, family) -> None:
         """Refuse what this method cannot do with the model's family, before anything downloads."""
@@ -64,6 +100,40 @@ class LoRA(FullFineTuning):
     `train_text_encoder`); the base model stays frozen. States and snapshots hold the adapters only."""
 
     name = "lora"
+    title = "LoRA"
+    trains = "LoRA on the UNet"
+    lighter = None
+
+    @property
+    def label(self) -> str:
+        return f"LoRA, rank {self.config.lora_rank} on {', '.join(self.config.lora_target_modules)}"
+
+    @property
+    def run_suffix(self) -> str:
+        return "-lora"
+
+    def snapshot_bytes(self, *, trained: int, total: int, complete: bool, weight_bytes: int) -> int:
+        """Every snapshot holds the adapters, twice: diffusers' format and kohya's."""
+        return 2 * trained * weight_bytes
+
+    def snapshot_contents(self, *, complete: bool) -> str:
+        return "LoRA adapters"
+
+    @property
+    def final_snapshot_complete(self) -> bool:
+        return False
+
+    @staticmethod
+    def trace_adapters(modules: dict, *, options: tuple, frozen_dtype) -> None:
+        """The base frozen in 16-bit (fp32 on CPU) and an adapter of the memory shape of PEFT's on each target."""
+        rank, dropout, targets = options
+        for name, module in modules.items():
+            freeze_as(module, frozen_dtype)
+            _add_trace_lora(module, targets=targets if name == "unet" else tuple(LORA_TEXT_ENCODER_TARGETS),
+                            rank=rank, dropout=dropout)
+
+    def trace_options(self) -> tuple:
+        return (self.config.lora_rank, self.config.lora_dropout, tuple(self.config.lora_target_modules))
 
     def check(self, family) -> None:
         """LoRA trains every family."""
@@ -110,10 +180,42 @@ class LoRA(FullFineTuning):
 
 
 METHODS = {"full": FullFineTuning, "lora": LoRA}
+"""Each method by its `TrainConfig.method` name. A new method is a class here and an entry in this table."""
 
 
 def method_for(config):
     return METHODS[config.method](config)
+
+
+# --- The planner's stand-in for LoRA layers ----------------------------------------------------------------------
+class _TraceLoraLinear(torch.nn.Module):
+    """A frozen Linear plus a trained low-rank update: the memory shape of PEFT's LoRA layer, for a trace."""
+
+    def __init__(self, base: torch.nn.Linear, *, rank: int, dropout: float):
+        super().__init__()
+        self.base = base
+        self.dropout = torch.nn.Dropout(dropout) if dropout else torch.nn.Identity()
+        self.down = torch.nn.Linear(base.in_features, rank, bias=False, dtype=torch.float32)
+        self.up = torch.nn.Linear(rank, base.out_features, bias=False, dtype=torch.float32)
+
+    def forward(self, x):
+        return self.base(x) + self.up(self.down(self.dropout(x)))
+
+
+def _add_trace_lora(module: torch.nn.Module, *, targets: tuple[str, ...], rank: int, dropout: float) -> None:
+    names = [name for name, child in module.named_modules()
+             if isinstance(child, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, child, _TraceLoraLinear(getattr(parent, child), rank=rank, dropout=dropout))
+
+
+def freeze_as(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Frozen weights in `dtype`, replaced one by one (`Module.to` cannot swap fake parameters in place)."""
+    for child in module.modules():
+        for name, param in list(child.named_parameters(recurse=False)):
+            child._parameters[name] = torch.nn.Parameter(param.detach().to(dtype), requires_grad=False)
 
 
 def _trained_parts(parts, config) -> dict[str, torch.nn.Module]:

@@ -138,6 +138,11 @@ def _native_resolution(parts) -> int:
 
 
 # --- Reading -------------------------------------------------------------------------------------------
+def holds_adapters(meta: dict) -> bool:
+    """Whether a snapshot (its `snapshot.json`, `info`) holds adapters (LoRA's files) rather than weights."""
+    return meta.get("method") == "lora"
+
+
 def info(path) -> dict:
     """What `snapshot.json` says; a complete pipeline folder without one (older runs, base models) too."""
     path = Path(path)
@@ -186,7 +191,7 @@ def load_pipeline(path, *, device: torch.device, dtype: torch.dtype | None = Non
     # What loads: the pipeline itself when complete, else its base model (a single file: its converted folder).
     model = BaseModel(path_text if meta["complete"] else meta["base"], revision=meta.get("revision"))
     source, overrides = model.path, {}
-    lora = meta.get("method") == "lora"
+    lora = holds_adapters(meta)
     try:
         index, family = model.index, model.family
         if not meta["complete"] and not lora:

@@ -25,6 +25,7 @@ from dreambooth_nb import storage
 from dreambooth_nb.config import PRESETS, Concept, TrainConfig, changed_settings, default_snapshot_steps, lr_label, preset
 from dreambooth_nb.errors import ConfigError, DataError
 from dreambooth_nb.model.base import BaseModel
+from dreambooth_nb.model.methods import METHODS, method_for
 from dreambooth_nb.notebook import platform as _platform
 from dreambooth_nb.planning.fitting import fit_report
 
@@ -160,7 +161,7 @@ def setup_config(project: Project, *, kind: str = "object", method: str = "full"
     """
     if kind not in ("object", "face"):
         raise ConfigError(f"PRESET: {kind!r} is unknown; choose 'object' or 'face'.")
-    if method not in ("full", "lora"):
+    if method not in METHODS:
         raise ConfigError(f"METHOD: {method!r} is unknown; choose 'full' or 'lora'.")
     if prior_preservation not in ("preset", "on", "off"):
         raise ConfigError(f"PRIOR_PRESERVATION: {prior_preservation!r} is unknown; choose 'preset', 'on' or 'off'.")
@@ -227,8 +228,7 @@ def native_resolution(model: str) -> int:
 
 def run_name(config: TrainConfig) -> str:
     name = f"lr{lr_label(config.learning_rate)}"
-    if config.method != "full":
-        name += f"-{config.method}"
+    name += method_for(config).run_suffix
     if config.train_text_encoder:
         name += "-te"
     if config.with_prior_preservation:

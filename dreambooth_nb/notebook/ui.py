@@ -20,6 +20,7 @@ from pathlib import Path
 
 from dreambooth_nb.config import MIXED_PRECISION, PRESETS, TrainConfig, default_snapshot_steps
 from dreambooth_nb.environment import COLAB, detect_platform, is_headless
+from dreambooth_nb.model.methods import METHODS, method_for
 from dreambooth_nb.errors import ActionStopped, ConfigError, DreamboothError, TrainingStopped
 from dreambooth_nb.planning.fitting import fit_report, previous_run
 from dreambooth_nb.planning.memory import out_of_memory_record
@@ -217,8 +218,7 @@ def config_summary(config: TrainConfig) -> str:
         f"Model:              {config.pretrained_model_name_or_path}",
         *who,
         f"Prior preservation: {prior}",
-        "Method:             " + ("full fine-tuning" if config.method == "full" else
-                                  f"LoRA, rank {config.lora_rank} on {', '.join(config.lora_target_modules)}"),
+        f"Method:             {method_for(config).label}",
         f"Learning rate:      {config.learning_rate:.1e}",
         f"Steps:              {config.max_train_steps} (snapshots at {config.snapshot_steps or 'the end only'})",
         f"Batch:              {config.train_batch_size} x {config.gradient_accumulation_steps} accumulated = {batch}",
@@ -640,7 +640,7 @@ class TrainingPanel:
         layout = widgets.Layout(width="520px")
         steps_max = max(3000, v["max_train_steps"])
         self.fields = {
-            "method": widgets.Dropdown(options=[("full fine-tuning (the study)", "full"), ("LoRA", "lora")],
+            "method": widgets.Dropdown(options=[(cls.title, name) for name, cls in METHODS.items()],
                                        value=v["method"], description="Method"),
             "learning_rate": _lr_slider(v["learning_rate"], widgets),
             "max_train_steps": widgets.IntSlider(value=v["max_train_steps"], min=min(10, v["max_train_steps"]),
@@ -914,15 +914,13 @@ class TrainingPanel:
 def method_learning_rate(method: str, *, base: TrainConfig) -> tuple[float, str]:
     """The learning rate a switch to `method` sets, and where it comes from: back to notebook 1's rate when it
     was set for that method, else the preset's (LoRA's; full fine-tuning: the object preset's, faces lower)."""
+    title = METHODS[method].title
     if base.method == method:
-        return base.learning_rate, f"back to the rate notebook 1 set for {_METHOD_NAMES[method]}"
-    if method == "lora":
-        return PRESETS["lora"]["learning_rate"], "the LoRA preset's rate (diffusers' Dreambooth LoRA example)"
+        return base.learning_rate, f"back to the rate notebook 1 set for {title}"
+    if method in PRESETS:  # a method with a preset of its own (LoRA: diffusers' Dreambooth LoRA example's rate)
+        return PRESETS[method]["learning_rate"], f"the {title} preset's rate"
     return (PRESETS["object"]["learning_rate"],
-            f"the object preset's rate for full fine-tuning (the study; faces: {PRESETS['face']['learning_rate']:.0e})")
-
-
-_METHOD_NAMES = {"full": "full fine-tuning", "lora": "LoRA"}
+            f"the object preset's rate for {title} (the study; faces: {PRESETS['face']['learning_rate']:.0e})")
 
 
 def _say_errors(log, work) -> None:

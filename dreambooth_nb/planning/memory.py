@@ -9,8 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dreambooth_nb.config import PRESETS, lr_label
 from dreambooth_nb.dataset.classes import class_images
 from dreambooth_nb.model.loading import parameter_counts
+from dreambooth_nb.model.methods import method_for
 from dreambooth_nb.storage import write_json
 
 # Bytes of optimizer state per trained parameter.
@@ -57,11 +59,10 @@ def _weight_bytes(config) -> int:
 
 
 def snapshot_bytes(config, *, sizes: RunSizes, complete: bool) -> int:
-    """An intermediate snapshot holds the trained parts, the final one the complete pipeline; a LoRA
-    snapshot (every one) its adapters, twice: diffusers' format and kohya's."""
-    if config.method == "lora":
-        return 2 * sizes.trained * _weight_bytes(config)
-    return (sizes.total if complete else sizes.trained) * _weight_bytes(config)
+    """What the method's snapshot holds (`Method.snapshot_bytes`): an intermediate one the trained parts, the
+    final one the complete pipeline; a LoRA snapshot (every one) its adapters, twice (diffusers' and kohya's)."""
+    return method_for(config).snapshot_bytes(trained=sizes.trained, total=sizes.total, complete=complete,
+                                             weight_bytes=_weight_bytes(config))
 
 
 def class_image_bytes(config, *, missing: int) -> int:
@@ -162,11 +163,12 @@ def _simulate(config, *, sizes, interval, start_step, free_bytes, trash_counts, 
     snapshot_steps = sorted({s for s in config.snapshot_steps if s > start_step} | {config.max_train_steps})
     events = sorted(set(snapshot_steps) | ({s for s in range(start_step + 1, config.max_train_steps)
                                             if interval and s % interval == 0}))
+    method = method_for(config)
     for step in events:
         if step in snapshot_steps:
-            complete = step == config.max_train_steps and config.method != "lora"
+            complete = step == config.max_train_steps and method.final_snapshot_complete
             size = snapshot_bytes(config, sizes=sizes, complete=complete)
-            what = "complete pipeline" if complete else ("LoRA adapters" if config.method == "lora" else "trained weights")
+            what = method.snapshot_contents(complete=complete)
             items.append((f"snapshot of step {step} ({what})", size))
             used += size
             peak = max(peak, used)
@@ -261,23 +263,53 @@ def out_of_memory_record(output_dir) -> dict | None:
         return None
 
 
-def next_memory_saver(config) -> str | None:
+@dataclass(frozen=True)
+class Saver:
+    """A memory saver to turn on: the settings it changes, and why (what it saves, what it costs)."""
+
+    changes: dict
+    why: str
+    alternative: str = ""
+    """Another way to the same saving, said after it ("or use_ema=False")."""
+
+    @property
+    def changes_method(self) -> bool:
+        """Whether it changes what is trained (a new run), not only how (a saver a run may resume with)."""
+        return "method" in self.changes
+
+    def __str__(self) -> str:
+        settings = " with ".join(f"{name}={_setting(value)}" for name, value in self.changes.items())
+        return f"{settings} ({self.why})" + (f", {self.alternative}" if self.alternative else "")
+
+
+def _setting(value) -> str:
+    """A setting as it is typed: 'lora', True, 4, 1e-4."""
+    if isinstance(value, float):
+        return lr_label(value)
+    return repr(value)
+
+
+def next_memory_saver(config) -> Saver | None:
     """The next memory saver to enable, in order of cost to quality and speed (cheapest first)."""
     if not config.gradient_checkpointing:
-        return "gradient_checkpointing=True (≈6× less activation memory, ~30 % slower)"
+        return Saver({"gradient_checkpointing": True}, "≈6× less activation memory, ~30 % slower")
     if not config.use_8bit_adam:
-        return "use_8bit_adam=True (saves ≈5 GB of optimizer state on SD 1.5)"
+        return Saver({"use_8bit_adam": True}, "saves ≈5 GB of optimizer state on SD 1.5")
     if not config.cache_latents:
-        return "cache_latents=True (the VAE leaves the GPU after encoding the photos once)"
+        return Saver({"cache_latents": True}, "the VAE leaves the GPU after encoding the photos once")
     if config.use_ema and not config.offload_ema:
-        return "offload_ema=True (the EMA copy of the UNet moves to host memory: 3.44 GB on SD 1.5), or use_ema=False"
+        return Saver({"offload_ema": True}, "the EMA copy of the UNet moves to host memory: 3.44 GB on SD 1.5",
+                     alternative="or use_ema=False")
     if config.train_batch_size > 1:
-        return (f"train_batch_size=1 with gradient_accumulation_steps="
-                f"{config.train_batch_size * config.gradient_accumulation_steps} (same effective batch)")
+        return Saver({"train_batch_size": 1,
+                      "gradient_accumulation_steps": config.train_batch_size * config.gradient_accumulation_steps},
+                     "same effective batch")
     if config.train_text_encoder:
-        return "train_text_encoder=False (saves ≈1 GB; quality drops a little)"
-    if config.method != "lora":
-        return "method='lora' with learning_rate=1e-4 (trains ≈0.8 M adapter weights instead of 860 M)"
+        return Saver({"train_text_encoder": False}, "saves ≈1 GB; quality drops a little")
+    lighter = method_for(config).lighter
+    if lighter:  # (the lighter method's preset rate: LoRA trains at ≈50× full fine-tuning's)
+        return Saver({"method": lighter, "learning_rate": PRESETS[lighter]["learning_rate"]},
+                     "trains ≈0.8 M adapter weights instead of 860 M")
     return None
 
 
@@ -297,7 +329,7 @@ def out_of_memory_advice(config, *, peak_bytes: int | None, stage: str = "traini
     saver = next_memory_saver(config)
     if saver is None:
         advice = "Every memory saver is already on; lower resolution or use a GPU with more memory."
-    elif saver.startswith("method="):
+    elif saver.changes_method:
         advice = (f"Every memory saver is already on. Train a LoRA instead: {saver}, as a new run in a new "
                   "output_dir (a LoRA cannot continue a full fine-tuning run).")
     else:

@@ -25,7 +25,6 @@ takes about 4 s on one core; the first plan in a process about 10 s, the imports
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import dataclasses
 import functools
@@ -33,7 +32,6 @@ import html
 import json
 import math
 import os
-import re
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -48,6 +46,7 @@ from dreambooth_nb import storage
 from dreambooth_nb.errors import ConfigError
 from dreambooth_nb.model.base import BaseModel, empty_modules, text_encoder_from_config
 from dreambooth_nb.model.families import family_named
+from dreambooth_nb.model.methods import METHODS, freeze_as, method_for
 
 GIB = 2**30
 
@@ -93,7 +92,6 @@ BNB_MIN_8BIT_SIZE = 4096
 # The CUDA caching allocator hands out multiples of 512 bytes (c10/cuda/CUDACachingAllocator.cpp).
 ALLOCATION_ROUNDING = 512
 
-LORA_TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # diffusers' text-encoder LoRA
 # Whether training's autocast keeps its cache of fp16 weight copies until the forward pass ends (torch's
 # default, `cache_enabled=True`). With the cache, every trained fp32 weight has an fp16 twin for the whole
 # forward (1.6 GiB for SD 1.5); `train` turns it off (`AutocastKwargs(cache_enabled=False)`): each weight is
@@ -157,18 +155,12 @@ def read_model_configs(model: str, *, revision: str | None = None) -> ModelConfi
 # --- What a config asks for -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Setup:
-    """The settings of a config that decide memory, resolved for one device (hashable: a cache key).
-
-    Fields the config does not have yet (`method`, `lora_*`, `offload_ema`) read as their defaults, so the
-    planner works before and after they land.
-    """
+    """The settings of a config that decide memory, resolved for one device (hashable: a cache key)."""
 
     device: str                 # "cuda" or "cpu"
     precision: str              # "no", "fp16" or "bf16"
-    method: str                 # "full" or "lora"
-    lora_rank: int
-    lora_dropout: float
-    lora_targets: tuple[str, ...]
+    method: str                 # `TrainConfig.method` (`model.methods.METHODS`)
+    method_options: tuple       # what shapes the method's trace adapters (`Method.trace_options`)
     train_text_encoder: bool
     batch: int                  # samples per micro-step: instance images, plus as many class images with prior
     accumulation: int
@@ -192,25 +184,21 @@ class Setup:
 
 
 def setup_for(config, gpu: Gpu | None) -> Setup:
-    precision = getattr(config, "mixed_precision", "no")
+    precision = config.mixed_precision
     if gpu is None:
         precision = "bf16" if precision == "bf16" else "no"  # CPU autocast is bf16 only; "auto" means fp32
     elif precision == "auto":
         precision = "bf16" if gpu.bf16 else "fp16"
-    method = getattr(config, "method", "full")
-    if method not in ("full", "lora"):
-        raise ConfigError(f"method: {method!r} is unknown; choose 'full' or 'lora'.")
+    if config.method not in METHODS:
+        raise ConfigError(f"method: {config.method!r} is unknown; choose one of {', '.join(METHODS)}.")
     prior = 2 if config.with_prior_preservation else 1
     return Setup(
-        device="cpu" if gpu is None else "cuda", precision=precision, method=method,
-        lora_rank=int(getattr(config, "lora_rank", 4)), lora_dropout=float(getattr(config, "lora_dropout", 0.0)),
-        lora_targets=tuple(getattr(config, "lora_target_modules", ("to_q", "to_k", "to_v", "to_out.0"))),
-        train_text_encoder=bool(config.train_text_encoder), batch=config.train_batch_size * prior,
-        accumulation=config.gradient_accumulation_steps, resolution=config.resolution,
-        checkpointing=bool(config.gradient_checkpointing), eight_bit_adam=bool(config.use_8bit_adam),
-        cache_latents=bool(config.cache_latents), ema=bool(config.use_ema),
-        offload_ema=bool(getattr(config, "offload_ema", False)), variant=getattr(config, "variant", None),
-        processes=int(getattr(config, "num_processes", 1)))
+        device="cpu" if gpu is None else "cuda", precision=precision, method=config.method,
+        method_options=method_for(config).trace_options(), train_text_encoder=config.train_text_encoder,
+        batch=config.train_batch_size * prior, accumulation=config.gradient_accumulation_steps,
+        resolution=config.resolution, checkpointing=config.gradient_checkpointing,
+        eight_bit_adam=config.use_8bit_adam, cache_latents=config.cache_latents, ema=config.use_ema,
+        offload_ema=config.offload_ema, variant=config.variant, processes=config.num_processes)
 
 
 # --- The trace --------------------------------------------------------------------------------------------
@@ -323,38 +311,13 @@ def _in_fp32(op, key):
     return kernel
 
 
-class _LoraLinear(torch.nn.Module):
-    """A frozen Linear plus a trained low-rank update: the memory shape of peft's LoRA layer."""
-
-    def __init__(self, base: torch.nn.Linear, *, rank: int, dropout: float):
-        super().__init__()
-        self.base = base
-        self.dropout = torch.nn.Dropout(dropout) if dropout else torch.nn.Identity()
-        self.down = torch.nn.Linear(base.in_features, rank, bias=False, dtype=torch.float32)
-        self.up = torch.nn.Linear(rank, base.out_features, bias=False, dtype=torch.float32)
-
-    def forward(self, x):
-        return self.base(x) + self.up(self.down(self.dropout(x)))
-
-
-def _add_lora(module: torch.nn.Module, *, targets: tuple[str, ...], rank: int, dropout: float) -> None:
-    names = [name for name, child in module.named_modules()
-             if isinstance(child, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)]
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, child, _LoraLinear(getattr(parent, child), rank=rank, dropout=dropout))
-
-
 @dataclass(frozen=True)
 class TraceKey:
     configs: ModelConfigs
     device: str
     half: bool
     method: str
-    lora_rank: int
-    lora_dropout: float
-    lora_targets: tuple[str, ...]
+    method_options: tuple
     train_text_encoder: bool
     batch: int
     resolution: int
@@ -368,10 +331,7 @@ def trace_key(configs: ModelConfigs, setup: Setup) -> TraceKey:
     # are DDP's buckets when the gradients are views into them (DDP_BUCKET_VIEWS).
     grads_present = setup.accumulation > 1 or (setup.ddp_buckets and DDP_BUCKET_VIEWS)
     return TraceKey(configs=configs, device=setup.device, half=setup.half, method=setup.method,
-                    lora_rank=setup.lora_rank if setup.method == "lora" else 0,
-                    lora_dropout=setup.lora_dropout if setup.method == "lora" else 0.0,
-                    lora_targets=setup.lora_targets if setup.method == "lora" else (),
-                    train_text_encoder=setup.train_text_encoder, batch=setup.batch, resolution=setup.resolution,
+                    method_options=setup.method_options, train_text_encoder=setup.train_text_encoder, batch=setup.batch, resolution=setup.resolution,
                     checkpointing=setup.checkpointing, grads_present=grads_present,
                     autocast_cache=AUTOCAST_WEIGHT_CACHE)
 
@@ -418,11 +378,9 @@ def _build_trained_modules(components: dict, *, key: TraceKey, frozen_dtype) -> 
     if key.train_text_encoder:
         encoders = {name: text_encoder_from_config(components[name], with_projection=name == "text_encoder_2")
                     for name in ("text_encoder", "text_encoder_2") if name in components}
-    if key.method == "lora":
-        # LoRA: the base stays frozen in 16-bit on the GPU; only the adapters are fp32 masters.
-        for module, targets in [(unet, key.lora_targets)] + [(m, LORA_TEXT_ENCODER_TARGETS) for m in encoders.values()]:
-            _freeze_as(module, frozen_dtype)
-            _add_lora(module, targets=targets, rank=key.lora_rank, dropout=key.lora_dropout)
+    # What the method adds (LoRA: the base frozen in 16-bit on a GPU, fp32 adapters on it).
+    METHODS[key.method].trace_adapters({"unet": unet, **encoders}, options=key.method_options,
+                                       frozen_dtype=frozen_dtype)
     if key.checkpointing:
         unet.enable_gradient_checkpointing()
         for encoder in encoders.values():
@@ -431,13 +389,6 @@ def _build_trained_modules(components: dict, *, key: TraceKey, frozen_dtype) -> 
     for module in modules.values():
         module.train()  # (transformers checkpoints only in training mode)
     return modules
-
-
-def _freeze_as(module: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Frozen weights in `dtype`, replaced one by one (`Module.to` cannot swap fake parameters in place)."""
-    for child in module.modules():
-        for name, param in list(child.named_parameters(recurse=False)):
-            child._parameters[name] = torch.nn.Parameter(param.detach().to(dtype), requires_grad=False)
 
 
 def _step_inputs(components: dict, *, key: TraceKey) -> dict:
@@ -482,7 +433,7 @@ def trace_vae_encode(configs: ModelConfigs, *, resolution: int, dtype_bytes: int
     dtype = torch.float32 if dtype_bytes == 4 else torch.bfloat16
     with FakeTensorMode(), torch.no_grad():
         vae = AutoencoderKL.from_config(configs.components["vae"])
-        _freeze_as(vae, dtype)
+        freeze_as(vae, dtype)
         tracker = _LiveBytes(trained=[], frozen=list(vae.parameters()))
         pixels = torch.randn(1, 3, resolution, resolution, dtype=dtype)
         with tracker:
@@ -648,7 +599,7 @@ def _plan(config, card: Gpu | None) -> MemoryPlan:
                      "CUDA context": CUDA_CONTEXT_BYTES}
         host_phase, host_parts = _host_peak(host, device=None)
     disk_bytes, disk = _disk_parts(config, sizes=sizes, trained_params=trained_params)
-    what = "LoRA on the UNet" if setup.method == "lora" else "UNet"
+    what = METHODS[setup.method].trains
     if setup.train_text_encoder:
         what += " + text encoder" + ("s" if configs.text_encoders > 1 else "")
     summary = (f"{configs.source}, {what}, {setup.resolution} px, {setup.batch} image"
@@ -819,18 +770,8 @@ def _disk_parts(config, *, sizes: dict, trained_params: int) -> tuple[int, dict[
 
 
 # --- Advice -----------------------------------------------------------------------------------------------
-_SETTING = re.compile(r"""(\w+)=('[^']*'|"[^"]*"|True|False|None|[-+.\w]+)""")
-
-
-def saver_changes(saver: str) -> dict:
-    """The settings a `memory.next_memory_saver` suggestion names, as Python values:
-    "method='lora' with learning_rate=1e-4 (why)" → {"method": "lora", "learning_rate": 0.0001}."""
-    head = saver.split(" (")[0]
-    return {name: ast.literal_eval(value) for name, value in _SETTING.findall(head)}
-
-
 def _advice(config, card: Gpu | None) -> tuple[list[str], dict]:
-    """The fewest savers, in `next_memory_saver`'s order, whose plan fits.
+    """The fewest savers, in `next_memory_saver`'s order, whose plan fits: their text, and their settings.
 
     Climbs the ladder until the plan fits, then drops each saver whose removal still fits (a cheaper rung
     may be needless once a later one is on: 8-bit Adam alone can do what checkpointing could not).
@@ -838,18 +779,16 @@ def _advice(config, card: Gpu | None) -> tuple[list[str], dict]:
     ladder, current = [], config
     while not _plan(current, card).fits:
         saver = memory.next_memory_saver(current)
-        changed = dataclasses.replace(current, **saver_changes(saver)) if saver else current
-        if changed == current:  # the ladder's end (or a rung that names no setting)
+        if saver is None:  # the ladder's end
             final = _plan(current, card)
             need = final.gpu_required_bytes if card else final.host_peak_bytes
-            return [*ladder, f"even with every saver on it needs {_gib(need)} GiB: lower the resolution or use "
-                    "a GPU with more memory."], {}
+            return [*map(str, ladder), f"even with every saver on it needs {_gib(need)} GiB: lower the resolution "
+                    "or use a GPU with more memory."], {}
         ladder.append(saver)
-        current = changed
+        current = dataclasses.replace(current, **saver.changes)
     kept = list(ladder)
     for saver in ladder[:-1]:
-        trial = [s for s in kept if s != saver]
-        changes = {k: v for s in trial for k, v in saver_changes(s).items()}
-        if _plan(dataclasses.replace(config, **changes), card).fits:
+        trial = [s for s in kept if s is not saver]
+        if _plan(dataclasses.replace(config, **{k: v for s in trial for k, v in s.changes.items()}), card).fits:
             kept = trial
-    return kept, {k: v for s in kept for k, v in saver_changes(s).items()}
+    return [str(s) for s in kept], {k: v for s in kept for k, v in s.changes.items()}

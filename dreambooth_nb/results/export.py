@@ -189,7 +189,7 @@ def export(snapshot_or_run, path, *, half: bool = True, step: int | None = None,
         raise ConfigError(f"{path}: the exported file must end in .safetensors (AUTOMATIC1111 and ComfyUI look "
                           "for that name).")
     meta = snapshots.info(snapshot)
-    if meta.get("method") == "lora":
+    if snapshots.holds_adapters(meta):
         return _export_lora(snapshot, meta, path, half=half, merged=merged)
     return _export_checkpoint(snapshot, meta, path, half=half)
 

@@ -75,7 +75,7 @@ def push_to_hub(run_or_snapshot, repo_id: str, *, private: bool = True, token: s
 def stage(snapshot: Path, folder: Path, *, repo_id: str, single_file=None) -> Path:
     """Lay out in `folder` exactly what `push_to_hub` uploads (see the module docs); return `folder`."""
     meta = snapshots.info(snapshot)
-    if meta.get("method", "full") != "full":
+    if snapshots.holds_adapters(meta):
         raise ConfigError(f"{snapshot}: pushing {meta['method']} snapshots is not supported yet; upload its "
                           f"{snapshots.KOHYA_WEIGHTS} by hand.")
     if meta["complete"]:
