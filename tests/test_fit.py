@@ -25,6 +25,7 @@ from dreambooth_nb.notebook import ui
 from dreambooth_nb.config import changed_settings
 from dreambooth_nb.planning.fitting import SAVERS, previous_run, step_seconds
 from dreambooth_nb.planning.planner import plan
+from recording import gradients_of
 
 train_module = importlib.import_module("dreambooth_nb.training.train")
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -155,7 +156,7 @@ def test_32_bit_adam_only_where_its_larger_states_fit_the_disk(monkeypatch):
     monkeypatch.setattr(storage, "deletes_go_to_trash", lambda folder, **kw: True)
     report = fit_report(sd15("object"), "L4")
     assert report.config.use_8bit_adam and not report.config.gradient_checkpointing
-    assert "32-bit AdamW's training states (10.3 GB each)" in {c.saver: c.why for c in report.choices}["Adam"]
+    assert "32-bit AdamW's training states (10.31 GB each)" in {c.saver: c.why for c in report.choices}["Adam"]
 
 
 # --- 3. The same training with and without the savers fit changes (tiny model) --------------------------------
@@ -170,29 +171,6 @@ def test_32_bit_adam_only_where_its_larger_states_fit_the_disk(monkeypatch):
 # rounding on ≈0 gradients into a full learning-rate step. Measured here (1 and 2 threads): 0, bit for bit
 # (checkpointing), 1.0–1.3e-6 (batch); 1 × 2 instead of 1 × 4, a real difference, gives 0.6–1.0.
 GRADIENT_RTOL = 1e-3
-
-
-class _RecordingSGD(torch.optim.SGD):
-    def __init__(self, groups):
-        super().__init__(groups)
-        self.applied: list[torch.Tensor] = []
-
-    def step(self, closure=None):
-        self.applied.append(torch.cat([p.grad.flatten() for g in self.param_groups for p in g["params"]
-                                       if p.grad is not None]).clone())
-        return super().step(closure)
-
-
-def _gradients(config, monkeypatch) -> list[torch.Tensor]:
-    made = []
-
-    def recording(groups, *, config, device):
-        made.append(_RecordingSGD(groups))
-        return made[-1], None
-
-    monkeypatch.setattr(train_module, "make_optimizer", recording)
-    train_module.train(config)
-    return made[-1].applied
 
 
 def _count_checkpoints(monkeypatch) -> list:
@@ -221,10 +199,10 @@ def test_the_savers_fit_changes_give_the_same_gradients(make_config, tmp_path, m
         other = fit(profile, "T4").replace(output_dir=str(tmp_path / "b"))
         assert _savers(other) == (False, 4, 1, False)  # the tiny model fits anything: every saver off
     checkpointed = _count_checkpoints(monkeypatch)
-    a = _gradients(profile, monkeypatch)
+    a = gradients_of(profile, monkeypatch)
     assert checkpointed  # (the profile's run really recomputed its activations)
     checkpointed.clear()
-    b = _gradients(other, monkeypatch)
+    b = gradients_of(other, monkeypatch)
     assert bool(checkpointed) == other.gradient_checkpointing
     assert len(a) == len(b) == 3
     for step, (ga, gb) in enumerate(zip(a, b), start=1):
@@ -235,8 +213,8 @@ def test_the_savers_fit_changes_give_the_same_gradients(make_config, tmp_path, m
 
 def test_checkpointing_the_text_encoder_too_gives_the_same_gradients(make_config, tmp_path, monkeypatch):
     common = dict(max_train_steps=2, train_text_encoder=True, gradient_accumulation_steps=2)
-    a = _gradients(make_config(gradient_checkpointing=True, output_dir=str(tmp_path / "a"), **common), monkeypatch)
-    b = _gradients(make_config(train_batch_size=2, gradient_accumulation_steps=1, max_train_steps=2,
+    a = gradients_of(make_config(gradient_checkpointing=True, output_dir=str(tmp_path / "a"), **common), monkeypatch)
+    b = gradients_of(make_config(train_batch_size=2, gradient_accumulation_steps=1, max_train_steps=2,
                                train_text_encoder=True, output_dir=str(tmp_path / "b")), monkeypatch)
     for ga, gb in zip(a, b):
         assert ((ga - gb).norm() / ga.norm()).item() < GRADIENT_RTOL

@@ -13,6 +13,7 @@ from dreambooth_nb.training.data import CLASS, INSTANCE, ImageFolder, TrainingDa
 from dreambooth_nb.model.loading import load_components
 from dreambooth_nb.training.prompts import Prompts
 from dreambooth_nb.training.train import compute_loss, make_optimizer
+from recording import gradients_of
 
 # The package exports the function `train`, which hides the module of the same name as an attribute.
 train_module = importlib.import_module("dreambooth_nb.training.train")
@@ -75,31 +76,6 @@ def test_8bit_falls_back_when_bitsandbytes_cannot_run(make_config, capsys, monke
     assert "8-bit Adam is not available (no CUDA setup)" in capsys.readouterr().out
 
 
-class _RecordingSGD(torch.optim.SGD):
-    """Plain SGD that keeps a copy of the (clipped) gradient it applies at every optimizer step."""
-
-    def __init__(self, groups, **_adam_kwargs):
-        super().__init__(groups)
-        self.applied: list[torch.Tensor] = []
-
-    def step(self, closure=None):
-        grads = [p.grad.flatten() for g in self.param_groups for p in g["params"] if p.grad is not None]
-        self.applied.append(torch.cat(grads).clone())
-        return super().step(closure)
-
-
-def _train_recording_gradients(config, monkeypatch) -> list[torch.Tensor]:
-    optimizers = []
-
-    def recording(groups, *, config, device):
-        optimizers.append(_RecordingSGD(groups))
-        return optimizers[-1], None
-
-    monkeypatch.setattr(train_module, "make_optimizer", recording)
-    train(config)
-    return optimizers[-1].applied
-
-
 # Batch 2 and batch 1 × 2 accumulated are the same gradient in exact arithmetic; in fp32 the sums run in
 # another order, so they differ by rounding. The bound: each gradient element is a sum of products over
 # at most n ≈ 1e4 terms (the widest reduction in the tiny model), whose rounding error grows like
@@ -121,15 +97,15 @@ def _assert_same_gradients(a: list[torch.Tensor], b: list[torch.Tensor]) -> None
 
 
 def test_accumulating_two_batches_of_one_matches_one_batch_of_two(make_config, tmp_path, monkeypatch):
-    one_batch = _train_recording_gradients(
+    one_batch = gradients_of(
         make_config(train_batch_size=2, max_train_steps=3, output_dir=str(tmp_path / "a")), monkeypatch)
-    accumulated = _train_recording_gradients(
+    accumulated = gradients_of(
         make_config(train_batch_size=1, gradient_accumulation_steps=2, max_train_steps=3,
                     output_dir=str(tmp_path / "b")), monkeypatch)
     _assert_same_gradients(one_batch, accumulated)
     # The test can fail: a batch of one alone (what accumulation without the second micro-batch gives)
     # is a different gradient by far more than the bound.
-    half = _train_recording_gradients(make_config(train_batch_size=1, max_train_steps=3,
+    half = gradients_of(make_config(train_batch_size=1, max_train_steps=3,
                                                   output_dir=str(tmp_path / "c")), monkeypatch)
     assert ((half[0] - one_batch[0]).norm() / one_batch[0].norm()).item() > 100 * GRADIENT_RTOL
 
@@ -137,9 +113,9 @@ def test_accumulating_two_batches_of_one_matches_one_batch_of_two(make_config, t
 def test_accumulation_with_text_encoder_and_prior_preservation(make_config, tmp_path, monkeypatch):
     common = dict(max_train_steps=2, train_text_encoder=True, with_prior_preservation=True,
                   class_prompt="a photo of a dog", class_data_dir=str(tmp_path / "class"), num_class_images=2)
-    a = _train_recording_gradients(make_config(train_batch_size=2, output_dir=str(tmp_path / "a"), **common),
+    a = gradients_of(make_config(train_batch_size=2, output_dir=str(tmp_path / "a"), **common),
                                    monkeypatch)
-    b = _train_recording_gradients(make_config(train_batch_size=1, gradient_accumulation_steps=2,
+    b = gradients_of(make_config(train_batch_size=1, gradient_accumulation_steps=2,
                                                output_dir=str(tmp_path / "b"), **common), monkeypatch)
     _assert_same_gradients(a, b)  # UNet and text encoder gradients, concatenated
 

@@ -18,6 +18,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from dreambooth_nb.units import gib
 from dreambooth_nb.config import MIXED_PRECISION, PRESETS, TrainConfig, default_snapshot_steps
 from dreambooth_nb.environment import COLAB, detect_platform, is_headless
 from dreambooth_nb.model.methods import METHODS, method_for
@@ -985,8 +986,8 @@ def memory_line(panel) -> str:
         return f"<i>Memory plan unavailable: {html.escape(str(err).splitlines()[0][:160])}</i>"
     colour, verdict = ("#2e7d32", "fits") if result.fits else ("#c62828", "does not fit")
     advice = f" To fit: {html.escape('; '.join(result.advice))}" if result.advice else ""
-    return (f"<span style='color:{colour}'>Memory plan: {result.gpu_required_bytes / 2**30:.1f} GiB needed of "
-            f"{result.gpu_total_bytes / 2**30:.1f} GiB on {html.escape(result.gpu)}: {verdict}.</span>{advice}")
+    return (f"<span style='color:{colour}'>Memory plan: {gib(result.gpu_required_bytes, digits=1)} GiB needed of "
+            f"{gib(result.gpu_total_bytes, digits=1)} GiB on {html.escape(result.gpu)}: {verdict}.</span>{advice}")
 
 
 # --- Comparison and sweep panels -----------------------------------------------------------------------------

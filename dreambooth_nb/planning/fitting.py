@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from dreambooth_nb import storage
 from dreambooth_nb.config import TrainConfig, changed_settings
 from dreambooth_nb.planning import memory, planner
+from dreambooth_nb.units import disk_size, gib
 
 
 # --- What each saver costs: a step-time model fitted to the published T4 table --------------------------------
@@ -141,8 +142,8 @@ class FitReport:
             return (f"Nothing fits {self.gpu} without changing what is trained: with the most frugal savers, "
                     f"{_plan_line(after)}. " + " ".join(f"To fit: {a}." for a in after.advice)).strip()
         changed = ", ".join(f"{c.saver} {c.after}" for c in self.changes)
-        memory = (f"{_gib(before.gpu_required_bytes)} → {_gib(after.gpu_required_bytes)} GiB needed of "
-                  f"{_gib(after.gpu_total_bytes)}" if after.gpu_total_bytes else "host RAM")
+        memory = (f"{gib(before.gpu_required_bytes)} → {gib(after.gpu_required_bytes)} GiB needed of "
+                  f"{gib(after.gpu_total_bytes)}" if after.gpu_total_bytes else "host RAM")
         if not changed:
             return f"Fitted to {self.gpu}: the savers stay as they are ({memory})."
         speed = f"; ≈{self.speedup:.1f}× the steps per second, estimated from a T4 table" if self.speedup > 1.05 else ""
@@ -206,7 +207,7 @@ def fit_report(config: TrainConfig, gpu=None, *, previous: dict | TrainConfig | 
         report.resumed = _resume_notes(previous, chosen, gpu_name)
     if search.failed is not None:
         report.notes.append(f"This run ran out of memory on this GPU with {_savers(search.failed)} (planned "
-                            f"{_gib(search.ceiling)} GiB): the fit keeps to settings planned below that.")
+                            f"{gib(search.ceiling)} GiB): the fit keeps to settings planned below that.")
     return report
 
 
@@ -302,7 +303,7 @@ class _Search:
         if not large.fits and not small.fits:
             return None  # the disk refuses either way: train says so
         state = memory.state_bytes(dataclasses.replace(c, use_8bit_adam=False), trained_params=self._trained)
-        return (f"32-bit AdamW's training states ({_gb(state)} each) would not fit {free / 1e9:.1f} GB free in "
+        return (f"32-bit AdamW's training states ({disk_size(state)} each) would not fit {disk_size(free)} free in "
                 f"{c.output_dir} as often as 8-bit Adam's")
 
     # --- Why ------------------------------------------------------------------------------------------------------
@@ -314,8 +315,8 @@ class _Search:
         def short(candidate) -> str:
             need = self.need(candidate)
             if self.plan(candidate).fits and not self.fits(candidate):
-                return f"ran out of memory on this GPU before (planned {_gib(need)} of {_gib(total)} GiB)"
-            return f"needs {_gib(need)} of {_gib(total)} GiB" if total else f"needs {_gib(need)} GiB of RAM"
+                return f"ran out of memory on this GPU before (planned {gib(need)} of {gib(total)} GiB)"
+            return f"needs {gib(need)} of {gib(total)} GiB" if total else f"needs {gib(need)} GiB of RAM"
 
         choices = []
         if not ck:
@@ -416,8 +417,8 @@ def previous_run(config: TrainConfig) -> dict | None:
 
 def _plan_line(result: planner.MemoryPlan) -> str:
     if not result.gpu_total_bytes:
-        return f"{_gib(result.host_peak_bytes)} GiB of host RAM at the peak: {'fits' if result.fits else 'does NOT fit'}"
-    return (f"{_gib(result.gpu_required_bytes)} GiB needed of {_gib(result.gpu_total_bytes)} on {result.gpu}: "
+        return f"{gib(result.host_peak_bytes)} GiB of host RAM at the peak: {'fits' if result.fits else 'does NOT fit'}"
+    return (f"{gib(result.gpu_required_bytes)} GiB needed of {gib(result.gpu_total_bytes)} on {result.gpu}: "
             f"{'fits' if result.fits else 'does NOT fit'}")
 
 
@@ -436,11 +437,3 @@ def _adam(eight_bit) -> str:
 
 def _batch(config) -> str:
     return f"{config.train_batch_size} × {config.gradient_accumulation_steps}"
-
-
-def _gib(nbytes: int) -> str:
-    return f"{nbytes / planner.GIB:.2f}"
-
-
-def _gb(nbytes: int) -> str:
-    return f"{nbytes / 1e9:.1f} GB"

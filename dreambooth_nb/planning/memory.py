@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dreambooth_nb.units import disk_size, gib
 from dreambooth_nb.config import PRESETS, lr_label
 from dreambooth_nb.dataset.classes import class_images
 from dreambooth_nb.model.loading import parameter_counts
@@ -96,31 +97,31 @@ class DiskPlan:
         return self.free_bytes is None or self.peak_bytes <= self.free_bytes * (1 - self.margin)
 
     def lines(self) -> list[str]:
-        return [f"  {what}: {_size(size)}" for what, size in self.items]
+        return [f"  {what}: {disk_size(size)}" for what, size in self.items]
 
     def summary(self) -> str:
         every = f"every {self.checkpointing_steps} steps" if self.checkpointing_steps else "none before the end"
-        free = f" of {_size(self.free_bytes)} free" if self.free_bytes is not None else ""
-        text = [f"Disk plan for {self.where}: at most {_size(self.peak_bytes)}{free}; training states {every} "
+        free = f" of {disk_size(self.free_bytes)} free" if self.free_bytes is not None else ""
+        text = [f"Disk plan for {self.where}: at most {disk_size(self.peak_bytes)}{free}; training states {every} "
                 f"(a disconnect loses at most {self.checkpointing_steps or 'all the'} steps)."]
         if self.trash_counts and self.trash_bytes:
             text.append(f"  Deleted states go to Google Drive's Trash and still count against your quota for "
-                        f"30 days: this run puts {_size(self.trash_bytes)} there (included above).")
+                        f"30 days: this run puts {disk_size(self.trash_bytes)} there (included above).")
         return "\n".join(text)
 
     def refusal(self) -> str:
-        free = _size(self.free_bytes) if self.free_bytes is not None else "?"
+        free = disk_size(self.free_bytes) if self.free_bytes is not None else "?"
         advice = ("Free some space (on Google Drive: also empty the Trash at drive.google.com/drive/trash — "
                   "deleted files keep counting against the quota there), save fewer snapshot_steps, or choose "
                   "another output_dir." if self.trash_counts else
                   "Free some space, save fewer snapshot_steps, lower checkpoints_total_limit, or choose "
                   "another output_dir.")
-        return (f"Not enough disk space in {self.where}: this run writes up to {_size(self.peak_bytes)} and only "
+        return (f"Not enough disk space in {self.where}: this run writes up to {disk_size(self.peak_bytes)} and only "
                 f"{free} are free (keeping {self.margin:.0%} spare). The plan:\n" + "\n".join(self.lines()) +
                 f"\n{advice}")
 
     def trash_note(self) -> str:
-        return (f"This run deleted {_size(self.trash_bytes)} of old training states. On Google Drive they stay in "
+        return (f"This run deleted {disk_size(self.trash_bytes)} of old training states. On Google Drive they stay in "
                 "the Trash for 30 days and count against your quota until then: empty it at "
                 "drive.google.com/drive/trash to get the space back now.")
 
@@ -315,9 +316,9 @@ def next_memory_saver(config) -> Saver | None:
 
 def out_of_memory_advice(config, *, peak_bytes: int | None, stage: str = "training",
                          adam_fallback: str | None = None, planned_bytes: int | None = None) -> str:
-    peak = f"peak {peak_bytes / 2**30:.1f} GiB allocated" if peak_bytes else "peak unknown"
+    peak = f"peak {gib(peak_bytes, digits=1)} GiB allocated" if peak_bytes else "peak unknown"
     if planned_bytes:
-        peak += f"; the memory plan expected {planned_bytes / 2**30:.1f} GiB at the peak"
+        peak += f"; the memory plan expected {gib(planned_bytes, digits=1)} GiB at the peak"
     if adam_fallback:
         # 8-bit Adam was on in the config but could not run: the ≈5 GB it saves was never saved.
         advice = (f"8-bit Adam could not run here ({adam_fallback}), so 32-bit AdamW was used and needs ≈6 bytes "
@@ -335,8 +336,3 @@ def out_of_memory_advice(config, *, peak_bytes: int | None, stage: str = "traini
     else:
         advice = f"Turn on {saver} and run training again; it resumes from the last saved state."
     return f"The GPU ran out of memory while {stage} ({peak}). {advice}"
-
-
-def _size(n: int) -> str:
-    """Bytes for people: GB with two decimals, MB below 1 GB (a tiny run must not read "0.00 GB")."""
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"

@@ -47,8 +47,8 @@ from dreambooth_nb.errors import ConfigError
 from dreambooth_nb.model.base import BaseModel, empty_modules, text_encoder_from_config
 from dreambooth_nb.model.families import family_named
 from dreambooth_nb.model.methods import METHODS, freeze_as, method_for
+from dreambooth_nb.units import GIB, gib, memory_size
 
-GIB = 2**30
 
 # --- GPUs -------------------------------------------------------------------------------------------------
 # Total memory as `torch.cuda.get_device_properties(0).total_memory` reports it (what a run can use, before
@@ -520,13 +520,13 @@ class MemoryPlan:
         rows = []
         if self.gpu_total_bytes:
             verdict = "fits" if self.fits else "does NOT fit"
-            rows.append((f"GPU peak ({self.gpu_phase})", f"{_size(self.gpu_peak_bytes)}; needs "
-                         f"{_gib(self.gpu_required_bytes)} of {_gib(self.gpu_total_bytes)} GiB: {verdict}"))
-            rows += [(f"  {name}", _size(size)) for name, size in self.gpu_breakdown.items() if size]
-        rows.append((f"Host RAM peak ({self.host_phase})", _size(self.host_peak_bytes)))
-        rows += [(f"  {name}", _size(size)) for name, size in self.host_breakdown.items() if size]
-        rows.append(("Disk peak", _size(self.disk_bytes)))
-        rows += [(f"  {name}", _size(size)) for name, size in self.disk_breakdown.items() if size]
+            rows.append((f"GPU peak ({self.gpu_phase})", f"{memory_size(self.gpu_peak_bytes)}; needs "
+                         f"{gib(self.gpu_required_bytes)} of {gib(self.gpu_total_bytes)} GiB: {verdict}"))
+            rows += [(f"  {name}", memory_size(size)) for name, size in self.gpu_breakdown.items() if size]
+        rows.append((f"Host RAM peak ({self.host_phase})", memory_size(self.host_peak_bytes)))
+        rows += [(f"  {name}", memory_size(size)) for name, size in self.host_breakdown.items() if size]
+        rows.append(("Disk peak", memory_size(self.disk_bytes)))
+        rows += [(f"  {name}", memory_size(size)) for name, size in self.disk_breakdown.items() if size]
         return rows
 
     def __repr__(self) -> str:
@@ -546,15 +546,6 @@ class MemoryPlan:
         colour = "#2e7d32" if self.fits else "#c62828"
         return (f"<div><b style='color:{colour}'>Memory plan</b>: {html.escape(self.summary)}"
                 f"<table>{body}</table>{f'<ul>{extra}</ul>' if extra else ''}</div>")
-
-
-def _gib(nbytes: int) -> str:
-    return f"{nbytes / GIB:.2f}"
-
-
-def _size(nbytes: int) -> str:
-    """GiB with two decimals; MiB below 0.1 GiB (a tiny model must not read "0.00")."""
-    return f"{nbytes / GIB:.2f} GiB" if nbytes >= 0.1 * GIB else f"{nbytes / 2**20:.1f} MiB"
 
 
 def plan(config, gpu=None, *, advise: bool = True) -> MemoryPlan:
@@ -586,7 +577,7 @@ def _plan(config, card: Gpu | None) -> MemoryPlan:
         ram = _host_ram_bytes()
         fits = ram is None or sum(host_parts.values()) <= ram
         if ram is not None and not fits:
-            notes.append(f"This machine has {_gib(ram)} GiB of RAM.")
+            notes.append(f"This machine has {gib(ram)} GiB of RAM.")
     else:
         gpu_name, total, gpu_phase = card.name, card.total_bytes, device.phase
         allocated = sum(device.allocated.values())
@@ -782,7 +773,7 @@ def _advice(config, card: Gpu | None) -> tuple[list[str], dict]:
         if saver is None:  # the ladder's end
             final = _plan(current, card)
             need = final.gpu_required_bytes if card else final.host_peak_bytes
-            return [*map(str, ladder), f"even with every saver on it needs {_gib(need)} GiB: lower the resolution "
+            return [*map(str, ladder), f"even with every saver on it needs {gib(need)} GiB: lower the resolution "
                     "or use a GPU with more memory."], {}
         ladder.append(saver)
         current = dataclasses.replace(current, **saver.changes)

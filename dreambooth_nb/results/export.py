@@ -36,7 +36,7 @@ from dreambooth_nb.errors import ConfigError, DataError, ExportError
 from dreambooth_nb.model import snapshots
 from dreambooth_nb.model.base import BaseModel
 from dreambooth_nb.model.layout import Entry, Layout, LAYOUTS, Weights, entries_for, layout_for
-from dreambooth_nb.planning.memory import _size
+from dreambooth_nb.units import disk_size
 from dreambooth_nb.results.quality import suggested_step
 
 
@@ -230,7 +230,7 @@ def _export_lora(snapshot: Path, meta: dict, path: Path, *, half: bool, merged: 
     dtype = torch.float16 if half else torch.float32
     tensors = {k: v if k.endswith(".alpha") else v.to(dtype).contiguous() for k, v in load_file(kohya).items()}
     storage.atomic_write_bytes(path, save(tensors, metadata=info))  # a few MB: written whole
-    print(f"Exported the LoRA of {label(snapshot)} ({_size(path.stat().st_size)}, kohya's layout) to {path}")
+    print(f"Exported the LoRA of {label(snapshot)} ({disk_size(path.stat().st_size)}, kohya's layout) to {path}")
     return path
 
 
@@ -250,7 +250,7 @@ def _export_checkpoint(snapshot: Path, meta: dict, path: Path, *, half: bool, de
     write_safetensors(path, entries, dtype=torch.float16 if half else torch.float32, metadata=info)
     if prediction == "v_prediction":
         storage.atomic_write_text(path.with_suffix(".yaml"), ldm_yaml(configs, scheduler, layout=layout))
-    print(f"Exported {label(snapshot)} ({layout.family}, {'fp16' if half else 'fp32'}, {_size(path.stat().st_size)}) "
+    print(f"Exported {label(snapshot)} ({layout.family}, {'fp16' if half else 'fp32'}, {disk_size(path.stat().st_size)}) "
           f"to {path}"
           + (f" with {path.with_suffix('.yaml').name} (v-prediction)" if prediction == "v_prediction" else ""))
     return path

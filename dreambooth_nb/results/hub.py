@@ -31,7 +31,7 @@ from dreambooth_nb.errors import ConfigError
 from dreambooth_nb.model.base import BaseModel
 from dreambooth_nb.results.evaluate import render_dir
 from dreambooth_nb.results.export import base_name, choose_snapshot, how_to_use, label, run_config, subject_prompts
-from dreambooth_nb.planning.memory import _size  # bytes for people
+from dreambooth_nb.units import disk_size
 from dreambooth_nb.quiet import silenced
 
 LIBRARY = "dreambooth-nb"
@@ -64,7 +64,7 @@ def push_to_hub(run_or_snapshot, repo_id: str, *, private: bool = True, token: s
     with tempfile.TemporaryDirectory(prefix="dreambooth-nb-push-") as folder:
         staged = stage(snapshot, Path(folder), repo_id=repo_id, single_file=single_file)
         create_repo(repo_id, token=token, private=private, exist_ok=True, repo_type="model")
-        size = _size(sum(p.stat().st_size for p in staged.rglob("*") if p.is_file()))
+        size = disk_size(sum(p.stat().st_size for p in staged.rglob("*") if p.is_file()))
         print(f"Uploading {label(snapshot)} ({size}) to https://huggingface.co/{repo_id} "
               f"({'private' if private else 'public'}) ...")
         upload_folder(repo_id=repo_id, folder_path=staged, token=token, repo_type="model",

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from dreambooth_nb.units import gib
 from dreambooth_nb import storage
 from dreambooth_nb.config import TrainConfig, changed_settings
 from dreambooth_nb.errors import ConfigError, TrainingStopped
@@ -557,8 +558,8 @@ def _check_memory_plan(config: TrainConfig, *, progress: Progress, adam_fallback
     progress.stage = "planning the GPU memory"
     memory_plan = planner.plan(config)
     progress.planned_gpu_bytes = memory_plan.gpu_allocated_bytes
-    print(f"Memory plan: {memory_plan.gpu_required_bytes / 2**30:.1f} GiB needed of "
-          f"{memory_plan.gpu_total_bytes / 2**30:.1f} GiB on {memory_plan.gpu}"
+    print(f"Memory plan: {gib(memory_plan.gpu_required_bytes, digits=1)} GiB needed of "
+          f"{gib(memory_plan.gpu_total_bytes, digits=1)} GiB on {memory_plan.gpu}"
           + (f" (with 32-bit AdamW: 8-bit Adam cannot run here, {adam_fallback})." if adam_fallback else "."))
     if not memory_plan.fits and config.check_memory_plan:
         fallback = (f"8-bit Adam cannot run here ({adam_fallback}), so 32-bit AdamW was planned: fix bitsandbytes "
