@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dreambooth_nb.errors import ConfigError
-from dreambooth_nb.storage import atomic_write_text
+from dreambooth_nb.storage import FORMAT, atomic_write_text, check_format
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -343,7 +343,8 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def to_json(self, path=None) -> str:
-        text = json.dumps(self.to_dict(), indent=2)
+        """The config as JSON (with the format it is written in: `storage.FORMAT`), written to `path` if given."""
+        text = json.dumps({"format": FORMAT, **self.to_dict()}, indent=2)
         if path is not None:
             atomic_write_text(Path(path), text + "\n")
         return text
@@ -353,7 +354,6 @@ class TrainConfig:
         """Build a config from a dict, rejecting unknown keys and wrong types with the key's name."""
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a JSON object of settings, got {type(data).__name__}.")
-        data = {k: v for k, v in data.items() if k not in RETIRED}
         fields = {f.name: f for f in dataclasses.fields(cls)}
         hints = typing.get_type_hints(cls)
         unknown = sorted(set(data) - set(fields))
@@ -374,7 +374,9 @@ class TrainConfig:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise ConfigError(f"{path}: not valid JSON ({err}); fix it or delete it and rerun setup.") from None
-        return cls.from_dict(data, source=str(path))
+        check_format(data, source=str(path), what="Run notebook 1 again to write a project's config anew; a run "
+                                                  "folder from then cannot be resumed: train into a new one.")
+        return cls.from_dict({k: v for k, v in data.items() if k != "format"}, source=str(path))
 
     def replace(self, **changes) -> "TrainConfig":
         """A copy with some fields changed (unknown names raise ConfigError)."""
@@ -382,12 +384,6 @@ class TrainConfig:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-
-# Settings that earlier versions wrote and that no longer exist, with why; configs holding them still load.
-RETIRED = {
-    "pre_compute_text_embeddings": "a frozen text encoder's embeddings are now always computed once, and the "
-                                   "encoder leaves the GPU",
-}
 
 
 def model_location(name: str) -> str | None:
@@ -446,10 +442,7 @@ def changed_settings(before: dict, config: "TrainConfig", *, ignore=()) -> list[
     their product (the samples per optimizer step) changes. A text encoder that trained so far may be frozen
     from now on.
     """
-    before = {k: v for k, v in before.items() if k not in RETIRED}
     now = config.to_dict()
-    # A setting missing from `before` was added since that run started: it ran with the default.
-    before = {**TrainConfig().to_dict(), **before}
     changed = sorted(k for k, v in now.items() if not resumable(k) and k not in ignore and before[k] != v)
     batch = ("train_batch_size", "gradient_accumulation_steps", "num_processes")
     if before.get("train_batch_size", 0) * before.get("gradient_accumulation_steps", 0) * \

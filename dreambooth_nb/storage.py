@@ -23,11 +23,23 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from dreambooth_nb.errors import DataError, TrainingStopped
+from dreambooth_nb.errors import ConfigError, DataError, TrainingStopped
 
 _TMP_PREFIX = ".tmp-"
 _OLD_PREFIX = ".old-"
 STATE_MARKER = "state.json"  # written last inside a state: its presence means the state is complete
+FORMAT = 2
+"""The version of what this package writes into a project and its runs (config.json, states, snapshot.json). A
+reader meeting another refuses it with a message (`check_format`) instead of guessing at what it meant.
+1: what versions before this number wrote (none of them wrote it)."""
+
+
+def check_format(data: dict, *, source: str, what: str) -> None:
+    """Refuse `data` (a config.json, a state's or a snapshot's JSON) written in another format than this one."""
+    found = data.get("format", 1) if isinstance(data, dict) else None
+    if found != FORMAT:
+        raise ConfigError(f"{source}: written by {'an earlier' if (found or 0) < FORMAT else 'a later'} version of "
+                          f"dreambooth-nb (format {found}; this one reads format {FORMAT}). {what}")
 _STATE_RE = re.compile(r"^state-(\d+)$")
 _SNAPSHOT_RE = re.compile(r"^step-(\d+)$")
 _OLD_RE = re.compile(r"^\.old-(.+)-[0-9a-f]{8}$")

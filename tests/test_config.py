@@ -1,6 +1,8 @@
 import json
 
 import pytest
+
+from dreambooth_nb.storage import FORMAT
 import torch
 
 from dreambooth_nb import ConfigError, TrainConfig, preset
@@ -50,7 +52,7 @@ def test_json_round_trip(tmp_path):
 ])
 def test_from_json_rejects_bad_keys_and_types(tmp_path, key, value, message):
     path = tmp_path / "config.json"
-    path.write_text(json.dumps({key: value}))
+    path.write_text(json.dumps({"format": FORMAT, key: value}))
     with pytest.raises(ConfigError, match=message):
         TrainConfig.from_json(path)
 

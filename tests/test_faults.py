@@ -290,14 +290,14 @@ def test_config_json_rejects_unknown_keys_and_wrong_types_naming_the_key(tmp_pat
     with pytest.raises(ConfigError, match=re.escape(key)):
         TrainConfig.from_dict(data)
     path = tmp_path / "config.json"
-    path.write_text(json.dumps(data))
+    path.write_text(json.dumps({"format": storage.FORMAT, **data}))
     with pytest.raises(ConfigError, match=re.escape(key)) as info:
         TrainConfig.from_json(path)
     assert str(path) in str(info.value)
 
 
 def test_a_run_refuses_a_config_json_with_a_typo_before_loading_anything(tmp_path, make_config, monkeypatch):
-    data = make_config().to_dict()
+    data = json.loads(make_config().to_json())
     data["checkpointing_step"] = data.pop("checkpointing_steps")
     (tmp_path / "config.json").write_text(json.dumps(data))
     monkeypatch.setattr(train_module.loading, "load_components", lambda *a, **k: pytest.fail("loaded a model"))

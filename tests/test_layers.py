@@ -8,7 +8,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dreambooth_nb"
-ROOT_MODULES = {"errors", "progress", "quiet", "environment", "storage", "config"}
+ROOT_MODULES = {path.stem for path in PACKAGE.glob("*.py")}  # errors, config, storage, units, ...: below every folder
 # Layer → the layers it may import from (the root modules are below every folder).
 ALLOWED = {
     "root": {"root"},

@@ -191,11 +191,14 @@ def test_restoring_random_state_saved_on_more_gpus_than_there_are(monkeypatch):
     """A state saved on Kaggle's two GPUs resumes on Colab's one: the second GPU's state is not needed."""
     restored = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, index: restored.append(index))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, index: restored.append((int(state[0]), index)))
     before = torch.get_rng_state()
-    train_module.restore_rng({"torch": before, "cuda": [torch.zeros(8, dtype=torch.uint8)] * 2})
-    assert restored == [0] and torch.equal(torch.get_rng_state(), before)
+    saved = {"torch": [before, torch.get_rng_state()], "cuda": [torch.full((8,), r, dtype=torch.uint8) for r in (0, 1)]}
+    train_module.restore_rng(saved, rank=0)  # one process now: rank 0's generators, on its device
+    assert restored == [(0, 0)] and torch.equal(torch.get_rng_state(), before)
+    train_module.restore_rng(saved, rank=2)  # more processes than saved: rank 0's
+    assert restored[-1] == (0, 0)
 
 
 def test_the_xformers_probe_survives_an_error_without_a_message(monkeypatch):

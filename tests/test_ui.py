@@ -46,10 +46,17 @@ def test_config_from_widgets_rounds_the_log_slider_to_its_readout(base):
     assert ui.config_from_widgets({"learning_rate": 2.5e-6}, base).learning_rate == 2.5e-6
 
 
-def test_a_config_json_of_an_earlier_version_with_retired_settings_still_loads(base, tmp_path):
+def test_a_config_json_of_an_earlier_version_is_refused_with_what_to_do(base, tmp_path):
+    """Versions before the format number wrote none (and settings that are gone): no guessing at what they meant."""
+    from dreambooth_nb.storage import FORMAT
+
     path = tmp_path / "config.json"
     path.write_text(json.dumps({**base.to_dict(), "pre_compute_text_embeddings": True}))
-    assert TrainConfig.from_json(path) == base
+    with pytest.raises(ConfigError, match=rf"written by an earlier version of dreambooth-nb \(format 1; this one reads "
+                                          rf"format {FORMAT}\)\. Run notebook 1 again"):
+        TrainConfig.from_json(path)
+    base.to_json(path)
+    assert json.loads(path.read_text())["format"] == FORMAT and TrainConfig.from_json(path) == base
 
 
 @pytest.mark.parametrize("values, message", [
@@ -323,7 +330,7 @@ def test_run_dir_for_resumes_the_same_settings_and_never_mixes_others(base, tmp_
     first = project.run_dir_for(base)
     assert first.name == "lr2e-6"
     first.mkdir(parents=True)
-    (first / "config.json").write_text(json.dumps(base.replace(output_dir=str(first)).to_dict()))
+    base.replace(output_dir=str(first)).to_json(first / "config.json")
     assert project.run_dir_for(base.replace(max_train_steps=800)) == first  # resumable change: same run
     other = project.run_dir_for(base.replace(seed=1))
     assert other.name == "lr2e-6-2"

@@ -30,7 +30,6 @@ from dreambooth_nb.errors import DataError
 from dreambooth_nb.model.base import BaseModel
 from dreambooth_nb.model.dtypes import diffusers_dtype, transformers_dtype
 
-FORMAT = 1
 _WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
             "text_encoder": "model.safetensors"}
 
@@ -63,7 +62,7 @@ def save(path: Path, *, step: int, config, parts, trained: dict[str, dict], dtyp
                     module = getattr(parts, name)
                     _save_part(module, module.state_dict(), tmp / name, dtype=dtype)
         storage.write_json(tmp / storage.SNAPSHOT_MARKER, {
-            "format": FORMAT, "step": step, "complete": complete, "trained": sorted(trained),
+            "format": storage.FORMAT, "step": step, "complete": complete, "trained": sorted(trained),
             "base": BaseModel.of(config).reference, "revision": config.revision,
             "variant": config.variant, "native_resolution": _native_resolution(parts),
             "dtype": str(dtype).removeprefix("torch.")})
@@ -113,7 +112,7 @@ def save_lora(path: Path, *, step: int, config, parts, adapters: dict[str, dict]
                             "ss_network_module": "networks.lora",
                             "ss_base_model_version": family.kohya_base_version})
         storage.write_json(tmp / storage.SNAPSHOT_MARKER, {
-            "format": FORMAT, "step": step, "complete": False, "trained": sorted(adapters), "method": "lora",
+            "format": storage.FORMAT, "step": step, "complete": False, "trained": sorted(adapters), "method": "lora",
             "lora": {"rank": config.lora_rank, "alpha": alpha, "scale_folded_into_up_weights": scale,
                      "target_modules": list(config.lora_target_modules)},
             "base": BaseModel.of(config).reference, "revision": config.revision,
@@ -148,9 +147,12 @@ def info(path) -> dict:
     path = Path(path)
     marker = path / storage.SNAPSHOT_MARKER
     if marker.is_file():
-        return json.loads(marker.read_text())
-    if (path / "model_index.json").is_file():
-        return {"format": 0, "complete": True, "trained": [], "base": None}
+        meta = json.loads(marker.read_text())
+        storage.check_format(meta, source=str(marker), what="Train the run again with this version to compare or "
+                                                             "export it, or use the version that wrote it.")
+        return meta
+    if (path / "model_index.json").is_file():  # a pipeline folder (a base model): complete, nothing trained
+        return {"format": storage.FORMAT, "complete": True, "trained": [], "base": None}
     raise DataError(f"{path}: not a snapshot (no snapshot.json or model_index.json). Pass a snapshot folder "
                     "such as output_dir/snapshots/step-000400, or train first.")
 

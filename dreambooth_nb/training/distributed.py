@@ -34,7 +34,6 @@ from pathlib import Path
 from dreambooth_nb.environment import COLAB, detect_platform
 from dreambooth_nb.errors import ConfigError, TrainingStopped
 from dreambooth_nb.progress import report
-from dreambooth_nb.storage import write_json
 
 EVENT = "DREAMBOOTH_NB_EVENT "  # a line of rank 0's stdout that carries a callback, as JSON
 STOPPED = "DREAMBOOTH_NB_STOPPED "  # a line (any rank) that carries the message of a TrainingStopped
@@ -97,7 +96,7 @@ def launch(config, *, on_step=None, on_validation=None) -> Path:
 
     folder = Path(tempfile.mkdtemp(prefix="dreambooth-nb-"))
     path = folder / "config.json"
-    write_json(path, config.to_dict())
+    config.to_json(path)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if not torch.cuda.is_available():
         env["ACCELERATE_USE_CPU"] = "yes"  # accelerate's multi-CPU (gloo) mode; with GPUs it picks NCCL itself

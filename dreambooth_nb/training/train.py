@@ -421,7 +421,8 @@ def save_state(path: Path, *, step: int, history: History, config: TrainConfig, 
                                  filename="ema.safetensors")
         torch.save(rng, tmp / "rng.pt")
         storage.write_json(tmp / storage.STATE_MARKER,
-                           {"step": step, "history": history.to_dict(), "config": config.to_dict(),
+                           {"format": storage.FORMAT, "step": step, "history": history.to_dict(),
+                            "config": config.to_dict(),
                             "optimizer": type(getattr(optimizer, "optimizer", optimizer)).__name__})
     storage.write_json(Path(config.output_dir) / "history.json", history.to_dict())
 
@@ -431,6 +432,7 @@ def load_state(path: Path, *, parts, method, optimizer, lr_scheduler, accelerato
         return torch.load(path / name, map_location="cpu", weights_only=True, mmap=True)
 
     meta = json.loads((path / storage.STATE_MARKER).read_text())
+    storage.check_format(meta, source=str(path), what="Delete that state folder, or train into a new output_dir.")
     _load_weights(parts.unet, path, "unet.safetensors", expected=method.saved_tensors(parts.unet))
     for name in parts.family.text_encoders:  # trained so far; maybe frozen from now on
         if storage.weights_exist(path, filename=f"{name}.safetensors"):
@@ -482,17 +484,11 @@ def gather_rng(accelerator) -> dict:
 
 def restore_rng(rng: dict, *, rank: int = 0) -> None:
     """The random generators as saved for this rank; a rank the saved run did not have (more processes now)
-    takes rank 0's. States saved by one process that used every GPU's CUDA generator (earlier versions)
-    restore the GPUs this machine has (a run saved on a 2-GPU Kaggle machine resumes on a 1-GPU Colab)."""
-    torch_states = rng["torch"] if isinstance(rng["torch"], list) else [rng["torch"]]
-    torch.set_rng_state(torch_states[rank if rank < len(torch_states) else 0])
+    takes rank 0's (a run saved on a 2-GPU Kaggle machine resumes on a 1-GPU Colab)."""
+    torch.set_rng_state(rng["torch"][rank if rank < len(rng["torch"]) else 0])
     cuda_states = rng.get("cuda") or []
-    if cuda_states and torch.cuda.is_available():
-        if isinstance(rng["torch"], list):  # one CUDA state per rank, for that rank's own device
-            torch.cuda.set_rng_state(cuda_states[rank if rank < len(cuda_states) else 0], torch.cuda.current_device())
-        else:
-            for index, state in enumerate(cuda_states[:torch.cuda.device_count()]):
-                torch.cuda.set_rng_state(state, index)
+    if cuda_states and torch.cuda.is_available():  # one CUDA state per rank, for that rank's own device
+        torch.cuda.set_rng_state(cuda_states[rank if rank < len(cuda_states) else 0], torch.cuda.current_device())
 
 
 def _load_weights(module, folder: Path, filename: str, *, expected: dict) -> None:
@@ -533,7 +529,10 @@ def _resume_source(config: TrainConfig) -> Path | None:
         else Path(config.resume_from_checkpoint)
     saved = out / "config.json"
     if saved.is_file() and (state is not None or storage.list_snapshots(out)):
-        changed = changed_settings(json.loads(saved.read_text()), config)
+        before = json.loads(saved.read_text())
+        storage.check_format(before, source=str(saved), what="A run written then cannot be resumed by this version: "
+                                                              "choose a new output_dir.")
+        changed = changed_settings(before, config)
         if changed:
             raise ConfigError(f"output_dir: {out} holds a run with other settings ({', '.join(changed)} changed). "
                               "Choose a new output_dir for the new settings, or restore them to resume.")
