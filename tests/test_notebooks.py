@@ -377,3 +377,11 @@ def test_the_demo_collects_each_grid_with_its_sidecar_and_metrics_plot(tmp_path)
     assert sorted(p.name for p in grids.iterdir()) == ["comparison-metrics.png", "comparison.json", "comparison.png",
                                                        "sweep-metrics.png", "sweep.json", "sweep.png"]
     assert (grids / "comparison-metrics.png").read_text() == "compare-abc-metrics.png"
+
+
+def test_the_demo_finds_the_notebooks_of_the_checkout():
+    """`make demo` runs `python -m dreambooth_nb.notebook.demo` without --notebooks: the default must be the
+    checkout's notebooks/ folder, wherever the module sits in the package."""
+    from dreambooth_nb.notebook.demo import NOTEBOOK_DIR
+
+    assert NOTEBOOK_DIR == ROOT / "notebooks" and (NOTEBOOK_DIR / "01_setup.ipynb").is_file()

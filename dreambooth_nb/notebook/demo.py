@@ -25,7 +25,7 @@ from dreambooth_nb.toy import world
 from dreambooth_nb.toy.tiny import build_tiny_pipeline
 from dreambooth_nb.toy.world import TOY_MODEL_DIR
 
-NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"  # (the checkout: dreambooth_nb/notebook/demo.py)
 ORDER = ("01_setup", "02_class_images", "03_training", "04_comparison", "05_sweep", "06_export")
 
 
