@@ -83,9 +83,9 @@ from pathlib import Path
 
 from dreambooth_nb import plan
 from dreambooth_nb.dataset import images
-from dreambooth_nb.notebook import platform, project as projects, ui
+from dreambooth_nb.notebook import platform, project as projects, settings, views
 
-ui.show_errors_as_messages()  # our errors show as one message, not a stack trace
+views.show_errors_as_messages()  # our errors show as one message, not a stack trace
 print(platform.check_environment().summary())
 
 # %% [markdown]
@@ -122,7 +122,7 @@ resolution = RESOLUTION or projects.native_resolution(MODEL_ID)
 for folder, prompt, *_ in [(instance_dir, INSTANCE_PROMPT), *CONCEPTS]:
     report = images.scan_images(folder, resolution=resolution, instance_prompt=prompt)
     print(report.summary())
-    ui.show_image(images.thumbnail_grid(report.usable))
+    views.show_image(images.thumbnail_grid(report.usable))
 
 # %% [markdown]
 # ## Save the settings
@@ -136,7 +136,7 @@ config, fitted = projects.setup_config(
     prior_preservation=PRIOR_PRESERVATION, num_class_images=NUM_CLASS_IMAGES, resolution=resolution,
     learning_rate=LEARNING_RATE, max_steps=MAX_STEPS, concepts=CONCEPTS, with_report=True)
 print(f"Saved {project.save_config(config)}\n")
-print(ui.config_summary(config))
+print(settings.config_summary(config))
 
 # %% [markdown]
 # ## Will it fit? The fastest settings that fit

@@ -41,13 +41,13 @@ PROJECT_DIR = ""  #@param {type:"string"}
 # %%
 from dreambooth_nb import generate_class_images
 from dreambooth_nb.dataset import classes, images
-from dreambooth_nb.notebook import platform, project as projects, ui
+from dreambooth_nb.notebook import platform, project as projects, settings, views
 
-ui.show_errors_as_messages()  # our errors show as one message, not a stack trace
+views.show_errors_as_messages()  # our errors show as one message, not a stack trace
 platform.use_hf_token()  # a token in HF_TOKEN or a Colab/Kaggle secret, for gated models; never shown
 project = projects.open_project(PROJECT_DIR, create=False)
 config = project.load_config()
-print(ui.config_summary(config))
+print(settings.config_summary(config))
 
 # %% [markdown]
 # ## What the class folder already holds
@@ -62,7 +62,7 @@ if config.with_prior_preservation:
         print(found.summary())
         if found.yours:
             print("Yours (up to 16):")
-            ui.show_image(images.thumbnail_grid(found.yours[:16], size=96))
+            views.show_image(images.thumbnail_grid(found.yours[:16], size=96))
 
 # %% [markdown]
 # ## Generate the missing class images
@@ -74,7 +74,7 @@ if config.with_prior_preservation:
     for subject in subjects:
         files = classes.class_images(subject).selected
         print(f"{len(files)} class images of '{subject.class_prompt}' for training. A sample:")
-        ui.show_image(images.thumbnail_grid(files[:16], size=128))
+        views.show_image(images.thumbnail_grid(files[:16], size=128))
 else:
     print("Prior preservation is off in this project's settings: no class images are needed. "
           "(Turn it on in notebook 1 with PRIOR_PRESERVATION = 'on', or in the training panel of notebook 3.)")

@@ -67,13 +67,13 @@ TRAIN_NOW = False  #@param {type:"boolean"}
 
 # %%
 from dreambooth_nb.environment import is_headless
-from dreambooth_nb.notebook import platform, project as projects, ui
+from dreambooth_nb.notebook import platform, project as projects, settings, ui, views
 
-ui.show_errors_as_messages()  # our errors show as one message, not a stack trace
+views.show_errors_as_messages()  # our errors show as one message, not a stack trace
 platform.use_hf_token()  # a token in HF_TOKEN or a Colab/Kaggle secret, for gated models; never shown
 project = projects.open_project(PROJECT_DIR, create=False)
-config = ui.apply_parameters(project.load_config(), learning_rate=LEARNING_RATE, max_train_steps=MAX_STEPS,
-                             snapshot_steps=SNAPSHOT_STEPS, checkpointing_steps=CHECKPOINTING_STEPS)
+config = settings.apply_parameters(project.load_config(), learning_rate=LEARNING_RATE, max_train_steps=MAX_STEPS,
+                                   snapshot_steps=SNAPSHOT_STEPS, checkpointing_steps=CHECKPOINTING_STEPS)
 
 # %% [markdown]
 # ## Train

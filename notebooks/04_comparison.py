@@ -53,16 +53,16 @@ RUNS = ""  #@param {type:"string"}
 COLUMNS = "step"  #@param ["step", "prompt"]
 
 # %%
-from dreambooth_nb.notebook import platform, project as projects, ui
+from dreambooth_nb.notebook import platform, project as projects, settings, ui, views
 from dreambooth_nb.results.evaluate import EvalSpec
 
-ui.show_errors_as_messages()  # our errors show as one message, not a stack trace
+views.show_errors_as_messages()  # our errors show as one message, not a stack trace
 platform.use_hf_token()  # a token in HF_TOKEN or a Colab/Kaggle secret, for gated models; never shown
 project = projects.open_project(PROJECT_DIR, create=False)
 config = project.load_config()
 project.select_runs(RUNS)  # (a misspelt name stops here, with the runs there are)
 spec = EvalSpec.for_config(config, contexts=[c.strip() for c in CONTEXTS.split(";") if c.strip()],
-                           seeds=ui.parse_int_list(SEEDS, name="SEEDS", allow_zero=True), scheduler=SCHEDULER,
+                           seeds=settings.parse_int_list(SEEDS, name="SEEDS", allow_zero=True), scheduler=SCHEDULER,
                            num_inference_steps=INFERENCE_STEPS, guidance_scale=GUIDANCE)
 
 # %% [markdown]

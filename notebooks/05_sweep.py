@@ -53,10 +53,10 @@ RUN_NOW = False  #@param {type:"boolean"}
 
 # %%
 from dreambooth_nb.environment import is_headless
-from dreambooth_nb.notebook import platform, project as projects, ui
+from dreambooth_nb.notebook import platform, project as projects, ui, views
 from dreambooth_nb.results.evaluate import EvalSpec
 
-ui.show_errors_as_messages()  # our errors show as one message, not a stack trace
+views.show_errors_as_messages()  # our errors show as one message, not a stack trace
 platform.use_hf_token()  # a token in HF_TOKEN or a Colab/Kaggle secret, for gated models; never shown
 project = projects.open_project(PROJECT_DIR, create=False)
 config = project.load_config()

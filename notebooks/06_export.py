@@ -60,10 +60,10 @@ PRIVATE = True  #@param {type:"boolean"}
 from IPython.display import Markdown, display
 
 from dreambooth_nb.results import hub
-from dreambooth_nb.notebook import platform, project as projects, ui
+from dreambooth_nb.notebook import platform, project as projects, views
 from dreambooth_nb.results.export import export, file_name, how_to_use, snapshot_in_project
 
-ui.show_errors_as_messages()  # our errors show as one message, not a stack trace
+views.show_errors_as_messages()  # our errors show as one message, not a stack trace
 platform.use_hf_token()  # a token in HF_TOKEN or a Colab/Kaggle secret; never shown
 project = projects.open_project(PROJECT_DIR, create=False)
 snapshot = snapshot_in_project(project, RUN, step=STEP)

@@ -313,13 +313,13 @@ def test_the_evaluation_has_one_block_of_prompts_per_subject(two_subjects):
 
 
 def test_the_settings_summary_lists_every_subject(two_subjects, make_config):
-    from dreambooth_nb.notebook import ui
+    from dreambooth_nb.notebook import settings
 
-    text = ui.config_summary(two_subjects(with_prior_preservation=True))
+    text = settings.config_summary(two_subjects(with_prior_preservation=True))
     assert "Subjects:           2, taking turns in every batch" in text
     assert "  2. 'a photo of sks cat' from" in text and "3 class images of 'a photo of a cat'" in text
     assert "Prior preservation: on: class images per subject (above), weight 1" in text
-    single = ui.config_summary(make_config())
+    single = settings.config_summary(make_config())
     assert "Instance prompt:    a photo of sks dog" in single and "Subjects" not in single
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from dreambooth_nb import progress
-from dreambooth_nb.notebook import ui
+from dreambooth_nb.notebook import views, ui
 from dreambooth_nb.config import PRESETS
 from dreambooth_nb.errors import ActionStopped, TrainingStopped
 from dreambooth_nb.results.evaluate import EvalSpec
@@ -207,7 +207,7 @@ def test_the_eta_waits_for_a_few_steps():
     import ipywidgets as widgets
 
     status = widgets.HTML()
-    live = ui.LiveLoss(total=100, status=status)
+    live = views.LiveLoss(total=100, status=status)
     for step in (1, 2, 3):
         live(step, 0.5, 1e-4)
         assert "estimating the time left" in status.value
@@ -234,7 +234,7 @@ def test_switching_method_sets_the_presets_rate_and_says_where_it_comes_from(mak
 def test_the_sweep_plot_keeps_every_rate():
     import ipywidgets as widgets
 
-    live = ui._RunsLoss(total=4, plot=widgets.Output(), finished={"lr 1.0e-03": ([1, 2], [0.3, 0.2])})
+    live = views.RunsLoss(total=4, plot=widgets.Output(), finished={"lr 1.0e-03": ([1, 2], [0.3, 0.2])})
     for lr in (5e-4, 1e-4):
         for step in range(1, 5):
             live(step, 0.5, lr)
@@ -267,7 +267,7 @@ def test_a_cell_run_while_a_panel_works_prints_into_its_own_output(capsys):
     log, inside, release = widgets.Output(), threading.Event(), threading.Event()
 
     def work():
-        with ui._into(log):
+        with views.writing_into(log):
             print("from the panel's work")
             inside.set()
             release.wait(10)

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from dreambooth_nb import environment
-from dreambooth_nb.notebook import platform, project as projects, ui
+from dreambooth_nb.notebook import views, platform, project as projects, settings, ui
 from dreambooth_nb.config import TrainConfig, preset
 from dreambooth_nb.errors import ConfigError, DataError
 
@@ -25,7 +25,7 @@ def base(tmp_path):
 
 # --- Config from widget values ---------------------------------------------------------------------------
 def test_widget_values_round_trip_to_the_same_config(base):
-    assert ui.config_from_widgets(ui.widget_values(base), base) == base
+    assert settings.config_from_widgets(settings.widget_values(base), base) == base
 
 
 def test_config_from_widgets_applies_every_panel_field(base):
@@ -33,7 +33,7 @@ def test_config_from_widgets_applies_every_panel_field(base):
               "gradient_accumulation_steps": 3, "with_prior_preservation": True, "prior_loss_weight": 0.5,
               "train_text_encoder": True, "use_8bit_adam": True, "gradient_checkpointing": True,
               "mixed_precision": "bf16", "snapshot_steps": "800, 400 400 1200 2000"}
-    config = ui.config_from_widgets(values, base)
+    config = settings.config_from_widgets(values, base)
     for name, value in values.items():
         if name != "snapshot_steps":
             assert getattr(config, name) == value, name
@@ -42,8 +42,8 @@ def test_config_from_widgets_applies_every_panel_field(base):
 
 
 def test_config_from_widgets_rounds_the_log_slider_to_its_readout(base):
-    assert ui.config_from_widgets({"learning_rate": 1.9952623149688787e-06}, base).learning_rate == 2e-6
-    assert ui.config_from_widgets({"learning_rate": 2.5e-6}, base).learning_rate == 2.5e-6
+    assert settings.config_from_widgets({"learning_rate": 1.9952623149688787e-06}, base).learning_rate == 2e-6
+    assert settings.config_from_widgets({"learning_rate": 2.5e-6}, base).learning_rate == 2.5e-6
 
 
 def test_a_config_json_of_an_earlier_version_is_refused_with_what_to_do(base, tmp_path):
@@ -67,35 +67,35 @@ def test_a_config_json_of_an_earlier_version_is_refused_with_what_to_do(base, tm
 ])
 def test_config_from_widgets_rejects_bad_values_with_the_field_name(base, values, message):
     with pytest.raises(ConfigError, match=message):
-        ui.config_from_widgets(values, base)
+        settings.config_from_widgets(values, base)
 
 
 def test_apply_parameters_keeps_setup_values_for_zero_and_empty(base):
-    assert ui.apply_parameters(base, learning_rate=0.0, max_train_steps=0, snapshot_steps="") == \
-        base.replace(snapshot_steps=ui.default_snapshot_steps(base.max_train_steps))
-    changed = ui.apply_parameters(base, learning_rate=1e-6, max_train_steps=800, snapshot_steps="")
+    assert settings.apply_parameters(base, learning_rate=0.0, max_train_steps=0, snapshot_steps="") == \
+        base.replace(snapshot_steps=settings.default_snapshot_steps(base.max_train_steps))
+    changed = settings.apply_parameters(base, learning_rate=1e-6, max_train_steps=800, snapshot_steps="")
     assert (changed.learning_rate, changed.max_train_steps, changed.snapshot_steps) == (1e-6, 800, [400])
-    explicit = ui.apply_parameters(base, max_train_steps=600, snapshot_steps="200, 600, 900")
+    explicit = settings.apply_parameters(base, max_train_steps=600, snapshot_steps="200, 600, 900")
     assert explicit.snapshot_steps == [200]
 
 
 def test_parse_lists():
-    assert ui.parse_int_list("400, 800 1200,") == [400, 800, 1200]
-    assert ui.parse_int_list("1, 0", allow_zero=True) == [0, 1]
-    assert ui.parse_float_list("5e-6, 2e-6, 5e-6") == [5e-6, 2e-6]
+    assert settings.parse_int_list("400, 800 1200,") == [400, 800, 1200]
+    assert settings.parse_int_list("1, 0", allow_zero=True) == [0, 1]
+    assert settings.parse_float_list("5e-6, 2e-6, 5e-6") == [5e-6, 2e-6]
     with pytest.raises(ConfigError, match="positive"):
-        ui.parse_int_list("0")
+        settings.parse_int_list("0")
     with pytest.raises(ConfigError, match="empty"):
-        ui.parse_float_list(" ")
+        settings.parse_float_list(" ")
     with pytest.raises(ConfigError, match="'-1e-6'"):
-        ui.parse_float_list("-1e-6")
+        settings.parse_float_list("-1e-6")
 
 
 def test_grid_axes():
-    assert ui.grid_axes("step") == (("prompt", "seed"), ("run", "step"))
-    assert ui.grid_axes("prompt") == (("run", "step"), "prompt")
+    assert settings.grid_axes("step") == (("prompt", "seed"), ("run", "step"))
+    assert settings.grid_axes("prompt") == (("run", "step"), "prompt")
     with pytest.raises(ConfigError):
-        ui.grid_axes("seed")
+        settings.grid_axes("seed")
 
 
 # --- The panel (widgets built, no frontend needed) --------------------------------------------------------
@@ -111,7 +111,7 @@ def test_training_panel_builds_the_config_the_button_uses(base, tmp_path):
     config = panel.config()
     assert (config.learning_rate, config.max_train_steps, config.snapshot_steps) == (2e-6, 400, [200])
     assert config.output_dir == str(project.runs_dir / "lr2e-6-te")
-    assert set(ui.PANEL_FIELDS) == set(panel.values())
+    assert set(settings.PANEL_FIELDS) == set(panel.values())
 
 
 def test_the_panel_shows_the_memory_plan_of_its_settings(base, tiny_model, monkeypatch):
@@ -156,19 +156,19 @@ def test_live_loss_moves_the_progress_bar_and_plots(base):
     import ipywidgets as widgets
 
     progress, status = widgets.IntProgress(max=10), widgets.HTML()
-    live = ui.LiveLoss(total=10, progress=progress, status=status, plot=None, history={"steps": [1], "losses": [0.5]})
+    live = views.LiveLoss(total=10, progress=progress, status=status, plot=None, history={"steps": [1], "losses": [0.5]})
     live(2, 0.25, 1e-6)
     assert progress.value == 2 and "step 2/10" in status.value and live.steps == [1, 2]
-    png = ui.loss_plot_png(live.steps, live.losses, total=10)
+    png = views.loss_plot_png(live.steps, live.losses, total=10)
     assert png.startswith(b"\x89PNG")
 
 
 def test_apply_parameters_takes_false_as_a_value(base):
     """`TRAIN_TEXT_ENCODER=False` turns it off; only None, empty text and a number 0 mean "keep"."""
     on = base.replace(train_text_encoder=True, with_prior_preservation=True)
-    off = ui.apply_parameters(on, train_text_encoder=False, with_prior_preservation=False, learning_rate=0.0)
+    off = settings.apply_parameters(on, train_text_encoder=False, with_prior_preservation=False, learning_rate=0.0)
     assert (off.train_text_encoder, off.with_prior_preservation, off.learning_rate) == (False, False, base.learning_rate)
-    assert ui.apply_parameters(on, train_text_encoder=None).train_text_encoder is True
+    assert settings.apply_parameters(on, train_text_encoder=None).train_text_encoder is True
 
 
 @pytest.mark.parametrize("text,old,new,expected,note", [
@@ -179,7 +179,7 @@ def test_apply_parameters_takes_false_as_a_value(base):
     ("abc", 400, 100, "abc", ""),  # left for Train to report
 ])
 def test_snapshot_steps_follow_the_steps_slider(text, old, new, expected, note):
-    assert ui.adjust_snapshot_steps(text, old_steps=old, new_steps=new) == (expected, note + (
+    assert settings.adjust_snapshot_steps(text, old_steps=old, new_steps=new) == (expected, note + (
         " (the last step is always saved)." if note else ""))
 
 
@@ -231,8 +231,8 @@ def test_the_live_plot_draws_the_validation_losses_of_each_snapshot(base, monkey
         labels.append([line.get_label() for line in fig.axes[0].get_lines()])
         return b"png"
 
-    monkeypatch.setattr(ui, "figure_png", capture)
-    live = ui.LiveLoss(total=10, plot=ipywidgets.Output(), history={"steps": [1, 2], "losses": [0.5, 0.4]})
+    monkeypatch.setattr(views, "figure_png", capture)
+    live = views.LiveLoss(total=10, plot=ipywidgets.Output(), history={"steps": [1, 2], "losses": [0.5, 0.4]})
     live.validation_point(2, {"fit": 0.2, "prior": 0.1})
     assert labels[-1] == ["loss per step", "validation: your photos", "validation: the class"]
     assert live.plot.outputs  # drawn at once, not at the next plot step
@@ -249,15 +249,15 @@ def test_the_loss_plot_marks_few_points_and_averages_only_many():
         drawn["marker"] = ax.get_lines()[0].get_marker()
         return b"png"
 
-    original = ui.figure_png
+    original = views.figure_png
     try:
-        ui.figure_png = capture
-        ui.loss_plot_png([1], [0.5], total=400)
+        views.figure_png = capture
+        views.loss_plot_png([1], [0.5], total=400)
         assert drawn["labels"] == ["loss per step"] and drawn["marker"] == "o"  # one point, visible
-        ui.loss_plot_png(list(range(1, 41)), [0.1] * 40, total=400)
+        views.loss_plot_png(list(range(1, 41)), [0.1] * 40, total=400)
         assert drawn["labels"] == ["loss per step", "average of 2 steps"] and drawn["marker"] == "None"
     finally:
-        ui.figure_png = original
+        views.figure_png = original
     assert Figure  # (matplotlib present)
 
 
@@ -313,7 +313,7 @@ def test_setup_config_applies_presets_and_choices(tmp_path):
     assert fixed == report.original.replace(fit_to_gpu=False) and face.fit_to_gpu and not fixed.fit_to_gpu
     assert ui.TrainingPanel(face).fit_box.value and not ui.TrainingPanel(fixed).fit_box.value
     assert face.snapshot_steps == [600]  # halfway, as notebook 3's panel starts: the summary says what happens
-    assert "snapshots at [600]" in ui.config_summary(face)
+    assert "snapshots at [600]" in settings.config_summary(face)
     assert face.class_data_dir == str(project.class_dir) and face.instance_data_dir == str(project.instance_dir)
     obj = projects.setup_config(project, kind="object", fit_to_gpu=False, model="stable-diffusion-v1-5/stable-diffusion-v1-5",
                                 instance_prompt="a photo of sks mug", prior_preservation="on",
@@ -447,7 +447,7 @@ def test_dreambooth_errors_show_as_their_message_and_still_fail(capsys):
 
     shell = InteractiveShell.instance()
     try:
-        assert ui.show_errors_as_messages(shell) is True
+        assert views.show_errors_as_messages(shell) is True
         result = shell.run_cell("from dreambooth_nb.errors import ConfigError\n"
                                 "def deep():\n    raise ConfigError('learning_rate: 1.0 is out of range')\ndeep()")
         assert not result.success and isinstance(result.error_in_exec, ConfigError)
@@ -463,7 +463,7 @@ def test_dreambooth_errors_show_as_their_message_and_still_fail(capsys):
 
 
 def test_show_errors_outside_ipython_is_harmless():
-    assert ui.show_errors_as_messages(None) in (True, False)
+    assert views.show_errors_as_messages(None) in (True, False)
 
 
 def test_the_gpus_choice_trains_data_parallel_and_shows_the_effective_batch(make_config):

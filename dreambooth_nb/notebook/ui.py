@@ -1,28 +1,29 @@
-"""What the notebooks show: the training panel, the live loss plot, image grids, short error messages.
+"""The notebooks' panels: training, comparison and sweep, each with its long action run stoppably (`Runner`).
 
-The rule: widgets only *collect values*. A plain function (`config_from_widgets`) turns those values into
-a `TrainConfig`, and the Train button and a headless run call the very same code path
-(`TrainingPanel.train`), so what a test executes is what a user's click executes.
+The rule: widgets only *collect values*. A plain function (`settings.config_from_widgets`) turns those values
+into a `TrainConfig`, and the Train button and a headless run call the very same code path
+(`TrainingPanel.train`), so what a test executes is what a user's click executes. What they draw and print
+goes through `display`.
 
 Only ipywidgets API common to 7.7 (Colab) and 8 is used.
 """
 
 from __future__ import annotations
 
-import contextvars
 import html
-import io
 import math
-import sys
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from dreambooth_nb.units import gib
-from dreambooth_nb.config import MIXED_PRECISION, PRESETS, TrainConfig, default_snapshot_steps
-from dreambooth_nb.environment import COLAB, detect_platform, is_headless
-from dreambooth_nb.model.methods import METHODS, method_for
-from dreambooth_nb.errors import ActionStopped, ConfigError, DreamboothError, TrainingStopped
+from dreambooth_nb.config import MIXED_PRECISION, TrainConfig
+from dreambooth_nb.environment import is_headless
+from dreambooth_nb.model.methods import METHODS
+from dreambooth_nb.errors import ActionStopped, DreamboothError, TrainingStopped
+from dreambooth_nb.notebook.views import (Fallback, LiveLoss, RunsLoss, loss_plot_png, replace_outputs, show_png,
+                                           show_rendered, writing_into)
+from dreambooth_nb.notebook.settings import (COLUMN_CHOICES, SCHEDULER_CHOICES, adjust_snapshot_steps, batch_line,
+                                            config_from_widgets, grid_axes, method_learning_rate, parse_float_list,
+                                            parse_int_list, widget_values, with_savers_of)
 from dreambooth_nb.planning.fitting import fit_report, previous_run
 from dreambooth_nb.planning.memory import out_of_memory_record
 from dreambooth_nb.planning.planner import plan
@@ -30,475 +31,10 @@ from dreambooth_nb.progress import Task, running, stop_tasks_on_interrupt
 from dreambooth_nb.results import quality
 from dreambooth_nb.results.compare import compare
 from dreambooth_nb.results.evaluate import EvalSpec, render, render_dir
-from dreambooth_nb.results.grids import draw_grid
 from dreambooth_nb.results.sweep import run_folder, sweep
 from dreambooth_nb.storage import latest_state, list_snapshots
 from dreambooth_nb.training.distributed import for_processes, visible_gpus
 from dreambooth_nb.training.train import train
-
-
-# --- Errors: the message, not a stack trace ----------------------------------------------------------
-
-
-def _short_error(shell, etype, value, tb, tb_offset=None):
-    """IPython custom exception handler: show `DreamboothError`s as one red message, no traceback."""
-    stb = [f"\x1b[31m{etype.__name__}: {value}\x1b[0m"]
-    # _showtraceback publishes an `error` output (kernel) or prints (terminal); the cell still fails, so
-    # "Run all" stops here and headless runs (nbclient, papermill, tests) raise CellExecutionError.
-    shell._showtraceback(etype, value, stb)
-    return stb
-
-
-def show_errors_as_messages(shell=None) -> bool:
-    """Make every `DreamboothError` in this notebook show as its message only. Returns False outside IPython.
-
-    Other exceptions (bugs) keep their full traceback. The cell is still marked as failed.
-    """
-    if shell is None:
-        try:
-            from IPython import get_ipython
-
-            shell = get_ipython()
-        except ImportError:
-            return False
-    if shell is None:
-        return False
-    shell.set_custom_exc((DreamboothError,), _short_error)
-    return True
-
-
-# --- Parsing text fields --------------------------------------------------------------------------------
-def parse_int_list(text, *, name: str = "steps", allow_zero: bool = False) -> list[int]:
-    """"400, 800 1200" -> [400, 800, 1200] (sorted, no repeats); a list passes through."""
-    if isinstance(text, (list, tuple)):
-        items = list(text)
-    else:
-        items = [t for t in str(text or "").replace(",", " ").split() if t]
-    values = []
-    for item in items:
-        try:
-            value = int(item) if not isinstance(item, float) or item.is_integer() else None
-        except (TypeError, ValueError):
-            value = None
-        if value is None or value < 0 or (value == 0 and not allow_zero):
-            kind = "whole number (0 or more)" if allow_zero else "positive whole number"
-            raise ConfigError(f"{name}: {item!r} is not a {kind}; write e.g. '400, 800'.")
-        values.append(value)
-    return sorted(set(values))
-
-
-def parse_float_list(text, *, name: str = "learning rates") -> list[float]:
-    """"5e-6, 2e-6" -> [5e-06, 2e-06] (order kept, no repeats)."""
-    if isinstance(text, (list, tuple)):
-        items = list(text)
-    else:
-        items = [t for t in str(text or "").replace(",", " ").split() if t]
-    values: list[float] = []
-    for item in items:
-        try:
-            value = float(item)
-        except (TypeError, ValueError):
-            value = math.nan
-        if not value > 0 or math.isinf(value):
-            raise ConfigError(f"{name}: {item!r} is not a positive number; write e.g. '5e-6, 2e-6'.")
-        if value not in values:
-            values.append(value)
-    if not values:
-        raise ConfigError(f"{name}: the list is empty; write e.g. '5e-6, 2e-6'.")
-    return values
-
-
-def adjust_snapshot_steps(text: str, *, old_steps: int, new_steps: int) -> tuple[str, str]:
-    """The snapshot-steps field after Steps changed from `old_steps` to `new_steps`, and a note for the user.
-
-    The default (halfway) follows the new step count; chosen steps at or past the new end are dropped, and
-    the note says which (the last step is always saved anyway). Text that does not parse is left alone:
-    Train reports it.
-    """
-    try:
-        steps = parse_int_list(text, name="snapshot steps")
-    except ConfigError:
-        return text, ""
-    if steps == default_snapshot_steps(old_steps):
-        steps = default_snapshot_steps(new_steps)
-    kept = [s for s in steps if s < new_steps]
-    dropped = [s for s in steps if s >= new_steps]
-    note = (f"Snapshot step(s) {', '.join(map(str, dropped))} dropped: past the new {new_steps} steps "
-            "(the last step is always saved)." if dropped else "")
-    return ", ".join(map(str, kept)), note
-
-
-# --- Config <-> widget values (pure) ----------------------------------------------------------------------
-PANEL_FIELDS = ("method", "learning_rate", "max_train_steps", "train_batch_size", "gradient_accumulation_steps",
-                "num_processes", "with_prior_preservation", "prior_loss_weight", "train_text_encoder",
-                "use_8bit_adam", "gradient_checkpointing", "mixed_precision", "snapshot_steps")
-
-
-def widget_values(config: TrainConfig) -> dict:
-    """The panel's initial values for `config` (snapshot steps as editable text)."""
-    values = {name: getattr(config, name) for name in PANEL_FIELDS}
-    values["snapshot_steps"] = ", ".join(str(s) for s in config.snapshot_steps)
-    return values
-
-
-def config_from_widgets(values: dict, base: TrainConfig) -> TrainConfig:
-    """`base` with the panel's values applied; the function both the Train button and headless runs use.
-
-    `values` holds TrainConfig field names (see `PANEL_FIELDS`); `snapshot_steps` may be text
-    ("200, 400"). Snapshot steps past the last step are dropped (the last step is always saved).
-    Raises `ConfigError` for an unknown name or an impossible value, before anything is loaded.
-    """
-    unknown = sorted(set(values) - set(PANEL_FIELDS))
-    if unknown:
-        raise ConfigError(f"Unknown panel setting(s): {', '.join(unknown)}.")
-    changes = dict(values)
-    for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "num_processes"):
-        if name in changes:
-            changes[name] = int(changes[name])
-    for name in ("learning_rate", "prior_loss_weight"):
-        if name in changes:
-            changes[name] = float(changes[name])
-    if "learning_rate" in changes:  # a log slider gives 1.9953e-06 for "2.0e-06": keep what the readout shows
-        changes["learning_rate"] = float(f"{changes['learning_rate']:.2g}")
-    for name in ("with_prior_preservation", "train_text_encoder", "use_8bit_adam", "gradient_checkpointing"):
-        if name in changes:
-            changes[name] = bool(changes[name])
-
-    steps = changes.get("max_train_steps", base.max_train_steps)
-    if "snapshot_steps" in changes:
-        changes["snapshot_steps"] = [s for s in parse_int_list(changes["snapshot_steps"], name="snapshot steps")
-                                     if s < steps]
-    else:
-        changes["snapshot_steps"] = [s for s in base.snapshot_steps if s < steps]
-    config = base.replace(**changes)
-    return config.validate(check_paths=False)
-
-
-def _keep(value) -> bool:
-    """A notebook parameter that means "keep setup's value": None, empty text, or a number 0 (no number
-    parameter can be 0). False is a value: `TRAIN_TEXT_ENCODER=False` turns it off."""
-    if value is None or isinstance(value, bool):
-        return value is None
-    return value == "" or (isinstance(value, (int, float)) and value == 0)
-
-
-def apply_parameters(config: TrainConfig, **values) -> TrainConfig:
-    """`config` with notebook parameters applied; 0 (numbers), "" and None mean "keep the value from setup".
-
-    Keys are TrainConfig field names; `snapshot_steps` may be text. With a new step count and no explicit
-    snapshot steps, snapshots default to halfway (`default_snapshot_steps`).
-    """
-    changes = {k: v for k, v in values.items() if not _keep(v)}
-    if "snapshot_steps" in changes:
-        changes["snapshot_steps"] = parse_int_list(changes["snapshot_steps"], name="SNAPSHOT_STEPS")
-    steps = int(changes.get("max_train_steps", config.max_train_steps))
-    if "snapshot_steps" not in changes and (not config.snapshot_steps or "max_train_steps" in changes):
-        changes["snapshot_steps"] = default_snapshot_steps(steps)
-    changes["snapshot_steps"] = [s for s in changes["snapshot_steps"] if s < steps]
-    return config.replace(**changes)
-
-
-def config_summary(config: TrainConfig) -> str:
-    """The settings a user chose or should check, one per line."""
-    batch = config.train_batch_size * config.gradient_accumulation_steps
-    subjects = config.subjects()
-    if len(subjects) == 1:
-        who = [f"Photos:             {config.instance_data_dir}", f"Instance prompt:    {config.instance_prompt}"]
-        prior = f"{config.num_class_images} class images of '{config.class_prompt}', "
-    else:  # several subjects: one line each, in the order they take turns in every batch
-        who = [f"Subjects:           {len(subjects)}, taking turns in every batch"]
-        who += [f"  {i}. '{s.instance_prompt}' from {s.instance_data_dir}"
-                + (f"; {s.num_class_images} class images of '{s.class_prompt}'" if config.with_prior_preservation
-                   else "") for i, s in enumerate(subjects, 1)]
-        prior = "class images per subject (above), "
-    prior = f"on: {prior}weight {config.prior_loss_weight:g}" if config.with_prior_preservation else "off"
-    memory = ", ".join(name for name, on in (("8-bit Adam", config.use_8bit_adam),
-                                             ("gradient checkpointing", config.gradient_checkpointing),
-                                             ("cached latents", config.cache_latents)) if on) or "none"
-    return "\n".join([
-        f"Model:              {config.pretrained_model_name_or_path}",
-        *who,
-        f"Prior preservation: {prior}",
-        f"Method:             {method_for(config).label}",
-        f"Learning rate:      {config.learning_rate:.1e}",
-        f"Steps:              {config.max_train_steps} (snapshots at {config.snapshot_steps or 'the end only'})",
-        f"Batch:              {config.train_batch_size} x {config.gradient_accumulation_steps} accumulated = {batch}",
-        f"Text encoder:       {'trained' if config.train_text_encoder else 'frozen'}",
-        f"Resolution:         {config.resolution}",
-        f"Mixed precision:    {config.mixed_precision}; memory savers: {memory}",
-    ])
-
-
-# --- Pictures ---------------------------------------------------------------------------------------------
-def figure_png(fig) -> bytes:
-    """PNG bytes of a matplotlib Figure, without pyplot (no global state, works in any backend)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
-    return buffer.getvalue()
-
-
-def _moving_average(values: list[float], window: int) -> list[float]:
-    smooth, acc = [], 0.0
-    for i, value in enumerate(values):
-        acc += value
-        if i >= window:
-            acc -= values[i - window]
-        smooth.append(acc / min(i + 1, window))
-    return smooth
-
-
-def loss_plot_png(steps, losses, *, total: int | None = None, title: str = "", validation=(), others=()) -> bytes:
-    """The training loss per step (light) and its moving average (dark) as a PNG, with the validation loss
-    at each snapshot (`validation.py`: on the photos, and on the class) as marked lines. `others`: finished
-    runs to draw beside it, (label, steps, losses) each, as their moving average (a sweep's earlier rates)."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.4, 2.8))
-    ax = fig.add_subplot(1, 1, 1)
-    for number, (label, other_steps, other_losses) in enumerate(others):
-        if other_steps:
-            window = max(1, len(other_losses) // 20)
-            ax.plot(other_steps, _moving_average(other_losses, window), color=f"C{(number + 2) % 10}",
-                    linewidth=1.4, label=label)
-    if steps:
-        # Points are marked while there are few, so a first step shows; the moving average appears once it
-        # averages something (it spans a 20th of the points, at least 2).
-        ax.plot(steps, losses, color="#9ecae1", linewidth=0.8, label="loss per step",
-                marker="o" if len(steps) <= 30 else None, markersize=3)
-        window = len(losses) // 20
-        if window >= 2:
-            ax.plot(steps, _moving_average(losses, window), color="#08519c", linewidth=1.6,
-                    label=f"average of {window} steps")
-        for half, colour, label in (("fit", "#e6550d", "validation: your photos"),
-                                    ("prior", "#31a354", "validation: the class")):
-            points = [(v["step"], v[half]) for v in validation if half in v]
-            if points:
-                ax.plot(*zip(*points), color=colour, marker="D", markersize=4, linewidth=1.2, label=label)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="upper right", fontsize=8)
-    ax.set_xlim(0, max(total or 0, steps[-1] if steps else 1))
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    return figure_png(fig)
-
-
-def show_png(data: bytes) -> None:
-    from IPython.display import Image
-
-    _show(Image(data=data))
-
-
-def show_image(image, *, width: int | None = None) -> None:
-    """Display a PIL image or an image file inline (or into the panel output that `_into` selected)."""
-    from IPython.display import Image
-
-    if isinstance(image, (str, Path)):
-        _show(Image(filename=str(image), width=width))
-        return
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    _show(Image(data=buffer.getvalue(), width=width))
-
-
-# --- Writing into a panel's Output widget ---------------------------------------------------------------
-# Panels write into their Output widgets *by value* (the widget's `outputs` list), never by capture
-# (`with output:`). Capture makes a headless executor answer every captured output on the kernel's shell
-# socket while it waits on that same socket for the cell's reply; nbclient then sometimes never sees the
-# reply and waits on an idle kernel until another message arrives (nbclient #312: it hung the button test
-# for 13 minutes). By value, the kernel only publishes widget state, as for any other widget, and every
-# frontend (JupyterLab, Colab, VS Code) renders it the same way.
-_TARGET: contextvars.ContextVar = contextvars.ContextVar("dreambooth_nb_output", default=None)
-
-
-class _Routed(io.TextIOBase):
-    """sys.stdout or sys.stderr while a panel writes into its Output widget: what the panel's own work writes
-    (its context holds the widget: `_TARGET`) goes into the widget; everything else goes where it went before.
-    A panel's action runs in a thread for minutes or hours: a cell run meanwhile must print into its own output,
-    not into the panel's log."""
-
-    def __init__(self, previous, name: str):
-        self.previous, self.name = previous, name
-
-    def write(self, text: str) -> int:
-        target = _TARGET.get()
-        if target is None:
-            return self.previous.write(text)
-        if text:
-            (target.append_stdout if self.name == "stdout" else target.append_stderr)(text)
-        return len(text)
-
-    def flush(self) -> None:
-        if _TARGET.get() is None:
-            self.previous.flush()
-
-    def isatty(self) -> bool:
-        return False
-
-
-@contextmanager
-def _into(output):
-    """Inside the block (in this thread), prints and `show_*` images go into `output` (an Output widget), or,
-    with None, into the running cell as usual."""
-    if output is None:
-        yield
-        return
-    token = _TARGET.set(output)
-    routed = {name: _Routed(getattr(sys, name), name) for name in ("stdout", "stderr")}
-    for name, stream in routed.items():
-        setattr(sys, name, stream)
-    try:
-        yield
-    finally:
-        # Put back what was there, unless another panel's action put its own on top meanwhile (it forwards to
-        # this one, which forwards to what was there before: nothing is lost either way).
-        for name, stream in routed.items():
-            if getattr(sys, name) is stream:
-                setattr(sys, name, stream.previous)
-        _TARGET.reset(token)
-
-
-def _display_data(obj) -> dict:
-    from IPython.core.formatters import format_display_data
-
-    data, metadata = format_display_data(obj)
-    return {"output_type": "display_data", "data": data, "metadata": metadata}
-
-
-def _show(obj) -> None:
-    target = _TARGET.get()
-    if target is None:
-        from IPython.display import display
-
-        display(obj)
-    else:
-        target.outputs = (*target.outputs, _display_data(obj))
-
-
-def _replace_outputs(output, *objs) -> None:
-    """Set what `output` shows in one update (no flicker, no capture)."""
-    output.outputs = tuple(_display_data(obj) for obj in objs)
-
-
-def show_rendered(rendered, *, path, title: str | None = None) -> Path | None:
-    """Rendered images (evaluate.render) as one labelled grid, a row per prompt and a column per seed,
-    saved at `path` and shown."""
-    rendered = list(rendered)
-    if not rendered:
-        return None
-    grid = draw_grid(rendered, rows="prompt", cols="seed", path=path, title=title, cell_size=2.0)
-    show_image(grid)
-    return grid
-
-
-# --- Live progress -----------------------------------------------------------------------------------------
-class LiveLoss:
-    """`on_step(step, loss, lr)` for `train`: moves a progress bar every step and redraws the loss plot into
-    an Output widget every `plot_every` steps (or `plot_seconds`), and at the last step."""
-
-    def __init__(self, *, total: int, progress=None, status=None, plot=None, plot_every: int = 25,
-                 plot_seconds: float = 20.0, history: dict | None = None, title: str = ""):
-        self.total = total
-        self.progress, self.status, self.plot = progress, status, plot
-        self.plot_every, self.plot_seconds = plot_every, plot_seconds
-        self.steps = list((history or {}).get("steps", []))
-        self.losses = list((history or {}).get("losses", []))
-        self.validation = list((history or {}).get("validation", []))
-        self.title = title
-        self._t0: float | None = None  # when the first step of this session ended (loading is not a step)
-        self._first_step = 0
-        self._last_plot = 0.0
-
-    ESTIMATE_AFTER = 3
-    """Steps timed before the time left is shown: the first ones hold one-off work (kernels compiled, memory
-    allocated) and made the first estimate read "139.3 min left" for a 20-minute run."""
-
-    def __call__(self, step: int, loss: float, lr: float) -> None:
-        self.steps.append(step)
-        self.losses.append(loss)
-        now = time.monotonic()
-        if self._t0 is None:
-            self._t0, self._first_step = now, step
-        if self.progress is not None:
-            self.progress.max, self.progress.value = self.total, step
-        if self.status is not None:
-            done = step - self._first_step
-            if done >= self.ESTIMATE_AFTER:
-                per_step = (now - self._t0) / done
-                speed = f"{per_step:.2f} s/step · {per_step * (self.total - step) / 60:.1f} min left"
-            else:
-                speed = "estimating the time left…"
-            self.status.value = f"step {step}/{self.total} · loss {loss:.4f} · lr {lr:.1e} · {speed}"
-        if step == self.total or step % self.plot_every == 0 or now - self._last_plot > self.plot_seconds:
-            self.redraw()
-            self._last_plot = now
-
-    def png(self) -> bytes:
-        return loss_plot_png(self.steps, self.losses, total=self.total, title=self.title, validation=self.validation)
-
-    def redraw(self) -> None:
-        if self.plot is None or not self.steps:
-            return
-        from IPython.display import Image
-
-        _replace_outputs(self.plot, Image(data=self.png()))
-
-    def validation_point(self, step: int, losses: dict) -> None:
-        """`on_validation` for `train`: the validation losses of a snapshot, drawn at once."""
-        self.validation.append({"step": step, **losses})
-        self.redraw()
-
-
-# --- What a saved notebook shows without its kernel --------------------------------------------------------------
-class Fallback:
-    """A panel's static copy: what a saved notebook shows where the panel was once its kernel is gone, instead
-    of only "Error displaying widget: model not found" — the last status line and images (loss plot, samples,
-    grid), and how to get the controls back.
-
-    It is an ordinary HTML output under the panel, updated at the end of every action. While the panel is live,
-    a style inside the panel (`hider`) hides it, so nothing shows twice; without the kernel the panel and its
-    style are gone and the copy shows. Colab draws each output in a frame of its own, where the style cannot
-    reach: there the copy is left out.
-    """
-
-    CSS_CLASS = "dreambooth-nb-fallback"
-
-    def __init__(self, what: str):
-        self.what = what
-        self.handle = None
-        self.status, self.images = "", []
-
-    def hider(self):
-        import ipywidgets as widgets
-
-        return widgets.HTML(value=f"<style>.{self.CSS_CLASS} {{display: none !important;}}</style>")
-
-    def show(self) -> None:
-        from IPython.display import HTML, display
-
-        if detect_platform() != COLAB:
-            self.handle = display(HTML(self.html()), display_id=True)
-
-    def update(self, *, status: str, images=(), plots: bytes | None = None) -> None:
-        """The panel's state now: its status (HTML), image files, and PNG bytes of a plot."""
-        import base64
-
-        self.status = status
-        pngs = [*([plots] if plots else []), *(Path(path).read_bytes() for path in images)]
-        self.images = [base64.b64encode(data).decode() for data in pngs]
-        if self.handle is not None:
-            from IPython.display import HTML
-
-            self.handle.update(HTML(self.html()))
-
-    def html(self) -> str:
-        images = "".join(f"<img src='data:image/png;base64,{data}' style='max-width:100%'/>" for data in self.images)
-        return (f"<div class='{self.CSS_CLASS}'><p><i>The {self.what} needs its kernel: rerun this cell to get the "
-                f"controls back. What it showed last:</i></p><p>{self.status or 'Nothing run yet.'}</p>{images}</div>")
 
 
 # --- Long actions: a Stop button, one progress bar, the kernel free --------------------------------------------
@@ -895,7 +431,7 @@ class TrainingPanel:
             show_png(loss_plot_png(live.steps, live.losses, total=live.total, title=live.title,
                                    validation=live.validation))
         self.status.value = f"Trained {config.max_train_steps} steps; rendering sample images…"
-        with _into(output):
+        with writing_into(output):
             self.show_samples(config, final)
         self.progress.description, self.progress.max = "Done", config.max_train_steps
         self.progress.value = config.max_train_steps
@@ -912,22 +448,10 @@ class TrainingPanel:
                                            f"{spec.guidance_scale:g}")
 
 
-def method_learning_rate(method: str, *, base: TrainConfig) -> tuple[float, str]:
-    """The learning rate a switch to `method` sets, and where it comes from: back to notebook 1's rate when it
-    was set for that method, else the preset's (LoRA's; full fine-tuning: the object preset's, faces lower)."""
-    title = METHODS[method].title
-    if base.method == method:
-        return base.learning_rate, f"back to the rate notebook 1 set for {title}"
-    if method in PRESETS:  # a method with a preset of its own (LoRA: diffusers' Dreambooth LoRA example's rate)
-        return PRESETS[method]["learning_rate"], f"the {title} preset's rate"
-    return (PRESETS["object"]["learning_rate"],
-            f"the object preset's rate for {title} (the study; faces: {PRESETS['face']['learning_rate']:.0e})")
-
-
 def _say_errors(log, work) -> None:
     """Run a button's `work` with its prints in `log`: our errors as their message, a bug with its traceback
     there — never in JupyterLab's log console, where nobody looks (a thread's exception would land there)."""
-    with _into(log):
+    with writing_into(log):
         try:
             work()
         except DreamboothError as err:  # the message, not a traceback
@@ -945,16 +469,6 @@ def _failure_html(err: DreamboothError) -> str:
     return f"<b style='color:#c00'>{label}:</b> {html.escape(str(err))}"
 
 
-def with_savers_of(base: TrainConfig, config: TrainConfig) -> TrainConfig:
-    """`config` with the memory savers of `base` (its batch split where the effective batch is the same, else
-    batch 1 × accumulation): what the panel's fit starts from, so its "before" is the config it opened with."""
-    effective = config.train_batch_size * config.gradient_accumulation_steps
-    batch = base.train_batch_size if base.train_batch_size * base.gradient_accumulation_steps == effective else 1
-    return config.replace(gradient_checkpointing=base.gradient_checkpointing, use_8bit_adam=base.use_8bit_adam,
-                          cache_latents=base.cache_latents, offload_ema=base.offload_ema, train_batch_size=batch,
-                          gradient_accumulation_steps=effective // batch)
-
-
 FIT_OFF_NOTE = ("<i>Fit off: the memory savers are yours as set (tick “Fit the memory savers to this GPU” to "
                 "let the memory plan choose the fastest that fit).</i>")
 
@@ -968,15 +482,6 @@ def fit_html(report) -> str:
             f"<ul style='margin:0'>{items}</ul>")
 
 
-def batch_line(values: dict) -> str:
-    """The panel's effective batch: photos per optimizer step, from its batch, accumulation and GPUs."""
-    batch, accumulation, gpus = (int(values[k]) for k in ("train_batch_size", "gradient_accumulation_steps",
-                                                          "num_processes"))
-    on_gpus = f" × {gpus} GPUs" if gpus > 1 else ""
-    return (f"<i>Effective batch: {batch} × {accumulation} accumulated{on_gpus} = {batch * accumulation * gpus} "
-            "photos per step.</i>")
-
-
 def memory_line(panel) -> str:
     """One line for the training panel: the memory plan of its settings on this GPU (a T4 when there is none)."""
     try:
@@ -988,21 +493,6 @@ def memory_line(panel) -> str:
     advice = f" To fit: {html.escape('; '.join(result.advice))}" if result.advice else ""
     return (f"<span style='color:{colour}'>Memory plan: {gib(result.gpu_required_bytes, digits=1)} GiB needed of "
             f"{gib(result.gpu_total_bytes, digits=1)} GiB on {html.escape(result.gpu)}: {verdict}.</span>{advice}")
-
-
-# --- Comparison and sweep panels -----------------------------------------------------------------------------
-SCHEDULER_CHOICES = [("DDIM (recommended)", "ddim"), ("PNDM (SD 1.5's default)", "pndm"), ("DPM-Solver++", "dpm")]
-COLUMN_CHOICES = [("training steps", "step"), ("prompts", "prompt")]
-
-
-def grid_axes(columns: str) -> tuple:
-    """(rows, cols) for `compare`: prompts × seeds down and each run's steps across, or runs × steps down and
-    prompts across."""
-    if columns == "step":
-        return ("prompt", "seed"), ("run", "step")
-    if columns == "prompt":
-        return ("run", "step"), "prompt"
-    raise ConfigError(f"COLUMNS: {columns!r} is unknown; choose 'step' or 'prompt'.")
 
 
 class ComparePanel:
@@ -1094,10 +584,10 @@ class ComparePanel:
         sampler = f"{spec.scheduler.upper()}, {spec.num_inference_steps} steps, guidance {spec.guidance_scale:g}"
         self.output.outputs = ()
         if self.grid is not None:  # the last grid stays visible, said to be the last one, until the new one is ready
-            _replace_outputs(self.view, HTML("<i>Drawing a new grid; below, the previous one.</i>"),
+            replace_outputs(self.view, HTML("<i>Drawing a new grid; below, the previous one.</i>"),
                              Image(filename=str(self.grid)))
         self.status.value = f"Drawing {len(runs)} run(s) with {html.escape(sampler)}…"
-        with _into(self.output):
+        with writing_into(self.output):
             print(f"{len(runs)} run(s): {', '.join(runs)}; {sampler}, seeds {spec.seeds}. Rendered "
                   "images are cached: redrawing with the same settings is instant.")
             title = f"{self.title} · {sampler}" if self.title else sampler
@@ -1106,7 +596,7 @@ class ComparePanel:
             report, plot = quality.read(self.grid)
             print(quality.summary(report))
         images = [self.grid, *([plot] if plot else [])]
-        _replace_outputs(self.view, *(Image(filename=str(path)) for path in images))
+        replace_outputs(self.view, *(Image(filename=str(path)) for path in images))
         self.progress.description, self.progress.value = "Done", self.progress.max
         self.status.value = f"Done: {html.escape(self.grid.name)} ({len(runs)} run(s), {html.escape(sampler)})."
         self.fallback.update(status=self.status.value, images=images)
@@ -1193,10 +683,10 @@ class SweepPanel:
         if self.sweep_dir_for is not None:
             config = config.replace(output_dir=str(self.sweep_dir_for(config)))
         total = max(save_at)
-        live = _RunsLoss(total=total, progress=self.progress, status=self.status, plot=self.plot,
+        live = RunsLoss(total=total, progress=self.progress, status=self.status, plot=self.plot,
                          plot_every=max(1, total // 10),
                          finished=_finished_losses({f"lr {lr:.1e}": run_folder(config.output_dir, lr) for lr in lrs}))
-        with _into(output):
+        with writing_into(output):
             print(f"Sweep: learning rates {lrs} × snapshots at steps {save_at} into {config.output_dir}")
             self.result = sweep(config, lrs=lrs, save_at=save_at, spec=self.spec, on_step=live)
             print(f"Saved {self.result.grid}")
@@ -1204,7 +694,7 @@ class SweepPanel:
             print(quality.summary(report))
         live.redraw()
         images = [self.result.grid, *([plot] if plot else [])]
-        _replace_outputs(self.view, *(Image(filename=str(path)) for path in images))
+        replace_outputs(self.view, *(Image(filename=str(path)) for path in images))
         self.progress.description, self.progress.value = "Done", self.progress.max
         self.status.value = (f"Done: {len(lrs)} learning rate(s) × {len(save_at)} step(s); grid "
                              f"{html.escape(self.result.grid.name)}.")
@@ -1226,33 +716,3 @@ def _finished_losses(runs: dict) -> dict:
         except (OSError, ValueError):
             continue
     return found
-
-
-class _RunsLoss(LiveLoss):
-    """LiveLoss over several runs in a row (a sweep): a step lower than the last one starts a new curve, and
-    the runs before stay in the plot, each as its moving average (`finished`: runs done before this session)."""
-
-    def __init__(self, *, finished: dict | None = None, **kwargs):
-        super().__init__(**kwargs)
-        self.finished = dict(finished or {})
-
-    def __call__(self, step: int, loss: float, lr: float) -> None:
-        label = f"lr {lr:.1e}"
-        if self.steps and (step <= self.steps[-1] or label != self.title):
-            self.finished[self.title] = (self.steps, self.losses)
-            self.steps, self.losses, self.validation = [], [], []
-            self._t0 = None
-        self.finished.pop(label, None)  # (a run resumed: its curve is the live one now)
-        self.title = label
-        super().__call__(step, loss, lr)
-
-    def png(self) -> bytes:
-        return loss_plot_png(self.steps, self.losses, total=self.total, title=self.title, validation=self.validation,
-                             others=[(label, *curve) for label, curve in self.finished.items()])
-
-    def redraw(self) -> None:
-        if self.plot is None or not (self.steps or self.finished):
-            return
-        from IPython.display import Image
-
-        _replace_outputs(self.plot, Image(data=self.png()))
