@@ -62,7 +62,7 @@ def run_case(name: str, model: str, sdxl_model: str, photos: str, classes: str, 
     """One case in this (fresh) process; returns its measurements."""
     import torch
 
-    from dreambooth_nb import TrainConfig, train
+    from dreambooth_nb import preset, train
 
     cap_memory()
     options = dict(CASES[name])
@@ -82,7 +82,7 @@ def run_case(name: str, model: str, sdxl_model: str, photos: str, classes: str, 
     if fitted:
         from dreambooth_nb import fit
 
-        chosen = fit(TrainConfig(**{**base, **options}), gpu="T4")
+        chosen = fit(preset(**{**base, **options}), gpu="T4")
         options.update({k: getattr(chosen, k) for k in ("gradient_checkpointing", "train_batch_size",
                                                         "gradient_accumulation_steps", "use_8bit_adam")})
         result["fitted"] = (f"checkpointing {'on' if chosen.gradient_checkpointing else 'off'}, batch "
@@ -90,21 +90,21 @@ def run_case(name: str, model: str, sdxl_model: str, photos: str, classes: str, 
                             f"{'8' if chosen.use_8bit_adam else '32'}-bit Adam")
     torch.cuda.reset_peak_memory_stats()
     if name.endswith("resumed"):
-        half = TrainConfig(**{**base, **options, "max_train_steps": STEPS // 2, "checkpointing_steps": STEPS // 2 - 1})
+        half = preset(**{**base, **options, "max_train_steps": STEPS // 2, "checkpointing_steps": STEPS // 2 - 1})
         train(half, on_step=on_step)
-        train(TrainConfig(**{**base, **options}), on_step=on_step)  # resumes from the state of step 14
+        train(preset(**{**base, **options}), on_step=on_step)  # resumes from the state of step 14
     elif name == "two runs in one process":
-        train(TrainConfig(**{**base, **options, "output_dir": out + "-first"}), on_step=on_step)
+        train(preset(**{**base, **options, "output_dir": out + "-first"}), on_step=on_step)
         result["allocated_between_runs_mib"] = torch.cuda.memory_allocated() / 2**20
         torch.cuda.reset_peak_memory_stats()
         times.clear()
-        train(TrainConfig(**{**base, **options}), on_step=on_step)
+        train(preset(**{**base, **options}), on_step=on_step)
     else:
-        train(TrainConfig(**{**base, **options}), on_step=on_step)
+        train(preset(**{**base, **options}), on_step=on_step)
     from dreambooth_nb import plan
 
     warm = times[len(times) // 4:-1]  # (the last step's time holds the validation loss and the final save)
-    planned = plan(TrainConfig(**{**base, **options}), gpu="T4", advise=False)
+    planned = plan(preset(**{**base, **options}), gpu="T4", advise=False)
     result.update(planned_gib=planned.gpu_allocated_bytes / 2**30,
                   planned_required_gib=planned.gpu_required_bytes / 2**30,
                   peak_gib=torch.cuda.max_memory_allocated() / 2**30,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dreambooth_nb import TrainConfig  # noqa: E402
+from dreambooth_nb import TrainConfig, preset  # noqa: E402
 import dreambooth_nb.planning.planner as planner  # noqa: E402
 from dreambooth_nb.planning.planner import GIB, plan  # noqa: E402
 
@@ -37,8 +37,7 @@ PUBLISHED = [  # (label, settings, GB)
 
 
 def sd15(**settings) -> TrainConfig:
-    return TrainConfig(**{"pretrained_model_name_or_path": SD15, "instance_data_dir": "", "resolution": 512,
-                          **SAVERS, **settings})
+    return preset(**{"pretrained_model_name_or_path": SD15, "resolution": 512, **SAVERS, **settings})
 
 
 def gib(n: int) -> str:

@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     threads = args.threads
     jobs = args.jobs or min(2, os.cpu_count() or 1)
     _setup_process(threads)
-    from dreambooth_nb import EvalSpec, TrainConfig
+    from dreambooth_nb import EvalSpec, preset
     from dreambooth_nb.toy import metrics, world as toyworld
     from dreambooth_nb.results import quality
     from dreambooth_nb import storage
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     spec = EvalSpec(prompts=list(prompts.values()), seeds=seeds[:args.grid_seeds], scheduler="ddim",
                     num_inference_steps=25, guidance_scale=4.0, resolution=32)
     metric_spec = spec.replace(seeds=seeds)
-    base_config = TrainConfig(
+    base_config = preset(
         pretrained_model_name_or_path=str(model), instance_data_dir=str(instance_dir),
         instance_prompt=prompts["instance"], class_prompt=prompts["class"], class_data_dir=str(out / "class-images"),
         num_class_images=args.class_images, prior_loss_weight=args.prior_weight, resolution=32,

@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+PROMPT = "a photo of sks dog"
 CPU_OPTIONS = {
     "baseline (fp32, AdamW)": {},
     "8-bit AdamW": dict(use_8bit_adam=True),
@@ -77,13 +78,13 @@ PROFILE_BATCH_4 = dict(mixed_precision="fp16", gradient_checkpointing=True, use_
 
 def fitted_options(model: str, photos: str, resolution: int, methods=("full", "lora")) -> dict:
     """Rows for the 16gb profile (full fine-tuning and LoRA, batch 4) and the same runs fitted to this GPU."""
-    from dreambooth_nb import TrainConfig, fit_report
+    from dreambooth_nb import fit_report, preset
 
     rows = {}
     for method in methods:
         profile = dict(PROFILE_BATCH_4, method=method)
-        config = TrainConfig(pretrained_model_name_or_path=model, instance_data_dir=photos, resolution=resolution,
-                             learning_rate=1e-6, **profile)
+        config = preset(pretrained_model_name_or_path=model, instance_data_dir=photos, instance_prompt=PROMPT,
+                        resolution=resolution, learning_rate=1e-6, **profile)
         report = fit_report(config)
         fitted = {**profile, **{k: getattr(report.config, k) for k in ("gradient_checkpointing", "train_batch_size",
                                                                         "gradient_accumulation_steps", "use_8bit_adam",
@@ -103,16 +104,16 @@ def run_one(model: str, photos: str, options: dict, *, steps: int, resolution: i
 
     import torch
 
-    from dreambooth_nb import TrainConfig, train
+    from dreambooth_nb import preset, train
 
     cuda = torch.cuda.is_available()
     times = []
     options = dict(options)
     processes = options.pop("num_processes", 1)  # explicit: None would mean every visible GPU
     with tempfile.TemporaryDirectory() as out:
-        config = TrainConfig(pretrained_model_name_or_path=model, instance_data_dir=photos, resolution=resolution,
-                             max_train_steps=steps, checkpointing_steps=10**6, learning_rate=1e-6, output_dir=out,
-                             **options)
+        config = preset(pretrained_model_name_or_path=model, instance_data_dir=photos, instance_prompt=PROMPT,
+                        resolution=resolution, max_train_steps=steps, checkpointing_steps=10**6,
+                        learning_rate=1e-6, output_dir=out, **options)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         train(config, num_processes=processes, on_step=lambda *_: times.append(time.perf_counter()))

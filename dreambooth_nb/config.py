@@ -38,18 +38,21 @@ out-of-memory advice asks to turn on)."""
 
 @dataclass
 class Concept:
-    """One subject of a run: its photos and prompt, and (with prior preservation) its class images."""
+    """One subject of a run: its photos and prompt, and (with prior preservation) its class images. The
+    names are the diffusers script's single-subject settings, which `preset` takes for a run's one subject."""
 
     instance_data_dir: str
-    """Folder with the subject's photos; `photo.txt` beside `photo.jpg` is that photo's caption."""
+    """Folder with the 3–10 photos of the subject; `photo.txt` beside `photo.jpg` is that photo's caption."""
     instance_prompt: str
-    """Prompt of the photos (and the text `[trigger]` stands for in captions), e.g. "a photo of sks dog"."""
+    """Prompt of the photos (and the text `[trigger]` stands for in captions), e.g. "a photo of sks dog". A rare
+    token like `sks` is not required (the study): "a photo of Bob's dog" works."""
     class_data_dir: str | None = None
-    """Folder for this subject's class images (prior preservation); missing ones are generated."""
+    """Folder for the subject's class images (prior preservation); missing ones are generated. Subjects of the
+    same class may share one."""
     class_prompt: str | None = None
-    """Prompt of the class images: "a photo of a dog"."""
+    """Prompt of the class images, the subject's class without the identifier: "a photo of a dog"."""
     num_class_images: int = 100
-    """How many class images this subject's prior preservation uses."""
+    """How many class images prior preservation uses for this subject (generated once, reused by every run)."""
 
 
 @dataclass
@@ -66,26 +69,15 @@ class TrainConfig:
     """Weight variant to download, e.g. "fp16" halves the download; trained parts are upcast to fp32 anyway."""
 
     # --- Data -------------------------------------------------------------------------------------------
-    instance_data_dir: str = ""
-    """Folder with the 3–10 photos of your subject."""
-    instance_prompt: str = "a photo of sks dog"
-    """Prompt for the photos. A rare token like `sks` is not required (the study): "a photo of Bob's dog" works."""
-    class_data_dir: str | None = None
-    """Folder for the class images used by prior preservation; missing ones are generated."""
     concepts: list[Concept] = field(default_factory=list)
-    """Several subjects in one run (a dog and a cat): each a `Concept` with its own photos, prompt and class
-    images. They take turns (round robin): sample k of the run is subject k mod n, so a batch of n holds one
-    of each. Empty: the run has one subject, the one the single-subject fields describe (instance_data_dir,
-    instance_prompt, class_data_dir, class_prompt, num_class_images); with concepts those are not used.
-    `subjects()` gives the list either way."""
-    class_prompt: str | None = None
-    """Prompt for the class images, the subject's class without the identifier: "a photo of a dog"."""
+    """The run's subjects, each a `Concept` with its own photos, prompt and class images: one for the usual
+    run (`preset(instance_data_dir=..., instance_prompt=...)` makes it from the diffusers script's
+    single-subject names), several to teach a dog and a cat at once. They take turns (round robin): sample k
+    of the run is subject k mod n, so a batch of n holds one of each."""
     with_prior_preservation: bool = False
     """Train on generated class images too, so the model keeps what the class looks like. The study: needed for faces."""
     prior_loss_weight: float = 1.0
     """Weight of the class-image loss against the instance loss."""
-    num_class_images: int = field(default=100, metadata=RESUMABLE)
-    """How many class images prior preservation uses (generated once, reused by every run)."""
     sample_batch_size: int = field(default=4, metadata=RESUMABLE)
     """Batch size when generating class images."""
     resolution: int = 512
@@ -224,7 +216,7 @@ class TrainConfig:
         if te_lr is not None and not 0 < te_lr <= 1e-3:
             fail("text_encoder_learning_rate", f"{te_lr!r} is out of range; use a value in (0, 1e-3] or None.")
         for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "num_processes",
-                     "resolution", "num_class_images", "sample_batch_size"):
+                     "resolution", "sample_batch_size"):
             if getattr(self, name) <= 0:
                 fail(name, f"must be a positive whole number, got {getattr(self, name)!r}.")
         if self.resolution % 8:
@@ -265,45 +257,14 @@ class TrainConfig:
                  f"{self.checkpointing_steps!r}.")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             fail("checkpoints_total_limit", "must be 1 or more, or None to keep every state.")
-        if not self.instance_prompt.strip():
-            fail("instance_prompt", "is empty; describe the photos, e.g. 'a photo of sks dog'.")
         bad_steps = [s for s in self.snapshot_steps if not 0 < s <= self.max_train_steps]
         if bad_steps:
             fail("snapshot_steps", f"{bad_steps} fall outside 1..max_train_steps={self.max_train_steps}.")
-        for number, concept in enumerate(self.concepts, start=1):
-            where = f"concepts[{number - 1}] (subject {number})"
-            if not concept.instance_prompt.strip():
-                fail("concepts", f"{where} has an empty instance_prompt; e.g. 'a photo of sks dog'.")
-            if check_paths and not Path(concept.instance_data_dir).is_dir():
-                fail("concepts", f"{where}: folder {concept.instance_data_dir!r} does not exist.")
-            if self.with_prior_preservation and not (concept.class_prompt and concept.class_data_dir):
-                fail("concepts", f"{where} needs class_prompt and class_data_dir with prior preservation.")
-            if concept.num_class_images <= 0:
-                fail("concepts", f"{where}: num_class_images must be a positive whole number.")
-        if len({c.instance_prompt for c in self.concepts}) < len(self.concepts):
-            fail("concepts", "two subjects share an instance_prompt; give each its own (a rare word each).")
-        prompts_of: dict[str, set] = {}
-        for concept in self.concepts:
-            prompts_of.setdefault(concept.class_data_dir, set()).add(concept.class_prompt)
-        shared = [folder for folder, prompts in prompts_of.items() if folder and len(prompts) > 1]
-        if self.with_prior_preservation and shared:
-            fail("concepts", f"subjects with different class prompts share the class folder {shared[0]!r}; give "
-                 "each class prompt its own folder (subjects of the same class may share one).")
-        if self.with_prior_preservation and not self.concepts:
-            if not self.class_prompt or not self.class_prompt.strip():
-                fail("class_prompt", "is needed with prior preservation, e.g. 'a photo of a dog'.")
-            if not self.class_data_dir:
-                fail("class_data_dir", "is needed with prior preservation: a folder for the class images.")
+        self._validate_subjects(fail, check_paths=check_paths)
         if self.resume_from_checkpoint not in (None, "latest") and check_paths \
                 and not Path(self.resume_from_checkpoint).is_dir():
             fail("resume_from_checkpoint", f"folder {self.resume_from_checkpoint!r} does not exist; "
                  "use 'latest', None, or a state folder under output_dir/states.")
-        if check_paths and not self.concepts:
-            if not self.instance_data_dir:
-                fail("instance_data_dir", "is empty; point it at the folder with your photos.")
-            if not Path(self.instance_data_dir).is_dir():
-                fail("instance_data_dir", f"folder {self.instance_data_dir!r} does not exist; upload your "
-                     "photos there or fix the path.")
         if check_paths:
             model = self.pretrained_model_name_or_path
             if model_location(model) == "folder" and not (Path(model) / "model_index.json").is_file():
@@ -314,24 +275,44 @@ class TrainConfig:
                      "or .ckpt file, nor a Hub id ('owner/name'); fix the path or the id.")
         return self
 
-    def subjects(self) -> list[Concept]:
-        """The run's subjects: `concepts`, or the one the single-subject fields describe."""
-        if self.concepts:
-            return list(self.concepts)
-        return [Concept(instance_data_dir=self.instance_data_dir, instance_prompt=self.instance_prompt,
-                        class_data_dir=self.class_data_dir, class_prompt=self.class_prompt,
-                        num_class_images=self.num_class_images)]
+    def _validate_subjects(self, fail, *, check_paths: bool) -> None:
+        """The subjects' part of `validate`. One subject's settings are named as `preset` takes them
+        (instance_prompt, ...); with several, by their place in `concepts`."""
+        if not self.concepts:
+            fail("instance_data_dir", "no subject to train: give the folder with your photos and their prompt "
+                 "(preset(..., instance_data_dir=..., instance_prompt=...)), or `concepts` for several.")
+        for number, concept in enumerate(self.concepts, start=1):
+            def name(setting: str) -> str:
+                return setting if len(self.concepts) == 1 else f"concepts[{number - 1}] (subject {number}) {setting}"
+
+            if not concept.instance_prompt.strip():
+                fail(name("instance_prompt"), "is empty; describe the photos, e.g. 'a photo of sks dog'.")
+            if check_paths and not concept.instance_data_dir:
+                fail(name("instance_data_dir"), "is empty; point it at the folder with your photos.")
+            if check_paths and not Path(concept.instance_data_dir).is_dir():
+                fail(name("instance_data_dir"), f"folder {concept.instance_data_dir!r} does not exist; upload "
+                     "your photos there or fix the path.")
+            if self.with_prior_preservation:
+                if not (concept.class_prompt or "").strip():
+                    fail(name("class_prompt"), "is needed with prior preservation, e.g. 'a photo of a dog'.")
+                if not concept.class_data_dir:
+                    fail(name("class_data_dir"), "is needed with prior preservation: a folder for the class images.")
+            if concept.num_class_images <= 0:
+                fail(name("num_class_images"), f"must be a positive whole number, got {concept.num_class_images!r}.")
+        if len({c.instance_prompt for c in self.concepts}) < len(self.concepts):
+            fail("concepts", "two subjects share an instance_prompt; give each its own (a rare word each).")
+        prompts_of: dict[str, set] = {}
+        for concept in self.concepts:
+            prompts_of.setdefault(concept.class_data_dir, set()).add(concept.class_prompt)
+        shared = [folder for folder, prompts in prompts_of.items() if folder and len(prompts) > 1]
+        if self.with_prior_preservation and shared:
+            fail("concepts", f"subjects with different class prompts share the class folder {shared[0]!r}; give "
+                 "each class prompt its own folder (subjects of the same class may share one).")
 
     @property
     def subjects_label(self) -> str:
         """The subjects' instance prompts joined with "; " (grid titles, summaries)."""
-        return "; ".join(subject.instance_prompt for subject in self.subjects())
-
-    def for_subject(self, concept: Concept) -> "TrainConfig":
-        """This config with the single-subject fields of `concept` (what class-image generation reads)."""
-        return self.replace(concepts=[], instance_data_dir=concept.instance_data_dir,
-                            instance_prompt=concept.instance_prompt, class_data_dir=concept.class_data_dir,
-                            class_prompt=concept.class_prompt, num_class_images=concept.num_class_images)
+        return "; ".join(subject.instance_prompt for subject in self.concepts)
 
     @property
     def effective_batch(self) -> int:
@@ -357,6 +338,10 @@ class TrainConfig:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         hints = typing.get_type_hints(cls)
         unknown = sorted(set(data) - set(fields))
+        if set(unknown) & set(SUBJECT_SETTINGS):
+            raise ConfigError(f"{source}: {', '.join(sorted(set(unknown) & set(SUBJECT_SETTINGS)))} describe a "
+                              "subject: a config lists its subjects in concepts=[{'instance_data_dir': ..., "
+                              "'instance_prompt': ...}]; or give them to preset(...), which makes the one subject.")
         if unknown:
             raise ConfigError(f"{source}: unknown setting(s) {', '.join(unknown)}; "
                               "check the spelling against dreambooth_nb.TrainConfig.")
@@ -427,12 +412,6 @@ def lr_label(lr: float) -> str:
 def resumable(name: str) -> bool:
     """Whether setting `name` may change when a run resumes (see `RESUMABLE`)."""
     return bool(_FIELDS[name].metadata.get("resumable"))
-
-
-def saved_subjects(saved: dict) -> list[dict]:
-    """The subjects of a run config as saved (its JSON): its `concepts`, or the config itself, whose
-    single-subject fields describe its one subject (what `TrainConfig.subjects` is for a live config)."""
-    return list(saved.get("concepts") or []) or [saved]
 
 
 def changed_settings(before: dict, config: "TrainConfig", *, ignore=()) -> list[str]:
@@ -530,11 +509,22 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def preset(*names: str, **overrides) -> TrainConfig:
-    """`preset("face", "16gb", instance_data_dir=...)`: presets applied left to right, then the overrides.
+SUBJECT_SETTINGS = tuple(f.name for f in dataclasses.fields(Concept))
+"""The diffusers script's single-subject settings (instance_data_dir, instance_prompt, class_data_dir,
+class_prompt, num_class_images): `preset` takes them and makes the run's one `Concept`; `TrainConfig` has
+only `concepts`."""
 
-    Under the 16gb profile a batch that would not fit is reached by accumulation instead: batch 4 becomes
-    batch 1 × 4 accumulated steps (same effective batch, same result, a quarter of the activation memory).
+
+def preset(*names: str, **overrides) -> TrainConfig:
+    """`preset("face", "16gb", instance_data_dir=..., instance_prompt=...)`: presets applied left to right,
+    then the overrides.
+
+    The single-subject settings (`SUBJECT_SETTINGS`, the diffusers script's names) make the run's one subject,
+    a `Concept` (with the preset's num_class_images, such as "face"'s 200, unless you give one); or give
+    `concepts` for several, each with its own count, or num_class_images=N here for all of them (a
+    preset's count never replaces a count a concept holds). Under the 16gb profile a batch that would not fit is reached by
+    accumulation instead: batch 4 becomes batch 1 × 4 accumulated steps (same effective batch, same result,
+    a quarter of the activation memory).
     """
     values: dict = {}
     for name in names:
@@ -545,4 +535,15 @@ def preset(*names: str, **overrides) -> TrainConfig:
         values["gradient_accumulation_steps"] = values.pop("train_batch_size")
         values["train_batch_size"] = 1
     values.update(overrides)
+    subject = {name: values.pop(name) for name in SUBJECT_SETTINGS if name in values}
+    concepts = [c if isinstance(c, Concept) else _concept(c, "concepts") for c in values.get("concepts") or []]
+    described = sorted(set(subject) - {"num_class_images"})
+    if concepts and described:
+        raise ConfigError(f"preset: {', '.join(described)} and concepts both describe subjects; give one "
+                          "subject by its settings, or every subject in concepts.")
+    if concepts and "num_class_images" in overrides:
+        values["concepts"] = [dataclasses.replace(c, num_class_images=overrides["num_class_images"])
+                              for c in concepts]
+    elif described:
+        values["concepts"] = [Concept(**{"instance_data_dir": "", "instance_prompt": "", **subject})]
     return TrainConfig.from_dict(values)

@@ -55,10 +55,9 @@ print(settings.config_summary(config))
 # uses yours first and only the shortfall is generated. Unusable files are named and skipped.
 
 # %%
-subjects = [config.for_subject(subject) for subject in config.subjects()]  # (several with CONCEPTS)
 if config.with_prior_preservation:
-    for subject in subjects:
-        found = classes.class_images(subject)
+    for subject in config.concepts:  # (several with CONCEPTS)
+        found = classes.class_images(subject, resolution=config.resolution)
         print(found.summary())
         if found.yours:
             print("Yours (up to 16):")
@@ -71,8 +70,8 @@ if config.with_prior_preservation:
 # %%
 if config.with_prior_preservation:
     generate_class_images(config)  # every subject's, one pipeline load
-    for subject in subjects:
-        files = classes.class_images(subject).selected
+    for subject in config.concepts:
+        files = classes.class_images(subject, resolution=config.resolution).selected
         print(f"{len(files)} class images of '{subject.class_prompt}' for training. A sample:")
         views.show_image(images.thumbnail_grid(files[:16], size=128))
 else:

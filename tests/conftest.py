@@ -53,14 +53,16 @@ def photos(tmp_path):
 
 @pytest.fixture
 def make_config(tiny_model, photos, tmp_path):
-    """`make_config(**overrides)`: a valid tiny TrainConfig writing into this test's tmp folder."""
-    from dreambooth_nb import TrainConfig
+    """`make_config(**overrides)`: a valid tiny TrainConfig writing into this test's tmp folder (overrides as
+    `preset` takes them: a subject's settings, or `concepts`)."""
+    from dreambooth_nb import preset
 
     def make(**overrides):
-        values = dict(pretrained_model_name_or_path=str(tiny_model), instance_data_dir=str(photos),
-                      instance_prompt="a photo of sks dog", resolution=32, max_train_steps=4,
+        values = dict(pretrained_model_name_or_path=str(tiny_model), resolution=32, max_train_steps=4,
                       learning_rate=1e-4, checkpointing_steps=1000, output_dir=str(tmp_path / "out"))
+        if "concepts" not in overrides:  # the one subject: the photos fixture
+            values.update(instance_data_dir=str(photos), instance_prompt="a photo of sks dog")
         values.update(overrides)
-        return TrainConfig(**values)
+        return preset(**values)
 
     return make

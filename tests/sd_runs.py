@@ -13,11 +13,11 @@ PROMPT, CLASS_PROMPT = "a photo of sks dog", "a photo of a dog"
 
 
 def train_run(root: Path, model: Path, *, name: str = "lr1e-4", **overrides) -> Path:
-    from dreambooth_nb import TrainConfig, train
+    from dreambooth_nb import preset, train
 
     values = dict(pretrained_model_name_or_path=str(model), instance_data_dir=str(write_photos(root / "photos")),
                   instance_prompt=PROMPT, class_prompt=CLASS_PROMPT, resolution=64, max_train_steps=2,
                   snapshot_steps=[1], learning_rate=1e-4, checkpointing_steps=1000,
                   output_dir=str(root / "project" / "runs" / name))
-    train(TrainConfig(**{**values, **overrides}), progress_bar=False)
+    train(preset(**{**values, **overrides}), progress_bar=False)
     return Path(values["output_dir"])

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dreambooth_nb import Concept, TrainConfig, train
+from dreambooth_nb import Concept, TrainConfig, preset, train
 from dreambooth_nb.model import snapshots
 from dreambooth_nb.config import changed_settings
 from dreambooth_nb.training.data import TrainingData
@@ -37,7 +37,7 @@ def two_subjects(make_config, photos, tmp_path):
                     Concept(instance_data_dir=str(cats), instance_prompt="a photo of sks cat",
                             class_data_dir=str(tmp_path / "class-cat"), class_prompt="a photo of a cat",
                             num_class_images=3)]
-        return make_config(concepts=concepts, instance_data_dir="", **overrides)
+        return make_config(concepts=concepts, **overrides)
 
     return two
 
@@ -50,27 +50,38 @@ def _encoded(config: TrainConfig) -> TrainingData:
 
 
 # --- The config ---------------------------------------------------------------------------------------------
-def test_concepts_round_trip_through_json_and_one_subject_is_the_shorthand(two_subjects, make_config, tmp_path):
+def test_concepts_round_trip_through_json_and_one_subject_is_the_shorthand(two_subjects, make_config, photos,
+                                                                          tmp_path):
     config = two_subjects()
     config.to_json(tmp_path / "c.json")
     again = TrainConfig.from_json(tmp_path / "c.json")
     assert again.concepts == config.concepts and all(isinstance(c, Concept) for c in again.concepts)
+    # preset's single-subject settings are one concept, and only that: the same config as the list of one
     single = make_config(class_prompt="a photo of a dog", class_data_dir="cls", num_class_images=7)
-    assert single.subjects() == [Concept(instance_data_dir=single.instance_data_dir,
-                                         instance_prompt="a photo of sks dog", class_data_dir="cls",
-                                         class_prompt="a photo of a dog", num_class_images=7)]
+    one = Concept(instance_data_dir=str(photos), instance_prompt="a photo of sks dog", class_data_dir="cls",
+                  class_prompt="a photo of a dog", num_class_images=7)
+    assert single.concepts == [one] and make_config(concepts=[one]) == single
     assert changed_settings(single.to_dict(), single) == []
     assert changed_settings(config.to_dict(), config.replace(concepts=config.concepts[:1])) == ["concepts"]
 
 
+def test_preset_counts_class_images_as_said_and_refuses_two_descriptions(two_subjects):
+    concepts = two_subjects().concepts
+    assert preset("face", instance_data_dir="p", instance_prompt="x").concepts[0].num_class_images == 200
+    assert [c.num_class_images for c in preset("face", concepts=concepts).concepts] == [2, 3]  # their own
+    assert [c.num_class_images for c in preset("face", concepts=concepts, num_class_images=9).concepts] == [9, 9]
+    with pytest.raises(ConfigError, match="instance_prompt and concepts both describe subjects"):
+        preset(concepts=concepts, instance_prompt="a photo of sks dog")
+
+
 @pytest.mark.parametrize("change,message", [
-    (lambda c: [c[0], Concept(c[1].instance_data_dir, "  ")], "subject 2.*empty instance_prompt"),
-    (lambda c: [c[0], Concept("/no/such/folder", "a photo of sks cat")], "subject 2.*'/no/such/folder' does not"),
+    (lambda c: [c[0], Concept(c[1].instance_data_dir, "  ")], r"subject 2\) instance_prompt: is empty"),
+    (lambda c: [c[0], Concept("/no/such/folder", "a photo of sks cat")], r"subject 2\) instance_data_dir: folder \'/no/such/folder\' does not"),
     (lambda c: [c[0], replace(c[1], instance_prompt=c[0].instance_prompt)], "share an instance_prompt"),
-    (lambda c: [c[0], Concept(c[1].instance_data_dir, "a photo of sks cat")], "subject 2.*class_prompt and cla"),
+    (lambda c: [c[0], Concept(c[1].instance_data_dir, "a photo of sks cat")], r"subject 2\) class_prompt: is needed with prior preservation"),
     (lambda c: [c[0], Concept(c[1].instance_data_dir, "a photo of sks cat", c[0].class_data_dir, "a cat")],
      "different class prompts share the class folder"),
-    (lambda c: [c[0], Concept(c[1].instance_data_dir, "x", c[1].class_data_dir, "a cat", 0)], "num_class_images"),
+    (lambda c: [c[0], Concept(c[1].instance_data_dir, "x", c[1].class_data_dir, "a cat", 0)], r"subject 2\) num_class_images: must be a positive"),
 ])
 def test_bad_concepts_are_named(two_subjects, change, message):
     config = two_subjects(with_prior_preservation=True)
@@ -196,16 +207,6 @@ def test_each_subject_walks_all_its_photos_every_epoch(two_subjects):
         assert all(sorted(epoch) == list(range(count)) for epoch in epochs), shown
 
 
-def test_one_subject_draws_the_single_subject_stream(make_config):
-    """A concept list of one is the single-subject run: the same rows, sample for sample."""
-    single = make_config(cache_latents=True, train_batch_size=2)
-    one = single.replace(concepts=[single.subjects()[0]], instance_data_dir="")
-    a, b = _encoded(single), _encoded(one)
-    for micro in range(3):
-        x, y = (d.batch(micro, config=c, num_timesteps=1000) for d, c in ((a, single), (b, one)))
-        assert all(torch.equal(x[k], y[k]) for k in x)
-
-
 def test_class_images_per_subject_with_one_pipeline(two_subjects, monkeypatch):
     """Each subject gets its own count in its own folder, the pipeline loads once, and the class half of
     each batch comes from that subject's class images with its class prompt."""
@@ -289,7 +290,7 @@ def test_the_setup_notebooks_concepts_rows(tiny_model, photos, tmp_path):
         concepts=[(str(cats), "a photo of sks cat", "a photo of a cat"), (str(puppies), "a photo of zwx dog",
                                                                           "a photo of a dog")])
     assert [(c.instance_data_dir, c.instance_prompt, c.class_prompt, c.class_data_dir, c.num_class_images)
-            for c in config.subjects()] == [
+            for c in config.concepts] == [
         (str(photos), "a photo of sks dog", "a photo of a dog", str(project.class_dir), 5),
         (str(cats), "a photo of sks cat", "a photo of a cat", str(project.root / "class_images-2"), 5),
         (str(puppies), "a photo of zwx dog", "a photo of a dog", str(project.class_dir), 5)]

@@ -48,7 +48,9 @@ def test_json_round_trip(tmp_path):
     ("train_text_encoder", "yes", "train_text_encoder must be bool"),
     ("snapshot_steps", [1, "2"], "snapshot_steps must be a list"),
     ("lerning_rate", 1e-6, "unknown setting.*lerning_rate"),
-    ("instance_prompt", None, "instance_prompt must not be null"),
+    ("concepts", [{"instance_data_dir": "x", "instance_prompt": None}], "instance_prompt must not be null"),
+    ("concepts", [{"instance_data_dir": "x"}], "a subject needs instance_data_dir and instance_prompt"),
+    ("instance_prompt", "a photo of sks dog", "instance_prompt describe a subject.*concepts=.*preset"),
 ])
 def test_from_json_rejects_bad_keys_and_types(tmp_path, key, value, message):
     path = tmp_path / "config.json"

@@ -111,7 +111,7 @@ def test_a_lora_snapshot_loads_and_generates(make_config):
     assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj.") for k in kohya)  # A1111's names
     assert any(k.startswith("lora_unet_") for k in kohya)
     pipe = snapshots.load_pipeline(final, device=torch.device("cpu"))
-    image = pipe(config.instance_prompt, num_inference_steps=2, height=32, width=32,
+    image = pipe(config.concepts[0].instance_prompt, num_inference_steps=2, height=32, width=32,
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (32, 32)
 
@@ -165,7 +165,7 @@ def test_a_lora_run_exports_its_adapters_or_a_merged_checkpoint(make_config, tmp
     with safe_open(adapters, framework="pt") as handle:
         meta = handle.metadata()
     assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora" and meta["dreambooth_nb.method"] == "lora"
-    assert meta["modelspec.trigger_phrase"] == config.instance_prompt
+    assert meta["modelspec.trigger_phrase"] == config.concepts[0].instance_prompt
     assert "<lora:lora:1>" in how_to_use(adapters)
     merged = export(final, tmp_path / "merged.safetensors", half=False, merged=True)
     pipe = StableDiffusionPipeline.from_single_file(merged, config=config.pretrained_model_name_or_path,

@@ -180,8 +180,9 @@ def test_01_setup_writes_the_project_config(suite):
     config = json.loads((suite.project / "config.json").read_text())
     assert config["pretrained_model_name_or_path"] == str(suite.model)
     assert config["resolution"] == 32 and config["with_prior_preservation"] is True
-    assert config["num_class_images"] == 3 and config["max_train_steps"] == 6
-    assert config["instance_data_dir"] == str(suite.project / "instance")
+    [subject] = config["concepts"]
+    assert subject["num_class_images"] == 3 and config["max_train_steps"] == 6
+    assert subject["instance_data_dir"] == str(suite.project / "instance")
     text = stream_text(nb)
     assert "4 usable, 0 skipped" in text
     html = "".join(o.get("data", {}).get("text/html", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)

@@ -30,8 +30,8 @@ SAVERS = dict(mixed_precision="fp16", use_8bit_adam=True, gradient_checkpointing
 
 
 def sd15(**overrides) -> TrainConfig:
-    values = dict(pretrained_model_name_or_path=SD15, instance_data_dir="", resolution=512, **SAVERS)
-    return TrainConfig(**{**values, **overrides})
+    values = dict(pretrained_model_name_or_path=SD15, resolution=512, **SAVERS)
+    return preset(**{**values, **overrides})
 
 
 # --- Parameter counts ---------------------------------------------------------------------------------------
@@ -238,9 +238,9 @@ def kib(key):
 # (the package, diffusers, transformers and accelerate are part of what is measured)
 open("/proc/self/clear_refs", "w").write("5")
 base = kib("VmRSS")
-from dreambooth_nb import TrainConfig, train
+from dreambooth_nb import preset, train
 with tempfile.TemporaryDirectory() as out:
-    train(TrainConfig(output_dir=out, **json.loads(sys.argv[1])))
+    train(preset(output_dir=out, **json.loads(sys.argv[1])))
 print("PEAK", (kib("VmHWM") - base) * 1024)
 """
 
@@ -280,8 +280,8 @@ def test_host_ram_of_a_cpu_run_matches_its_measured_peak(model, resolution, opti
     if model == "medium" and not (folder / "model_index.json").is_file():
         _medium_pipeline(folder)
     settings = dict(pretrained_model_name_or_path=str(folder), instance_data_dir=str(photos),
-                    resolution=resolution, max_train_steps=3, checkpointing_steps=2, learning_rate=1e-4, **options)
-    planned = plan(TrainConfig(output_dir=str(tmp_path_factory.mktemp("out")), **settings), gpu="cpu")
+                    instance_prompt="a photo of sks dog", resolution=resolution, max_train_steps=3, checkpointing_steps=2, learning_rate=1e-4, **options)
+    planned = plan(preset(output_dir=str(tmp_path_factory.mktemp("out")), **settings), gpu="cpu")
     measured = _measured_peak(settings)
     assert abs(planned.host_peak_bytes / measured - 1) <= 0.25, (planned, measured)
 

@@ -10,6 +10,12 @@ from dreambooth_nb import generate_class_images
 from dreambooth_nb.dataset import classes
 from dreambooth_nb.model import snapshots
 from dreambooth_nb.errors import DataError
+from subjects import with_subject
+
+
+def class_images_of(config):
+    """The class images of the config's one subject."""
+    return classes.class_images(config.concepts[0], resolution=config.resolution)
 
 
 def pixels(path):
@@ -41,8 +47,8 @@ def test_generates_the_count_then_nothing_more(class_config, monkeypatch):
     monkeypatch.setattr(snapshots, "load_pipeline", no_pipeline)
     assert generate_class_images(config) == [folder]  # complete: no pipeline, nothing written
     assert {f: (folder / f).stat().st_mtime_ns for f in files} == mtimes
-    assert classes.class_images(config).to_generate == []
-    assert classes.class_images(config.replace(num_class_images=5)).to_generate == [3, 4]
+    assert class_images_of(config).to_generate == []
+    assert class_images_of(with_subject(config, num_class_images=5)).to_generate == [3, 4]
 
 
 def test_partial_folder_resumes_with_identical_images(class_config, monkeypatch):
@@ -63,7 +69,7 @@ def test_partial_folder_resumes_with_identical_images(class_config, monkeypatch)
     assert classes.class_image_path(folder, 0).stat().st_mtime_ns == mtime_0  # untouched
 
     # Asking for more images writes only the new indices; the first three stay as they were.
-    generate_class_images(config.replace(num_class_images=4))
+    generate_class_images(with_subject(config, num_class_images=4))
     assert sorted(p.name for p in folder.glob("class-*.png"))[-1] == "class-00003.png"
     assert classes.class_image_path(folder, 0).stat().st_mtime_ns == mtime_0
 
@@ -84,22 +90,22 @@ def write_own(folder, names, *, size=40, seed=1):
 
 def test_your_images_alone_need_no_generation_and_no_model(class_config, monkeypatch, capsys):
     config = class_config()
-    own = write_own(Path(config.class_data_dir), ["dog1.jpg", "dog2.png", "dog3.png"])
+    own = write_own(Path(config.concepts[0].class_data_dir), ["dog1.jpg", "dog2.png", "dog3.png"])
     monkeypatch.setattr(snapshots, "load_pipeline", no_pipeline)
     generate_class_images(config)
     assert "3 class images wanted — 3 of yours, 0 generated earlier, 0 to generate" in capsys.readouterr().out
-    assert classes.class_images(config).selected == sorted(own)
-    assert not list(Path(config.class_data_dir).glob("class-*.png"))
+    assert class_images_of(config).selected == sorted(own)
+    assert not list(Path(config.concepts[0].class_data_dir).glob("class-*.png"))
 
 
 def test_yours_and_generated_only_the_shortfall_is_made_and_a_rerun_makes_nothing(class_config, monkeypatch, capsys):
     config = class_config(num_class_images=4)
-    folder = Path(config.class_data_dir)
+    folder = Path(config.concepts[0].class_data_dir)
     own = write_own(folder, ["a.png"])
     generate_class_images(config)
     assert sorted(p.name for p in folder.glob("class-*.png")) == ["class-00000.png", "class-00001.png",
                                                                    "class-00002.png"]
-    assert classes.class_images(config).selected == own + [classes.class_image_path(folder, i) for i in range(3)]
+    assert class_images_of(config).selected == own + [classes.class_image_path(folder, i) for i in range(3)]
     capsys.readouterr()
     monkeypatch.setattr(snapshots, "load_pipeline", no_pipeline)
     generate_class_images(config)
@@ -108,24 +114,24 @@ def test_yours_and_generated_only_the_shortfall_is_made_and_a_rerun_makes_nothin
 
 def test_more_of_yours_than_wanted_generates_nothing_and_picks_the_same_subset(class_config, monkeypatch):
     config = class_config(num_class_images=3)
-    own = write_own(Path(config.class_data_dir), [f"reg-{i:03d}.jpg" for i in range(7)])
+    own = write_own(Path(config.concepts[0].class_data_dir), [f"reg-{i:03d}.jpg" for i in range(7)])
     monkeypatch.setattr(snapshots, "load_pipeline", no_pipeline)
     generate_class_images(config)
-    first = classes.class_images(config).selected
-    assert first == own[:3] and classes.class_images(config).selected == first
-    assert "3 of yours (of 7 found)" in classes.class_images(config).summary()
+    first = class_images_of(config).selected
+    assert first == own[:3] and class_images_of(config).selected == first
+    assert "3 of yours (of 7 found)" in class_images_of(config).summary()
 
 
 def test_unusable_files_in_the_class_folder_are_named_and_not_counted(class_config, capsys):
     config = class_config(num_class_images=3)
-    folder = Path(config.class_data_dir)
+    folder = Path(config.concepts[0].class_data_dir)
     write_own(folder, ["good.png"])
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     (folder / "notes.txt").write_text("regularization set v2")
     generate_class_images(config)
     out = capsys.readouterr().out
     assert "Skipped broken.jpg" in out and "Skipped notes.txt" in out
-    found = classes.class_images(config)
+    found = class_images_of(config)
     assert [p.name for p in found.yours] == ["good.png"] and len(found.selected) == 3
 
 
@@ -136,7 +142,7 @@ def test_training_uses_exactly_num_class_images_yours_first(class_config, monkey
     from dreambooth_nb.training.data import ImageFolder
 
     config = class_config(num_class_images=2, max_train_steps=1)
-    own = write_own(Path(config.class_data_dir), [f"reg-{i:02d}.png" for i in range(10)])
+    own = write_own(Path(config.concepts[0].class_data_dir), [f"reg-{i:02d}.png" for i in range(10)])
     loaded = []
     real = ImageFolder.from_paths
 

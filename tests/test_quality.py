@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from dreambooth_nb import TrainConfig
+from dreambooth_nb import preset
 from dreambooth_nb.results import quality
 from dreambooth_nb import storage
 from dreambooth_nb.toy import world as toyworld
@@ -117,9 +117,9 @@ def runs(tiny_model, photos, tmp_path):
         run = tmp_path / "runs" / f"lr-{lr:g}"
         for step in (2, 4):
             shutil.copytree(tiny_model, storage.snapshot_path(run, step))
-        TrainConfig(pretrained_model_name_or_path=str(tiny_model), instance_data_dir=str(photos),
-                    instance_prompt="a photo of sks dog", class_prompt="a photo of a dog", resolution=32,
-                    learning_rate=lr, output_dir=str(run)).to_json(run / "config.json")
+        preset(pretrained_model_name_or_path=str(tiny_model), instance_data_dir=str(photos),
+               instance_prompt="a photo of sks dog", class_prompt="a photo of a dog", resolution=32,
+               learning_rate=lr, output_dir=str(run)).to_json(run / "config.json")
         folders.append(run)
     storage.write_json(folders[0] / "history.json", {"steps": [1, 2, 3, 4], "losses": [0.2] * 4, "lrs": [1e-4] * 4,
                                                      "validation": [{"step": 2, "fit": 0.12, "prior": 0.2},

@@ -225,9 +225,8 @@ def test_resume_is_bitwise_for_every_stateful_option(make_config, tmp_path, serv
     if options.pop("sdxl", False):
         options["pretrained_model_name_or_path"] = str(request.getfixturevalue("tiny_sdxl_model"))
     if options.pop("concepts", False):
-        options["concepts"] = two_concepts(make_config().instance_data_dir, tmp_path)
-        options["instance_data_dir"] = ""
-    if options.get("with_prior_preservation"):
+        options["concepts"] = two_concepts(make_config().concepts[0].instance_data_dir, tmp_path)
+    elif options.get("with_prior_preservation"):
         options["class_data_dir"] = str(tmp_path / "class")
     config = make_config(output_dir=str(tmp_path / "killed"), **options)
     kill_then_resume(server, config)

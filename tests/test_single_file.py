@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from sd_runs import train_run
 
-from dreambooth_nb import TrainConfig
+from dreambooth_nb import preset
 from dreambooth_nb.model import single_file, snapshots
 from dreambooth_nb import storage
 from dreambooth_nb.config import model_location
@@ -21,6 +21,8 @@ from dreambooth_nb.errors import ConfigError
 from dreambooth_nb.results.export import export
 from dreambooth_nb.model.single_file import KnownBase, diffusers_folder, prediction_type
 from dreambooth_nb.toy.tiny import build_sd_topology_pipeline
+
+PROMPT = "a photo of sks dog"
 
 
 @pytest.fixture(scope="module")
@@ -89,10 +91,10 @@ def test_config_accepts_a_file_and_names_what_it_may_be(files, tmp_path, photos)
     _, file = files[1]
     assert model_location(str(file)) == "file"
     assert model_location(str(tmp_path / "missing.safetensors")) is None
-    TrainConfig(pretrained_model_name_or_path=str(file), instance_data_dir=str(photos)).validate()
+    preset(pretrained_model_name_or_path=str(file), instance_data_dir=str(photos), instance_prompt=PROMPT).validate()
     with pytest.raises(ConfigError, match=r"neither an existing folder, a \.safetensors or \.ckpt file, nor a Hub id"):
-        TrainConfig(pretrained_model_name_or_path=str(tmp_path / "missing.safetensors"),
-                    instance_data_dir=str(photos)).validate()
+        preset(pretrained_model_name_or_path=str(tmp_path / "missing.safetensors"),
+               instance_data_dir=str(photos), instance_prompt=PROMPT).validate()
 
 
 def test_training_from_a_file_and_loading_its_partial_snapshot(files, tmp_path):
@@ -183,7 +185,8 @@ def test_the_memory_plan_reads_a_file_without_converting_it(files, tmp_path, pho
     from dreambooth_nb import plan
 
     base, file = files[1]
-    from_file = plan(TrainConfig(pretrained_model_name_or_path=str(file), instance_data_dir=str(photos)), gpu="T4")
-    from_folder = plan(TrainConfig(pretrained_model_name_or_path=str(base), instance_data_dir=str(photos)), gpu="T4")
+    from_file = plan(preset(pretrained_model_name_or_path=str(file), instance_data_dir=str(photos), instance_prompt=PROMPT), gpu="T4")
+    from_folder = plan(preset(pretrained_model_name_or_path=str(base), instance_data_dir=str(photos),
+                              instance_prompt=PROMPT), gpu="T4")
     assert from_file.gpu_peak_bytes == from_folder.gpu_peak_bytes and from_file.fits
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("model_index.json"))

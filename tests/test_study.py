@@ -103,17 +103,17 @@ def test_a_short_run_learns_the_subject(tmp_path, instance_photos):
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from dreambooth_nb import TrainConfig, train
+    from dreambooth_nb import preset, train
 
     photos = tmp_path / "photos"
     photos.mkdir()
     for i, image in enumerate(instance_photos):
         image.save(photos / f"subject-{i}.png")
-    config = TrainConfig(pretrained_model_name_or_path=str(TOY_MODEL_DIR), instance_data_dir=str(photos),
-                         instance_prompt=toyworld.SUBJECT_INSTANCE_PROMPT, resolution=32, learning_rate=1e-4,
-                         train_batch_size=4, max_train_steps=60, cache_latents=True,
-                         checkpointing_steps=1000, snapshot_steps=[1], class_prompt=toyworld.SUBJECT_CLASS_PROMPT,
-                         output_dir=str(tmp_path / "run"))
+    config = preset(pretrained_model_name_or_path=str(TOY_MODEL_DIR), instance_data_dir=str(photos),
+                    instance_prompt=toyworld.SUBJECT_INSTANCE_PROMPT, resolution=32, learning_rate=1e-4,
+                    train_batch_size=4, max_train_steps=60, cache_latents=True,
+                    checkpointing_steps=1000, snapshot_steps=[1], class_prompt=toyworld.SUBJECT_CLASS_PROMPT,
+                    output_dir=str(tmp_path / "run"))
     final = train(config)
     # The validation loss on the photos falls as the subject is learned (measured: 0.14 → 0.03); the prior
     # half, on base-model renders of the class prompt, does not fall (measured: 0.028 → 0.031: drift).
@@ -151,17 +151,17 @@ def test_a_short_lora_run_learns_the_subject(tmp_path, instance_photos):
     rendered through the LoRA snapshot the way comparisons load it."""
     import torch
 
-    from dreambooth_nb import TrainConfig, train
+    from dreambooth_nb import preset, train
     from dreambooth_nb.model import snapshots
 
     photos = tmp_path / "photos"
     photos.mkdir()
     for i, image in enumerate(instance_photos):
         image.save(photos / f"subject-{i}.png")
-    config = TrainConfig(pretrained_model_name_or_path=str(TOY_MODEL_DIR), instance_data_dir=str(photos),
-                         instance_prompt=toyworld.SUBJECT_INSTANCE_PROMPT, resolution=32, method="lora",
-                         lora_rank=16, lora_target_modules=TOY_LORA_TARGETS, learning_rate=1e-3,
-                         train_batch_size=4, max_train_steps=200, cache_latents=True, output_dir=str(tmp_path / "run"))
+    config = preset(pretrained_model_name_or_path=str(TOY_MODEL_DIR), instance_data_dir=str(photos),
+                    instance_prompt=toyworld.SUBJECT_INSTANCE_PROMPT, resolution=32, method="lora",
+                    lora_rank=16, lora_target_modules=TOY_LORA_TARGETS, learning_rate=1e-3,
+                    train_batch_size=4, max_train_steps=200, cache_latents=True, output_dir=str(tmp_path / "run"))
     final = train(config)
 
     def fidelity(model):

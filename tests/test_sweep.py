@@ -98,7 +98,7 @@ def test_sweep_passes_each_run_to_train_and_makes_class_images_first(make_config
     real_generate = priors.generate_class_images
 
     def generate(config, **kwargs):
-        events.append(("class images", config.class_data_dir))
+        events.append(("class images", config.concepts[0].class_data_dir))
         return real_generate(config, **kwargs)
 
     def fake_train(config, *, on_step=None):  # stands in for train(): writes the snapshots it would

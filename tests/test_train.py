@@ -130,8 +130,8 @@ def test_prior_loss_is_computed_on_the_class_half_only(make_config, tiny_model, 
     config = make_config(with_prior_preservation=True, class_prompt="a dog", class_data_dir=str(tmp_path),
                          train_batch_size=2)
     parts = load_components(config, device=torch.device("cpu"), precision="no")
-    folder = ImageFolder.load(config.instance_data_dir, prompt="p", resolution=32)
-    data = TrainingData([folder], [ImageFolder.from_paths(sorted(Path(config.instance_data_dir).iterdir()),
+    folder = ImageFolder.load(config.concepts[0].instance_data_dir, prompt="p", resolution=32)
+    data = TrainingData([folder], [ImageFolder.from_paths(sorted(Path(config.concepts[0].instance_data_dir).iterdir()),
                                                           prompt="a dog", resolution=32)])
     data.encode(vae=parts.vae, config=config.replace(cache_latents=True), device=torch.device("cpu"),
                 dtype=torch.float32)
@@ -241,7 +241,7 @@ def test_loss_falls_on_a_fixed_batch(make_config):
     data.encode(vae=parts.vae, config=config.replace(cache_latents=True), device=torch.device("cpu"),
                 dtype=torch.float32)
     batch = data.batch(0, config=config, num_timesteps=1000)
-    prompts = Prompts([config.instance_prompt], family=parts.family, tokenizers=parts.tokenizers)
+    prompts = Prompts([config.concepts[0].instance_prompt], family=parts.family, tokenizers=parts.tokenizers)
     prompts.encode_once(parts.text_encoders, device=torch.device("cpu"))
     optimizer, _ = make_optimizer([{"params": parts.unet.parameters(), "lr": 1e-3}], config=config,
                                   device=torch.device("cpu"))
@@ -279,7 +279,7 @@ def test_saved_snapshots_reload_and_generate(make_config):
     steps = sorted(p.name for p in final.parent.iterdir())
     assert steps == ["step-000001", "step-000002", "step-000003"]
     pipe = StableDiffusionPipeline.from_pretrained(final, local_files_only=True)
-    image = pipe(config.instance_prompt, num_inference_steps=2, height=32, width=32,
+    image = pipe(config.concepts[0].instance_prompt, num_inference_steps=2, height=32, width=32,
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (32, 32)
 
@@ -334,6 +334,6 @@ def test_a_run_that_rendered_its_own_validation_images_keeps_them(make_config, t
     from PIL import Image
 
     Image.new("RGB", (32, 32), (10, 200, 30)).save(own / "class-00000.png")
-    assert reference_folder(config, config.subjects()[0]) == own
-    assert reference_folder(config.replace(output_dir=str(tmp_path / "new")), config.subjects()[0]).parent \
+    assert reference_folder(config, config.concepts[0]) == own
+    assert reference_folder(config.replace(output_dir=str(tmp_path / "new")), config.concepts[0]).parent \
         == tmp_path / BASE_RENDERS

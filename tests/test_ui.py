@@ -12,6 +12,7 @@ from dreambooth_nb import environment
 from dreambooth_nb.notebook import views, platform, project as projects, settings, ui
 from dreambooth_nb.config import TrainConfig, preset
 from dreambooth_nb.errors import ConfigError, DataError
+from subjects import with_subject
 
 FAKE_TOKEN = "hf_FAKEdoNotLeak0123456789abcdefghijklmn"
 
@@ -38,7 +39,7 @@ def test_config_from_widgets_applies_every_panel_field(base):
         if name != "snapshot_steps":
             assert getattr(config, name) == value, name
     assert config.snapshot_steps == [400, 800]  # sorted, repeats gone, the last step and beyond dropped
-    assert config.instance_prompt == base.instance_prompt  # untouched fields kept
+    assert config.concepts == base.concepts  # untouched fields kept
 
 
 def test_config_from_widgets_rounds_the_log_slider_to_its_readout(base):
@@ -125,7 +126,7 @@ def test_the_panel_shows_the_memory_plan_of_its_settings(base, tiny_model, monke
 
 def test_the_panel_fits_the_savers_and_a_person_can_override_them(base, tiny_model):
     profile = preset("object", "16gb", pretrained_model_name_or_path=str(tiny_model), resolution=32,
-                     instance_data_dir=base.instance_data_dir, output_dir=base.output_dir, fit_to_gpu=True)
+                     concepts=base.concepts, output_dir=base.output_dir, fit_to_gpu=True)
     panel = ui.TrainingPanel(profile, gpu="T4")  # (the fit as the config says: notebook 1's choice)
     savers = ("gradient_checkpointing", "train_batch_size", "gradient_accumulation_steps", "use_8bit_adam")
     assert panel.fit_box.value and [panel.values()[k] for k in savers] == [False, 4, 1, False]
@@ -145,7 +146,7 @@ def test_the_panel_fits_the_savers_and_a_person_can_override_them(base, tiny_mod
 
 
 def test_the_train_button_shows_a_dreambooth_error_as_a_message(base, tmp_path, capsys):
-    panel = ui.TrainingPanel(base.replace(instance_data_dir=str(tmp_path / "no-photos"), max_train_steps=4))
+    panel = ui.TrainingPanel(with_subject(base, instance_data_dir=str(tmp_path / "no-photos")).replace(max_train_steps=4))
     panel._clicked()  # what a click runs; the error must not escape into the kernel log
     panel.runner.join()
     assert "Error:" in panel.status.value and "instance_data_dir" in panel.status.value
@@ -271,9 +272,9 @@ def test_stopping_the_kernel_while_training_says_where_and_how_to_resume(base, t
 
     train_module = importlib.import_module("dreambooth_nb.training.train")
     model = build_tiny_pipeline(tmp_path / "model")
-    config = base.replace(pretrained_model_name_or_path=str(model), instance_data_dir=str(write_photos(tmp_path / "p")),
-                          resolution=32, max_train_steps=6, checkpointing_steps=2, learning_rate=1e-4,
-                          train_batch_size=1)
+    config = with_subject(base, instance_data_dir=str(write_photos(tmp_path / "p"))).replace(
+        pretrained_model_name_or_path=str(model), resolution=32, max_train_steps=6, checkpointing_steps=2,
+        learning_rate=1e-4, train_batch_size=1)
     panel = ui.TrainingPanel(config)
     real = train_module.compute_loss
     calls = []
@@ -314,12 +315,13 @@ def test_setup_config_applies_presets_and_choices(tmp_path):
     assert ui.TrainingPanel(face).fit_box.value and not ui.TrainingPanel(fixed).fit_box.value
     assert face.snapshot_steps == [600]  # halfway, as notebook 3's panel starts: the summary says what happens
     assert "snapshots at [600]" in settings.config_summary(face)
-    assert face.class_data_dir == str(project.class_dir) and face.instance_data_dir == str(project.instance_dir)
+    [subject] = face.concepts
+    assert subject.class_data_dir == str(project.class_dir) and subject.instance_data_dir == str(project.instance_dir)
     obj = projects.setup_config(project, kind="object", fit_to_gpu=False, model="stable-diffusion-v1-5/stable-diffusion-v1-5",
                                 instance_prompt="a photo of sks mug", prior_preservation="on",
                                 class_prompt="a photo of a mug", num_class_images=50, learning_rate=5e-6,
                                 max_steps=800)
-    assert obj.with_prior_preservation and obj.num_class_images == 50 and obj.effective_batch == 4
+    assert obj.with_prior_preservation and obj.concepts[0].num_class_images == 50 and obj.effective_batch == 4
     assert (obj.learning_rate, obj.max_train_steps) == (5e-6, 800)
     with pytest.raises(ConfigError, match="PRESET"):
         projects.setup_config(project, kind="pet", model="stable-diffusion-v1-5/stable-diffusion-v1-5", instance_prompt="x")

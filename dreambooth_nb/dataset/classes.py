@@ -53,13 +53,14 @@ class ClassImages:
         return "\n".join(lines)
 
 
-def class_images(config, *, decode: bool = True) -> ClassImages:
-    """The class folder of `config` as training will use it. `decode=False` trusts file names and
-    extensions instead of opening every image (the disk plan's quick count)."""
-    folder = Path(config.class_data_dir)
-    found = ClassImages(folder=folder, wanted=config.num_class_images)
+def class_images(subject, *, resolution: int, decode: bool = True) -> ClassImages:
+    """The class folder of `subject` (a `config.Concept`) as training at `resolution` will use it.
+    `decode=False` trusts file names and extensions instead of opening every image (the disk plan's quick
+    count)."""
+    folder = Path(subject.class_data_dir)
+    found = ClassImages(folder=folder, wanted=subject.num_class_images)
     if decode:
-        report = scan_images(folder, resolution=config.resolution, min_images=0, allow_empty=True)
+        report = scan_images(folder, resolution=resolution, min_images=0, allow_empty=True)
         usable, found.skipped = report.usable, report.skipped
         found.skipped += [(path, "a text file: class images all train with the class prompt (captions are read "
                                  "in photo folders only)")

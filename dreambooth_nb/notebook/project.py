@@ -16,7 +16,6 @@ notebook skips what is done and resumes what is not.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,24 +164,24 @@ def setup_config(project: Project, *, kind: str = "object", method: str = "full"
         raise ConfigError(f"METHOD: {method!r} is unknown; choose 'full' or 'lora'.")
     if prior_preservation not in ("preset", "on", "off"):
         raise ConfigError(f"PRIOR_PRESERVATION: {prior_preservation!r} is unknown; choose 'preset', 'on' or 'off'.")
-    values = dict(pretrained_model_name_or_path=str(model),
-                  instance_data_dir=str(Path(instance_dir).resolve()) if instance_dir else str(project.instance_dir),
-                  instance_prompt=instance_prompt, class_prompt=class_prompt or None,
-                  class_data_dir=str(project.class_dir), output_dir=str(project.runs_dir / "run"))
+    # The first subject in the preset's single-subject settings; with more rows, every subject as concepts,
+    # and NUM_CLASS_IMAGES (or the preset's count) for each of them.
+    photos = Path(instance_dir).resolve() if instance_dir else project.instance_dir
+    first = dict(instance_data_dir=str(photos), instance_prompt=instance_prompt, class_prompt=class_prompt or None,
+                 class_data_dir=str(project.class_dir))
+    subjects = {"concepts": subjects_from_rows(project, concepts, first=Concept(**first))} if concepts else first
+    values = dict(pretrained_model_name_or_path=str(model), output_dir=str(project.runs_dir / "run"), **subjects)
     if resolution:
         values["resolution"] = int(resolution)
     if prior_preservation != "preset":
         values["with_prior_preservation"] = prior_preservation == "on"
-    if num_class_images:
-        values["num_class_images"] = int(num_class_images)
+    if num_class_images or concepts:
+        values["num_class_images"] = int(num_class_images) or PRESETS[kind].get("num_class_images",
+                                                                             Concept.num_class_images)
     if learning_rate:
         values["learning_rate"] = float(learning_rate)
     if max_steps:
         values["max_train_steps"] = int(max_steps)
-    if concepts:
-        values["concepts"] = subjects_from_rows(project, concepts, first=Concept(
-            instance_data_dir=values.pop("instance_data_dir"), instance_prompt=values.pop("instance_prompt"),
-            class_data_dir=values.pop("class_data_dir"), class_prompt=values.pop("class_prompt")))
     values.update(overrides)
     # The family's own preset where it has one (SDXL: a LoRA at 1024 px, whatever `method` says), else the method's.
     family_preset = BaseModel(str(model)).family.preset
@@ -193,8 +192,7 @@ def setup_config(project: Project, *, kind: str = "object", method: str = "full"
     config = preset(*names, **values, fit_to_gpu=bool(fit_to_gpu))
     if "snapshot_steps" not in values:  # (saved as notebook 3's panel will start: one at halfway, one at the end)
         config = config.replace(snapshot_steps=default_snapshot_steps(config.max_train_steps))
-    config = config.replace(concepts=[dataclasses.replace(c, num_class_images=config.num_class_images)
-                                      for c in config.concepts]).validate()
+    config = config.validate()
     report = None
     if config.fit_to_gpu:
         report = fit_report(config, gpu)

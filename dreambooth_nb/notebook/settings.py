@@ -145,10 +145,11 @@ def apply_parameters(config: TrainConfig, **values) -> TrainConfig:
 def config_summary(config: TrainConfig) -> str:
     """The settings a user chose or should check, one per line."""
     batch = config.train_batch_size * config.gradient_accumulation_steps
-    subjects = config.subjects()
+    subjects = config.concepts
     if len(subjects) == 1:
-        who = [f"Photos:             {config.instance_data_dir}", f"Instance prompt:    {config.instance_prompt}"]
-        prior = f"{config.num_class_images} class images of '{config.class_prompt}', "
+        who = [f"Photos:             {subjects[0].instance_data_dir}",
+               f"Instance prompt:    {subjects[0].instance_prompt}"]
+        prior = f"{subjects[0].num_class_images} class images of '{subjects[0].class_prompt}', "
     else:  # several subjects: one line each, in the order they take turns in every batch
         who = [f"Subjects:           {len(subjects)}, taking turns in every batch"]
         who += [f"  {i}. '{s.instance_prompt}' from {s.instance_data_dir}"

@@ -414,7 +414,7 @@ class TrainingPanel:
                                     title=f"{Path(config.output_dir).name}: lr {config.learning_rate:.1e}")
         self.samples = None
         print(f"Run folder: {config.output_dir}")
-        subjects = config.subjects()
+        subjects = config.concepts
         if len(subjects) > 1:  # (they take turns in every batch: one run learns them all)
             print(f"Training {len(subjects)} subjects together: " + "; ".join(s.instance_prompt for s in subjects))
             self.status.value = f"Loading the model and the photos of {len(subjects)} subjects…"

@@ -157,7 +157,7 @@ def _simulate(config, *, sizes, interval, start_step, free_bytes, trash_counts, 
     used = peak = trash = 0
     if missing_class_images:
         used = peak = class_image_bytes(config, missing=missing_class_images)
-        folders = ", ".join(sorted({s.class_data_dir for s in config.subjects() if s.class_data_dir}))
+        folders = ", ".join(sorted({s.class_data_dir for s in config.concepts if s.class_data_dir}))
         items.append((f"{missing_class_images} class images (in {folders})", used))
     kept: list[int] = []
     state_steps = []
@@ -194,9 +194,9 @@ def _missing_class_images(config) -> int:
     if not config.with_prior_preservation:
         return 0
     missing: dict[str, int] = {}
-    for subject in config.subjects():
+    for subject in config.concepts:
         if subject.class_data_dir:
-            count = len(class_images(config.for_subject(subject), decode=False).to_generate)
+            count = len(class_images(subject, resolution=config.resolution, decode=False).to_generate)
             missing[subject.class_data_dir] = max(count, missing.get(subject.class_data_dir, 0))
     return sum(missing.values())
 

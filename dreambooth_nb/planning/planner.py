@@ -43,6 +43,7 @@ from torch.utils._pytree import tree_leaves
 
 from dreambooth_nb.planning import memory
 from dreambooth_nb import storage
+from dreambooth_nb.config import Concept
 from dreambooth_nb.errors import ConfigError
 from dreambooth_nb.model.base import BaseModel, empty_modules, text_encoder_from_config
 from dreambooth_nb.model.families import family_named
@@ -564,7 +565,7 @@ def plan(config, gpu=None, *, advise: bool = True) -> MemoryPlan:
 
 def _plan(config, card: Gpu | None) -> MemoryPlan:
     setup = setup_for(config, card)
-    configs = read_model_configs(config.pretrained_model_name_or_path, revision=getattr(config, "revision", None))
+    configs = read_model_configs(config.pretrained_model_name_or_path, revision=config.revision)
     sizes = component_sizes(configs)
     step = trace_step(trace_key(configs, setup))
     trained_params = sum(step.trained_numels)
@@ -703,15 +704,16 @@ def _data_bytes(config, setup: Setup) -> int:
     images = int(photos * pixels * 4 / 3) + classes * pixels  # photos are often 4:3, class images square
     latents = 0
     if setup.cache_latents:
-        flips = 2 if getattr(config, "random_flip", False) else 1
+        flips = 2 if config.random_flip else 1
         side = setup.resolution // 8
         latents = (photos + classes) * flips * 2 * 4 * side * side * 4  # mean and std, fp32, 4 channels
     return images + latents
 
 
 def _image_counts(config) -> tuple[int, int]:
-    """(photos, class images) of all the run's subjects: what training holds in memory."""
-    subjects = config.subjects()
+    """(photos, class images) of all the run's subjects: what training holds in memory. A config with no subject
+    yet (a plan before the photos) is planned as one subject of 10 photos."""
+    subjects = config.concepts or [Concept(instance_data_dir="", instance_prompt="")]
     photos = sum(_count_files(s.instance_data_dir, default=10) for s in subjects)
     classes = sum(s.num_class_images for s in subjects) if config.with_prior_preservation else 0
     return photos, classes
@@ -753,7 +755,7 @@ def _disk_parts(config, *, sizes: dict, trained_params: int) -> tuple[int, dict[
     disk = memory.disk_plan(config, sizes=run)
     classes = sum(size for what, size in disk.items if "class images" in what)
     parts = {"class images": classes, "states and snapshots": disk.peak_bytes - classes}
-    if config.cache_latents and getattr(config, "latent_cache_dir", None):
+    if config.cache_latents and config.latent_cache_dir:
         n = sum(_image_counts(config))
         side = config.resolution // 8
         parts["latent cache"] = n * 2 * 4 * side * side * 4  # mean and std, fp32, 4 channels

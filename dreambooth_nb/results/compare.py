@@ -27,7 +27,6 @@ import json
 from pathlib import Path
 
 from dreambooth_nb import storage
-from dreambooth_nb.config import saved_subjects
 from dreambooth_nb.dataset.images import load_image, scan_images
 from dreambooth_nb.errors import ConfigError, DataError
 from dreambooth_nb.model import snapshots
@@ -149,7 +148,7 @@ def _measured_runs(sources: list[dict], cells: list[dict]) -> list[dict]:
         run["subjects"] = [(quality.Roles.of(prompts, instance_prompt=subject.get("instance_prompt"),
                                              class_prompt=subject.get("class_prompt")),
                             _photos(subject, resolution=config.get("resolution")))
-                           for subject in saved_subjects(config)]
+                           for subject in config.get("concepts", [])]
     return list(runs.values())
 
 
@@ -163,7 +162,7 @@ def _measured_base(base_cells: list[dict]) -> dict | None:
 
 
 def _photos(subject: dict, *, resolution) -> list:
-    """A subject's instance photos (a run config or one of its `concepts`), loaded as training loads them; none
+    """A subject's instance photos (one of a run config's `concepts`), loaded as training loads them; none
     (with a note) if the folder is gone."""
     folder = subject.get("instance_data_dir")
     if not folder:

@@ -156,7 +156,7 @@ class EvalSpec:
         if isinstance(contexts, str):
             contexts = [contexts]
         prompts = []
-        for subject in config.subjects():
+        for subject in config.concepts:
             prompts.append(subject.instance_prompt)
             if subject.class_prompt and subject.class_prompt.strip():
                 prompts.append(subject.class_prompt)

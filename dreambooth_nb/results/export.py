@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 
 from dreambooth_nb import storage
-from dreambooth_nb.config import saved_subjects
 from dreambooth_nb.errors import ConfigError, DataError, ExportError
 from dreambooth_nb.model import snapshots
 from dreambooth_nb.model.base import BaseModel
@@ -98,8 +97,8 @@ def run_config(snapshot: Path) -> dict:
 
 def subject_prompts(config: dict, key: str = "instance_prompt") -> str | None:
     """A saved run config's instance (or, with `key="class_prompt"`, class) prompt: each subject's, joined
-    with "; " when the run had several (`concepts`); None when there is none."""
-    values = [subject.get(key) for subject in saved_subjects(config)]
+    with "; " when the run had several; None when there is none."""
+    values = [subject.get(key) for subject in config.get("concepts", [])]
     return "; ".join(dict.fromkeys(v for v in values if v)) or None
 
 

@@ -252,10 +252,10 @@ class TrainingData:
         images (`dataset.classes.class_images`: yours first, then generated ones); `reference`: per subject, the
         validation renders of its class prompt (`priors.reference_images`). Bad files are reported here,
         before any step."""
-        subjects = config.subjects()
+        subjects = config.concepts
         photos = [ImageFolder.load(s.instance_data_dir, prompt=s.instance_prompt, resolution=config.resolution)
                   for s in subjects]
-        classes = [ImageFolder.from_paths(class_images(config.for_subject(s)).selected, prompt=s.class_prompt,
+        classes = [ImageFolder.from_paths(class_images(s, resolution=config.resolution).selected, prompt=s.class_prompt,
                                           resolution=config.resolution)
                    for s in subjects] if config.with_prior_preservation else []
         rendered = [ImageFolder.from_paths(paths, prompt=s.class_prompt, resolution=config.resolution)

@@ -10,6 +10,7 @@ whether it is made in the first batch or after a Colab disconnect, and a rerun w
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import re
 from pathlib import Path
@@ -51,19 +52,12 @@ def reference_folder(config, subject, *, number: int = 1) -> Path:
     return Path(config.output_dir).parent / BASE_RENDERS / f"{words}-{config.resolution}px-{key % 16**8:08x}"
 
 
-def _reference_configs(config) -> list:
-    """Per subject: a one-subject config whose class folder holds its reference renders, or None (no class
-    prompt)."""
-    found = []
-    for number, subject in enumerate(config.subjects(), start=1):
-        if not subject.class_prompt:
-            found.append(None)
-            continue
-        folder = reference_folder(config, subject, number=number)
-        # One image at a time: SDXL at 1024 px with guidance at batch 4 would not fit a T4 beside nothing else.
-        found.append(config.for_subject(subject).replace(class_data_dir=str(folder), num_class_images=REFERENCE_IMAGES,
-                                                         sample_batch_size=1))
-    return found
+def _reference_subjects(config) -> list:
+    """Per subject: a `Concept` whose class folder holds the base model's renders of its class prompt, or None
+    (no class prompt)."""
+    return [dataclasses.replace(subject, class_data_dir=str(reference_folder(config, subject, number=number)),
+                                num_class_images=REFERENCE_IMAGES) if subject.class_prompt else None
+            for number, subject in enumerate(config.concepts, start=1)]
 
 
 def render_reference_images(config, *, shard: tuple[int, int] = (0, 1), device: torch.device | None = None) -> None:
@@ -71,20 +65,22 @@ def render_reference_images(config, *, shard: tuple[int, int] = (0, 1), device: 
     share of them, `shard` as in `generate_class_images`): the prior half of the validation loss when prior
     preservation is off (`validation.py`). Deterministic like class images, and made once for every run
     beside this one (`reference_folder`)."""
-    for reference in _reference_configs(config):
-        if reference is not None and class_images(reference, decode=False).to_generate:
+    for reference in _reference_subjects(config):
+        if reference is not None and class_images(reference, resolution=config.resolution, decode=False).to_generate:
             if shard[0] == 0:
                 print(f"Rendering {REFERENCE_IMAGES} images of '{reference.class_prompt}' with the base model, once "
                       f"for the runs in {Path(config.output_dir).parent}: the validation loss measures how far "
                       "training moves the class from them.")
-            generate_class_images(reference, quiet=True, shard=shard, device=device)
+            # One image at a time: SDXL at 1024 px with guidance at batch 4 would not fit a T4 beside nothing else.
+            generate_class_images(config.replace(concepts=[reference], sample_batch_size=1), quiet=True, shard=shard,
+                                  device=device)
 
 
 def reference_images(config) -> list[list[Path]]:
     """Per subject, the base model's renders of its class prompt (`render_reference_images` made them); empty
     for a subject without a class prompt."""
-    return [class_images(reference).selected if reference is not None else []
-            for reference in _reference_configs(config)]
+    return [class_images(reference, resolution=config.resolution).selected if reference is not None else []
+            for reference in _reference_subjects(config)]
 
 
 def generate_class_images(config, *, device: torch.device | None = None, pipe=None, quiet: bool = False,
@@ -98,20 +94,20 @@ def generate_class_images(config, *, device: torch.device | None = None, pipe=No
     makes every processes-th missing image, on its own device (image i is the same whoever makes it: its
     seed is (seed, i)).
     """
-    subjects = [config.for_subject(subject) for subject in config.subjects()]
+    subjects = config.concepts
     if not all(subject.class_prompt and subject.class_data_dir for subject in subjects):
         raise DataError("class_prompt and class_data_dir are needed to generate class images.")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     own_pipe = pipe is None
     try:
         for subject in subjects:  # (two subjects may share a class folder: each counts what is there now)
-            missing = _missing(subject, shard=shard, quiet=quiet)
+            missing = _missing(subject, resolution=config.resolution, shard=shard, quiet=quiet)
             if missing and pipe is None:
                 pipe = snapshots.load_pipeline(config.pretrained_model_name_or_path, device=device,
                                                revision=config.revision, variant=config.variant,
                                                vae=config.vae_model_name_or_path)
             if missing:
-                _generate(subject, missing, pipe=pipe, quiet=quiet)
+                _generate(subject, missing, config=config, pipe=pipe, quiet=quiet)
     finally:
         if own_pipe and pipe is not None:
             del pipe
@@ -121,10 +117,10 @@ def generate_class_images(config, *, device: torch.device | None = None, pipe=No
     return [Path(subject.class_data_dir) for subject in subjects]
 
 
-def _missing(config, *, shard: tuple[int, int], quiet: bool) -> list[int]:
-    """The indices this process generates for a one-subject `config` (after a look at the folder)."""
-    Path(config.class_data_dir).mkdir(parents=True, exist_ok=True)
-    found = class_images(config)
+def _missing(subject, *, resolution: int, shard: tuple[int, int], quiet: bool) -> list[int]:
+    """The indices this process generates for `subject` (after a look at its class folder)."""
+    Path(subject.class_data_dir).mkdir(parents=True, exist_ok=True)
+    found = class_images(subject, resolution=resolution)
     if not quiet:
         print(found.summary())
     rank, processes = shard
@@ -133,16 +129,17 @@ def _missing(config, *, shard: tuple[int, int], quiet: bool) -> list[int]:
     return [index for index in found.to_generate if index % processes == rank]
 
 
-def _generate(config, missing: list[int], *, pipe, quiet: bool) -> None:
-    """Images `missing` of a one-subject `config`, written atomically one by one."""
-    folder = Path(config.class_data_dir)
+def _generate(subject, missing: list[int], *, config, pipe, quiet: bool) -> None:
+    """Images `missing` of `subject`'s class prompt (at `config`'s seed, size and batch), written atomically one
+    by one."""
+    folder = Path(subject.class_data_dir)
     with tqdm(total=len(missing), desc="Class images", **({"disable": True} if in_task() else {})) as bar:
         for start in range(0, len(missing), config.sample_batch_size):
             report("generating class images", start, len(missing))
             batch = missing[start:start + config.sample_batch_size]
             # One generator per image: image i does not depend on which batch it lands in.
             generators = [torch.Generator("cpu").manual_seed(image_seed(config.seed, i)) for i in batch]
-            images = pipe([config.class_prompt] * len(batch), generator=generators,
+            images = pipe([subject.class_prompt] * len(batch), generator=generators,
                           height=config.resolution, width=config.resolution).images
             for index, image in zip(batch, images):
                 atomic_write_bytes(class_image_path(folder, index), png_bytes(image))
@@ -152,4 +149,4 @@ def _generate(config, missing: list[int], *, pipe, quiet: bool) -> None:
         raise DataError(f"{folder}: {len(still_missing)} class images are still missing after generation; "
                         "check free disk space and run again (finished images are kept).")
     if not quiet:
-        print(f"Generated {len(missing)} class images of '{config.class_prompt}'.")
+        print(f"Generated {len(missing)} class images of '{subject.class_prompt}'.")
