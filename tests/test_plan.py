@@ -19,8 +19,8 @@ from dreambooth_nb.planning import memory
 from dreambooth_nb.errors import ConfigError
 from dreambooth_nb.model import KNOWN_MODELS
 from dreambooth_nb.units import GIB
-from dreambooth_nb.planning.planner import (MemoryPlan, component_sizes, optimizer_state_bytes, plan,
-                                read_model_configs)
+from dreambooth_nb.planning.planner import MemoryPlan, optimizer_state_bytes, plan
+from dreambooth_nb.planning.trace import component_sizes, read_model_configs
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SD21 = "stabilityai/stable-diffusion-2-1"

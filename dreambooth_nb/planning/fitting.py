@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from dreambooth_nb import storage
 from dreambooth_nb.config import TrainConfig, changed_settings
 from dreambooth_nb.planning import memory, planner
+from dreambooth_nb.planning.trace import component_sizes, read_model_configs
 from dreambooth_nb.units import disk_size, gib
 
 
@@ -290,8 +291,7 @@ class _Search:
         c = self.config
         if not c.output_dir:
             return None
-        sizes = planner.component_sizes(planner.read_model_configs(c.pretrained_model_name_or_path,
-                                                                  revision=c.revision))
+        sizes = component_sizes(read_model_configs(c.pretrained_model_name_or_path, revision=c.revision))
         run = memory.RunSizes(unet=sizes["unet"], vae=sizes["vae"], trained=self._trained,
                               text_encoder=sizes["text_encoder"] + sizes.get("text_encoder_2", 0))
         free, trash = storage.free_bytes(c.output_dir), storage.deletes_go_to_trash(c.output_dir)

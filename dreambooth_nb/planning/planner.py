@@ -7,47 +7,35 @@
 The plan needs no weights and no GPU: it reads the model's configs (a few KB: `model_index.json` and each
 component's `config.json`, shipped in `known_models/` for the usual bases) and combines two things:
 
-- **A trace** of one training micro-step (text encoder and UNet forward, loss, backward) run on *fake*
-  tensors (`torch._subclasses.fake_tensor.FakeTensorMode`): the real diffusers / transformers modules, the
-  real autocast and gradient checkpointing, but no memory behind any tensor. A dispatch mode counts every
-  tensor's storage as it is created and freed, so the peak and what is alive at that moment (weights,
-  gradients, autocast's fp16 weight copies, activations) come out exact for that code path. The CPU build of
-  torch cannot run CUDA autocast, so the trace runs CPU autocast in bf16 (the same bytes as fp16) with CUDA's
-  fp32 list (group_norm, layer_norm, softmax) patched in for the length of the trace.
-- **Arithmetic** for what the trace cannot see: optimizer state (bitsandbytes 8-bit or torch AdamW), the
-  optimizer step's temporaries, EMA, the VAE when latents are not cached, the CUDA context, and the caching
-  allocator's fragmentation.
+- **A trace** of one training micro-step on fake tensors (`planning.trace`): the peak and what is alive at
+  it (weights, gradients, autocast's fp16 weight copies, activations), exact for that code path.
+- **Arithmetic** (here) for what the trace cannot see: optimizer state (bitsandbytes 8-bit or torch AdamW),
+  the optimizer step's temporaries, EMA, the VAE when latents are not cached, DDP's buckets, the CUDA
+  context, and the caching allocator's fragmentation; then host RAM and disk (`memory`).
 
-Traces are cached by (model configs, the settings that shape the step), so a settings panel re-plans
-instantly unless batch, resolution, checkpointing, precision or what is trained changes (a new SD 1.5 trace
-takes about 4 s on one core; the first plan in a process about 10 s, the imports included).
+Traces are cached, so a settings panel re-plans instantly unless batch, resolution, checkpointing, precision
+or what is trained changes (a new SD 1.5 trace takes about 4 s on one core; the first plan in a process
+about 10 s, the imports included).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import html
-import json
 import math
 import os
-import threading
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from dreambooth_nb.planning import memory
 from dreambooth_nb import storage
 from dreambooth_nb.config import Concept
 from dreambooth_nb.errors import ConfigError
-from dreambooth_nb.model.base import BaseModel, empty_modules, text_encoder_from_config
-from dreambooth_nb.model.families import family_named
-from dreambooth_nb.model.methods import METHODS, freeze_as, method_for
+from dreambooth_nb.model.methods import METHODS, method_for
+from dreambooth_nb.planning.trace import (ALLOCATION_ROUNDING, ModelConfigs, StepTrace, TraceKey, component_sizes,
+                                         read_model_configs, trace_step, trace_vae_encode)
 from dreambooth_nb.units import GIB, gib, memory_size
 
 
@@ -90,8 +78,6 @@ CUDA_HOST_BYTES = int(0.5 * GIB)
 # 256-element block for each; tensors under 4096 elements (`min_8bit_size`) keep two float32 moments.
 BNB_BLOCK = 256
 BNB_MIN_8BIT_SIZE = 4096
-# The CUDA caching allocator hands out multiples of 512 bytes (c10/cuda/CUDACachingAllocator.cpp).
-ALLOCATION_ROUNDING = 512
 
 # Whether training's autocast keeps its cache of fp16 weight copies until the forward pass ends (torch's
 # default, `cache_enabled=True`). With the cache, every trained fp32 weight has an fp16 twin for the whole
@@ -124,33 +110,6 @@ def resolve_gpu(gpu) -> tuple[Gpu | None, list[str]]:
                 return known, []
     raise ConfigError(f"gpu: {gpu!r} is unknown; choose one of {', '.join(GPUS)}, a number of GiB, 'cpu', "
                       "or None for the GPU present.")
-
-
-# --- Model configs ----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ModelConfigs:
-    """The configs of a pipeline's model components (`BaseModel.component_configs`), as JSON text: hashable, the
-    cache key of every trace."""
-
-    source: str
-    text: str
-    family: str
-    """`Family.name` of the model (its text encoders, how it encodes a prompt and conditions the UNet)."""
-
-    @property
-    def components(self) -> dict[str, dict]:
-        return json.loads(self.text)
-
-    @property
-    def text_encoders(self) -> int:
-        return sum(1 for name in self.components if name.startswith("text_encoder"))
-
-
-def read_model_configs(model: str, *, revision: str | None = None) -> ModelConfigs:
-    """The component configs of base model `model` (no weights; see `BaseModel.component_configs`)."""
-    base = BaseModel(model, revision=revision)
-    return ModelConfigs(source=model, text=json.dumps(base.component_configs, sort_keys=True),
-                        family=base.family.name)
 
 
 # --- What a config asks for -------------------------------------------------------------------------------
@@ -202,251 +161,16 @@ def setup_for(config, gpu: Gpu | None) -> Setup:
         offload_ema=config.offload_ema, variant=config.variant, processes=config.num_processes)
 
 
-# --- The trace --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class StepTrace:
-    """What one traced micro-step holds, by kind, in bytes (rounded as the CUDA allocator does): at the end
-    of the forward pass and at the step's peak.
-
-    The kinds: `trained` and `frozen` weights inside the trace (trained masters; frozen parts that take part
-    in the step, such as a LoRA's base UNet), `grads`, `autocast copies` (fp16 casts of fp32 weights, which
-    autocast caches until it exits) and `activations` (everything else). `trained_numels` are the sizes of
-    the trained tensors, for the optimizer state.
-    """
-
-    forward: dict
-    peak: dict
-    trained_numels: tuple[int, ...]
-
-
-class _LiveBytes(TorchDispatchMode):
-    """Counts the bytes of every storage alive, by kind, and remembers the kinds at the highest total.
-
-    Every op's outputs pass through `__torch_dispatch__`; a weakref finalizer on each new storage takes its
-    bytes off again when the storage dies, which in eager PyTorch is exactly when the memory is freed.
-    """
-
-    def __init__(self, *, trained, frozen):
-        super().__init__()
-        self.live = dict.fromkeys(("trained", "frozen", "grads", "autocast copies", "activations"), 0)
-        self.peak = 0
-        self.at_peak = dict(self.live)
-        self._kinds: dict[int, list] = {}
-        self._weights = set()
-        for kind, tensors in (("trained", trained), ("frozen", frozen)):
-            for tensor in tensors:
-                self._add(tensor, kind)
-                self._weights.add(tensor.untyped_storage()._cdata)
-
-    def _add(self, tensor: torch.Tensor, kind: str) -> None:
-        storage = tensor.untyped_storage()
-        key = storage._cdata
-        if key in self._kinds:
-            return
-        size = -(-storage.nbytes() // ALLOCATION_ROUNDING) * ALLOCATION_ROUNDING
-        self._kinds[key] = [kind, size]
-        self.live[kind] += size
-        weakref.finalize(storage, self._free, key)
-
-    def _free(self, key: int) -> None:
-        kind, size = self._kinds.pop(key)
-        self.live[kind] -= size
-
-    def mark_grad(self, tensor: torch.Tensor) -> None:
-        """A parameter's `.grad` was set: its storage (created by the backward) now counts as a gradient."""
-        entry = self._kinds.get(tensor.untyped_storage()._cdata)
-        if entry is None:
-            self._add(tensor, "grads")
-        elif entry[0] != "grads":
-            self.live[entry[0]] -= entry[1]
-            self.live["grads"] += entry[1]
-            entry[0] = "grads"
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        kind = "activations"
-        if func is torch.ops.aten._to_copy.default and isinstance(args[0], torch.Tensor) \
-                and args[0].untyped_storage()._cdata in self._weights:
-            kind = "autocast copies"  # autocast casting a weight to fp16 (cached until autocast exits)
-        for tensor in tree_leaves(out):
-            if isinstance(tensor, torch.Tensor):
-                self._add(tensor, kind)
-        total = sum(self.live.values())
-        if total > self.peak:
-            self.peak, self.at_peak = total, dict(self.live)
-        return out
-
-
-_PATCH_LOCK = threading.Lock()
-# CUDA autocast runs these in fp32 (ATen/autocast_mode.h, AT_FORALL_FP32 and ..._SET_OPT_DTYPE); CPU autocast
-# leaves them in bf16. For the stand-in trace, CPU autocast borrows CUDA's rule for them.
-_CUDA_FP32_OPS = ("group_norm", "layer_norm", "softmax.int", "log_softmax.int")
-
-
-class _CudaAutocastPolicy:
-    """For the length of a trace, CPU autocast runs CUDA's fp32 ops in fp32 (process-wide, hence the lock)."""
-
-    def __enter__(self):
-        _PATCH_LOCK.acquire()
-        key = torch._C.DispatchKey.AutocastCPU
-        self.lib = torch.library.Library("aten", "IMPL")
-        for name in _CUDA_FP32_OPS:
-            op = getattr(torch.ops.aten, name.split(".")[0])
-            overload = getattr(op, name.split(".")[1]) if "." in name else op.default
-            self.lib.impl(name, _in_fp32(overload, key), "AutocastCPU")
-        return self
-
-    def __exit__(self, *exc):
-        self.lib._destroy()
-        _PATCH_LOCK.release()
-
-
-def _in_fp32(op, key):
-    def kernel(*args, **kwargs):
-        def cast(value):
-            return value.float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
-
-        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
-            return op(*map(cast, args), **{k: cast(v) for k, v in kwargs.items()})
-
-    return kernel
-
-
-@dataclass(frozen=True)
-class TraceKey:
-    configs: ModelConfigs
-    device: str
-    half: bool
-    method: str
-    method_options: tuple
-    train_text_encoder: bool
-    batch: int
-    resolution: int
-    checkpointing: bool
-    grads_present: bool
-    autocast_cache: bool
-
-
+# --- The trace's key: what a config asks of it -----------------------------------------------------------
 def trace_key(configs: ModelConfigs, setup: Setup) -> TraceKey:
     # From the second accumulated micro-batch on, the gradients of the earlier ones are alive throughout; so
     # are DDP's buckets when the gradients are views into them (DDP_BUCKET_VIEWS).
     grads_present = setup.accumulation > 1 or (setup.ddp_buckets and DDP_BUCKET_VIEWS)
     return TraceKey(configs=configs, device=setup.device, half=setup.half, method=setup.method,
-                    method_options=setup.method_options, train_text_encoder=setup.train_text_encoder, batch=setup.batch, resolution=setup.resolution,
+                    method_options=setup.method_options, train_text_encoder=setup.train_text_encoder,
+                    batch=setup.batch, resolution=setup.resolution,
                     checkpointing=setup.checkpointing, grads_present=grads_present,
                     autocast_cache=AUTOCAST_WEIGHT_CACHE)
-
-
-@functools.lru_cache(maxsize=64)
-def trace_step(key: TraceKey) -> StepTrace:
-    """Trace one micro-step on fake tensors: text encoder(s) if trained, UNet, loss, backward."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    components = key.configs.components
-    low = torch.bfloat16  # stands in for fp16: the same bytes
-    frozen_dtype = low if key.half and key.device == "cuda" else torch.float32  # see models.weight_dtype
-    with FakeTensorMode(), _policy(key):
-        modules = _build_trained_modules(components, key=key, frozen_dtype=frozen_dtype)
-        trained = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
-        frozen = [p for m in modules.values() for p in m.parameters() if not p.requires_grad]
-        if key.grads_present:
-            for p in trained:
-                p.grad = torch.zeros_like(p)
-        inputs = _step_inputs(components, key=key)
-        tracker = _LiveBytes(trained=trained, frozen=frozen)
-        for p in trained:
-            p.register_post_accumulate_grad_hook(lambda p: tracker.mark_grad(p.grad))
-            if p.grad is not None:
-                tracker.mark_grad(p.grad)
-        with tracker:
-            loss = _micro_step(modules, inputs, family=family_named(key.configs.family), resolution=key.resolution,
-                               autocast_dtype=low if key.half else None, cache=key.autocast_cache)
-            forward = dict(tracker.at_peak)
-            loss.backward()
-        return StepTrace(forward=forward, peak=tracker.at_peak, trained_numels=tuple(p.numel() for p in trained))
-
-
-def _policy(key: TraceKey):
-    return _CudaAutocastPolicy() if key.half and key.device == "cuda" else contextlib.nullcontext()
-
-
-def _build_trained_modules(components: dict, *, key: TraceKey, frozen_dtype) -> dict[str, torch.nn.Module]:
-    """The UNet, and the text encoder(s) when trained, with the dtypes and flags training gives them."""
-    from diffusers import UNet2DConditionModel
-
-    unet = UNet2DConditionModel.from_config(components["unet"])
-    encoders = {}
-    if key.train_text_encoder:
-        encoders = {name: text_encoder_from_config(components[name], with_projection=name == "text_encoder_2")
-                    for name in ("text_encoder", "text_encoder_2") if name in components}
-    # What the method adds (LoRA: the base frozen in 16-bit on a GPU, fp32 adapters on it).
-    METHODS[key.method].trace_adapters({"unet": unet, **encoders}, options=key.method_options,
-                                       frozen_dtype=frozen_dtype)
-    if key.checkpointing:
-        unet.enable_gradient_checkpointing()
-        for encoder in encoders.values():
-            getattr(encoder, "activation_checkpointing_enable", encoder.gradient_checkpointing_enable)()
-    modules = {"unet": unet, **encoders}
-    for module in modules.values():
-        module.train()  # (transformers checkpoints only in training mode)
-    return modules
-
-
-def _step_inputs(components: dict, *, key: TraceKey) -> dict:
-    unet, vae = components["unet"], components["vae"]
-    factor = 2 ** (len(vae["block_out_channels"]) - 1)
-    side = key.resolution // factor
-    tokens = components["text_encoder"].get("max_position_embeddings", 77)
-    b = key.batch
-    inputs = {"latents": torch.randn(b, unet.get("in_channels", 4), side, side),
-              "timesteps": torch.randint(0, 1000, (b,)), "token_ids": torch.zeros(b, tokens, dtype=torch.long),
-              "hidden": torch.randn(b, tokens, unet["cross_attention_dim"])}
-    if unet.get("addition_embed_type") == "text_time":  # a UNet that takes a pooled text embedding too
-        pooled = unet["projection_class_embeddings_input_dim"] - 6 * unet["addition_time_embed_dim"]
-        inputs["pooled"] = torch.randn(b, pooled)
-    return inputs
-
-
-def _micro_step(modules: dict, inputs: dict, *, family, resolution: int, autocast_dtype, cache: bool):
-    """The forward and loss of `train.compute_loss`, under the autocast accelerate applies: the family encodes
-    the prompts (when its encoders are traced) and conditions the UNet, as in training."""
-    context = torch.autocast("cpu", dtype=autocast_dtype, cache_enabled=cache) if autocast_dtype \
-        else contextlib.nullcontext()
-    with context:
-        hidden, pooled = inputs["hidden"], inputs.get("pooled")
-        if "text_encoder" in modules:
-            encoders = [modules[name] for name in family.text_encoders]
-            hidden, pooled = family.encode(encoders, [inputs["token_ids"]] * len(encoders))
-        size = len(inputs["latents"])
-        added = family.added_conditioning(pooled, original_sizes=[(resolution, resolution)] * size,
-                                          crops=[(0, 0)] * size, resolution=resolution, device="cpu")
-        prediction = modules["unet"](inputs["latents"], inputs["timesteps"], hidden,
-                                     added_cond_kwargs=added).sample
-    return torch.nn.functional.mse_loss(prediction.float(), inputs["latents"].float())
-
-
-@functools.lru_cache(maxsize=16)
-def trace_vae_encode(configs: ModelConfigs, *, resolution: int, dtype_bytes: int) -> int:
-    """Bytes the VAE encoder needs beyond its weights to encode one image (`LatentSource` encodes one by one)."""
-    from diffusers import AutoencoderKL
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    dtype = torch.float32 if dtype_bytes == 4 else torch.bfloat16
-    with FakeTensorMode(), torch.no_grad():
-        vae = AutoencoderKL.from_config(configs.components["vae"])
-        freeze_as(vae, dtype)
-        tracker = _LiveBytes(trained=[], frozen=list(vae.parameters()))
-        pixels = torch.randn(1, 3, resolution, resolution, dtype=dtype)
-        with tracker:
-            vae.encode(pixels).latent_dist.mean.float()
-        return tracker.peak - tracker.live["frozen"]
-
-
-@functools.lru_cache(maxsize=16)
-def component_sizes(configs: ModelConfigs) -> dict[str, int]:
-    """Parameter count of each component, from its config alone (built on the meta device: no memory)."""
-    return {name: sum(p.numel() for p in module.parameters())
-            for name, module in empty_modules(configs.components).items()}
 
 
 # --- Arithmetic -------------------------------------------------------------------------------------------
