@@ -25,6 +25,11 @@ from dreambooth_nb.training.prompts import tokenize
 from photos import write_photos
 
 
+def uniform_timestep(generator):
+    """A DDPM schedule's draw (`objectives.Diffusion.draw` for 1000 timesteps)."""
+    return torch.randint(0, 1000, (), generator=generator)
+
+
 @pytest.fixture
 def two_subjects(make_config, photos, tmp_path):
     """`two(**overrides)`: a config with the dog (4 photos) and a cat (3 photos, other pixels)."""
@@ -185,7 +190,7 @@ def test_each_batch_holds_the_subjects_in_turn(two_subjects, batch, world):
     seen = []
     for micro in range(6):
         for rank in range(world):
-            rows = data.batch(micro, config=config, num_timesteps=1000, rank=rank, world=world)
+            rows = data.batch(micro, config=config, draw=uniform_timestep, rank=rank, world=world)
             assert rows["prompt"].tolist() == rows["subject"].tolist()  # each subject its own prompt
             seen += rows["subject"].tolist()
     assert seen == [k % 2 for k in range(6 * batch * world)]  # sample k is subject k mod 2
@@ -199,7 +204,7 @@ def test_each_subject_walks_all_its_photos_every_epoch(two_subjects):
     data = _encoded(config)
     shown = {0: [], 1: []}
     for micro in range(12):
-        rows = data.batch(micro, config=config, num_timesteps=1000)
+        rows = data.batch(micro, config=config, draw=uniform_timestep)
         for subject, image in zip(rows["subject"].tolist(), rows["image"].tolist()):
             shown[subject].append(image)
     for subject, count in ((0, 4), (1, 3)):
@@ -224,7 +229,7 @@ def test_class_images_per_subject_with_one_pipeline(two_subjects, monkeypatch):
     data = _encoded(config)
     assert [len(c) for c in data.classes] == [2, 3]
     assert data.texts == ["a photo of sks dog", "a photo of sks cat", "a photo of a dog", "a photo of a cat"]
-    rows = data.batch(0, config=config, num_timesteps=1000)
+    rows = data.batch(0, config=config, draw=uniform_timestep)
     assert rows["subject"].tolist() == [0, 1, 0, 1] and rows["is_prior"].tolist() == [False, False, True, True]
     assert rows["prompt"].tolist() == [0, 1, 2, 3]
 
@@ -236,7 +241,7 @@ def test_subjects_of_one_class_may_share_its_folder(two_subjects, tmp_path):
     config = two_subjects(with_prior_preservation=True, sample_batch_size=3)
     shared = config.replace(concepts=[Concept(c.instance_data_dir, c.instance_prompt, str(tmp_path / "dogs"),
                                               "a photo of a dog", 3) for c in config.concepts])
-    sizes = memory.RunSizes(unet=1, vae=1, trained=1, text_encoder=1)
+    sizes = memory.RunSizes(total=3, trained=1)
     assert memory.disk_plan(shared, sizes=sizes).items[0][0] == f"3 class images (in {tmp_path / 'dogs'})"
     assert memory.disk_plan(config, sizes=sizes).items[0][0].startswith("5 class images")  # 2 + 3
     generate_class_images(shared)

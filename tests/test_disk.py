@@ -17,7 +17,8 @@ from dreambooth_nb import storage
 from dreambooth_nb.planning.memory import RunSizes, disk_plan
 
 # SD 1.5's parameter counts (its UNet, CLIP text encoder and VAE).
-SD15 = RunSizes(unet=859_520_964, text_encoder=123_060_480, vae=83_653_863, trained=859_520_964)
+UNET = 859_520_964  # SD 1.5's, what full fine-tuning trains
+SD15 = RunSizes(total=UNET + 123_060_480 + 83_653_863, trained=UNET)
 GB = 10**9
 FREE_DRIVE = 15 * GB  # a free Google Drive, empty
 
@@ -40,27 +41,27 @@ def test_the_default_colab_run_fits_a_free_drive_within_12_gb(kind):
     # complete fp16 pipeline (2.13 GB): states every 100 steps would write 3 (object) or 11 (face) states,
     # each kept in Drive's Trash after rotation.
     assert len(plan.state_steps) == 1
-    state = memory.state_bytes(config, trained_params=SD15.unet)
+    state = memory.state_bytes(config, trained_params=UNET)
     assert state == pytest.approx(5.18 * GB, rel=0.01)
-    assert plan.peak_bytes == state + SD15.unet * 2 + SD15.total * 2
+    assert plan.peak_bytes == state + UNET * 2 + SD15.total * 2
 
 
 def test_on_a_disk_that_frees_space_states_come_every_100_steps():
     config = colab_default("object", output_dir="/tmp/run")
     plan = disk_plan(config, sizes=SD15, free_bytes=100 * GB, trash_counts=False, missing_class_images=0)
     assert plan.checkpointing_steps == 100 and plan.state_steps == [100, 200, 300]
-    state = memory.state_bytes(config, trained_params=SD15.unet)
+    state = memory.state_bytes(config, trained_params=UNET)
     # the peak: at step 300 the new state exists beside the old one (until it is complete), with the
     # halfway snapshot; at the end one state, that snapshot and the complete final pipeline weigh less
-    assert plan.peak_bytes == 2 * state + SD15.unet * 2 > state + SD15.unet * 2 + SD15.total * 2
+    assert plan.peak_bytes == 2 * state + UNET * 2 > state + UNET * 2 + SD15.total * 2
     assert plan.trash_bytes == 2 * state
 
 
 def test_on_drive_deleted_states_count_and_the_plan_says_so():
     config = colab_default("object", checkpointing_steps=100)
     plan = disk_plan(config, sizes=SD15, free_bytes=FREE_DRIVE, trash_counts=True, missing_class_images=0)
-    state = memory.state_bytes(config, trained_params=SD15.unet)
-    assert plan.peak_bytes == 3 * state + SD15.unet * 2 + SD15.total * 2  # all three stay in the quota
+    state = memory.state_bytes(config, trained_params=UNET)
+    assert plan.peak_bytes == 3 * state + UNET * 2 + SD15.total * 2  # all three stay in the quota
     assert not plan.fits
     refusal = plan.refusal()
     assert "empty the Trash" in refusal and "training state of step 300" in refusal
@@ -103,7 +104,7 @@ def test_parameter_counts_come_from_the_configs_alone(tiny_model, make_config):
 
     counts = parameter_counts(make_config(train_text_encoder=True))
     parts = load_components(make_config(), device=torch.device("cpu"), precision="no")
-    sizes = {name: count_parameters(getattr(parts, name)) for name in ("unet", "vae", "text_encoder")}
+    sizes = {name: count_parameters(parts.part(name)) for name in ("unet", "vae", "text_encoder")}
     assert counts == {**sizes, "trained": sizes["unet"] + sizes["text_encoder"]}
 
 

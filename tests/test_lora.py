@@ -121,7 +121,7 @@ def test_the_lora_preset_and_its_disk_plan(tmp_path):
                     output_dir="/content/drive/MyDrive/x", snapshot_steps=[200])
     assert (config.method, config.learning_rate, config.lora_rank) == ("lora", 1e-4, 4)
     # SD 1.5 at rank 4 on to_q, to_k, to_v, to_out.0: 797,184 adapter weights (3.2 MB in fp32).
-    sizes = RunSizes(unet=859_520_964, text_encoder=123_060_480, vae=83_653_863, trained=797_184)
+    sizes = RunSizes(total=859_520_964 + 123_060_480 + 83_653_863, trained=797_184)
     plan = memory.disk_plan(config.replace(mixed_precision="fp16"), sizes=sizes, free_bytes=15 * 10**9,
                             trash_counts=True, missing_class_images=0)
     assert plan.checkpointing_steps == 100  # states are small: every 100 steps even on a free Drive

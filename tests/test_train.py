@@ -15,6 +15,11 @@ from dreambooth_nb.training.prompts import Prompts
 from dreambooth_nb.training.train import compute_loss, make_optimizer
 from recording import gradients_of
 
+
+def uniform_timestep(generator):
+    """A DDPM schedule's draw (`objectives.Diffusion.draw` for 1000 timesteps)."""
+    return torch.randint(0, 1000, (), generator=generator)
+
 # The package exports the function `train`, which hides the module of the same name as an attribute.
 train_module = importlib.import_module("dreambooth_nb.training.train")
 
@@ -135,7 +140,7 @@ def test_prior_loss_is_computed_on_the_class_half_only(make_config, tiny_model, 
                                                           prompt="a dog", resolution=32)])
     data.encode(vae=parts.vae, config=config.replace(cache_latents=True), device=torch.device("cpu"),
                 dtype=torch.float32)
-    batch = data.batch(0, config=config, num_timesteps=1000)
+    batch = data.batch(0, config=config, draw=uniform_timestep)
     assert data.texts == ["p", "a dog"]
     assert batch["prompt"].tolist() == [INSTANCE, INSTANCE, CLASS, CLASS]
     assert batch["is_prior"].tolist() == [False, False, True, True]
@@ -147,8 +152,9 @@ def test_prior_loss_is_computed_on_the_class_half_only(make_config, tiny_model, 
     prompts = Prompts(["a photo of sks dog", "a dog"], family=parts.family, tokenizers=parts.tokenizers)
     prompts.encode_once(parts.text_encoders, device=torch.device("cpu"))
     for weight in (0.0, 1.0, 2.5):
-        loss = compute_loss(batch, unet=unet, prompts=prompts, encoders=None, scheduler=parts.noise_scheduler,
-                            config=config.replace(prior_loss_weight=weight), device=torch.device("cpu"))
+        loss = compute_loss(batch, denoiser=unet, family=parts.family, prompts=prompts, encoders=None,
+                            scheduler=parts.noise_scheduler, config=config.replace(prior_loss_weight=weight),
+                            device=torch.device("cpu"))
         assert loss.item() == pytest.approx(weight)  # instance half contributes 0, class half 1 × weight
 
 
@@ -240,15 +246,15 @@ def test_loss_falls_on_a_fixed_batch(make_config):
     data = TrainingData.load(config)
     data.encode(vae=parts.vae, config=config.replace(cache_latents=True), device=torch.device("cpu"),
                 dtype=torch.float32)
-    batch = data.batch(0, config=config, num_timesteps=1000)
+    batch = data.batch(0, config=config, draw=uniform_timestep)
     prompts = Prompts([config.concepts[0].instance_prompt], family=parts.family, tokenizers=parts.tokenizers)
     prompts.encode_once(parts.text_encoders, device=torch.device("cpu"))
-    optimizer, _ = make_optimizer([{"params": parts.unet.parameters(), "lr": 1e-3}], config=config,
+    optimizer, _ = make_optimizer([{"params": parts.denoiser.parameters(), "lr": 1e-3}], config=config,
                                   device=torch.device("cpu"))
     losses = []
     for _ in range(40):
-        loss = compute_loss(batch, unet=parts.unet, prompts=prompts, encoders=None, scheduler=parts.noise_scheduler,
-                            config=config, device=torch.device("cpu"))
+        loss = compute_loss(batch, denoiser=parts.denoiser, family=parts.family, prompts=prompts, encoders=None,
+                            scheduler=parts.noise_scheduler, config=config, device=torch.device("cpu"))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

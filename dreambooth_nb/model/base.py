@@ -98,9 +98,6 @@ class BaseModel:
 
 
 # --- Its components' configs ----------------------------------------------------------------------------------
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
-
-
 def _configs_from_folder(folder: Path, *, source: str) -> dict[str, dict]:
     index_path = folder / "model_index.json"
     if not index_path.is_file():
@@ -137,30 +134,33 @@ def _configs_from_hub(model: str, *, revision: str | None) -> dict[str, dict]:
 
 
 def _components_in(index: dict, *, source: str) -> list[str]:
-    names = [name for name in COMPONENTS if isinstance(index.get(name), list) and index[name][0]]
-    if "unet" not in names or "vae" not in names or "text_encoder" not in names:
+    """The model components of a pipeline of this family: its denoiser, text encoders and VAE."""
+    family = family_of(index, source=source)
+    names = [family.denoiser, *family.text_encoders, "vae"]
+    missing = [name for name in names if not (isinstance(index.get(name), list) and index[name][0])]
+    if missing:
         raise ConfigError(f"pretrained_model_name_or_path: {source} is a {index.get('_class_name', 'pipeline')} "
-                          "without a UNet, VAE and text encoder; the planner (and training) need a Stable "
-                          "Diffusion 1.x / 2.x / XL pipeline.")
+                          f"without {', '.join(missing)}; the planner (and training) need every part of it.")
     return names
 
 
-def text_encoder_from_config(config: dict, *, with_projection: bool):
-    """A CLIP text encoder built from its config (random weights; on the meta device inside `torch.device`)."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+def module_from_config(config: dict):
+    """A component built from its saved config with random weights (on the meta device inside `torch.device`):
+    the diffusers class its `_class_name` names, or the transformers class its `architectures` name."""
+    import diffusers
+    import transformers
 
-    fields = {k: v for k, v in config.items() if not k.startswith("_") and k not in ("architectures",)}
-    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-    return cls(CLIPTextConfig(**fields))
+    if "_class_name" in config:
+        return getattr(diffusers, config["_class_name"]).from_config(config)
+    # (without the dtype it was saved in: transformers would build in it; the caller chooses the dtype)
+    fields = {k: v for k, v in config.items()
+              if not k.startswith("_") and k not in ("architectures", "torch_dtype", "dtype")}
+    return getattr(transformers, config["architectures"][0])(transformers.AutoConfig.for_model(**fields))
 
 
 def empty_modules(configs: dict[str, dict]) -> dict:
     """The components built from their configs on the meta device: every shape and parameter, no memory."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     with torch.device("meta"):
-        return {name: UNet2DConditionModel.from_config(config) if name == "unet" else
-                AutoencoderKL.from_config(config) if name == "vae" else
-                text_encoder_from_config(config, with_projection=name == "text_encoder_2")
-                for name, config in configs.items()}
+        return {name: module_from_config(config) for name, config in configs.items()}

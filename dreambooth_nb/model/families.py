@@ -1,10 +1,11 @@
 """Model families: what differs between Stable Diffusion 1.x/2.x and SDXL — the one place that knows.
 
 Detected once from the base model's `model_index.json` (`BaseModel.family`). A family says which text encoders
-and tokenizers the model has, how a prompt becomes the UNet's conditioning, what extra conditioning the UNet
-takes, how its pipeline is built, which VAE runs in fp16, what it can be trained and exported as. Everything
-else asks it and does not branch on the model: a new family is a new `Family` (a subclass where it behaves
-differently) in this file and an entry in `FAMILIES`.
+and tokenizers the model has, how a prompt becomes the denoiser's conditioning, what the denoiser is (a UNet,
+or a transformer) and how it is called, what it learns to predict (its `objective`), how its pipeline is
+built, which VAE runs in fp16, what it can be trained and exported as. Everything else asks it and does not
+branch on the model: a new family is a new `Family` (a subclass where it behaves differently) in this file
+and an entry in `FAMILIES`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from dreambooth_nb.errors import ConfigError
+from dreambooth_nb.model.objectives import Diffusion, Flow
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,33 @@ class Family:
     """Whether `results.export` writes this family as one original-layout checkpoint (`model.layout`)."""
     kohya_base_version: str = "sd_v1"
     """`ss_base_model_version` of a LoRA file in kohya's layout (how AUTOMATIC1111 and ComfyUI tell the family)."""
+    denoiser: str = "unet"
+    """The pipeline component that denoises (and trains): "unet", or "transformer" for SD3 and Flux; also its
+    subfolder in the model, its file name in states, its group in the optimizer and its LoRA prefix."""
+    denoiser_class: str = "UNet2DConditionModel"
+    """Its diffusers class."""
+    objective: Diffusion | Flow = Diffusion()
+    """What the denoiser learns to predict (`model.objectives`)."""
+
+    def check(self, config) -> None:
+        """Refuse settings this family cannot train (its objective's, e.g. min-SNR weighting of a flow), before
+        anything loads."""
+        self.objective.check(config)
+
+    def token_lengths(self, components: dict) -> list[int]:
+        """Tokens per prompt for each tokenizer, from the text encoders' configs (CLIP's 77)."""
+        return [components[name].get("max_position_embeddings", 77) for name in self.text_encoders]
+
+    def native_size(self, denoiser: dict, vae: dict) -> int:
+        """The image size a model of this family was made for, from its denoiser's and VAE's configs: the
+        denoiser's sample size × the VAE's downsampling (SD 1.5: 64 × 8)."""
+        return int(denoiser["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+    def predict(self, denoiser, noisy: torch.Tensor, timesteps: torch.Tensor, hidden: torch.Tensor,
+                added: dict | None) -> torch.Tensor:
+        """The denoiser's prediction for a batch: `hidden` the prompts' hidden states, `added` what
+        `added_conditioning` gave."""
+        return denoiser(noisy, timesteps, hidden, added_cond_kwargs=added).sample
 
     def pipeline_kwargs(self) -> dict:
         """Keyword arguments for `from_pretrained` that only this family's pipeline takes: SD's would otherwise load

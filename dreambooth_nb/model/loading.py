@@ -26,9 +26,10 @@ class Components:
     tokenizer: object
     text_encoder: torch.nn.Module
     vae: torch.nn.Module
-    unet: torch.nn.Module
+    denoiser: torch.nn.Module
+    """The UNet (SD, SDXL) or transformer: the family's `denoiser` component."""
     noise_scheduler: object
-    """DDPM scheduler with the base model's noise schedule: adds noise in training."""
+    """The scheduler of the family's objective with the base model's schedule: adds noise in training."""
     inference_scheduler: object
     """The base pipeline's own scheduler, saved unchanged into every snapshot."""
     tokenizer_2: object = None
@@ -36,6 +37,10 @@ class Components:
     """SDXL's second tokenizer and text encoder (with projection); None for SD 1.x/2.x."""
     vae_source: str | None = None
     """Where the VAE came from when not from the base model (SDXL's fp16-fix VAE): snapshots record it."""
+
+    def part(self, name: str) -> torch.nn.Module:
+        """A model component by its pipeline name ("unet" or "transformer" is the denoiser)."""
+        return self.denoiser if name == self.family.denoiser else getattr(self, name)
 
     @property
     def text_encoders(self) -> list:
@@ -121,7 +126,7 @@ def weight_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 def load_components(config, *, device: torch.device, precision: str, method=None,
                     base: BaseModel | None = None) -> Components:
-    """Load tokenizer, text encoder, VAE, UNet and the DDPM noise scheduler of `config`'s base model (`base`:
+    """Load tokenizers, text encoders, VAE, denoiser and the training noise scheduler of `config`'s base model (`base`:
     the run's `BaseModel`, made here if not given).
 
     Each part is loaded in the dtype `method` (`methods.method_for(config)`) wants — trained parts fp32,
@@ -130,7 +135,7 @@ def load_components(config, *, device: torch.device, precision: str, method=None
     """
     import diffusers
     import transformers
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL
 
     base = base or BaseModel.of(config)
     model, common, index, family = base.path, base.load_kwargs(), base.index, base.family
@@ -144,30 +149,32 @@ def load_components(config, *, device: torch.device, precision: str, method=None
     for name in family.text_encoders:
         text[name] = transformers_part(name, variant=config.variant,
                                        **transformers_dtype(method.load_dtype(name, frozen=frozen))).to(device)
-    noise_scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler", **common)
+    noise_scheduler = getattr(diffusers, family.objective.scheduler_class).from_pretrained(model, subfolder="scheduler",
+                                                                                           **common)
     inference_scheduler = getattr(diffusers, index["scheduler"][1]).from_pretrained(model, subfolder="scheduler",
                                                                                     **common)
     other_vae = vae_source(config, family=family, half=frozen != torch.float32)
     vae = (AutoencoderKL.from_pretrained(other_vae, **diffusers_dtype(frozen)) if other_vae else
            AutoencoderKL.from_pretrained(model, subfolder="vae", variant=config.variant, **diffusers_dtype(frozen),
                                          **common)).to(device)
-    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", variant=config.variant,
-                                                **diffusers_dtype(method.load_dtype("unet", frozen=frozen)),
-                                                **common).to(device)
-    parts = Components(family=family, vae=vae, unet=unet, noise_scheduler=noise_scheduler,
+    denoiser = getattr(diffusers, family.denoiser_class).from_pretrained(
+        model, subfolder=family.denoiser, variant=config.variant,
+        **diffusers_dtype(method.load_dtype(family.denoiser, frozen=frozen)), **common).to(device)
+    parts = Components(family=family, vae=vae, denoiser=denoiser, noise_scheduler=noise_scheduler,
                        inference_scheduler=inference_scheduler, vae_source=other_vae, **text)
-    for module in (vae, unet, *parts.text_encoders):
+    for module in (vae, denoiser, *parts.text_encoders):
         module.requires_grad_(False)
     return parts
 
 
 def parameter_counts(config, *, base: BaseModel | None = None) -> dict[str, int]:
-    """Parameters of the base model's UNet, text encoder(s) and VAE, and of what `config` trains on them (the
+    """Parameters of the base model's denoiser, text encoder(s) and VAE, and of what `config` trains on them (the
     LoRA adapters, or the parts themselves), from the configs alone (a few KB; the modules are built on the
     meta device, no weights; a single file is not converted): what the disk plan needs before any download."""
     base = base or BaseModel.of(config)
     modules = empty_modules(base.component_configs)
     counts = {name: count_parameters(module) for name, module in modules.items()}
+    modules["denoiser"] = modules.pop(base.family.denoiser)
     parts = Components(family=base.family, tokenizer=None, noise_scheduler=None, inference_scheduler=None, **modules)
     with torch.device("meta"):  # (LoRA adapters too)
         trained = method_for(config).setup(parts)
@@ -234,7 +241,7 @@ def enable_tf32(device: torch.device) -> bool:
 
 
 def enable_gradient_checkpointing(components: Components, *, train_text_encoder: bool) -> None:
-    components.unet.enable_gradient_checkpointing()
+    components.denoiser.enable_gradient_checkpointing()
     if not train_text_encoder:
         return
     # transformers recomputes only in train mode (it checks `self.training`): `train()` sets that mode.

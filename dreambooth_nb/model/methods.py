@@ -1,10 +1,11 @@
-"""What a run trains — the whole UNet (full fine-tuning, the study's method) or LoRA adapters on it — and
+"""What a run trains — the whole denoiser (full fine-tuning, the study's method) or LoRA adapters on it — and
 what that means for loading, states and snapshots. The one place that knows the difference; the training
 loop asks it and does not branch.
 
     method = method_for(config)
     parts = models.load_components(config, ..., method=method)   # dtypes the method wants
     trained = method.setup(parts)                                 # {"unet": ..., "text_encoder": ...}
+                                                                  # (the denoiser by its family's name)
     method.saved_tensors(module)                                  # what a state holds for a trained part
     method.save_snapshot(path, ...)                               # what a snapshot holds
 
@@ -26,7 +27,8 @@ LORA_TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
 class FullFineTuning:
-    """Every UNet weight trains (and the text encoder's with `train_text_encoder`), as fp32 masters."""
+    """Every weight of the denoiser (the UNet) trains (and the text encoder's with `train_text_encoder`), as
+    fp32 masters."""
 
     name = "full"
     title = "full fine-tuning"
@@ -75,13 +77,14 @@ class FullFineTuning:
             raise ConfigError(family.full_fine_tuning)
 
     def load_dtype(self, part: str, *, frozen: torch.dtype) -> torch.dtype:
-        """The dtype a part is loaded in: trained parts are fp32 masters, frozen ones half precision on a GPU."""
-        trained = part == "unet" or (part.startswith("text_encoder") and self.config.train_text_encoder)
+        """The dtype `part` (the denoiser or a text encoder) is loaded in: trained parts are fp32 masters, frozen
+        ones half precision on a GPU."""
+        trained = not part.startswith("text_encoder") or self.config.train_text_encoder
         return torch.float32 if trained else frozen
 
     def setup(self, parts) -> dict[str, torch.nn.Module]:
         parts.vae.requires_grad_(False)
-        parts.unet.requires_grad_(True)
+        parts.denoiser.requires_grad_(True)
         for encoder in parts.text_encoders:
             encoder.requires_grad_(self.config.train_text_encoder)
         return _trained_parts(parts, self.config)
@@ -129,7 +132,8 @@ class LoRA(FullFineTuning):
         rank, dropout, targets = options
         for name, module in modules.items():
             freeze_as(module, frozen_dtype)
-            _add_trace_lora(module, targets=targets if name == "unet" else tuple(LORA_TEXT_ENCODER_TARGETS),
+            text = name.startswith("text_encoder")
+            _add_trace_lora(module, targets=tuple(LORA_TEXT_ENCODER_TARGETS) if text else targets,
                             rank=rank, dropout=dropout)
 
     def trace_options(self) -> tuple:
@@ -146,16 +150,16 @@ class LoRA(FullFineTuning):
         from peft import LoraConfig, inject_adapter_in_model
 
         config = self.config
-        for module in (parts.vae, parts.unet, *parts.text_encoders):
+        for module in (parts.vae, parts.denoiser, *parts.text_encoders):
             module.requires_grad_(False)
         common = dict(r=config.lora_rank, lora_alpha=self.alpha, lora_dropout=config.lora_dropout,
                       init_lora_weights="gaussian")
         # The adapters' random start from `seed`, whatever the process drew before: the same run in a fresh
         # worker (several GPUs) or in a notebook kernel that trained before starts from the same adapters.
-        device = next(parts.unet.parameters()).device
+        device = next(parts.denoiser.parameters()).device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(config.seed)
-            parts.unet.add_adapter(LoraConfig(target_modules=list(config.lora_target_modules), **common))
+            parts.denoiser.add_adapter(LoraConfig(target_modules=list(config.lora_target_modules), **common))
             if config.train_text_encoder:
                 # PEFT's own injection, not transformers' `add_adapter`: transformers 5 demands a PEFT release
                 # (0.22) that package indexes may not have yet, and the result is the same adapter layers.
@@ -219,8 +223,8 @@ def freeze_as(module: torch.nn.Module, dtype: torch.dtype) -> None:
 
 
 def _trained_parts(parts, config) -> dict[str, torch.nn.Module]:
-    """The UNet first, then the text encoders (both of SDXL's) when they train."""
-    trained = {"unet": parts.unet}
+    """The denoiser first, then the text encoders (both of SDXL's) when they train."""
+    trained = {parts.family.denoiser: parts.denoiser}
     if config.train_text_encoder:
         trained.update({name: getattr(parts, name) for name in parts.family.text_encoders})
     return trained

@@ -26,19 +26,18 @@ import torch
 
 from dreambooth_nb import storage
 from dreambooth_nb.config import model_location
-from dreambooth_nb.errors import DataError
+from dreambooth_nb.errors import ConfigError, DataError
 from dreambooth_nb.model.base import BaseModel
 from dreambooth_nb.model.dtypes import diffusers_dtype, transformers_dtype
 
-_WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
-            "text_encoder": "model.safetensors"}
+_DIFFUSERS_WEIGHTS, _TRANSFORMERS_WEIGHTS = "diffusion_pytorch_model.safetensors", "model.safetensors"
 
 
 def save(path: Path, *, step: int, config, parts, trained: dict[str, dict], dtype: torch.dtype,
          complete: bool) -> Path:
     """Write the snapshot of `step` atomically.
 
-    `trained` maps each trained part ("unet", "text_encoder") to the tensors to save for it (its state dict,
+    `trained` maps each trained part ("unet" or "transformer", "text_encoder") to the tensors to save for it (its state dict,
     or the EMA weights); `parts` (`models.Components`) gives their configs and, for a `complete` snapshot,
     the frozen parts, the tokenizer and the scheduler.
     """
@@ -47,11 +46,12 @@ def save(path: Path, *, step: int, config, parts, trained: dict[str, dict], dtyp
     family = parts.family
     with storage.atomic_folder(path) as tmp:
         for name, tensors in trained.items():
-            _save_part(getattr(parts, name), tensors, tmp / name, dtype=dtype)
+            _save_part(parts.part(name), tensors, tmp / name, dtype=dtype)
         if complete:
             pipeline = getattr(diffusers, family.pipeline_class)
             modules = {name: getattr(parts, name) for name in (*family.text_encoders, *family.tokenizers)}
-            pipe = pipeline(vae=parts.vae, unet=parts.unet, scheduler=parts.inference_scheduler, **modules,
+            modules[family.denoiser] = parts.denoiser
+            pipe = pipeline(vae=parts.vae, scheduler=parts.inference_scheduler, **modules,
                             **family.pipeline_kwargs())
             pipe.save_config(tmp)
             for name in family.tokenizers:
@@ -93,7 +93,7 @@ def save_lora(path: Path, *, step: int, config, parts, adapters: dict[str, dict]
     peft = {}
     for name, tensors in adapters.items():
         tensors = {k: v.detach().to("cpu", torch.float32) for k, v in tensors.items()}
-        layer = get_peft_model_state_dict(getattr(parts, name), state_dict=tensors)
+        layer = get_peft_model_state_dict(parts.part(name), state_dict=tensors)
         layer = {k: (v * scale if ".lora_B." in k else v).to(dtype) for k, v in layer.items()}
         if name.startswith("text_encoder"):
             # Named from the CLIP layout, not from what the installed transformers calls its modules: 5.x
@@ -125,15 +125,15 @@ def _save_part(module, tensors: dict, folder: Path, *, dtype: torch.dtype) -> No
     folder.mkdir(parents=True)
     if hasattr(module, "save_config"):  # diffusers model
         module.save_config(folder)
-        filename = _WEIGHTS["unet"]
+        filename = _DIFFUSERS_WEIGHTS
     else:  # transformers model
         module.config.save_pretrained(folder)
-        filename = _WEIGHTS["text_encoder"]
+        filename = _TRANSFORMERS_WEIGHTS
     storage.save_weights(tensors, folder, filename=filename, dtype=dtype)
 
 
 def _native_resolution(parts) -> int:
-    return int(parts.unet.config.sample_size) * 2 ** (len(parts.vae.config.block_out_channels) - 1)
+    return parts.family.native_size(dict(parts.denoiser.config), dict(parts.vae.config))
 
 
 # --- Reading -------------------------------------------------------------------------------------------
@@ -163,17 +163,17 @@ def is_snapshot(path) -> bool:
 
 
 def native_resolution(path) -> int:
-    """The image size the model was made for: UNet sample size × the VAE's downsampling (8 for SD)."""
+    """The image size the model was made for (`Family.native_size`: SD 1.5's 512)."""
     path = Path(path)
     meta = info(path)
     if meta.get("native_resolution"):
         return int(meta["native_resolution"])
     try:
-        unet = json.loads((path / "unet" / "config.json").read_text())
-        vae = json.loads((path / "vae" / "config.json").read_text())
-        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
-    except (OSError, KeyError, TypeError, ValueError) as err:
-        raise DataError(f"{path}: cannot read the UNet/VAE config to find the native image size ({err}); "
+        configs = BaseModel(str(path)).component_configs
+        family = BaseModel(str(path)).family
+        return family.native_size(configs[family.denoiser], configs["vae"])
+    except (OSError, KeyError, TypeError, ValueError, ConfigError) as err:
+        raise DataError(f"{path}: cannot read the denoiser/VAE config to find the native image size ({err}); "
                         "set EvalSpec.resolution explicitly (512 for SD 1.5).") from None
 
 
@@ -184,7 +184,7 @@ def load_pipeline(path, *, device: torch.device, dtype: torch.dtype | None = Non
     its base model (and the VAE it trained with: SDXL's fp16-fix one); `vae` names another VAE to use."""
     import diffusers
     import transformers
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL
 
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     path_text = str(path)
@@ -197,7 +197,8 @@ def load_pipeline(path, *, device: torch.device, dtype: torch.dtype | None = Non
     try:
         index, family = model.index, model.family
         if not meta["complete"] and not lora:
-            overrides["unet"] = UNet2DConditionModel.from_pretrained(Path(path) / "unet", **diffusers_dtype(dtype))
+            overrides[family.denoiser] = getattr(diffusers, family.denoiser_class).from_pretrained(
+                Path(path) / family.denoiser, **diffusers_dtype(dtype))
             for name in meta["trained"]:
                 if name.startswith("text_encoder"):
                     overrides[name] = getattr(transformers, index[name][1]).from_pretrained(
@@ -219,7 +220,7 @@ def load_pipeline(path, *, device: torch.device, dtype: torch.dtype | None = Non
                         f"{source!r}, which could not be loaded ({str(err).splitlines()[0][:200]}). Connect to the "
                         "internet (Hub id) or restore that folder.") from None
     if lora:
-        _load_adapters(pipe, Path(path), trained=meta["trained"])
+        _load_adapters(pipe, Path(path), trained=meta["trained"], denoiser=family.denoiser)
     pipe.set_progress_bar_config(disable=True)
     if device.type == "cuda":
         # The VAE decodes one image at a time, and in tiles above its native size: a batch of SDXL images at
@@ -229,11 +230,11 @@ def load_pipeline(path, *, device: torch.device, dtype: torch.dtype | None = Non
     return pipe.to(device)
 
 
-def _load_adapters(pipe, path: Path, *, trained: list[str]) -> None:
+def _load_adapters(pipe, path: Path, *, trained: list[str], denoiser: str) -> None:
     """A LoRA snapshot's adapters into `pipe` (fused: inference runs at the base model's speed)."""
     if any(name.startswith("text_encoder") for name in trained):
         pipe.load_lora_weights(path, weight_name=LORA_WEIGHTS)
-    else:  # UNet only: loading through the pipeline would warn that the text encoder has no adapter
+    else:  # the denoiser only: loading through the pipeline would warn that the text encoder has no adapter
         # (`load_lora_adapter`: diffusers ≥ 0.32, the floor in pyproject.toml)
-        pipe.unet.load_lora_adapter(str(path), weight_name=LORA_WEIGHTS, prefix="unet")
+        getattr(pipe, denoiser).load_lora_adapter(str(path), weight_name=LORA_WEIGHTS, prefix=denoiser)
     pipe.fuse_lora()

@@ -292,8 +292,7 @@ class _Search:
         if not c.output_dir:
             return None
         sizes = component_sizes(read_model_configs(c.pretrained_model_name_or_path, revision=c.revision))
-        run = memory.RunSizes(unet=sizes["unet"], vae=sizes["vae"], trained=self._trained,
-                              text_encoder=sizes["text_encoder"] + sizes.get("text_encoder_2", 0))
+        run = memory.RunSizes(total=sum(sizes.values()), trained=self._trained)
         free, trash = storage.free_bytes(c.output_dir), storage.deletes_go_to_trash(c.output_dir)
         plans = {eight: memory.disk_plan(dataclasses.replace(c, use_8bit_adam=eight), sizes=run, free_bytes=free,
                                          trash_counts=trash) for eight in (True, False)}

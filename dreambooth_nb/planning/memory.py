@@ -30,22 +30,17 @@ DRIVE_MARGIN = 0.20  # on Google Drive: its quota is shared with Gmail and Googl
 class RunSizes:
     """Parameter counts of the run's model: what its states and snapshots are made of."""
 
-    unet: int
-    text_encoder: int
-    vae: int
+    total: int
+    """The base model's parameters: denoiser, text encoder(s) and VAE (what a complete snapshot holds)."""
     trained: int
-    """What the run trains: the UNet (+ text encoder) for full fine-tuning, the adapters for LoRA."""
-    text_encoder_2: int = 0
-    """SDXL's second text encoder."""
-
-    @property
-    def total(self) -> int:
-        return self.unet + self.text_encoder + self.text_encoder_2 + self.vae
+    """What the run trains: the denoiser (+ text encoders) for full fine-tuning, the adapters for LoRA."""
 
 
 def run_sizes(config, *, base=None) -> RunSizes:
     """The base model's sizes from its configs (no weights are downloaded); `base`: the run's `BaseModel`."""
-    return RunSizes(**parameter_counts(config, base=base))
+    counts = parameter_counts(config, base=base)
+    trained = counts.pop("trained")
+    return RunSizes(total=sum(counts.values()), trained=trained)
 
 
 def state_bytes(config, *, trained_params: int) -> int:

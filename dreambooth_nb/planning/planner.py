@@ -474,8 +474,7 @@ def _host_ram_bytes() -> int | None:
 
 def _disk_parts(config, *, sizes: dict, trained_params: int) -> tuple[int, dict[str, int]]:
     """The disk's peak as `memory.disk_plan` simulates it (class images, snapshots, rotated states), by kind."""
-    run = memory.RunSizes(unet=sizes["unet"], vae=sizes["vae"], trained=trained_params,
-                          text_encoder=sizes["text_encoder"] + sizes.get("text_encoder_2", 0))
+    run = memory.RunSizes(total=sum(sizes.values()), trained=trained_params)
     disk = memory.disk_plan(config, sizes=run)
     classes = sum(size for what, size in disk.items if "class images" in what)
     parts = {"class images": classes, "states and snapshots": disk.peak_bytes - classes}

@@ -1,6 +1,6 @@
 """The trace: what one training micro-step holds in memory, measured on fake tensors, from configs alone.
 
-One micro-step (text encoder and UNet forward, loss, backward) runs under
+One micro-step (text encoder and denoiser forward, loss, backward) runs under
 `torch._subclasses.fake_tensor.FakeTensorMode`: the real diffusers / transformers modules, the real autocast
 and gradient checkpointing, but no memory behind any tensor. A dispatch mode counts every tensor's storage as
 it is created and freed, so the peak and what is alive at that moment (weights, gradients, autocast's fp16
@@ -24,7 +24,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from dreambooth_nb.model.base import BaseModel, empty_modules, text_encoder_from_config
+from dreambooth_nb.model.base import BaseModel, empty_modules, module_from_config
 from dreambooth_nb.model.families import family_named
 from dreambooth_nb.model.methods import METHODS, freeze_as
 
@@ -187,27 +187,28 @@ class TraceKey:
 
 @functools.lru_cache(maxsize=64)
 def trace_step(key: TraceKey) -> StepTrace:
-    """Trace one micro-step on fake tensors: text encoder(s) if trained, UNet, loss, backward."""
+    """Trace one micro-step on fake tensors: text encoder(s) if trained, the denoiser, loss, backward."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     components = key.configs.components
+    family = family_named(key.configs.family)
     low = torch.bfloat16  # stands in for fp16: the same bytes
     frozen_dtype = low if key.half and key.device == "cuda" else torch.float32  # see models.weight_dtype
     with FakeTensorMode(), _policy(key):
-        modules = _build_trained_modules(components, key=key, frozen_dtype=frozen_dtype)
+        modules = _build_trained_modules(components, family=family, key=key, frozen_dtype=frozen_dtype)
         trained = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
         frozen = [p for m in modules.values() for p in m.parameters() if not p.requires_grad]
         if key.grads_present:
             for p in trained:
                 p.grad = torch.zeros_like(p)
-        inputs = _step_inputs(components, key=key)
+        inputs = _step_inputs(components, family=family, key=key)
         tracker = _LiveBytes(trained=trained, frozen=frozen)
         for p in trained:
             p.register_post_accumulate_grad_hook(lambda p: tracker.mark_grad(p.grad))
             if p.grad is not None:
                 tracker.mark_grad(p.grad)
         with tracker:
-            loss = _micro_step(modules, inputs, family=family_named(key.configs.family), resolution=key.resolution,
+            loss = _micro_step(modules, inputs, family=family, resolution=key.resolution,
                                autocast_dtype=low if key.half else None, cache=key.autocast_cache)
             forward = dict(tracker.at_peak)
             loss.backward()
@@ -218,58 +219,54 @@ def _policy(key: TraceKey):
     return _CudaAutocastPolicy() if key.half and key.device == "cuda" else contextlib.nullcontext()
 
 
-def _build_trained_modules(components: dict, *, key: TraceKey, frozen_dtype) -> dict[str, torch.nn.Module]:
-    """The UNet, and the text encoder(s) when trained, with the dtypes and flags training gives them."""
-    from diffusers import UNet2DConditionModel
-
-    unet = UNet2DConditionModel.from_config(components["unet"])
-    encoders = {}
-    if key.train_text_encoder:
-        encoders = {name: text_encoder_from_config(components[name], with_projection=name == "text_encoder_2")
-                    for name in ("text_encoder", "text_encoder_2") if name in components}
+def _build_trained_modules(components: dict, *, family, key: TraceKey, frozen_dtype) -> dict[str, torch.nn.Module]:
+    """The denoiser, and the text encoder(s) when trained, with the dtypes and flags training gives them."""
+    denoiser = module_from_config(components[family.denoiser])
+    encoders = {name: module_from_config(components[name]) for name in family.text_encoders} \
+        if key.train_text_encoder else {}
     # What the method adds (LoRA: the base frozen in 16-bit on a GPU, fp32 adapters on it).
-    METHODS[key.method].trace_adapters({"unet": unet, **encoders}, options=key.method_options,
+    METHODS[key.method].trace_adapters({family.denoiser: denoiser, **encoders}, options=key.method_options,
                                        frozen_dtype=frozen_dtype)
     if key.checkpointing:
-        unet.enable_gradient_checkpointing()
+        denoiser.enable_gradient_checkpointing()
         for encoder in encoders.values():
             getattr(encoder, "activation_checkpointing_enable", encoder.gradient_checkpointing_enable)()
-    modules = {"unet": unet, **encoders}
+    modules = {family.denoiser: denoiser, **encoders}
     for module in modules.values():
         module.train()  # (transformers checkpoints only in training mode)
     return modules
 
 
-def _step_inputs(components: dict, *, key: TraceKey) -> dict:
-    unet, vae = components["unet"], components["vae"]
-    factor = 2 ** (len(vae["block_out_channels"]) - 1)
-    side = key.resolution // factor
-    tokens = components["text_encoder"].get("max_position_embeddings", 77)
+def _step_inputs(components: dict, *, family, key: TraceKey) -> dict:
+    """Latents, timesteps and token ids for a batch; with the text encoders frozen, also the prompts' encoding,
+    made here outside the count (training encodes every prompt once, before the first step)."""
+    vae = components["vae"]
+    side = key.resolution // 2 ** (len(vae["block_out_channels"]) - 1)
     b = key.batch
-    inputs = {"latents": torch.randn(b, unet.get("in_channels", 4), side, side),
-              "timesteps": torch.randint(0, 1000, (b,)), "token_ids": torch.zeros(b, tokens, dtype=torch.long),
-              "hidden": torch.randn(b, tokens, unet["cross_attention_dim"])}
-    if unet.get("addition_embed_type") == "text_time":  # a UNet that takes a pooled text embedding too
-        pooled = unet["projection_class_embeddings_input_dim"] - 6 * unet["addition_time_embed_dim"]
-        inputs["pooled"] = torch.randn(b, pooled)
+    token_ids = [torch.zeros(b, length, dtype=torch.long) for length in family.token_lengths(components)]
+    inputs = {"latents": torch.randn(b, vae.get("latent_channels", 4), side, side),
+              "timesteps": torch.randint(0, 1000, (b,)), "token_ids": token_ids}
+    if not key.train_text_encoder:
+        with torch.no_grad():
+            encoders = [module_from_config(components[name]) for name in family.text_encoders]
+            inputs["encoded"] = family.encode(encoders, token_ids)
     return inputs
 
 
 def _micro_step(modules: dict, inputs: dict, *, family, resolution: int, autocast_dtype, cache: bool):
     """The forward and loss of `train.compute_loss`, under the autocast accelerate applies: the family encodes
-    the prompts (when its encoders are traced) and conditions the UNet, as in training."""
+    the prompts (when its encoders are traced) and conditions the denoiser, as in training."""
     context = torch.autocast("cpu", dtype=autocast_dtype, cache_enabled=cache) if autocast_dtype \
         else contextlib.nullcontext()
     with context:
-        hidden, pooled = inputs["hidden"], inputs.get("pooled")
-        if "text_encoder" in modules:
-            encoders = [modules[name] for name in family.text_encoders]
-            hidden, pooled = family.encode(encoders, [inputs["token_ids"]] * len(encoders))
+        if "encoded" in inputs:
+            hidden, pooled = inputs["encoded"]
+        else:
+            hidden, pooled = family.encode([modules[name] for name in family.text_encoders], inputs["token_ids"])
         size = len(inputs["latents"])
         added = family.added_conditioning(pooled, original_sizes=[(resolution, resolution)] * size,
                                           crops=[(0, 0)] * size, resolution=resolution, device="cpu")
-        prediction = modules["unet"](inputs["latents"], inputs["timesteps"], hidden,
-                                     added_cond_kwargs=added).sample
+        prediction = family.predict(modules[family.denoiser], inputs["latents"], inputs["timesteps"], hidden, added)
     return torch.nn.functional.mse_loss(prediction.float(), inputs["latents"].float())
 
 

@@ -229,14 +229,12 @@ def render(snapshot, spec: EvalSpec, *, device=None, cache_dir=None) -> list[Ren
 
 def native_resolution(model) -> int:
     """The image size `model` was made for: a snapshot or pipeline folder's (`snapshots.native_resolution`), or
-    for a base model given by Hub id (rendered for comparison, with a `cache_dir`) its UNet and VAE configs'."""
-    if BaseModel(str(model)).location != "hub":
+    for a base model given by Hub id (rendered for comparison, with a `cache_dir`) its family's from its configs."""
+    base = BaseModel(str(model))
+    if base.location != "hub":
         return snapshots.native_resolution(model)
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    unet = UNet2DConditionModel.load_config(str(model), subfolder="unet")
-    vae = AutoencoderKL.load_config(str(model), subfolder="vae")
-    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    configs = base.component_configs
+    return base.family.native_size(configs[base.family.denoiser], configs["vae"])
 
 
 def make_scheduler(name: str, config):

@@ -295,9 +295,10 @@ class TrainingData:
             pairs["prior"] = _in_turn(priors, self.class_prompts, count)
         return pairs
 
-    def batch(self, micro: int, *, config, num_timesteps: int, rank: int = 0, world: int = 1) -> dict:
+    def batch(self, micro: int, *, config, draw, rank: int = 0, world: int = 1) -> dict:
         """Micro-batch `micro` of process `rank` of `world`: photo samples, then class samples. Per row: the
-        latent, its noise and timestep, its prompt id (index into `texts`), whether it is a prior (class)
+        latent, its noise and timestep (an index into the schedule, `draw(generator)`: the family's
+        `objective.draw`, from the sample's own generator), its prompt id (index into `texts`), whether it is a prior (class)
         sample, its subject and image (index in the subject's folder), and the image's original size and crop
         corner (SDXL is conditioned on them)."""
         n = len(self.photos)
@@ -318,7 +319,7 @@ class TrainingData:
                 noise = torch.randn(latent.shape, generator=gen)
                 if config.offset_noise:
                     noise = noise + config.offset_noise * torch.randn((latent.shape[0], 1, 1), generator=gen)
-                timestep = torch.randint(0, num_timesteps, (), generator=gen)
+                timestep = draw(gen)
                 rows.append(dict(latents=latent, noise=noise, timesteps=timestep, prompt=prompt_ids[subject][index],
                                  is_prior=is_prior, subject=subject, image=index,
                                  original_size=source.folder.original_size(index), crop=crop))

@@ -1,4 +1,4 @@
-"""The exponential moving average of the UNet's trained weights (`use_ema`), on the GPU or in host memory.
+"""The exponential moving average of the denoiser's trained weights (`use_ema`), on the GPU or in host memory.
 
 diffusers' `EMAModel` does the averaging. With `offload_ema` the average lives in host memory and visits the
 GPU for each update, as diffusers' `--offload_ema` does, with one difference that matters on a 12.7 GB Colab
@@ -48,14 +48,14 @@ class HostBuffer:
         return self.flat.numel() * self.flat.element_size()
 
 
-def make_ema(unet, *, config, device: torch.device):
-    """The EMA of the UNet's trained weights (all of them, or its LoRA adapters), on the training device or
+def make_ema(denoiser, *, config, device: torch.device):
+    """The EMA of the denoiser's (the UNet's) trained weights (all of them, or its LoRA adapters), on the training device or
     (`offload_ema`) in one host buffer; None without `use_ema`."""
     if not config.use_ema:
         return None
     from diffusers.training_utils import EMAModel
 
-    ema = EMAModel(trained_parameters(unet), decay=config.ema_decay)
+    ema = EMAModel(trained_parameters(denoiser), decay=config.ema_decay)
     if config.offload_ema:
         buffer = HostBuffer([p.shape for p in ema.shadow_params], pin=device.type == "cuda")
         for host, start in zip(buffer.tensors, ema.shadow_params):
@@ -68,11 +68,11 @@ def make_ema(unet, *, config, device: torch.device):
 
 
 @torch.no_grad()
-def step_ema(ema, unet, *, config, device: torch.device) -> None:
+def step_ema(ema, denoiser, *, config, device: torch.device) -> None:
     """One EMA update after an optimizer step. Offloaded on a GPU: the average goes to the GPU, is updated
     there, and is copied back into the same host buffer (the copies overlap nothing else; a step later reads
     that buffer only after they finished, as the wait at the end makes sure)."""
-    params = trained_parameters(unet)
+    params = trained_parameters(denoiser)
     if not (config.offload_ema and device.type == "cuda"):
         ema.step(params)  # where it lives: the GPU, or host memory on a CPU run
         return

@@ -1,6 +1,6 @@
 """The Dreambooth training loop: one function, `train(config)`, readable top to bottom.
 
-    photos → latents (cached or per step) → noise at a random timestep → UNet predicts the noise
+    photos → latents (cached or per step) → noise at a random timestep → the denoiser predicts the noise
     → MSE on the instance half + prior_loss_weight × MSE on the class half → AdamW step
 
 Everything random is derived from (seed, sample position) (see `data.py`), and everything written is
@@ -155,6 +155,7 @@ def _train(config: TrainConfig, *, on_step, on_validation, progress_bar: bool, p
 
     method = method_for(config)
     method.check(base.family)  # e.g. full fine-tuning of SDXL: refused before any download
+    base.family.check(config)  # what the family cannot train (e.g. min-SNR weighting of a flow)
 
     # --- Before anything is downloaded or encoded: will what this run writes fit the disk?
     start_step = json.loads((resume_from / storage.STATE_MARKER).read_text())["step"] if resume_from else 0
@@ -181,7 +182,7 @@ def _train(config: TrainConfig, *, on_step, on_validation, progress_bar: bool, p
     progress.stage = "loading the model"
     device = accelerator.device
     parts = loading.load_components(config, device=device, precision=precision, method=method, base=base)
-    attention = loading.set_attention(parts.unet, backend=config.attention_backend, device=device)
+    attention = loading.set_attention(parts.denoiser, backend=config.attention_backend, device=device)
     loading.enable_tf32(device)
     trained = method.setup(parts)  # which parameters train: whole parts, or LoRA adapters on them
     if config.gradient_checkpointing:
@@ -195,7 +196,7 @@ def _train(config: TrainConfig, *, on_step, on_validation, progress_bar: bool, p
     data.encode(vae=parts.vae, config=config, device=device, dtype=loading.weight_dtype(precision, device),
                 model_key=_model_key(config, base=base))
     prompts = Prompts(data.texts, family=parts.family, tokenizers=parts.tokenizers)
-    validation = Validation(pairs=data.validation_pairs(count=MAX_IMAGES), prompts=prompts,
+    validation = Validation(pairs=data.validation_pairs(count=MAX_IMAGES), prompts=prompts, family=parts.family,
                             scheduler=parts.noise_scheduler, seed=config.seed, resolution=config.resolution)
     if config.cache_latents:
         _off_the_gpu(parts.vae)  # kept in host memory for the final snapshot; the GPU memory goes to training
@@ -203,14 +204,15 @@ def _train(config: TrainConfig, *, on_step, on_validation, progress_bar: bool, p
     # --- Optimizer over the trained parts, one named group each with its own learning rate.
     progress.stage = "setting up the optimizer"
     groups = [{"name": name, "params": [p for p in module.parameters() if p.requires_grad],
-               "lr": config.learning_rate if name == "unet" else config.text_encoder_learning_rate or config.learning_rate}
+               "lr": config.learning_rate if name == parts.family.denoiser
+               else config.text_encoder_learning_rate or config.learning_rate}
               for name, module in trained.items()]
     optimizer, _ = make_optimizer(groups, config=config, device=device)
     from diffusers.optimization import get_scheduler
 
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=config.max_train_steps)
-    ema = make_ema(parts.unet, config=config, device=device)
+    ema = make_ema(parts.denoiser, config=config, device=device)
 
     # --- Resume: weights, optimizer (8-bit state included), schedule, scaler, EMA, RNG, step, history.
     step, history = 0, History()
@@ -230,7 +232,7 @@ def _train(config: TrainConfig, *, on_step, on_validation, progress_bar: bool, p
         accelerator.ddp_handler.find_unused_parameters = name in parts.family.encoders_with_unused_parts
         prepared[name] = accelerator.prepare(module)
     optimizer = accelerator.prepare(optimizer)
-    unet = prepared["unet"]
+    denoiser = prepared[parts.family.denoiser]
     encoders = [prepared.get(name, getattr(parts, name)) for name in parts.family.text_encoders]
     # Outside the training step (validation, encoding once frozen) only the plain modules: a DDP-wrapped
     # forward is a collective, and rank 0 alone measuring the validation loss through one would wait forever.
@@ -247,7 +249,7 @@ def _train(config: TrainConfig, *, on_step, on_validation, progress_bar: bool, p
         states += f"; {world} processes, effective batch {config.effective_batch}"
     print(f"Training {_count(trained):,} parameters ({method.name}, {parts.family.name}) on {device} ({attention} "
           f"attention, {type(optimizer.optimizer).__name__}, mixed precision {precision}); {states}.")
-    unet.train()
+    denoiser.train()
     micro_per_step = config.gradient_accumulation_steps
     # (`disable` only when asked: passing False would override TQDM_DISABLE, which tests and CI set)
     bar = tqdm(total=config.max_train_steps, initial=step, desc="Training", **({} if progress_bar else {"disable": True}))
@@ -255,15 +257,16 @@ def _train(config: TrainConfig, *, on_step, on_validation, progress_bar: bool, p
         progress.stage, progress.step = "training", step + 1
         step_losses = []
         for micro in range(step * micro_per_step, (step + 1) * micro_per_step):
-            with accelerator.accumulate(*([unet, *encoders] if te_training else [unet])):
+            with accelerator.accumulate(*([denoiser, *encoders] if te_training else [denoiser])):
                 batch = data.batch(micro, config=config, rank=rank, world=world,
-                                   num_timesteps=parts.noise_scheduler.config.num_train_timesteps)
-                loss = compute_loss(batch, unet=unet, prompts=prompts, encoders=encoders if te_training else None,
-                                    scheduler=parts.noise_scheduler, config=config, device=device)
+                                   draw=lambda gen: parts.family.objective.draw(gen, parts.noise_scheduler))
+                loss = compute_loss(batch, denoiser=denoiser, family=parts.family, prompts=prompts,
+                                    encoders=encoders if te_training else None, scheduler=parts.noise_scheduler,
+                                    config=config, device=device)
                 _stop_if_not_finite(loss, step=step, config=config)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    params = [p for m in (unet, *encoders) for p in m.parameters() if p.requires_grad]
+                    params = [p for m in (denoiser, *encoders) for p in m.parameters() if p.requires_grad]
                     norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
                     if norm is not None and accelerator.scaler is None:  # (fp16's scaler skips such steps)
                         # A finite loss can still give NaN gradients: never let them into the weights,
@@ -275,7 +278,7 @@ def _train(config: TrainConfig, *, on_step, on_validation, progress_bar: bool, p
         # An optimizer step happened: the schedule, EMA and step counter advance once, never per micro-batch.
         lr_scheduler.step()
         if ema is not None:
-            step_ema(ema, accelerator.unwrap_model(unet), config=config, device=device)
+            step_ema(ema, accelerator.unwrap_model(denoiser), config=config, device=device)
         step += 1
         lr = lr_scheduler.get_last_lr()[0]
         history.add(step, sum(step_losses) / len(step_losses), lr)
@@ -291,7 +294,8 @@ def _train(config: TrainConfig, *, on_step, on_validation, progress_bar: bool, p
         # Snapshot before state: a kill between the two then resumes from the earlier state and redoes both.
         if (step in config.snapshot_steps or step == config.max_train_steps) and main:
             progress.stage = f"measuring the validation loss of step {step}"
-            losses = validation(trained_now["unet"], encoders=plain_encoders if te_training else None, device=device,
+            losses = validation(trained_now[parts.family.denoiser], encoders=plain_encoders if te_training else None,
+                                device=device,
                                 autocast=accelerator.autocast)
             history.validation.append({"step": step, **losses})
             print(f"Step {step}: validation loss " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
@@ -307,8 +311,8 @@ def _train(config: TrainConfig, *, on_step, on_validation, progress_bar: bool, p
             rng = gather_rng(accelerator)  # every rank's generators (a collective: all ranks take part)
             if main:
                 save_state(storage.state_path(out, step), step=step, history=history, config=config, method=method,
-                           trained=trained_now, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                           accelerator=accelerator, ema=ema, rng=rng)
+                           trained=trained_now, denoiser=parts.family.denoiser, optimizer=optimizer,
+                           lr_scheduler=lr_scheduler, accelerator=accelerator, ema=ema, rng=rng)
                 storage.rotate_states(out, keep=config.checkpoints_total_limit)
         accelerator.wait_for_everyone()
         if on_step is not None and main:
@@ -322,39 +326,27 @@ def _train(config: TrainConfig, *, on_step, on_validation, progress_bar: bool, p
 
 
 # --- One batch's loss ------------------------------------------------------------------------------------
-def compute_loss(batch, *, unet, prompts, encoders, scheduler, config: TrainConfig, device):
-    """Diffusion loss: instance MSE + prior_loss_weight × class MSE (each averaged over its own half).
+def compute_loss(batch, *, denoiser, family, prompts, encoders, scheduler, config: TrainConfig, device):
+    """The family's objective (`model.objectives`): instance MSE + prior_loss_weight × class MSE (each averaged
+    over its own half).
 
     `encoders` are the text encoders while they train (None once they are frozen: `prompts` then holds
     every prompt's encoding)."""
-    timesteps = batch["timesteps"].to(device)
+    objective = family.objective
+    indices = batch["timesteps"].to(device)
     latents, noise = batch["latents"].to(device), batch["noise"].to(device)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
+    noisy, timesteps, target = objective.noisy_and_target(scheduler, latents, noise, indices)
     hidden, added = prompts.conditioning(batch, encoders=encoders, device=device, resolution=config.resolution)
-    prediction = unet(noisy, timesteps, hidden, added_cond_kwargs=added).sample
-    if scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
+    prediction = family.predict(denoiser, noisy, timesteps, hidden, added)
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if config.snr_gamma is not None:
-        per_sample = per_sample * _min_snr_weights(scheduler, timesteps, config.snr_gamma)
+    weights = objective.weights(scheduler, indices, snr_gamma=config.snr_gamma)
+    if weights is not None:
+        per_sample = per_sample * weights
     prior = batch["is_prior"].to(device)
     instance = per_sample[~prior].mean()
     if config.with_prior_preservation:
         return instance + config.prior_loss_weight * per_sample[prior].mean()
     return instance
-
-
-def _min_snr_weights(scheduler, timesteps, gamma: float) -> torch.Tensor:
-    """Min-SNR-γ weighting (Hang et al. 2023): down-weights the easy, low-noise timesteps."""
-    from diffusers.training_utils import compute_snr
-
-    snr = compute_snr(scheduler, timesteps)
-    weights = torch.minimum(snr, torch.full_like(snr, gamma))
-    if scheduler.config.prediction_type == "v_prediction":
-        return weights / (snr + 1)
-    return weights / snr
 
 
 # --- Optimizer --------------------------------------------------------------------------------
@@ -387,28 +379,28 @@ def save_snapshot(path: Path, *, step: int, parts: loading.Components, method, t
     `trained`: the trained parts by name, unwrapped."""
     dtype = torch.float16 if precision != "no" else torch.float32
     weights = {name: method.saved_tensors(module) for name, module in trained.items()}
-    weights["unet"] = _unet_weights(trained["unet"], ema, method=method)
+    weights[parts.family.denoiser] = _denoiser_weights(trained[parts.family.denoiser], ema, method=method)
     method.save_snapshot(path, step=step, parts=parts, weights=weights, dtype=dtype)
 
 
-def _unet_weights(unet, ema, *, method) -> dict:
-    """The UNet's saved tensors by name, the EMA's where there is one: read in place, never a second full
+def _denoiser_weights(denoiser, ema, *, method) -> dict:
+    """The denoiser's saved tensors by name, the EMA's where there is one: read in place, never a second full
     copy (`EMAModel.store` would make one in host memory: 3.44 GB for SD 1.5 on a 12.7 GB Colab VM)."""
-    tensors = method.saved_tensors(unet)
+    tensors = method.saved_tensors(denoiser)
     if ema is not None:
-        tensors.update(zip(trained_names(unet), ema.shadow_params))
+        tensors.update(zip(trained_names(denoiser), ema.shadow_params))
     return tensors
 
 
 def save_state(path: Path, *, step: int, history: History, config: TrainConfig, method, trained: dict,
-               optimizer, lr_scheduler, accelerator, ema, rng: dict) -> None:
+               denoiser: str, optimizer, lr_scheduler, accelerator, ema, rng: dict) -> None:
     """Everything needed to continue bit for bit; written atomically, then the marker last.
 
     Weights go out a shard at a time (`storage.save_weights`) and `torch.save` copies one tensor at a time
     to the host, so a save adds at most one shard to host memory, whatever the model's size.
     """
     with storage.atomic_folder(path) as tmp:
-        for name, module in trained.items():  # unet, then text_encoder (and SDXL's text_encoder_2) when trained
+        for name, module in trained.items():  # the denoiser, then the text encoder(s) when trained
             storage.save_weights(method.saved_tensors(module), tmp, filename=f"{name}.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
@@ -417,7 +409,7 @@ def save_state(path: Path, *, step: int, history: History, config: TrainConfig, 
         if ema is not None:
             counters = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
             storage.write_json(tmp / "ema.json", counters)
-            storage.save_weights(dict(zip(trained_names(trained["unet"]), ema.shadow_params)), tmp,
+            storage.save_weights(dict(zip(trained_names(trained[denoiser]), ema.shadow_params)), tmp,
                                  filename="ema.safetensors")
         torch.save(rng, tmp / "rng.pt")
         storage.write_json(tmp / storage.STATE_MARKER,
@@ -433,7 +425,8 @@ def load_state(path: Path, *, parts, method, optimizer, lr_scheduler, accelerato
 
     meta = json.loads((path / storage.STATE_MARKER).read_text())
     storage.check_format(meta, source=str(path), what="Delete that state folder, or train into a new output_dir.")
-    _load_weights(parts.unet, path, "unet.safetensors", expected=method.saved_tensors(parts.unet))
+    _load_weights(parts.denoiser, path, f"{parts.family.denoiser}.safetensors",
+                  expected=method.saved_tensors(parts.denoiser))
     for name in parts.family.text_encoders:  # trained so far; maybe frozen from now on
         if storage.weights_exist(path, filename=f"{name}.safetensors"):
             encoder = getattr(parts, name)
@@ -457,7 +450,7 @@ def load_state(path: Path, *, parts, method, optimizer, lr_scheduler, accelerato
         accelerator.scaler.load_state_dict(load("scaler.pt"))
     if ema is not None:
         ema.load_state_dict(json.loads((path / "ema.json").read_text()))
-        by_name = dict(zip(trained_names(parts.unet), ema.shadow_params))
+        by_name = dict(zip(trained_names(parts.denoiser), ema.shadow_params))
         for shard in storage.load_weights(path, filename="ema.safetensors"):
             for name, tensor in shard.items():
                 if name in by_name:

@@ -10,8 +10,9 @@ are comparable across snapshots because nothing random changes between them:
            when training pulls the class towards the subject (language drift)
 
 Each image is its VAE mean (no sampling), each pair's noise comes from its own generator seeded by (seed,
-image, timestep), and the timesteps spread over the schedule (10 % to 90 %). Cheap: a few dozen UNet
-evaluations per snapshot, no image generation.
+image, timestep), and the timesteps spread over the schedule (10 % to 90 % of the noise). Cheap: a few
+dozen denoiser evaluations per snapshot, no image generation. The noise, the target and the call are the
+family's (`Family.objective`, `Family.predict`), as in training.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-FRACTIONS = (0.1, 0.3, 0.5, 0.7, 0.9)  # of num_train_timesteps: the schedule from nearly clean to nearly noise
+FRACTIONS = (0.1, 0.3, 0.5, 0.7, 0.9)  # of the schedule, from nearly clean to nearly pure noise
 MAX_IMAGES = 8  # per half: enough to average, few enough to stay cheap
 REFERENCE_IMAGES = 4  # base-model renders of the class prompt when prior preservation is off
 
@@ -27,12 +28,11 @@ REFERENCE_IMAGES = 4  # base-model renders of the class prompt when prior preser
 class Validation:
     """`pairs`: per half ("fit", "prior"), its (VAE mean latent, prompt id) pairs (`TrainingData.validation_pairs`)."""
 
-    def __init__(self, *, pairs: dict[str, list[tuple[torch.Tensor, int]]], prompts, scheduler, seed: int,
+    def __init__(self, *, pairs: dict[str, list[tuple[torch.Tensor, int]]], prompts, family, scheduler, seed: int,
                  resolution: int):
-        self.prompts, self.scheduler, self.resolution = prompts, scheduler, resolution
+        self.prompts, self.family, self.scheduler, self.resolution = prompts, family, scheduler, resolution
         self.halves = {half: pairs[half][:MAX_IMAGES] for half in ("fit", "prior") if pairs.get(half)}
-        steps = scheduler.config.num_train_timesteps
-        self.timesteps = torch.tensor([int(f * steps) for f in FRACTIONS])
+        self.timesteps = family.objective.at(FRACTIONS, scheduler)  # (indices into the schedule)
         self.seed = seed
 
     def _noise(self, half: str, image: int, latent: torch.Tensor) -> torch.Tensor:
@@ -41,10 +41,10 @@ class Validation:
         return torch.stack([torch.randn(latent.shape, generator=gen) for gen in gens])
 
     @torch.no_grad()
-    def __call__(self, unet, *, encoders, device: torch.device, autocast) -> dict[str, float]:
+    def __call__(self, denoiser, *, encoders, device: torch.device, autocast) -> dict[str, float]:
         """The mean loss of each half for the current weights (`autocast`: the training's mixed precision)."""
-        was_training = unet.training
-        unet.eval()
+        was_training = denoiser.training
+        denoiser.eval()
         results = {}
         try:
             for half, pairs in self.halves.items():
@@ -55,18 +55,16 @@ class Validation:
                              "original_size": torch.tensor([[self.resolution, self.resolution]] * len(self.timesteps)),
                              "crop": torch.zeros(len(self.timesteps), 2, dtype=torch.long)}
                     x0 = latent.expand(len(self.timesteps), *latent.shape).to(device)
-                    timesteps = self.timesteps.to(device)
-                    noisy = self.scheduler.add_noise(x0, noise.to(device), timesteps)
+                    noisy, timesteps, target = self.family.objective.noisy_and_target(
+                        self.scheduler, x0, noise.to(device), self.timesteps.to(device))
                     with autocast():
                         hidden, added = self.prompts.conditioning(batch, encoders=encoders, device=device,
                                                                   resolution=self.resolution)
-                        prediction = unet(noisy, timesteps, hidden, added_cond_kwargs=added).sample
-                    target = noise.to(device) if self.scheduler.config.prediction_type != "v_prediction" else \
-                        self.scheduler.get_velocity(x0, noise.to(device), timesteps)
+                        prediction = self.family.predict(denoiser, noisy, timesteps, hidden, added)
                     losses.append(F.mse_loss(prediction.float(), target.float()).item())
                 results[half] = sum(losses) / len(losses)
         finally:
-            unet.train(was_training)
+            denoiser.train(was_training)
         return results
 
 
