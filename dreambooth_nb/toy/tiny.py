@@ -278,3 +278,125 @@ def build_sdxl_shaped_pipeline(path, *, seed: int = 0) -> Path:
     pipe = StableDiffusionXLPipeline(tokenizer=tokenizer, tokenizer_2=tokenizer, scheduler=scheduler, **parts)
     pipe.to(torch.float16).save_pretrained(Path(path), safe_serialization=True)
     return Path(path)
+
+
+def build_t5_tokenizer(words, *, model_max_length: int = 512):
+    """A T5 tokenizer (`T5TokenizerFast`) whose Unigram vocabulary holds `words` as single tokens.
+
+    T5's layout: `<pad>` 0, `</s>` 1, `<unk>` 2, and `</s>` closes every prompt. Each word is a piece with its
+    leading-space mark (`▁photo`) and every character is a piece too, so any prompt tokenizes, a word we name
+    as one token (it scores higher than its characters). No normalizer: transformers 5's T5 tokenizer drops
+    one on save/load, so T5's own case sensitivity is kept, with capitals as pieces of their own.
+    `model_max_length`: what SD3's and Flux's T5 tokenizers say; T5's relative positions have no hard limit
+    and the pipelines pass their own `max_sequence_length`.
+    """
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import Unigram
+    from transformers import T5TokenizerFast
+
+    specials = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces = [("▁" + word, -1.0) for word in sorted(set(words))]
+    pieces += [(ch, -3.0) for ch in "▁" + _ALPHABET + string.ascii_uppercase]
+    tokenizer = Tokenizer(Unigram(specials + pieces, unk_id=2, byte_fallback=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                             special_tokens=[("</s>", 1)])
+    # extra_ids=0: no 100 `<extra_id_n>` sentinels (span corruption pre-training only), a vocabulary of ~90.
+    return T5TokenizerFast(tokenizer_object=tokenizer, extra_ids=0, pad_token="<pad>", eos_token="</s>",
+                           unk_token="<unk>", model_max_length=model_max_length)
+
+
+def build_t5_encoder(tokenizer, *, d_model: int, seed: int = 0):
+    """A tiny `T5EncoderModel` shaped as T5 v1.1 (gated-GELU feed-forward), the T5-XXL of SD3 and Flux."""
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=d_model // 2, d_ff=2 * d_model, num_layers=2,
+                      num_heads=2, relative_attention_num_buckets=8, relative_attention_max_distance=32,
+                      feed_forward_proj="gated-gelu", dropout_rate=0.0, tie_word_embeddings=False,
+                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                      decoder_start_token_id=tokenizer.pad_token_id)
+    return T5EncoderModel(config)
+
+
+def _flow_vae(*, scaling_factor: float, shift_factor: float, seed: int = 0):
+    """SD3's and Flux's VAE shape at toy size: 16 latent channels, latents shifted then scaled, no quant convs."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), latent_channels=16, layers_per_block=1,
+        norm_num_groups=8, sample_size=32, scaling_factor=scaling_factor, shift_factor=shift_factor,
+        use_quant_conv=False, use_post_quant_conv=False)
+
+
+def build_tiny_sd3_pipeline(path, *, words=TINY_WORDS, seed: int = 0) -> Path:
+    """Save a random tiny `StableDiffusion3Pipeline` to `path` (32 px images, 16 px latents) and return it.
+
+    SD3 (medium, 3.0) at toy size: two CLIP encoders with projections (CLIP-L and OpenCLIP bigG, here 32 and
+    48 wide: their pooled outputs side by side are the transformer's pooled projection, their penultimate states
+    side by side are zero-padded to T5's width) and a T5 encoder, whose states follow the CLIP ones in the
+    joint attention; an MMDiT over 2×2 patches; flow matching with SD3's shift of 3.
+    """
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    tokenizer, t5_tokenizer = build_tokenizer(words), build_t5_tokenizer(words)
+    encoders = []
+    for hidden, act in ((32, "quick_gelu"), (48, "gelu")):  # CLIP-L's activation, OpenCLIP bigG's
+        torch.manual_seed(seed)
+        config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                                num_hidden_layers=2, num_attention_heads=2, projection_dim=hidden,
+                                max_position_embeddings=tokenizer.model_max_length, hidden_act=act,
+                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                pad_token_id=tokenizer.pad_token_id)
+        encoders.append(CLIPTextModelWithProjection(config))
+    t5_width = 96  # ≥ 32 + 48: the CLIP states are padded to it, not cut
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=t5_width, pooled_projection_dim=32 + 48,
+        caption_projection_dim=32,  # = heads × head width: text and image tokens share the blocks' width
+        pos_embed_max_size=24)  # 3× the 8-patch grid, as SD3's 192 for 64: up to 96 px images
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_flow_vae(scaling_factor=1.5305, shift_factor=0.0609, seed=seed),
+        text_encoder=encoders[0], tokenizer=tokenizer, text_encoder_2=encoders[1], tokenizer_2=tokenizer,
+        text_encoder_3=build_t5_encoder(t5_tokenizer, d_model=t5_width, seed=seed), tokenizer_3=t5_tokenizer)
+    pipe.save_pretrained(Path(path), safe_serialization=True)
+    return Path(path)
+
+
+def build_tiny_flux_pipeline(path, *, words=TINY_WORDS, seed: int = 0) -> Path:
+    """Save a random tiny `FluxPipeline` to `path` (32 px images, 16 px latents) and return it.
+
+    FLUX.1-dev at toy size: a CLIP encoder whose pooled output is the transformer's pooled projection, a T5
+    encoder whose states are the text tokens, a transformer of double- and single-stream blocks over latents
+    packed 2×2 (64 = 4 × 16 channels a token), guidance distilled into an embedding, flow matching whose shift
+    grows with the image's token count.
+    """
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    tokenizer, t5_tokenizer = build_tokenizer(words), build_t5_tokenizer(words)
+    text_encoder = build_text_encoder(tokenizer, hidden_size=32, seed=seed)
+    t5_width = 64
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4 * 16, num_layers=1, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=t5_width, pooled_projection_dim=32, guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6))  # rotary widths of (text/image index, row, column); they sum to the head width
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(
+        transformer=transformer, scheduler=scheduler, vae=_flow_vae(scaling_factor=0.3611, shift_factor=0.1159,
+                                                                    seed=seed),
+        text_encoder=text_encoder, tokenizer=tokenizer,
+        text_encoder_2=build_t5_encoder(t5_tokenizer, d_model=t5_width, seed=seed), tokenizer_2=t5_tokenizer)
+    pipe.save_pretrained(Path(path), safe_serialization=True)
+    return Path(path)
