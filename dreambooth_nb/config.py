@@ -19,6 +19,7 @@ from dreambooth_nb.storage import FORMAT, atomic_write_text, check_format
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
+SD35_MEDIUM = "stabilityai/stable-diffusion-3.5-medium"
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
@@ -502,6 +503,14 @@ PRESETS: dict[str, dict] = {
     # needed to load it; the base stays frozen in fp16 anyway.
     "sdxl": dict(pretrained_model_name_or_path=SDXL, variant="fp16", method="lora", learning_rate=1e-4,
                  max_train_steps=500, resolution=1024, snr_gamma=5.0),
+    # SD 3.5 Medium always trains a LoRA (its 2.5 B-parameter transformer does not fit 16 GB for full
+    # fine-tuning). The settings of diffusers' SD3 Dreambooth LoRA example (examples/dreambooth/README_sd3.md:
+    # LR 4e-4, constant, 500 steps, fp16; adapters on the joint attention's image and text projections), at
+    # the model's native 1024 px. Its T5 reads 77 tokens of each prompt, as that script trains it.
+    "sd3": dict(pretrained_model_name_or_path=SD35_MEDIUM, variant=None, method="lora", learning_rate=4e-4,
+                max_train_steps=500, resolution=1024, snr_gamma=None,
+                lora_target_modules=["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+                                     "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v"]),
     # 16 GB memory profile: combines with any of the above.
     # Mixed precision "auto": fp16 on a T4 or P100, bf16 where the GPU has it, decided where training runs.
     "16gb": dict(use_8bit_adam=True, gradient_checkpointing=True, mixed_precision="auto",

@@ -40,6 +40,14 @@ def tiny_sdxl_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sd3_model(tmp_path_factory):
+    """Folder of a random tiny `StableDiffusion3Pipeline` (MMDiT transformer, two CLIPs and a T5, a flow)."""
+    from dreambooth_nb.toy.tiny import build_tiny_sd3_pipeline
+
+    return build_tiny_sd3_pipeline(tmp_path_factory.mktemp("tiny-sd3"))
+
+
+@pytest.fixture(scope="session")
 def tiny_model_vpred(tmp_path_factory):
     from dreambooth_nb.toy.tiny import build_tiny_pipeline
 

@@ -204,6 +204,12 @@ VARIANTS = {
         concepts=True, with_prior_preservation=True, sample_batch_size=3, train_text_encoder=True,
         random_flip=True, train_batch_size=2, gradient_accumulation_steps=2, max_train_steps=6,
         checkpointing_steps=2),
+    # SD3: a transformer's adapters trained on a flow (logit-normal σ from each sample's generator), class
+    # images drawn by the SD3 pipeline, EMA, 8-bit moments, accumulation.
+    "sd3-lora-8bit-accum-prior-ema": dict(
+        sd3=True, method="lora", learning_rate=1e-3, use_8bit_adam=True, gradient_accumulation_steps=2,
+        with_prior_preservation=True, class_prompt="a photo of a dog", num_class_images=3, sample_batch_size=3,
+        use_ema=True, max_train_steps=7, checkpointing_steps=3),
     # SDXL: two text encoders with adapters, added time ids from random crops and flips.
     "sdxl-lora-te-crop-flip": dict(
         sdxl=True, method="lora", learning_rate=1e-3, train_text_encoder=True, center_crop=False, random_flip=True,
@@ -224,6 +230,8 @@ def test_resume_is_bitwise_for_every_stateful_option(make_config, tmp_path, serv
     options = dict(VARIANTS[name])
     if options.pop("sdxl", False):
         options["pretrained_model_name_or_path"] = str(request.getfixturevalue("tiny_sdxl_model"))
+    if options.pop("sd3", False):
+        options["pretrained_model_name_or_path"] = str(request.getfixturevalue("tiny_sd3_model"))
     if options.pop("concepts", False):
         options["concepts"] = two_concepts(make_config().concepts[0].instance_data_dir, tmp_path)
     elif options.get("with_prior_preservation"):

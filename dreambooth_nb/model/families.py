@@ -1,4 +1,4 @@
-"""Model families: what differs between Stable Diffusion 1.x/2.x and SDXL — the one place that knows.
+"""Model families: what differs between Stable Diffusion 1.x/2.x, SDXL and SD 3.x — the one place that knows.
 
 Detected once from the base model's `model_index.json` (`BaseModel.family`). A family says which text encoders
 and tokenizers the model has, how a prompt becomes the denoiser's conditioning, what the denoiser is (a UNet,
@@ -46,24 +46,43 @@ class Family:
     """Why full fine-tuning of this family is refused (on a 16 GB GPU), or None: it is not."""
     single_file_export: bool = True
     """Whether `results.export` writes this family as one original-layout checkpoint (`model.layout`)."""
-    kohya_base_version: str = "sd_v1"
-    """`ss_base_model_version` of a LoRA file in kohya's layout (how AUTOMATIC1111 and ComfyUI tell the family)."""
+    kohya_base_version: str | None = "sd_v1"
+    """`ss_base_model_version` of a LoRA file in kohya's layout (how AUTOMATIC1111 and ComfyUI tell the family);
+    None: no kohya file is written, the diffusers-format file is the one to share (ComfyUI reads SD3's)."""
+    modelspec_architecture: str = "stable-diffusion-v1"
+    """`modelspec.architecture` of an exported file (Stability's model spec), "/lora" added for a LoRA."""
     denoiser: str = "unet"
     """The pipeline component that denoises (and trains): "unet", or "transformer" for SD3 and Flux; also its
     subfolder in the model, its file name in states, its group in the optimizer and its LoRA prefix."""
     denoiser_class: str = "UNet2DConditionModel"
     """Its diffusers class."""
+    denoiser_label: str = "UNet"
+    """What people call it (a memory plan's summary)."""
     objective: Diffusion | Flow = Diffusion()
     """What the denoiser learns to predict (`model.objectives`)."""
+    token_limits: tuple[int | None, ...] = ()
+    """Tokens per prompt for each tokenizer where training reads fewer than the tokenizer's `model_max_length`
+    (None or absent: all of them): SD3's T5 reads 77, as diffusers' SD3 Dreambooth script trains it."""
+    text_encoder_training: str | None = None
+    """Why `train_text_encoder` is refused for this family, or None: its text encoders can train."""
 
     def check(self, config) -> None:
-        """Refuse settings this family cannot train (its objective's, e.g. min-SNR weighting of a flow), before
-        anything loads."""
+        """Refuse settings this family cannot train (its objective's, e.g. min-SNR weighting of a flow, or its
+        text encoders'), before anything loads."""
+        if config.train_text_encoder and self.text_encoder_training:
+            raise ConfigError(self.text_encoder_training)
         self.objective.check(config)
 
+    def token_limit(self, number: int, tokenizer) -> int:
+        """Tokens per prompt training gives the `number`-th tokenizer (`token_limits`, else all it reads)."""
+        limit = self.token_limits[number] if number < len(self.token_limits) else None
+        return min(limit, tokenizer.model_max_length) if limit else tokenizer.model_max_length
+
     def token_lengths(self, components: dict) -> list[int]:
-        """Tokens per prompt for each tokenizer, from the text encoders' configs (CLIP's 77)."""
-        return [components[name].get("max_position_embeddings", 77) for name in self.text_encoders]
+        """Tokens per prompt for each text encoder, from their configs (CLIP's 77) or `token_limits`: what the
+        memory trace feeds them."""
+        return [(self.token_limits[i] if i < len(self.token_limits) and self.token_limits[i] else None)
+                or components[name].get("max_position_embeddings", 77) for i, name in enumerate(self.text_encoders)]
 
     def native_size(self, denoiser: dict, vae: dict) -> int:
         """The image size a model of this family was made for, from its denoiser's and VAE's configs: the
@@ -125,6 +144,36 @@ class SDXLFamily(Family):
         return kohya
 
 
+@dataclass(frozen=True)
+class SD3Family(Family):
+    """Stable Diffusion 3.x (an MMDiT transformer): CLIP-L's and CLIP-G's penultimate hidden states side by side,
+    zero-padded to T5's width, then T5's tokens after them in one sequence; their pooled outputs joined as the
+    `pooled_projections`; a rectified flow (`objectives.Flow`). As diffusers' StableDiffusion3Pipeline encodes
+    a prompt and train_dreambooth_lora_sd3.py trains."""
+
+    def pipeline_kwargs(self) -> dict:
+        return {}
+
+    def encode(self, encoders: list, token_ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        clip, pooled = [], []
+        for encoder, ids in zip(encoders[:2], token_ids[:2]):
+            out = encoder(ids, output_hidden_states=True)
+            pooled.append(out[0])  # (CLIPTextModelWithProjection's text_embeds)
+            clip.append(out.hidden_states[-2])
+        t5 = encoders[2](token_ids[2])[0]
+        clip = torch.nn.functional.pad(torch.cat(clip, dim=-1), (0, t5.shape[-1] - sum(c.shape[-1] for c in clip)))
+        return torch.cat([clip, t5.to(clip.dtype)], dim=-2), torch.cat(pooled, dim=-1)
+
+    def added_conditioning(self, pooled: torch.Tensor | None, *, original_sizes: list, crops: list, resolution: int,
+                           device) -> dict | None:
+        return {"pooled_projections": pooled}
+
+    def predict(self, denoiser, noisy: torch.Tensor, timesteps: torch.Tensor, hidden: torch.Tensor,
+                added: dict | None) -> torch.Tensor:
+        return denoiser(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=hidden,
+                        pooled_projections=added["pooled_projections"]).sample
+
+
 SD = Family(name="sd", pipeline_class="StableDiffusionPipeline", text_encoders=("text_encoder",),
             tokenizers=("tokenizer",), native_resolution=512)
 SDXL = SDXLFamily(
@@ -133,8 +182,18 @@ SDXL = SDXLFamily(
     half_precision_vae="madebyollin/sdxl-vae-fp16-fix", encoders_with_unused_parts=("text_encoder",),
     full_fine_tuning="method: full fine-tuning of SDXL does not fit a 16 GB GPU (its UNet alone is 2.6 B parameters: "
                      "10.3 GB as fp32 masters, as much again for gradients); use method='lora' (the 'sdxl' preset).",
-    single_file_export=False, kohya_base_version="sdxl_base_v1-0")
-FAMILIES = {"StableDiffusionPipeline": SD, "StableDiffusionXLPipeline": SDXL}
+    single_file_export=False, kohya_base_version="sdxl_base_v1-0", modelspec_architecture="stable-diffusion-xl-v1-base")
+SD3 = SD3Family(
+    name="sd3", pipeline_class="StableDiffusion3Pipeline", text_encoders=("text_encoder", "text_encoder_2", "text_encoder_3"),
+    tokenizers=("tokenizer", "tokenizer_2", "tokenizer_3"), native_resolution=1024, preset="sd3",
+    denoiser="transformer", denoiser_class="SD3Transformer2DModel", denoiser_label="transformer", objective=Flow(), token_limits=(None, None, 77),
+    full_fine_tuning="method: full fine-tuning of SD 3.x does not fit a 16 GB GPU (SD 3.5 Medium's transformer alone "
+                     "is 2.5 B parameters: 10 GB as fp32 masters, as much again for gradients); use method='lora' "
+                     "(the 'sd3' preset).",
+    text_encoder_training="train_text_encoder: SD 3.x's text encoders (two CLIPs and T5-XXL, 4.7 B parameters) do "
+                          "not train here; the transformer's LoRA learns the subject. Set train_text_encoder=False.",
+    single_file_export=False, kohya_base_version=None, modelspec_architecture="stable-diffusion-v3-medium")
+FAMILIES = {"StableDiffusionPipeline": SD, "StableDiffusionXLPipeline": SDXL, "StableDiffusion3Pipeline": SD3}
 """Each family by the pipeline class its `model_index.json` names."""
 
 
@@ -148,5 +207,5 @@ def family_of(model_index: dict, *, source: str = "the model") -> Family:
     name = model_index.get("_class_name", "")
     if name not in FAMILIES:
         raise ConfigError(f"pretrained_model_name_or_path: {source} is a {name or 'pipeline of unknown type'}; "
-                          f"this suite trains {', '.join(FAMILIES)} models (SD 1.x, 2.x and SDXL).")
+                          f"this suite trains {', '.join(FAMILIES)} models (SD 1.x, 2.x, SDXL and SD 3.x).")
     return FAMILIES[name]

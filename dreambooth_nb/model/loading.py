@@ -34,7 +34,10 @@ class Components:
     """The base pipeline's own scheduler, saved unchanged into every snapshot."""
     tokenizer_2: object = None
     text_encoder_2: torch.nn.Module | None = None
-    """SDXL's second tokenizer and text encoder (with projection); None for SD 1.x/2.x."""
+    """SDXL's and SD3's second tokenizer and text encoder (with projection); None for SD 1.x/2.x."""
+    tokenizer_3: object = None
+    text_encoder_3: torch.nn.Module | None = None
+    """SD3's T5 tokenizer and encoder."""
     vae_source: str | None = None
     """Where the VAE came from when not from the base model (SDXL's fp16-fix VAE): snapshots record it."""
 
@@ -217,17 +220,16 @@ def xformers_works(device: torch.device) -> tuple[bool, str]:
         return False, f"xformers is not usable ({first_line(err, limit=120)})"
 
 
-def set_attention(unet, *, backend: str, device: torch.device) -> str:
+def set_attention(denoiser, *, backend: str, device: torch.device) -> str:
     """Select the attention backend and return the one actually used. SDPA is diffusers' default."""
     if backend == "xformers":
         ok, why = xformers_works(device)
         if ok:
-            unet.enable_xformers_memory_efficient_attention()
+            denoiser.enable_xformers_memory_efficient_attention()
             return "xformers"
         print(f"Attention: {why}; using PyTorch SDPA instead (same speed within a few percent).")
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    unet.set_attn_processor(AttnProcessor2_0())
+    # SDPA is what diffusers gives every attention layer of a freshly loaded model (AttnProcessor2_0 in a
+    # UNet, JointAttnProcessor2_0 in SD3's transformer, ...): nothing to change.
     return "sdpa"
 
 

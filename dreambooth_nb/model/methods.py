@@ -32,8 +32,8 @@ class FullFineTuning:
 
     name = "full"
     title = "full fine-tuning"
-    trains = "UNet"
-    """What trains, in a memory plan's one-line summary."""
+    trains = "{denoiser}"
+    """What trains, in a memory plan's one-line summary (`{denoiser}`: the family's, "UNet" or "transformer")."""
     lighter: str | None = "lora"
     """The method to switch to when every memory saver is on and it still does not fit (the last saver)."""
 
@@ -104,7 +104,7 @@ class LoRA(FullFineTuning):
 
     name = "lora"
     title = "LoRA"
-    trains = "LoRA on the UNet"
+    trains = "LoRA on the {denoiser}"
     lighter = None
 
     @property

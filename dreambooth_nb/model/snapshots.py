@@ -105,12 +105,13 @@ def save_lora(path: Path, *, step: int, config, parts, adapters: dict[str, dict]
         # cover linear layers only, and a conv adapter beside them made diffusers drop the linear ones.
         getattr(diffusers, family.pipeline_class).save_lora_weights(
             tmp, weight_name=LORA_WEIGHTS, **{f"{name}_lora_layers": layer for name, layer in peft.items()})
-        kohya = convert_state_dict_to_kohya({f"{name}.{k}": v for name, layer in peft.items() for k, v in layer.items()})
-        kohya = family.kohya_keys(kohya)
-        save_file({k: v.contiguous() for k, v in kohya.items()}, tmp / KOHYA_WEIGHTS,
-                  metadata={"ss_network_dim": str(config.lora_rank), "ss_network_alpha": str(config.lora_rank),
-                            "ss_network_module": "networks.lora",
-                            "ss_base_model_version": family.kohya_base_version})
+        if family.kohya_base_version:
+            kohya = convert_state_dict_to_kohya({f"{name}.{k}": v for name, layer in peft.items()
+                                                 for k, v in layer.items()})
+            save_file({k: v.contiguous() for k, v in family.kohya_keys(kohya).items()}, tmp / KOHYA_WEIGHTS,
+                      metadata={"ss_network_dim": str(config.lora_rank), "ss_network_alpha": str(config.lora_rank),
+                                "ss_network_module": "networks.lora",
+                                "ss_base_model_version": family.kohya_base_version})
         storage.write_json(tmp / storage.SNAPSHOT_MARKER, {
             "format": storage.FORMAT, "step": step, "complete": False, "trained": sorted(adapters), "method": "lora",
             "lora": {"rank": config.lora_rank, "alpha": alpha, "scale_folded_into_up_weights": scale,

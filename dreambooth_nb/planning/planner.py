@@ -33,6 +33,7 @@ from dreambooth_nb.planning import memory
 from dreambooth_nb import storage
 from dreambooth_nb.config import Concept
 from dreambooth_nb.errors import ConfigError
+from dreambooth_nb.model.families import family_named
 from dreambooth_nb.model.methods import METHODS, method_for
 from dreambooth_nb.planning.trace import (ALLOCATION_ROUNDING, ModelConfigs, StepTrace, TraceKey, component_sizes,
                                          read_model_configs, trace_step, trace_vae_encode)
@@ -315,7 +316,7 @@ def _plan(config, card: Gpu | None) -> MemoryPlan:
                      "CUDA context": CUDA_CONTEXT_BYTES}
         host_phase, host_parts = _host_peak(host, device=None)
     disk_bytes, disk = _disk_parts(config, sizes=sizes, trained_params=trained_params)
-    what = METHODS[setup.method].trains
+    what = METHODS[setup.method].trains.format(denoiser=family_named(configs.family).denoiser_label)
     if setup.train_text_encoder:
         what += " + text encoder" + ("s" if configs.text_encoders > 1 else "")
     summary = (f"{configs.source}, {what}, {setup.resolution} px, {setup.batch} image"
@@ -362,9 +363,9 @@ def device_peak(setup: Setup, *, configs: ModelConfigs, sizes: dict, step: StepT
     # SDXL's VAE overflows in fp16 (its config says force_upcast): training keeps it in fp32.
     vae_bytes = 4 if configs.components["vae"].get("force_upcast") or not (setup.half and cuda) else 2
     frozen = sizes["vae"] * vae_bytes if not (setup.cache_latents and cuda) else 0
+    encoders = [name for name in sizes if name.startswith("text_encoder")]
     if not cuda:  # text encoders that are not trained stay in RAM beside the rest
-        frozen += sum(sizes[n] * 4 for n in ("text_encoder", "text_encoder_2")
-                      if n in sizes and not setup.train_text_encoder)
+        frozen += sum(sizes[n] * 4 for n in encoders if not setup.train_text_encoder)
     peak, forward = step.peak, step.forward
 
     def phase(at: dict, *, grads: int, copies: int = 0, activations: int = 0, ema_bytes: int = resident_ema):
@@ -382,6 +383,12 @@ def device_peak(setup: Setup, *, configs: ModelConfigs, sizes: dict, step: StepT
         phases["VAE encode"] = phase(peak, grads=grads if setup.accumulation > 1 else kept_grads, activations=encode)
     if ema and not resident_ema:
         phases["EMA update"] = phase(peak, grads=kept_grads, ema_bytes=ema)  # brought to the GPU for its update
+    if cuda and not setup.train_text_encoder:
+        # Frozen text encoders encode every prompt once, on the GPU beside the loaded model, then leave it: small
+        # for SD's CLIP (0.25 GB), not for SD3's T5-XXL (9.5 GB in fp16). (Optimizer state is not allocated
+        # yet then: counting it keeps this phase on the safe side.)
+        on_gpu = sum(sizes[n] for n in encoders) * (2 if setup.half else 4)
+        phases["encoding the prompts"] = {**phase(peak, grads=0), "frozen weights": peak["frozen"] + frozen + on_gpu}
     name = max(phases, key=lambda n: sum(phases[n].values()))
     unreused = sum(phase(forward, grads=grads, copies=forward["autocast copies"],
                          activations=forward["activations"]).values())

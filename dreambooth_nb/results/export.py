@@ -202,9 +202,9 @@ def _export_lora(snapshot: Path, meta: dict, path: Path, *, half: bool, merged: 
         # Asked before anything loads: merging an SDXL LoRA would load the whole SDXL pipeline in fp32 on the CPU
         # (≈13.9 GB, more than a Colab VM has) only to find that its single-file layout is not written here.
         if not BaseModel(meta["base"], revision=meta.get("revision")).family.single_file_export:
-            raise ExportError("merged: an SDXL LoRA cannot be merged into a single checkpoint here yet (single-file "
-                              "export covers SD 1.x and 2.x). Export the LoRA itself (merged=False: a few MB, kohya's "
-                              "layout) and load it on top of SDXL in ComfyUI or AUTOMATIC1111.")
+            raise ExportError("merged: an SDXL or SD 3.x LoRA cannot be merged into a single checkpoint here yet "
+                              "(single-file export covers SD 1.x and 2.x). Export the LoRA itself (merged=False: a "
+                              "few MB) and load it on top of its base model in ComfyUI or AUTOMATIC1111.")
         with tempfile.TemporaryDirectory() as folder:  # the fused pipeline, saved, then exported as any snapshot
             pipe = snapshots.load_pipeline(snapshot, device=torch.device("cpu"), dtype=torch.float32)
             pipe.unload_lora_weights()  # (the fused weights stay)
@@ -212,14 +212,15 @@ def _export_lora(snapshot: Path, meta: dict, path: Path, *, half: bool, merged: 
             del pipe
             return _export_checkpoint(Path(folder), {"complete": True, "trained": [], "base": meta.get("base"),
                                                      "step": meta.get("step")}, path, half=half, described=snapshot)
-    kohya = snapshot / snapshots.KOHYA_WEIGHTS
-    with safe_open(kohya, framework="pt") as handle:
-        kohya_meta = dict(handle.metadata() or {})
+    family = BaseModel(meta["base"], revision=meta.get("revision")).family
+    # kohya's layout where the family has one (A1111, ComfyUI, Forge), else diffusers' (ComfyUI reads SD3's)
+    source = snapshot / (snapshots.KOHYA_WEIGHTS if family.kohya_base_version else snapshots.LORA_WEIGHTS)
+    with safe_open(source, framework="pt") as handle:
+        source_meta = dict(handle.metadata() or {})
     config = run_config(snapshot)
     prompt = subject_prompts(config)
-    xl = kohya_meta.get("ss_base_model_version", "").startswith("sdxl")
-    info = {**kohya_meta, "modelspec.sai_model_spec": "1.0.0",
-            "modelspec.architecture": ("stable-diffusion-xl-v1-base" if xl else "stable-diffusion-v1") + "/lora",
+    info = {**source_meta, "modelspec.sai_model_spec": "1.0.0",
+            "modelspec.architecture": f"{family.modelspec_architecture}/lora",
             "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
             "modelspec.title": f"{prompt} ({snapshot.parent.parent.name}, step {meta.get('step')})",
             "modelspec.description": f"Dreambooth LoRA of {base_name(meta.get('base'))} made with dreambooth-nb.",
@@ -227,9 +228,10 @@ def _export_lora(snapshot: Path, meta: dict, path: Path, *, half: bool, merged: 
             "dreambooth_nb.base_model": base_name(meta.get("base")), "dreambooth_nb.step": str(meta.get("step")),
             "dreambooth_nb.learning_rate": str(config.get("learning_rate")), "dreambooth_nb.method": "lora"}
     dtype = torch.float16 if half else torch.float32
-    tensors = {k: v if k.endswith(".alpha") else v.to(dtype).contiguous() for k, v in load_file(kohya).items()}
+    tensors = {k: v if k.endswith(".alpha") else v.to(dtype).contiguous() for k, v in load_file(source).items()}
     storage.atomic_write_bytes(path, save(tensors, metadata=info))  # a few MB: written whole
-    print(f"Exported the LoRA of {label(snapshot)} ({disk_size(path.stat().st_size)}, kohya's layout) to {path}")
+    layout = "kohya's layout" if family.kohya_base_version else "diffusers' layout"
+    print(f"Exported the LoRA of {label(snapshot)} ({disk_size(path.stat().st_size)}, {layout}) to {path}")
     return path
 
 

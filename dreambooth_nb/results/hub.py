@@ -77,7 +77,7 @@ def stage(snapshot: Path, folder: Path, *, repo_id: str, single_file=None) -> Pa
     meta = snapshots.info(snapshot)
     if snapshots.holds_adapters(meta):
         raise ConfigError(f"{snapshot}: pushing {meta['method']} snapshots is not supported yet; upload its "
-                          f"{snapshots.KOHYA_WEIGHTS} by hand.")
+                          f"{snapshots.LORA_WEIGHTS} (diffusers' format) by hand.")
     if meta["complete"]:
         for file in sorted(p for p in snapshot.rglob("*") if p.is_file() and p.name != storage.SNAPSHOT_MARKER):
             _link_or_copy(file, folder / file.relative_to(snapshot))

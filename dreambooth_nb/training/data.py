@@ -158,7 +158,9 @@ class LatentSource:
                  model_key: str = ""):
         self.folder, self.vae, self.device, self.dtype = folder, vae, device, dtype
         self.resolution, self.center_crop = resolution, center_crop
+        # What the denoiser sees: (latent − shift) × scale (SD3 and Flux VAEs have a shift; SD's have none).
         self.scaling_factor = vae.config.scaling_factor
+        self.shift_factor = getattr(vae.config, "shift_factor", None) or 0.0
         self.cached: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
         if cache:
             for index in range(len(folder)):
@@ -196,7 +198,7 @@ class LatentSource:
         """The VAE's mean for image `index` (unflipped, its training crop), scaled as training's samples."""
         mean = self.cached[index, False][0] if (index, False) in self.cached else \
             self._encode(index, flip=False, gen=torch.Generator())[0]
-        return mean * self.scaling_factor
+        return (mean - self.shift_factor) * self.scaling_factor
 
     def sample(self, index: int, *, flip: bool, gen: torch.Generator) -> tuple[torch.Tensor, tuple[int, int]]:
         """A latent sample of image `index` (flipped or not) and the (top, left) corner of its crop."""
@@ -209,7 +211,7 @@ class LatentSource:
         else:
             mean, std, crop = self._encode(index, flip=flip, gen=gen)
         eps = torch.randn(mean.shape, generator=gen)
-        return (mean + std * eps) * self.scaling_factor, crop
+        return (mean + std * eps - self.shift_factor) * self.scaling_factor, crop
 
 
 

@@ -13,16 +13,17 @@ import torch
 from dreambooth_nb.model.families import Family
 
 
-def tokenize(prompts: list[str], *, tokenizer) -> torch.Tensor:
-    """Token ids [n, tokenizer.model_max_length], padded and truncated as the pipelines do."""
-    return tokenizer(prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+def tokenize(prompts: list[str], *, tokenizer, length: int | None = None) -> torch.Tensor:
+    """Token ids [n, length] (default: tokenizer.model_max_length), padded and truncated as the pipelines do."""
+    return tokenizer(prompts, padding="max_length", truncation=True, max_length=length or tokenizer.model_max_length,
                      return_tensors="pt").input_ids
 
 
 class Prompts:
     def __init__(self, texts: list[str], *, family: Family, tokenizers: list):
         self.texts, self.family = list(texts), family
-        self.token_ids = [tokenize(self.texts, tokenizer=tokenizer) for tokenizer in tokenizers]
+        self.token_ids = [tokenize(self.texts, tokenizer=tokenizer, length=family.token_limit(number, tokenizer))
+                          for number, tokenizer in enumerate(tokenizers)]
         self._encoded: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     @torch.no_grad()
