@@ -295,7 +295,7 @@ def _plan(config, card: Gpu | None) -> MemoryPlan:
     step = trace_step(trace_key(configs, setup))
     trained_params = sum(step.trained_numels)
     device = device_peak(setup, configs=configs, sizes=sizes, step=step)
-    host = _host_parts(config, setup, sizes=sizes, trained_params=trained_params)
+    host = _host_parts(config, setup, sizes=sizes, trained_params=trained_params, components=configs.components)
     notes = []
     if card is None:  # a CPU run: the device's memory is host RAM
         host_phase, host_parts = _host_peak(host, device=device)
@@ -384,11 +384,11 @@ def device_peak(setup: Setup, *, configs: ModelConfigs, sizes: dict, step: StepT
     if ema and not resident_ema:
         phases["EMA update"] = phase(peak, grads=kept_grads, ema_bytes=ema)  # brought to the GPU for its update
     if cuda and not setup.train_text_encoder:
-        # Frozen text encoders encode every prompt once, on the GPU beside the loaded model, then leave it: small
-        # for SD's CLIP (0.25 GB), not for SD3's T5-XXL (9.5 GB in fp16). (Optimizer state is not allocated
-        # yet then: counting it keeps this phase on the safe side.)
+        # Frozen text encoders encode every prompt once, before the denoiser loads, then leave the GPU: small
+        # for SD's CLIP (0.25 GB), not for SD3's T5-XXL (9.5 GB in fp16). Beside them only the VAE, when the
+        # latents are not cached (cached, it has left already).
         on_gpu = sum(sizes[n] for n in encoders) * (2 if setup.half else 4)
-        phases["encoding the prompts"] = {**phase(peak, grads=0), "frozen weights": peak["frozen"] + frozen + on_gpu}
+        phases["encoding the prompts"] = {"frozen weights": frozen + on_gpu}
     name = max(phases, key=lambda n: sum(phases[n].values()))
     unreused = sum(phase(forward, grads=grads, copies=forward["autocast copies"],
                          activations=forward["activations"]).values())
@@ -406,19 +406,24 @@ class _HostParts:
     saving: int
 
 
-def _host_parts(config, setup: Setup, *, sizes: dict, trained_params: int) -> _HostParts:
+def _host_parts(config, setup: Setup, *, sizes: dict, trained_params: int, components: dict) -> _HostParts:
     """Host RAM of a GPU run by phase: libraries, loading, parts kept in RAM, photos and latents, saving."""
     cuda = setup.device == "cuda"
-    stored = 2 if setup.variant == "fp16" else 4
+
+    def stored(name: str) -> int:  # bytes per weight in its files: the fp16 variant, or what its config says
+        half_files = setup.variant == "fp16" or components[name].get("torch_dtype") in ("float16", "bfloat16")
+        return 2 if half_files else 4
+
     # from_pretrained reads one component at a time into RAM before moving it to the GPU.
-    loading = max(sizes.values()) * stored if cuda else 0
+    loading = max(size * stored(name) for name, size in sizes.items()) if cuda else 0
     half = 2 if setup.half else 4
     kept = {}
     if cuda and setup.cache_latents:
         kept["VAE (latents cached)"] = sizes["vae"] * half
-    if cuda and not setup.train_text_encoder:
-        kept["text encoder (embeddings precomputed)"] = sum(sizes[n] for n in ("text_encoder", "text_encoder_2")
-                                                            if n in sizes) * half
+    if cuda and not setup.train_text_encoder and method_for(config).final_snapshot_complete:
+        # (kept for the final, complete snapshot; a LoRA's encoders are let go once the prompts are encoded)
+        kept["text encoder (embeddings precomputed)"] = sum(sizes[n] for n in sizes
+                                                            if n.startswith("text_encoder")) * half
     if cuda and setup.ema and setup.offload_ema:
         kept["EMA (offloaded)"] = 4 * trained_params  # one buffer, pinned once (`ema.HostBuffer`)
     # Weights are saved a shard at a time (`storage.save_weights`), each copied to the host first; on a CPU

@@ -27,16 +27,22 @@ class Prompts:
         self._encoded: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     @torch.no_grad()
-    def encode_once(self, encoders: list, *, device: torch.device) -> None:
-        """Encode every prompt now, with the (frozen) encoders, and move those off the GPU: they are kept
-        in host memory for the final snapshot."""
+    def encode_once(self, encoders: list, *, device: torch.device, keep: bool = True) -> None:
+        """Encode every prompt now, with the (frozen) encoders. `keep`: move those off the GPU into host memory
+        (for the final snapshot); else the caller lets them go (`Components.release_text_encoders`), and no
+        copy of them ever reaches host memory."""
         hidden, pooled = self.family.encode(encoders, [ids.to(device) for ids in self.token_ids])
         self._encoded = (hidden.float(), None if pooled is None else pooled.float())
-        for encoder in encoders:
+        for encoder in encoders if keep else ():
             if next(encoder.parameters()).is_cuda:
                 encoder.to("cpu")
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+    @property
+    def encoded(self) -> bool:
+        """Whether `encode_once` ran: every prompt's encoding is at hand."""
+        return self._encoded is not None
 
     def conditioning(self, batch: dict, *, encoders: list | None, device: torch.device,
                      resolution: int) -> tuple[torch.Tensor, dict | None]:

@@ -181,12 +181,12 @@ def _train(config: TrainConfig, *, on_step, on_validation, progress_bar: bool, p
 
     progress.stage = "loading the model"
     device = accelerator.device
-    parts = loading.load_components(config, device=device, precision=precision, method=method, base=base)
-    attention = loading.set_attention(parts.denoiser, backend=config.attention_backend, device=device)
+    # Frozen text encoders encode every prompt before the denoiser loads, so the two never share the GPU
+    # (SD3's T5-XXL is 9.5 GB in fp16, its transformer 4.5 GB: together more than a T4 holds).
+    encode_first = not config.train_text_encoder
+    parts = loading.load_components(config, device=device, precision=precision, method=method, base=base,
+                                    with_denoiser=not encode_first)
     loading.enable_tf32(device)
-    trained = method.setup(parts)  # which parameters train: whole parts, or LoRA adapters on them
-    if config.gradient_checkpointing:
-        loading.enable_gradient_checkpointing(parts, train_text_encoder=config.train_text_encoder)
 
     # --- Data: images loaded (and checked) before any step, so a bad photo never stops training midway.
     progress.stage = "encoding the photos"
@@ -195,11 +195,26 @@ def _train(config: TrainConfig, *, on_step, on_validation, progress_bar: bool, p
         print(f"Warning: {warning}")
     data.encode(vae=parts.vae, config=config, device=device, dtype=loading.weight_dtype(precision, device),
                 model_key=_model_key(config, base=base))
-    prompts = Prompts(data.texts, family=parts.family, tokenizers=parts.tokenizers)
-    validation = Validation(pairs=data.validation_pairs(count=MAX_IMAGES), prompts=prompts, family=parts.family,
-                            scheduler=parts.noise_scheduler, seed=config.seed, resolution=config.resolution)
     if config.cache_latents:
         _off_the_gpu(parts.vae)  # kept in host memory for the final snapshot; the GPU memory goes to training
+    prompts = Prompts(data.texts, family=parts.family, tokenizers=parts.tokenizers)
+    if encode_first:
+        progress.stage = "encoding the prompts"
+        # A LoRA's snapshots never hold the encoders: they go now (no copy in host memory); a full fine-tuning
+        # run keeps them in host memory for its final, complete snapshot.
+        keep = method.final_snapshot_complete
+        prompts.encode_once(parts.text_encoders, device=device, keep=keep)
+        if not keep:
+            parts.release_text_encoders()
+            _free_memory()
+        progress.stage = "loading the model"
+        loading.load_denoiser(parts, config, device=device, precision=precision, method=method, base=base)
+    attention = loading.set_attention(parts.denoiser, backend=config.attention_backend, device=device)
+    trained = method.setup(parts)  # which parameters train: whole parts, or LoRA adapters on them
+    if config.gradient_checkpointing:
+        loading.enable_gradient_checkpointing(parts, train_text_encoder=config.train_text_encoder)
+    validation = Validation(pairs=data.validation_pairs(count=MAX_IMAGES), prompts=prompts, family=parts.family,
+                            scheduler=parts.noise_scheduler, seed=config.seed, resolution=config.resolution)
 
     # --- Optimizer over the trained parts, one named group each with its own learning rate.
     progress.stage = "setting up the optimizer"
@@ -233,7 +248,8 @@ def _train(config: TrainConfig, *, on_step, on_validation, progress_bar: bool, p
         prepared[name] = accelerator.prepare(module)
     optimizer = accelerator.prepare(optimizer)
     denoiser = prepared[parts.family.denoiser]
-    encoders = [prepared.get(name, getattr(parts, name)) for name in parts.family.text_encoders]
+    encoders = [prepared.get(name, getattr(parts, name)) for name in parts.family.text_encoders
+                if name in prepared or getattr(parts, name) is not None]  # (a LoRA's frozen ones are gone)
     # Outside the training step (validation, encoding once frozen) only the plain modules: a DDP-wrapped
     # forward is a collective, and rank 0 alone measuring the validation loss through one would wait forever.
     plain_encoders = [accelerator.unwrap_model(encoder) for encoder in encoders]
@@ -241,8 +257,8 @@ def _train(config: TrainConfig, *, on_step, on_validation, progress_bar: bool, p
     if te_training:
         for encoder in encoders:  # also what makes their checkpointing act (transformers checks `training`)
             encoder.train()
-    else:
-        prompts.encode_once(plain_encoders, device=device)  # frozen: every prompt once; the encoders leave the GPU
+    elif not prompts.encoded:  # the text encoders trained until a resumed run's stop step: every prompt once now
+        prompts.encode_once(plain_encoders, device=device)
 
     states = f"a state every {checkpointing_steps} steps" if checkpointing_steps else "no state before the end"
     if world > 1:
