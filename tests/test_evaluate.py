@@ -114,10 +114,10 @@ def test_render_is_cached_and_deterministic(snapshot, count_loads):
 @pytest.mark.parametrize("scheduler", ["ddim", "pndm", "dpm"])
 def test_each_scheduler_renders(snapshot, scheduler, monkeypatch):
     used = []
-    from dreambooth_nb.results import evaluate
+    from dreambooth_nb.model.objectives import Diffusion
 
-    real = evaluate.make_scheduler
-    monkeypatch.setattr(evaluate, "make_scheduler", lambda name, cfg: used.append(real(name, cfg)) or used[-1])
+    real = Diffusion.sampler
+    monkeypatch.setattr(Diffusion, "sampler", lambda self, name, cfg: used.append(real(self, name, cfg)) or used[-1])
     spec = EvalSpec(prompts=["a photo of sks dog"], seeds=[0], scheduler=scheduler, num_inference_steps=3)
     (item,) = render(snapshot, spec, device="cpu")
     expected = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "dpm": "DPMSolverMultistepScheduler"}

@@ -196,3 +196,22 @@ def test_the_prompts_are_encoded_before_the_transformer_loads_and_the_encoders_g
     monkeypatch.setattr(loading, "load_denoiser", load)
     train(sd3_config(max_train_steps=1))
     assert events == [("encode", 3, False), ("transformer", True, 0)]
+
+
+def test_sd3_snapshots_render_with_the_flows_own_sampler(sd3_config, tmp_path):
+    """The comparison's sampler names are DDPM solvers; a flow model keeps its Euler flow sampler (DDIM built
+    from a flow's config would draw noise), and the renders come out."""
+    import numpy as np
+    from PIL import Image
+
+    from dreambooth_nb.results.evaluate import EvalSpec, render
+    from dreambooth_nb.model.objectives import Flow
+
+    assert type(Flow().sampler("ddim", FlowMatchEulerDiscreteScheduler(shift=3.0).config)).__name__ == \
+        "FlowMatchEulerDiscreteScheduler"
+    final = train(sd3_config(max_train_steps=1))
+    spec = EvalSpec(prompts=[PROMPT], seeds=[0], scheduler="ddim", num_inference_steps=2, resolution=32)
+    (item,) = render(final, spec, device="cpu")
+    with Image.open(item.image) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    assert pixels.shape == (32, 32, 3) and pixels.std() > 0

@@ -49,6 +49,19 @@ class Diffusion:
             return noisy, indices, scheduler.get_velocity(latents, noise, indices)
         return noisy, indices, noise
 
+    def sampler(self, name: str, config):
+        """The inference sampler `name` ("ddim", "pndm", "dpm") from a pipeline's scheduler config: the same
+        noise schedule, another solver (the study: DDIM or ~100 steps against noisy renders)."""
+        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
+
+        if name == "ddim":
+            return DDIMScheduler.from_config(config)
+        if name == "pndm":
+            return PNDMScheduler.from_config(config, skip_prk_steps=True)  # as Stable Diffusion ships it
+        if name == "dpm":
+            return DPMSolverMultistepScheduler.from_config(config)
+        raise ConfigError(f"EvalSpec.scheduler: {name!r} is unknown; choose 'ddim', 'pndm' or 'dpm'.")
+
     def weights(self, scheduler, indices, *, snr_gamma: float | None) -> torch.Tensor | None:
         """Per-sample loss weights, or None: min-SNR-γ (Hang et al. 2023) down-weights the easy, low-noise steps."""
         if snr_gamma is None:
@@ -97,3 +110,10 @@ class Flow:
 
     def weights(self, scheduler, indices, *, snr_gamma: float | None) -> torch.Tensor | None:
         return None  # (σ is drawn by its weight already: logit-normal sampling *is* the weighting)
+
+    def sampler(self, name: str, config):
+        """A flow is sampled with its own Euler solver whatever `name` says: DDIM, PNDM and DPM++ as built here
+        assume a DDPM schedule and would draw noise from a flow model (the study's DDIM advice is for those)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(config)

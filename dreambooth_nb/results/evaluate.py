@@ -36,6 +36,7 @@ from dreambooth_nb.model import snapshots
 from dreambooth_nb import storage
 from dreambooth_nb.errors import ConfigError
 from dreambooth_nb.model.base import BaseModel
+from dreambooth_nb.model.families import family_of
 from dreambooth_nb.dataset.images import png_bytes
 from dreambooth_nb.progress import in_task, report
 
@@ -206,7 +207,8 @@ def render(snapshot, spec: EvalSpec, *, device=None, cache_dir=None) -> list[Ren
         torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pipe = snapshots.load_pipeline(snapshot, device=device)
     try:
-        pipe.scheduler = make_scheduler(spec.scheduler, pipe.scheduler.config)
+        family = family_of({"_class_name": type(pipe).__name__}, source=str(snapshot))
+        pipe.scheduler = family.objective.sampler(spec.scheduler, pipe.scheduler.config)
         from tqdm.auto import tqdm
 
         # (a panel shows its own bar: library bars would land in JupyterLab's log console from its thread)
@@ -235,19 +237,6 @@ def native_resolution(model) -> int:
         return snapshots.native_resolution(model)
     configs = base.component_configs
     return base.family.native_size(configs[base.family.denoiser], configs["vae"])
-
-
-def make_scheduler(name: str, config):
-    """The sampler `name` built from a pipeline's scheduler config (same noise schedule, other solver)."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
-
-    if name == "ddim":
-        return DDIMScheduler.from_config(config)
-    if name == "pndm":
-        return PNDMScheduler.from_config(config, skip_prk_steps=True)  # as Stable Diffusion ships it
-    if name == "dpm":
-        return DPMSolverMultistepScheduler.from_config(config)
-    raise ConfigError(f"EvalSpec.scheduler: {name!r} is unknown; choose one of {', '.join(SCHEDULERS)}.")
 
 
 def snapshot_step(snapshot) -> int | None:
