@@ -6,12 +6,14 @@ sample k // n; a photo's prompt is its caption (`[trigger]` → the instance pro
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from diffusers import DDPMScheduler
 
 from dreambooth_nb import Concept, TrainConfig, preset, train
 from dreambooth_nb.model import snapshots
@@ -21,13 +23,12 @@ from dreambooth_nb.errors import ConfigError, DataError
 from dreambooth_nb.model.families import Family
 from dreambooth_nb.dataset.images import scan_images
 from dreambooth_nb.model.loading import load_components
+from dreambooth_nb.model.objectives import Diffusion
 from dreambooth_nb.training.prompts import tokenize
 from photos import write_photos
 
-
-def uniform_timestep(generator):
-    """A DDPM schedule's draw (`objectives.Diffusion.draw` for 1000 timesteps)."""
-    return torch.randint(0, 1000, (), generator=generator)
+# The tiny models' draw: a DDPM schedule of 1000 timesteps (what `train` passes as `draw`)
+uniform_timestep = functools.partial(Diffusion().draw, scheduler=DDPMScheduler())
 
 
 @pytest.fixture

@@ -1,24 +1,25 @@
 """The trainer, run for real at tiny size: every option, the optimizer, accumulation, the losses, saving."""
 
+import functools
 import importlib
 from pathlib import Path
 
 import pytest
 import torch
+from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
 from dreambooth_nb import train
 from dreambooth_nb.model import loading as models
 from dreambooth_nb.training.data import CLASS, INSTANCE, ImageFolder, TrainingData
 from dreambooth_nb.model.loading import load_components
+from dreambooth_nb.model.objectives import Diffusion
 from dreambooth_nb.training.prompts import Prompts
 from dreambooth_nb.training.train import compute_loss, make_optimizer
 from recording import gradients_of
 
-
-def uniform_timestep(generator):
-    """A DDPM schedule's draw (`objectives.Diffusion.draw` for 1000 timesteps)."""
-    return torch.randint(0, 1000, (), generator=generator)
+# The tiny models' draw: a DDPM schedule of 1000 timesteps (what `train` passes as `draw`)
+uniform_timestep = functools.partial(Diffusion().draw, scheduler=DDPMScheduler())
 
 # The package exports the function `train`, which hides the module of the same name as an attribute.
 train_module = importlib.import_module("dreambooth_nb.training.train")

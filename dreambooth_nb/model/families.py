@@ -73,16 +73,19 @@ class Family:
             raise ConfigError(self.text_encoder_training)
         self.objective.check(config)
 
+    def _limit(self, number: int) -> int | None:
+        return self.token_limits[number] if number < len(self.token_limits) else None
+
     def token_limit(self, number: int, tokenizer) -> int:
         """Tokens per prompt training gives the `number`-th tokenizer (`token_limits`, else all it reads)."""
-        limit = self.token_limits[number] if number < len(self.token_limits) else None
+        limit = self._limit(number)
         return min(limit, tokenizer.model_max_length) if limit else tokenizer.model_max_length
 
     def token_lengths(self, components: dict) -> list[int]:
         """Tokens per prompt for each text encoder, from their configs (CLIP's 77) or `token_limits`: what the
         memory trace feeds them."""
-        return [(self.token_limits[i] if i < len(self.token_limits) and self.token_limits[i] else None)
-                or components[name].get("max_position_embeddings", 77) for i, name in enumerate(self.text_encoders)]
+        return [self._limit(number) or components[name].get("max_position_embeddings", 77)
+                for number, name in enumerate(self.text_encoders)]
 
     def native_size(self, denoiser: dict, vae: dict) -> int:
         """The image size a model of this family was made for, from its denoiser's and VAE's configs: the

@@ -22,6 +22,9 @@ import torch
 
 from dreambooth_nb.errors import ConfigError
 
+SAMPLERS = ("ddim", "pndm", "dpm")
+"""The inference samplers a comparison may name (`EvalSpec.scheduler`); a DDPM family has each."""
+
 
 @dataclass(frozen=True)
 class Diffusion:
@@ -60,7 +63,7 @@ class Diffusion:
             return PNDMScheduler.from_config(config, skip_prk_steps=True)  # as Stable Diffusion ships it
         if name == "dpm":
             return DPMSolverMultistepScheduler.from_config(config)
-        raise ConfigError(f"EvalSpec.scheduler: {name!r} is unknown; choose 'ddim', 'pndm' or 'dpm'.")
+        raise ConfigError(f"EvalSpec.scheduler: {name!r} is unknown; choose one of {', '.join(SAMPLERS)}.")
 
     def weights(self, scheduler, indices, *, snr_gamma: float | None) -> torch.Tensor | None:
         """Per-sample loss weights, or None: min-SNR-γ (Hang et al. 2023) down-weights the easy, low-noise steps."""

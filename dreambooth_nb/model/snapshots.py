@@ -170,9 +170,8 @@ def native_resolution(path) -> int:
     if meta.get("native_resolution"):
         return int(meta["native_resolution"])
     try:
-        configs = BaseModel(str(path)).component_configs
-        family = BaseModel(str(path)).family
-        return family.native_size(configs[family.denoiser], configs["vae"])
+        base = BaseModel(str(path))
+        return base.family.native_size(base.component_configs[base.family.denoiser], base.component_configs["vae"])
     except (OSError, KeyError, TypeError, ValueError, ConfigError) as err:
         raise DataError(f"{path}: cannot read the denoiser/VAE config to find the native image size ({err}); "
                         "set EvalSpec.resolution explicitly (512 for SD 1.5).") from None

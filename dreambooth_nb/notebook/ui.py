@@ -140,7 +140,26 @@ SAVER_FIELDS = ("gradient_checkpointing", "train_batch_size", "gradient_accumula
 unticks it (the person overrides the fit)."""
 
 
-class TrainingPanel:
+class _Panel:
+    """What every panel does alike: it shows itself (with a static copy for a saved notebook, `Fallback`), and
+    `start()` does its action (`_act`: train, draw, run) as its button does — in the background, so that Stop
+    works; headless, here and now. A panel has `box`, `fallback`, and `_clicked` for its button."""
+
+    def show(self):
+        from IPython.display import display
+
+        display(self.box)
+        self.fallback.show()
+        return self
+
+    def start(self) -> None:
+        if is_headless():
+            self._act()
+        else:
+            self._clicked()
+
+
+class TrainingPanel(_Panel):
     """Widgets for the settings that matter, a Train button, a progress bar, the loss plot and samples.
 
     `panel.train()` is what the button runs, here and now (headless runs); `panel.start()` runs it as the button
@@ -343,19 +362,8 @@ class TrainingPanel:
             config = config.replace(output_dir=str(self.run_dir_for(config)))
         return config
 
-    def show(self) -> "TrainingPanel":
-        from IPython.display import display
-
-        display(self.box)
-        self.fallback.show()
-        return self
-
-    def start(self) -> None:
-        """Train as the button does: in the background, so that Stop works; headless, here and now."""
-        if is_headless():
-            self.train()
-        else:
-            self._clicked()
+    def _act(self):
+        return self.train()
 
     def _clicked(self, _button=None) -> None:
         """The Train button: training in a thread of its own (the kernel stays free for Stop)."""
@@ -495,7 +503,7 @@ def memory_line(panel) -> str:
             f"{gib(result.gpu_total_bytes, digits=1)} GiB on {html.escape(result.gpu)}: {verdict}.</span>{advice}")
 
 
-class ComparePanel:
+class ComparePanel(_Panel):
     """Scheduler, inference steps, guidance and layout widgets, a Draw button and a Stop button over `compare`.
 
     `runs`: {name: run folder}, or a function giving them (`project.select_runs`), asked again at every Draw so
@@ -538,24 +546,13 @@ class ComparePanel:
         return self.base_spec.replace(scheduler=self.scheduler.value, num_inference_steps=int(self.steps.value),
                                       guidance_scale=float(self.guidance.value))
 
-    def show(self) -> "ComparePanel":
-        from IPython.display import display
-
-        display(self.box)
-        self.fallback.show()
-        return self
-
     def draw(self) -> Path:
         """Draw the grid with the panel's settings into the panel (replacing the last one); return its PNG. The
         kernel's interrupt stops it at the next image (rendered images are kept: drawing again goes on)."""
         return self.runner.run(self._draw_and_say)
 
-    def start(self) -> None:
-        """Draw as the Draw button does: in the background, so that Stop works; headless, here and now."""
-        if is_headless():
-            self.draw()
-        else:
-            self._clicked()
+    def _act(self):
+        return self.draw()
 
     def _clicked(self, _button=None) -> None:
         self.output.outputs = ()
@@ -603,7 +600,7 @@ class ComparePanel:
         return self.grid
 
 
-class SweepPanel:
+class SweepPanel(_Panel):
     """Learning-rate and step lists, a Run button and a Stop button over `sweep`; `run()` is what the button
     does, here and now; `start()` runs it as the button does (in the background; headless, here and now).
     The loss plot shows every rate of the sweep; the panel shows the latest sweep's grid, each sweep keeping
@@ -638,24 +635,13 @@ class SweepPanel:
         return (parse_float_list(self.lrs.value, name="learning rates"),
                 parse_int_list(self.save_at.value, name="steps"))
 
-    def show(self) -> "SweepPanel":
-        from IPython.display import display
-
-        display(self.box)
-        self.fallback.show()
-        return self
-
     def run(self, *, output=None):
         """Run the sweep here and now (a cell, a headless run); the kernel's interrupt stops it at the next step
         or image (trained steps are kept as states; running it again goes on)."""
         return self.runner.run(lambda: self._run_and_say(output=output))
 
-    def start(self) -> None:
-        """Run as the button does: in the background, so that Stop works; headless, here and now."""
-        if is_headless():
-            self.run()
-        else:
-            self._clicked()
+    def _act(self):
+        return self.run()
 
     def _clicked(self, _button=None) -> None:
         self.output.outputs = ()

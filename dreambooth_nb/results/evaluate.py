@@ -37,10 +37,10 @@ from dreambooth_nb import storage
 from dreambooth_nb.errors import ConfigError
 from dreambooth_nb.model.base import BaseModel
 from dreambooth_nb.model.families import family_of
+from dreambooth_nb.model.objectives import SAMPLERS
 from dreambooth_nb.dataset.images import png_bytes
 from dreambooth_nb.progress import in_task, report
 
-SCHEDULERS = ("ddim", "pndm", "dpm")
 DEFAULT_CONTEXTS = ("in the snow", "as an oil painting")
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
@@ -92,8 +92,8 @@ class EvalSpec:
                 fail("seeds", f"every seed must be a whole number from 0 to 2**63-1, got {seed!r}.")
         if len(set(self.seeds)) != len(self.seeds):
             fail("seeds", "lists the same seed twice; remove the repeat.")
-        if self.scheduler not in SCHEDULERS:
-            fail("scheduler", f"{self.scheduler!r} is unknown; choose one of {', '.join(SCHEDULERS)} "
+        if self.scheduler not in SAMPLERS:
+            fail("scheduler", f"{self.scheduler!r} is unknown; choose one of {', '.join(SAMPLERS)} "
                  "('ddim' if images look noisy).")
         steps = self.num_inference_steps
         if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 1000:
