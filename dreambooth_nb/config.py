@@ -20,6 +20,7 @@ from dreambooth_nb.storage import FORMAT, atomic_write_text, check_format
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
 SD35_MEDIUM = "stabilityai/stable-diffusion-3.5-medium"
+FLUX_DEV = "black-forest-labs/FLUX.1-dev"
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
@@ -143,6 +144,12 @@ class TrainConfig:
     fp32 masters under autocast. "auto" lets a config written on a CPU runtime train in fp16 on a T4."""
     use_8bit_adam: bool = field(default=False, metadata=RESUMABLE)
     """8-bit AdamW from bitsandbytes: optimizer state 2 bytes/param instead of 8 (saves ≈5 GB on SD 1.5's UNet)."""
+    load_in_4bit: bool = field(default=False, metadata=RESUMABLE)
+    """QLoRA: load the frozen base denoiser in 4 bits (NF4 with double quantization, bitsandbytes, computing in
+    the run's 16-bit precision), a quarter of its 16-bit memory: FLUX.1-dev's 12 B-parameter transformer takes
+    ≈6 GB instead of 24. LoRA only, on a CUDA GPU; the adapters stay fp32 masters and snapshots hold them
+    alone, for the unquantized base. Each step dequantizes the weights it uses, so steps are slower; `fit`
+    turns it on only where the 16-bit base does not fit."""
     gradient_checkpointing: bool = field(default=False, metadata=RESUMABLE)
     """Recompute activations in the backward pass: ~6× less activation memory for ~30 % more time."""
     attention_backend: str = field(default="sdpa", metadata=RESUMABLE)
@@ -511,6 +518,12 @@ PRESETS: dict[str, dict] = {
                 max_train_steps=500, resolution=1024, snr_gamma=None,
                 lora_target_modules=["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
                                      "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v"]),
+    # FLUX.1-dev always trains a LoRA. The settings of Hugging Face's "Fine-tune FLUX.1-dev on consumer
+    # hardware with QLoRA" (2025-06-19; diffusers' research_projects/flux_lora_quantization): rank 4 on the
+    # attention's q, k, v and output projections, LR 1e-4, 700 steps at 512 px (batch 1 × 4 accumulated
+    # with "object" + "16gb"). On a 16 GB GPU `fit` loads its 12 B-parameter transformer in 4 bits (NF4).
+    "flux": dict(pretrained_model_name_or_path=FLUX_DEV, variant=None, method="lora", learning_rate=1e-4,
+                 max_train_steps=700, resolution=512, snr_gamma=None, lora_rank=4),  # (targets: the default)
     # 16 GB memory profile: combines with any of the above.
     # Mixed precision "auto": fp16 on a T4 or P100, bf16 where the GPU has it, decided where training runs.
     "16gb": dict(use_8bit_adam=True, gradient_checkpointing=True, mixed_precision="auto",

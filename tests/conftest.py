@@ -48,6 +48,14 @@ def tiny_sd3_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_flux_model(tmp_path_factory):
+    """Folder of a random tiny `FluxPipeline` (double- and single-stream transformer, CLIP and T5, a flow)."""
+    from dreambooth_nb.toy.tiny import build_tiny_flux_pipeline
+
+    return build_tiny_flux_pipeline(tmp_path_factory.mktemp("tiny-flux"))
+
+
+@pytest.fixture(scope="session")
 def tiny_model_vpred(tmp_path_factory):
     from dreambooth_nb.toy.tiny import build_tiny_pipeline
 

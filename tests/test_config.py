@@ -130,4 +130,4 @@ def test_a_valid_config_passes(make_config):
 
 
 def test_presets_are_known():
-    assert set(PRESETS) == {"object", "face", "lora", "sdxl", "sd3", "16gb"}
+    assert set(PRESETS) == {"object", "face", "lora", "sdxl", "sd3", "flux", "16gb"}

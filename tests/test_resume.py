@@ -210,6 +210,11 @@ VARIANTS = {
         sd3=True, method="lora", learning_rate=1e-3, use_8bit_adam=True, gradient_accumulation_steps=2,
         with_prior_preservation=True, class_prompt="a photo of a dog", num_class_images=3, sample_batch_size=3,
         use_ema=True, max_train_steps=7, checkpointing_steps=3),
+    # FLUX.1: packed latents, guidance embedding; class images drawn by the Flux pipeline, accumulation.
+    "flux-lora-accum-prior": dict(
+        flux=True, method="lora", learning_rate=1e-3, gradient_accumulation_steps=2, with_prior_preservation=True,
+        class_prompt="a photo of a dog", num_class_images=3, sample_batch_size=3, max_train_steps=6,
+        checkpointing_steps=2),
     # SDXL: two text encoders with adapters, added time ids from random crops and flips.
     "sdxl-lora-te-crop-flip": dict(
         sdxl=True, method="lora", learning_rate=1e-3, train_text_encoder=True, center_crop=False, random_flip=True,
@@ -230,8 +235,9 @@ def test_resume_is_bitwise_for_every_stateful_option(make_config, tmp_path, serv
     options = dict(VARIANTS[name])
     if options.pop("sdxl", False):
         options["pretrained_model_name_or_path"] = str(request.getfixturevalue("tiny_sdxl_model"))
-    if options.pop("sd3", False):
-        options["pretrained_model_name_or_path"] = str(request.getfixturevalue("tiny_sd3_model"))
+    for family in ("sd3", "flux"):
+        if options.pop(family, False):
+            options["pretrained_model_name_or_path"] = str(request.getfixturevalue(f"tiny_{family}_model"))
     if options.pop("concepts", False):
         options["concepts"] = two_concepts(make_config().concepts[0].instance_data_dir, tmp_path)
     elif options.get("with_prior_preservation"):

@@ -1,4 +1,4 @@
-"""Model families: what differs between Stable Diffusion 1.x/2.x, SDXL and SD 3.x — the one place that knows.
+"""Model families: what differs between Stable Diffusion 1.x/2.x, SDXL, SD 3.x and FLUX.1 — the one place that knows.
 
 Detected once from the base model's `model_index.json` (`BaseModel.family`). A family says which text encoders
 and tokenizers the model has, how a prompt becomes the denoiser's conditioning, what the denoiser is (a UNet,
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from dreambooth_nb.errors import ConfigError
+from dreambooth_nb.model import kohya_flux
 from dreambooth_nb.model.objectives import Diffusion, Flow
 
 
@@ -114,10 +115,11 @@ class Family:
         None: SD takes none."""
         return None
 
-    def kohya_keys(self, kohya: dict) -> dict:
-        """A LoRA in kohya's layout as this family's files name it: diffusers' converter writes `lora_te1_` (SDXL has
-        two text encoders); SD 1.x/2.x files say `lora_te_`."""
-        return {k.replace("lora_te1_", "lora_te_", 1): v for k, v in kohya.items()}
+    def kohya(self, layers: dict[str, dict], *, denoiser_config: dict) -> dict:
+        """The adapters of each trained part (PEFT's layout, by part name) in kohya's layout, as this family's
+        files name them: diffusers' converter writes `lora_te1_` (SDXL has two text encoders); SD 1.x/2.x files
+        say `lora_te_`."""
+        return {k.replace("lora_te1_", "lora_te_", 1): v for k, v in _kohya(layers).items()}
 
 
 @dataclass(frozen=True)
@@ -143,8 +145,8 @@ class SDXLFamily(Family):
                            dtype=torch.float32, device=device)
         return {"text_embeds": pooled, "time_ids": ids}
 
-    def kohya_keys(self, kohya: dict) -> dict:
-        return kohya
+    def kohya(self, layers: dict[str, dict], *, denoiser_config: dict) -> dict:
+        return _kohya(layers)
 
 
 @dataclass(frozen=True)
@@ -177,6 +179,63 @@ class SD3Family(Family):
                         pooled_projections=added["pooled_projections"]).sample
 
 
+@dataclass(frozen=True)
+class FluxFamily(Family):
+    """FLUX.1 (a transformer of double- and single-stream blocks): CLIP-L's pooled output is the
+    `pooled_projections`, T5's hidden states are the text tokens; the latents are packed 2×2 into tokens of
+    4 × 16 channels, each with its (0, row, column) position id, the text tokens' ids zero; FLUX.1-dev takes
+    a guidance value through an embedding (it was distilled from guided sampling); a rectified flow. As
+    diffusers' FluxPipeline encodes a prompt and train_dreambooth_lora_flux.py trains."""
+
+    training_guidance: float = 1.0
+    """The guidance embedding's value in training (FLUX.1-dev; schnell has none): diffusers' Flux Dreambooth
+    examples train with `--guidance_scale=1` (examples/dreambooth/README_flux.md)."""
+
+    def pipeline_kwargs(self) -> dict:
+        return {}
+
+    def encode(self, encoders: list, token_ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        pooled = encoders[0](token_ids[0], output_hidden_states=False).pooler_output
+        return encoders[1](token_ids[1], output_hidden_states=False)[0], pooled
+
+    def added_conditioning(self, pooled: torch.Tensor | None, *, original_sizes: list, crops: list, resolution: int,
+                           device) -> dict | None:
+        return {"pooled_projections": pooled}
+
+    def native_size(self, denoiser: dict, vae: dict) -> int:
+        return int(vae["sample_size"])  # (Flux's transformer config names no size: it reads any token grid)
+
+    def predict(self, denoiser, noisy: torch.Tensor, timesteps: torch.Tensor, hidden: torch.Tensor,
+                added: dict | None) -> torch.Tensor:
+        from diffusers import FluxPipeline
+
+        b, c, h, w = noisy.shape
+        # Pack, ask, unpack: the loss stays on the latent grid as for every family. (The pipeline's own helpers,
+        # at a VAE factor of 1: they are given the latent size, not the image's.)
+        packed = FluxPipeline._pack_latents(noisy, b, c, h, w)
+        image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, noisy.dtype)
+        text_ids = torch.zeros(hidden.shape[1], 3, device=noisy.device, dtype=noisy.dtype)
+        guided = getattr(denoiser, "module", denoiser).config.guidance_embeds  # (DDP wraps it on two GPUs)
+        guidance = torch.full((b,), self.training_guidance, device=noisy.device) if guided else None
+        # The transformer takes t / 1000 (σ) and multiplies by 1000 inside, as FluxPipeline calls it.
+        out = denoiser(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance,
+                       pooled_projections=added["pooled_projections"], encoder_hidden_states=hidden,
+                       txt_ids=text_ids, img_ids=image_ids).sample
+        return FluxPipeline._unpack_latents(out, h, w, 1)
+
+    def kohya(self, layers: dict[str, dict], *, denoiser_config: dict) -> dict:
+        # BFL's module names, q/k/v fused (`kohya_flux`): what ComfyUI and Forge look a Flux LoRA up by.
+        return kohya_flux.to_kohya(layers[self.denoiser], transformer_config=denoiser_config)
+
+
+def _kohya(layers: dict[str, dict]) -> dict:
+    """diffusers' own PEFT → kohya converter over every part (`unet.…` → `lora_unet_…`, `text_encoder.…` →
+    `lora_te1_…`)."""
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    return convert_state_dict_to_kohya({f"{name}.{k}": v for name, layer in layers.items() for k, v in layer.items()})
+
+
 SD = Family(name="sd", pipeline_class="StableDiffusionPipeline", text_encoders=("text_encoder",),
             tokenizers=("tokenizer",), native_resolution=512)
 SDXL = SDXLFamily(
@@ -196,7 +255,18 @@ SD3 = SD3Family(
     text_encoder_training="train_text_encoder: SD 3.x's text encoders (two CLIPs and T5-XXL, 4.7 B parameters) do "
                           "not train here; the transformer's LoRA learns the subject. Set train_text_encoder=False.",
     single_file_export=False, kohya_base_version=None, modelspec_architecture="stable-diffusion-v3-medium")
-FAMILIES = {"StableDiffusionPipeline": SD, "StableDiffusionXLPipeline": SDXL, "StableDiffusion3Pipeline": SD3}
+FLUX = FluxFamily(
+    name="flux", pipeline_class="FluxPipeline", text_encoders=("text_encoder", "text_encoder_2"),
+    tokenizers=("tokenizer", "tokenizer_2"), native_resolution=1024, preset="flux", denoiser="transformer",
+    denoiser_class="FluxTransformer2DModel", denoiser_label="transformer", objective=Flow(),
+    token_limits=(None, 512),
+    full_fine_tuning="method: full fine-tuning of FLUX.1 does not fit a 16 GB GPU (its transformer alone is 12 B "
+                     "parameters: 48 GB as fp32 masters); use method='lora' (the 'flux' preset).",
+    text_encoder_training="train_text_encoder: FLUX.1's text encoders (CLIP-L and T5-XXL, 4.9 B parameters) do not "
+                          "train here; the transformer's LoRA learns the subject. Set train_text_encoder=False.",
+    single_file_export=False, kohya_base_version="flux1", modelspec_architecture="flux-1-dev")
+FAMILIES = {"StableDiffusionPipeline": SD, "StableDiffusionXLPipeline": SDXL, "StableDiffusion3Pipeline": SD3,
+            "FluxPipeline": FLUX}
 """Each family by the pipeline class its `model_index.json` names."""
 
 
@@ -210,5 +280,5 @@ def family_of(model_index: dict, *, source: str = "the model") -> Family:
     name = model_index.get("_class_name", "")
     if name not in FAMILIES:
         raise ConfigError(f"pretrained_model_name_or_path: {source} is a {name or 'pipeline of unknown type'}; "
-                          f"this suite trains {', '.join(FAMILIES)} models (SD 1.x, 2.x, SDXL and SD 3.x).")
+                          f"this suite trains {', '.join(FAMILIES)} models (SD 1.x, 2.x, SDXL, SD 3.x and FLUX.1).")
     return FAMILIES[name]

@@ -36,6 +36,9 @@ class FullFineTuning:
     """What trains, in a memory plan's one-line summary (`{denoiser}`: the family's, "UNet" or "transformer")."""
     lighter: str | None = "lora"
     """The method to switch to when every memory saver is on and it still does not fit (the last saver)."""
+    frozen_base: bool = False
+    """Whether the denoiser's own weights stay frozen (adapters train on them): only then may they load in 4 bits
+    (`load_in_4bit`, QLoRA)."""
 
     def __init__(self, config):
         self.config = config
@@ -75,6 +78,9 @@ class FullFineTuning:
         """Refuse what this method cannot do with the model's family, before anything downloads."""
         if family.full_fine_tuning:
             raise ConfigError(family.full_fine_tuning)
+        if self.config.load_in_4bit and not self.frozen_base:
+            raise ConfigError("load_in_4bit: a 4-bit base cannot be trained itself, only adapters on it (QLoRA); "
+                              "use method='lora', or set load_in_4bit=False.")
 
     def load_dtype(self, part: str, *, frozen: torch.dtype) -> torch.dtype:
         """The dtype `part` (the denoiser or a text encoder) is loaded in: trained parts are fp32 masters, frozen
@@ -106,6 +112,7 @@ class LoRA(FullFineTuning):
     title = "LoRA"
     trains = "LoRA on the {denoiser}"
     lighter = None
+    frozen_base = True
 
     @property
     def label(self) -> str:

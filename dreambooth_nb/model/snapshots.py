@@ -84,7 +84,6 @@ def save_lora(path: Path, *, step: int, config, parts, adapters: dict[str, dict]
     alpha was, and a diffusers-format file without metadata loads with alpha = rank as well).
     """
     import diffusers
-    from diffusers.utils import convert_state_dict_to_kohya
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
@@ -106,9 +105,8 @@ def save_lora(path: Path, *, step: int, config, parts, adapters: dict[str, dict]
         getattr(diffusers, family.pipeline_class).save_lora_weights(
             tmp, weight_name=LORA_WEIGHTS, **{f"{name}_lora_layers": layer for name, layer in peft.items()})
         if family.kohya_base_version:
-            kohya = convert_state_dict_to_kohya({f"{name}.{k}": v for name, layer in peft.items()
-                                                 for k, v in layer.items()})
-            save_file({k: v.contiguous() for k, v in family.kohya_keys(kohya).items()}, tmp / KOHYA_WEIGHTS,
+            kohya = family.kohya(peft, denoiser_config=dict(parts.denoiser.config))
+            save_file({k: v.contiguous() for k, v in kohya.items()}, tmp / KOHYA_WEIGHTS,
                       metadata={"ss_network_dim": str(config.lora_rank), "ss_network_alpha": str(config.lora_rank),
                                 "ss_network_module": "networks.lora",
                                 "ss_base_model_version": family.kohya_base_version})

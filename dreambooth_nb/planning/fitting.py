@@ -15,7 +15,9 @@ the settings `config.RESUMABLE` marks as free to change between a run and its re
 - **32-bit AdamW** instead of bitsandbytes' 8-bit one, where its plan fits (and its larger training states
   still fit the disk as often);
 - **cached latents** stay on (they are faster *and* smaller; off only where `center_crop=False` forbids them);
-- **EMA offload** only where the EMA does not fit on the GPU.
+- **EMA offload** only where the EMA does not fit on the GPU;
+- **a 4-bit base** (QLoRA, `load_in_4bit`) only where a LoRA's 16-bit base does not fit: the base is then
+  an approximation of itself, so every combination with the exact base comes first, whatever its speed.
 
 Among the combinations whose plan fits (`plan(...).fits`: the planner's 10 % fragmentation margin and the
 CUDA context included), it takes the one with the shortest estimated step, by `step_seconds`, a model fitted
@@ -30,6 +32,8 @@ from dataclasses import dataclass, field
 
 from dreambooth_nb import storage
 from dreambooth_nb.config import TrainConfig, changed_settings
+from dreambooth_nb.model.families import family_named
+from dreambooth_nb.model.methods import method_for
 from dreambooth_nb.planning import memory, planner
 from dreambooth_nb.planning.trace import component_sizes, read_model_configs
 from dreambooth_nb.units import disk_size, gib
@@ -83,7 +87,7 @@ def step_seconds(config, *, trained_params: int = SD15_UNET_PARAMS) -> float:
 
 # --- The choice ------------------------------------------------------------------------------------------------
 SAVERS = ("gradient_checkpointing", "train_batch_size", "gradient_accumulation_steps", "use_8bit_adam",
-          "cache_latents", "offload_ema")
+          "cache_latents", "offload_ema", "load_in_4bit")
 """The settings `fit` may change; every one is resumable (`config.RESUMABLE`; batch and accumulation only
 together, with the same product)."""
 
@@ -219,6 +223,8 @@ class _Search:
         self.config, self.card, self.previous = config, card, previous
         self.plans: dict[tuple, planner.MemoryPlan] = {}
         self._trained = planner._plan(config, card).trained_params
+        configs = read_model_configs(config.pretrained_model_name_or_path, revision=config.revision)
+        self._base_bytes = 2 * component_sizes(configs)[family_named(configs.family).denoiser]
         self.disk_reason = self._disk_prefers_8bit()
         self.failed, self.ceiling = self._out_of_memory()
 
@@ -238,34 +244,39 @@ class _Search:
 
     def fits(self, candidate) -> bool:
         """The plan fits, and needs less than what already ran out of memory here."""
+        if self.card is not None and not candidate[-1] and self._base_bytes > self.card.total_bytes:
+            return False  # (the 16-bit base alone is larger than the card: no need to trace it, FLUX.1's 24 GB)
         return self.plan(candidate).fits and (self.ceiling is None or self.need(candidate) < self.ceiling)
 
-    # A candidate: (checkpointing, micro-batch, 8-bit Adam, EMA offloaded).
+    # A candidate: (checkpointing, micro-batch, 8-bit Adam, EMA offloaded, 4-bit base).
     def candidates(self) -> list[tuple]:
         c = self.config
         effective = c.train_batch_size * c.gradient_accumulation_steps
         batches = [b for b in range(effective, 0, -1) if effective % b == 0]
         offloads = (False, True) if c.use_ema else (c.offload_ema,)
-        found = [(ck, b, eight, off) for ck in (False, True) for b in batches for eight in (False, True)
-                 for off in offloads]
+        # (bitsandbytes' 4-bit base loads on a CUDA GPU only: `loading.check_4bit`)
+        bases = (False, True) if method_for(c).frozen_base and self.card is not None else (c.load_in_4bit,)
+        found = [(ck, b, eight, off, q) for ck in (False, True) for b in batches for eight in (False, True)
+                 for off in offloads for q in bases]
         return sorted(found, key=self._rank)
 
     def _rank(self, candidate) -> tuple:
-        _, b, eight, off = candidate
+        _, b, eight, off, quantized = candidate
         seconds = step_seconds(self.apply(candidate), trained_params=self._trained)
         keep_adam = self.previous is not None and eight != bool(self.previous.get("use_8bit_adam"))
         prefer_8bit = self.disk_reason is not None and not eight
-        # Keeping the resumed run's Adam, and the disk's say, come before speed; then speed; then the exact
-        # optimizer, no offload and the larger batch.
-        return (keep_adam, prefer_8bit, round(seconds, 6), eight, off, -b)
+        # Keeping the resumed run's Adam, and the disk's say, come before speed, and the exact base before
+        # both; then speed; then the exact optimizer, no offload and the larger batch.
+        return (quantized, keep_adam, prefer_8bit, round(seconds, 6), eight, off, -b)
 
     def apply(self, candidate) -> TrainConfig:
-        ck, b, eight, off = candidate
+        ck, b, eight, off, quantized = candidate
         c = self.config
         effective = c.train_batch_size * c.gradient_accumulation_steps
         return dataclasses.replace(c, gradient_checkpointing=ck, train_batch_size=b,
                                    gradient_accumulation_steps=effective // b, use_8bit_adam=eight,
-                                   offload_ema=off, cache_latents=c.cache_latents or c.center_crop)
+                                   offload_ema=off, cache_latents=c.cache_latents or c.center_crop,
+                                   load_in_4bit=quantized)
 
     def plan(self, candidate) -> planner.MemoryPlan:
         if candidate not in self.plans:
@@ -307,7 +318,7 @@ class _Search:
 
     # --- Why ------------------------------------------------------------------------------------------------------
     def explain(self, chosen: TrainConfig) -> list[Choice]:
-        c, (ck, b, eight, off) = self.config, self.chosen
+        c, (ck, b, eight, off, q) = self.config, self.chosen
         fits = self.fits(self.chosen)
         total = self.card.total_bytes if self.card is not None else 0
 
@@ -322,7 +333,7 @@ class _Search:
             why = ("the plan fits without it, and it costs ≈23 % of the speed (T4 table: 0.93 → 1.14 it/s "
                    "without it, for +1.25 GB)")
         elif fits:
-            why = f"needed: without it this batch {short((False, b, eight, off))}"
+            why = f"needed: without it this batch {short((False, b, eight, off, q))}"
         else:
             why = "on: nothing fits, and this is the least memory"
         choices.append(Choice("gradient checkpointing", _on(c.gradient_checkpointing), _on(ck), why))
@@ -338,7 +349,7 @@ class _Search:
                        "accumulated in 2.0 s)")
             elif fits:
                 why = (f"the largest batch that fits: batch {effective} × 1 "
-                       f"{short((ck, effective, eight, off))}")
+                       f"{short((ck, effective, eight, off, q))}")
             else:
                 why = "nothing fits, and this is the least memory"
             choices.append(Choice("batch", _batch(c), _batch(chosen), why))
@@ -347,12 +358,12 @@ class _Search:
             why = ("the plan fits it: AdamW exactly, where 8-bit Adam quantizes both moments (bitsandbytes), and no "
                    "bitsandbytes needed; chosen for exactness, not speed")
         elif self.previous is not None and self.previous.get("use_8bit_adam") and fits \
-                and self.fits((ck, b, False, off)):
+                and self.fits((ck, b, False, off, q)):
             why = "the run started with 8-bit Adam: switching now would restart Adam's moments"
-        elif self.disk_reason and fits and self.fits((ck, b, False, off)):
+        elif self.disk_reason and fits and self.fits((ck, b, False, off, q)):
             why = self.disk_reason
         elif fits:
-            why = f"needed: 32-bit AdamW {short((ck, b, False, off))}"
+            why = f"needed: 32-bit AdamW {short((ck, b, False, off, q))}"
         else:
             why = "nothing fits, and this is the least memory"
         choices.append(Choice("Adam", _adam(c.use_8bit_adam), _adam(eight), why))
@@ -367,11 +378,21 @@ class _Search:
             if not off:
                 why = "on the GPU: offloading copies it to the GPU and back after every step"
             elif fits:
-                why = f"needed: on the GPU it {short((ck, b, eight, False))}"
+                why = f"needed: on the GPU it {short((ck, b, eight, False, q))}"
             else:
                 why = "nothing fits, and this is the least memory"
             choices.append(Choice("EMA", "offloaded" if c.offload_ema else "on the GPU",
                                   "offloaded" if off else "on the GPU", why))
+
+        if method_for(c).frozen_base:
+            if not q:
+                why = "16-bit: the base exactly as published"
+            elif fits:
+                why = (f"needed: the 16-bit base {short((True, 1, True, off, False))} even with every other saver; "
+                       "4-bit weights (NF4) take about a quarter of that, and each step dequantizes them")
+            else:
+                why = "nothing fits, and this is the least memory"
+            choices.append(Choice("base weights", _base(c.load_in_4bit), _base(q), why))
         return choices
 
 
@@ -423,11 +444,15 @@ def _plan_line(result: planner.MemoryPlan) -> str:
 
 def _savers(config) -> str:
     return (f"gradient checkpointing {_on(config.gradient_checkpointing)}, batch {_batch(config)}, "
-            f"{_adam(config.use_8bit_adam)} Adam")
+            f"{_adam(config.use_8bit_adam)} Adam" + (", a 4-bit base" if config.load_in_4bit else ""))
 
 
 def _on(value) -> str:
     return "on" if value else "off"
+
+
+def _base(quantized) -> str:
+    return "4-bit (NF4)" if quantized else "16-bit"
 
 
 def _adam(eight_bit) -> str:

@@ -35,8 +35,8 @@ from dreambooth_nb.config import Concept
 from dreambooth_nb.errors import ConfigError
 from dreambooth_nb.model.families import family_named
 from dreambooth_nb.model.methods import METHODS, method_for
-from dreambooth_nb.planning.trace import (ALLOCATION_ROUNDING, ModelConfigs, StepTrace, TraceKey, component_sizes,
-                                         read_model_configs, trace_step, trace_vae_encode)
+from dreambooth_nb.planning.trace import (ALLOCATION_ROUNDING, ModelConfigs, StepTrace, TraceKey, component_facts,
+                                         component_sizes, read_model_configs, trace_step, trace_vae_encode)
 from dreambooth_nb.units import GIB, gib, memory_size
 
 
@@ -133,6 +133,7 @@ class Setup:
     offload_ema: bool
     variant: str | None
     processes: int = 1          # data-parallel processes, one per GPU: the plan is per GPU
+    load_in_4bit: bool = False  # the frozen denoiser in 4 bits (QLoRA)
 
     @property
     def half(self) -> bool:
@@ -159,7 +160,8 @@ def setup_for(config, gpu: Gpu | None) -> Setup:
         batch=config.train_batch_size * prior, accumulation=config.gradient_accumulation_steps,
         resolution=config.resolution, checkpointing=config.gradient_checkpointing,
         eight_bit_adam=config.use_8bit_adam, cache_latents=config.cache_latents, ema=config.use_ema,
-        offload_ema=config.offload_ema, variant=config.variant, processes=config.num_processes)
+        offload_ema=config.offload_ema, variant=config.variant, processes=config.num_processes,
+        load_in_4bit=config.load_in_4bit)
 
 
 # --- The trace's key: what a config asks of it -----------------------------------------------------------
@@ -171,7 +173,7 @@ def trace_key(configs: ModelConfigs, setup: Setup) -> TraceKey:
                     method_options=setup.method_options, train_text_encoder=setup.train_text_encoder,
                     batch=setup.batch, resolution=setup.resolution,
                     checkpointing=setup.checkpointing, grads_present=grads_present,
-                    autocast_cache=AUTOCAST_WEIGHT_CACHE)
+                    autocast_cache=AUTOCAST_WEIGHT_CACHE, quantized=setup.load_in_4bit)
 
 
 # --- Arithmetic -------------------------------------------------------------------------------------------
@@ -295,7 +297,7 @@ def _plan(config, card: Gpu | None) -> MemoryPlan:
     step = trace_step(trace_key(configs, setup))
     trained_params = sum(step.trained_numels)
     device = device_peak(setup, configs=configs, sizes=sizes, step=step)
-    host = _host_parts(config, setup, sizes=sizes, trained_params=trained_params, components=configs.components)
+    host = _host_parts(config, setup, sizes=sizes, trained_params=trained_params, configs=configs)
     notes = []
     if card is None:  # a CPU run: the device's memory is host RAM
         host_phase, host_parts = _host_peak(host, device=device)
@@ -375,7 +377,7 @@ def device_peak(setup: Setup, *, configs: ModelConfigs, sizes: dict, step: StepT
 
     phases = {
         "forward/backward": phase(peak, grads=peak["grads"], copies=peak["autocast copies"],
-                                  activations=peak["activations"]),
+                                  activations=peak["activations"] + step.dequantized),
         "optimizer step": phase(peak, grads=grads, activations=step_temp),
     }
     if not setup.cache_latents:
@@ -387,7 +389,10 @@ def device_peak(setup: Setup, *, configs: ModelConfigs, sizes: dict, step: StepT
         # Frozen text encoders encode every prompt once, before the denoiser loads, then leave the GPU: small
         # for SD's CLIP (0.25 GB), not for SD3's T5-XXL (9.5 GB in fp16). Beside them only the VAE, when the
         # latents are not cached (cached, it has left already).
-        on_gpu = sum(sizes[n] for n in encoders) * (2 if setup.half else 4)
+        facts = component_facts(configs)
+        on_gpu = sum(sizes[n] * (2 if setup.half else 4) for n in encoders)
+        if setup.precision == "fp16":  # (what transformers keeps in fp32 at fp16: T5's `wo`, +2 GB for T5-XXL)
+            on_gpu += sum(facts[n].fp32_in_fp16 * 2 for n in encoders)
         phases["encoding the prompts"] = {"frozen weights": frozen + on_gpu}
     name = max(phases, key=lambda n: sum(phases[n].values()))
     unreused = sum(phase(forward, grads=grads, copies=forward["autocast copies"],
@@ -406,16 +411,24 @@ class _HostParts:
     saving: int
 
 
-def _host_parts(config, setup: Setup, *, sizes: dict, trained_params: int, components: dict) -> _HostParts:
+def _host_parts(config, setup: Setup, *, sizes: dict, trained_params: int, configs: ModelConfigs) -> _HostParts:
     """Host RAM of a GPU run by phase: libraries, loading, parts kept in RAM, photos and latents, saving."""
     cuda = setup.device == "cuda"
+
+    components = configs.components
 
     def stored(name: str) -> int:  # bytes per weight in its files: the fp16 variant, or what its config says
         half_files = setup.variant == "fp16" or components[name].get("torch_dtype") in ("float16", "bfloat16")
         return 2 if half_files else 4
 
-    # from_pretrained reads one component at a time into RAM before moving it to the GPU.
-    loading = max(size * stored(name) for name, size in sizes.items()) if cuda else 0
+    # from_pretrained reads one component at a time into RAM before moving it to the GPU; the text encoders
+    # and a 4-bit denoiser stream onto it tensor by tensor instead (`loading.load_components`).
+    streamed = {n for n in sizes if n.startswith("text_encoder")}
+    if setup.load_in_4bit:
+        streamed.add(family_named(configs.family).denoiser)
+    facts = component_facts(configs)
+    loading = max((facts[n].largest if n in streamed else size) * stored(n) for n, size in sizes.items()) \
+        if cuda else 0
     half = 2 if setup.half else 4
     kept = {}
     if cuda and setup.cache_latents:

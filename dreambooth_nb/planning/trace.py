@@ -32,6 +32,13 @@ from dreambooth_nb.model.methods import METHODS, freeze_as
 ALLOCATION_ROUNDING = 512
 
 
+def nf4_bytes(numel: int) -> int:
+    """Bytes of a weight quantized by bitsandbytes to NF4 with double quantization (`load_in_4bit`): two 4-bit
+    codes a byte, an 8-bit absmax per 64-element block, and an fp32 absmax (and offset) per 256 of those."""
+    blocks = -(-numel // 64)
+    return -(-numel // 2) + blocks + 8 * -(-blocks // 256)
+
+
 # --- Model configs ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ModelConfigs:
@@ -75,6 +82,9 @@ class StepTrace:
     forward: dict
     peak: dict
     trained_numels: tuple[int, ...]
+    dequantized: int = 0
+    """With a 4-bit base: bytes of its largest weight dequantized to 16 bits, which each matmul makes and frees
+    (the trace runs the 16-bit weights themselves, so it does not see that temporary)."""
 
 
 class _LiveBytes(TorchDispatchMode):
@@ -84,24 +94,25 @@ class _LiveBytes(TorchDispatchMode):
     bytes off again when the storage dies, which in eager PyTorch is exactly when the memory is freed.
     """
 
-    def __init__(self, *, trained, frozen):
+    def __init__(self, *, trained, frozen, quantized=()):
         super().__init__()
         self.live = dict.fromkeys(("trained", "frozen", "grads", "autocast copies", "activations"), 0)
         self.peak = 0
         self.at_peak = dict(self.live)
         self._kinds: dict[int, list] = {}
         self._weights = set()
+        quantized = {id(t) for t in quantized}  # (frozen weights counted at their 4-bit size)
         for kind, tensors in (("trained", trained), ("frozen", frozen)):
             for tensor in tensors:
-                self._add(tensor, kind)
+                self._add(tensor, kind, nbytes=nf4_bytes(tensor.numel()) if id(tensor) in quantized else None)
                 self._weights.add(tensor.untyped_storage()._cdata)
 
-    def _add(self, tensor: torch.Tensor, kind: str) -> None:
+    def _add(self, tensor: torch.Tensor, kind: str, *, nbytes: int | None = None) -> None:
         storage = tensor.untyped_storage()
         key = storage._cdata
         if key in self._kinds:
             return
-        size = -(-storage.nbytes() // ALLOCATION_ROUNDING) * ALLOCATION_ROUNDING
+        size = -(-(nbytes or storage.nbytes()) // ALLOCATION_ROUNDING) * ALLOCATION_ROUNDING
         self._kinds[key] = [kind, size]
         self.live[kind] += size
         weakref.finalize(storage, self._free, key)
@@ -183,6 +194,8 @@ class TraceKey:
     checkpointing: bool
     grads_present: bool
     autocast_cache: bool
+    quantized: bool = False
+    """The frozen denoiser's linear layers in 4 bits (`load_in_4bit`)."""
 
 
 @functools.lru_cache(maxsize=64)
@@ -198,11 +211,14 @@ def trace_step(key: TraceKey) -> StepTrace:
         modules = _build_trained_modules(components, family=family, key=key, frozen_dtype=frozen_dtype)
         trained = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
         frozen = [p for m in modules.values() for p in m.parameters() if not p.requires_grad]
+        # bitsandbytes quantizes every linear layer's weight of the base (biases and norms stay 16-bit).
+        quantized = [m.weight for m in modules[family.denoiser].modules()
+                     if type(m) is torch.nn.Linear and not m.weight.requires_grad] if key.quantized else []
         if key.grads_present:
             for p in trained:
                 p.grad = torch.zeros_like(p)
         inputs = _step_inputs(components, family=family, key=key)
-        tracker = _LiveBytes(trained=trained, frozen=frozen)
+        tracker = _LiveBytes(trained=trained, frozen=frozen, quantized=quantized)
         for p in trained:
             p.register_post_accumulate_grad_hook(lambda p: tracker.mark_grad(p.grad))
             if p.grad is not None:
@@ -212,7 +228,8 @@ def trace_step(key: TraceKey) -> StepTrace:
                                autocast_dtype=low if key.half else None, cache=key.autocast_cache)
             forward = dict(tracker.at_peak)
             loss.backward()
-        return StepTrace(forward=forward, peak=tracker.at_peak, trained_numels=tuple(p.numel() for p in trained))
+        return StepTrace(forward=forward, peak=tracker.at_peak, trained_numels=tuple(p.numel() for p in trained),
+                         dequantized=max((2 * w.numel() for w in quantized), default=0))
 
 
 def _policy(key: TraceKey):
@@ -285,6 +302,29 @@ def trace_vae_encode(configs: ModelConfigs, *, resolution: int, dtype_bytes: int
         with tracker:
             vae.encode(pixels).latent_dist.mean.float()
         return tracker.peak - tracker.live["frozen"]
+
+
+@dataclass(frozen=True)
+class ComponentFacts:
+    """A component's weights beyond their count: what loading it in fp16 keeps in fp32, and its largest tensor."""
+
+    fp32_in_fp16: int
+    """Parameters transformers keeps in fp32 when the component loads in fp16 (`_keep_in_fp32_modules`: T5's
+    `wo` projections, which overflow in fp16)."""
+    largest: int
+    """Elements of its largest tensor: what host memory holds at once while it streams onto the GPU."""
+
+
+@functools.lru_cache(maxsize=16)
+def component_facts(configs: ModelConfigs) -> dict[str, ComponentFacts]:
+    facts = {}
+    for name, module in empty_modules(configs.components).items():
+        keep = set(getattr(module, "_keep_in_fp32_modules", None) or ())
+        params = list(module.named_parameters())
+        facts[name] = ComponentFacts(
+            fp32_in_fp16=sum(p.numel() for n, p in params if keep & set(n.split("."))),
+            largest=max(p.numel() for _, p in params))
+    return facts
 
 
 @functools.lru_cache(maxsize=16)

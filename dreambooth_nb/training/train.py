@@ -156,6 +156,7 @@ def _train(config: TrainConfig, *, on_step, on_validation, progress_bar: bool, p
     method = method_for(config)
     method.check(base.family)  # e.g. full fine-tuning of SDXL: refused before any download
     base.family.check(config)  # what the family cannot train (e.g. min-SNR weighting of a flow)
+    loading.check_4bit(config, device=accelerator.device)
 
     # --- Before anything is downloaded or encoded: will what this run writes fit the disk?
     start_step = json.loads((resume_from / storage.STATE_MARKER).read_text())["step"] if resume_from else 0

@@ -1,0 +1,206 @@
+"""FLUX.1 Dreambooth LoRA at tiny size: the same `train(config)` with Flux's packed latents, position ids and
+guidance embedding; snapshots that diffusers' Flux pipeline loads; the 4-bit base (QLoRA) planned and fitted
+for a T4 from FLUX.1-dev's shipped configs."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from dreambooth_nb import ConfigError, fit_report, preset, train
+from dreambooth_nb.model import snapshots
+from dreambooth_nb.model.base import BaseModel
+from dreambooth_nb.model.families import FLUX
+from dreambooth_nb.model.loading import load_components
+from dreambooth_nb.planning.planner import plan
+from dreambooth_nb.training.data import TrainingData
+from dreambooth_nb.training.prompts import Prompts
+
+train_module = importlib.import_module("dreambooth_nb.training.train")
+PROMPT = "a photo of sks dog"
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def flux_config(tiny_flux_model, photos, tmp_path):
+    """The "flux" preset on the tiny model: a rank-4 LoRA on the attention's q, k, v and output projections."""
+    def make(**overrides):
+        values = dict(pretrained_model_name_or_path=str(tiny_flux_model), instance_data_dir=str(photos),
+                      instance_prompt=PROMPT, resolution=32, max_train_steps=3, checkpointing_steps=1000,
+                      learning_rate=1e-3, output_dir=str(tmp_path / "out"))
+        return preset("object", "flux", **{**values, **overrides})
+    return make
+
+
+def _image(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(PROMPT, num_inference_steps=2, height=32, width=32, max_sequence_length=16, output_type="np",
+                generator=torch.Generator().manual_seed(0)).images[0]
+
+
+# --- Encoding and conditioning -------------------------------------------------------------------------------
+def test_prompts_reach_the_transformer_as_fluxs_pipeline_encodes_them(flux_config, tiny_flux_model):
+    """T5's hidden states are the text tokens (512 of them, as FluxPipeline reads a prompt), CLIP's pooled
+    output the pooled projection: what FluxPipeline.encode_prompt makes."""
+    from diffusers import FluxPipeline
+
+    parts = load_components(flux_config(), device=CPU, precision="no")
+    prompts = Prompts([PROMPT], family=parts.family, tokenizers=parts.tokenizers)
+    assert [ids.shape[-1] for ids in prompts.token_ids] == [16, 512]  # (the tiny CLIP reads 16)
+    prompts.encode_once(parts.text_encoders, device=CPU)
+    batch = {"prompt": torch.tensor([0]), "original_size": torch.tensor([[32, 32]]), "crop": torch.zeros(1, 2)}
+    hidden, added = prompts.conditioning(batch, encoders=None, device=CPU, resolution=32)
+    pipe = FluxPipeline.from_pretrained(tiny_flux_model, local_files_only=True)
+    expected, pooled, _ = pipe.encode_prompt(PROMPT, PROMPT, max_sequence_length=512)
+    torch.testing.assert_close(hidden, expected)
+    torch.testing.assert_close(added["pooled_projections"], pooled)
+
+
+def test_the_prediction_is_the_transformers_on_packed_latents_returned_on_the_latent_grid(flux_config):
+    """`FluxFamily.predict` packs 2×2 patches into tokens with their (0, row, column) ids, passes σ = t / 1000
+    and the training guidance, and unpacks: the same numbers as calling the transformer on packed tokens."""
+    from diffusers import FluxPipeline
+
+    parts = load_components(flux_config(), device=CPU, precision="no")
+    torch.manual_seed(0)
+    noisy, hidden, pooled = torch.randn(2, 16, 4, 6), torch.randn(2, 7, 64), torch.randn(2, 32)
+    timesteps = torch.tensor([250.0, 900.0])
+    out = FLUX.predict(parts.denoiser, noisy, timesteps, hidden, {"pooled_projections": pooled})
+    assert out.shape == noisy.shape
+    packed = noisy.view(2, 16, 2, 2, 3, 2).permute(0, 2, 4, 1, 3, 5).reshape(2, 6, 64)  # 2×2 patches, row-major
+    ids = torch.tensor([[0, r, c] for r in range(2) for c in range(3)], dtype=torch.float32)
+    direct = parts.denoiser(hidden_states=packed, timestep=timesteps / 1000, guidance=torch.ones(2),
+                            pooled_projections=pooled, encoder_hidden_states=hidden, txt_ids=torch.zeros(7, 3),
+                            img_ids=ids).sample
+    torch.testing.assert_close(out, FluxPipeline._unpack_latents(direct, 4, 6, 1))
+    torch.testing.assert_close(out.view(2, 16, 2, 2, 3, 2).permute(0, 2, 4, 1, 3, 5).reshape(2, 6, 64), direct)
+
+
+# --- Training --------------------------------------------------------------------------------------------------
+def test_the_flow_loss_falls_on_the_photos(flux_config):
+    """Forty steps on one batch (the transformer's own weights, a high rate): the flow-matching loss halves."""
+    config = flux_config(cache_latents=True)
+    parts = load_components(config, device=CPU, precision="no")
+    data = TrainingData.load(config)
+    data.encode(vae=parts.vae, config=config, device=CPU, dtype=torch.float32)
+    batch = data.batch(0, config=config, draw=lambda gen: parts.family.objective.draw(gen, parts.noise_scheduler))
+    prompts = Prompts([PROMPT], family=parts.family, tokenizers=parts.tokenizers)
+    prompts.encode_once(parts.text_encoders, device=CPU)
+    parts.denoiser.requires_grad_(True)
+    optimizer = torch.optim.AdamW(parts.denoiser.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(40):
+        loss = train_module.compute_loss(batch, denoiser=parts.denoiser, family=parts.family, prompts=prompts,
+                                         encoders=None, scheduler=parts.noise_scheduler, config=config, device=CPU)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+
+
+def test_a_flux_lora_trains_snapshots_and_loads_in_diffusers(flux_config, tiny_flux_model):
+    from diffusers import FluxPipeline
+    from safetensors import safe_open
+
+    losses = []
+    final = train(flux_config(snapshot_steps=[1]), on_step=lambda step, loss, lr: losses.append(loss))
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    meta = snapshots.info(final)
+    assert (meta["method"], meta["trained"], meta["native_resolution"]) == ("lora", ["transformer"], 32)
+
+    base = FluxPipeline.from_pretrained(tiny_flux_model, local_files_only=True)
+    before = _image(base)
+    base.load_lora_weights(final, weight_name=snapshots.LORA_WEIGHTS)  # what a user of diffusers does
+    theirs = _image(base)
+    ours = _image(snapshots.load_pipeline(final, device=CPU))  # how comparison renders it
+    assert abs(theirs - before).max() > 1e-4  # the adapters change the drawing
+    assert abs(ours - theirs).max() < 1e-4  # fused or not, the same adapters (float rounding apart)
+    # The kohya-layout file ComfyUI and Forge read: BFL's names, q/k/v fused (proved in test_kohya_flux.py).
+    with safe_open(final / snapshots.KOHYA_WEIGHTS, "pt") as kohya:
+        keys, metadata = set(kohya.keys()), kohya.metadata()
+    assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in keys
+    assert "lora_unet_single_blocks_1_linear1.lora_up.weight" in keys
+    assert metadata["ss_base_model_version"] == "flux1"
+
+
+def test_what_flux_cannot_train_is_refused_before_anything_loads(flux_config, monkeypatch):
+    monkeypatch.setattr(train_module.loading, "load_components", lambda *a, **k: pytest.fail("loaded the model"))
+    for changes, message in [(dict(method="full", learning_rate=1e-5), "method: full fine-tuning of FLUX.1"),
+                             (dict(train_text_encoder=True), "train_text_encoder: FLUX.1's text encoders"),
+                             (dict(snr_gamma=5.0), "snr_gamma: min-SNR weighting is for"),
+                             (dict(load_in_4bit=True), "load_in_4bit: diffusers loads a 4-bit .* only onto a CUDA")]:
+        with pytest.raises(ConfigError, match=message):
+            train(flux_config(**changes))
+
+
+def test_flux_snapshots_render_with_the_flows_own_sampler(flux_config):
+    import numpy as np
+    from PIL import Image
+
+    from dreambooth_nb.results.evaluate import EvalSpec, render
+
+    final = train(flux_config(max_train_steps=1))
+    spec = EvalSpec(prompts=[PROMPT], seeds=[0], scheduler="ddim", num_inference_steps=2, resolution=32)
+    (item,) = render(final, spec, device="cpu")
+    with Image.open(item.image) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    assert pixels.shape == (32, 32, 3) and pixels.std() > 0
+
+
+# --- The preset, the plan and the fit ----------------------------------------------------------------------------
+def test_the_family_and_its_preset(flux_config):
+    config = flux_config()
+    assert BaseModel.of(config).family is FLUX
+    assert (config.method, config.lora_rank, config.snr_gamma, config.load_in_4bit) == ("lora", 4, None, False)
+    assert config.lora_target_modules == ["to_q", "to_k", "to_v", "to_out.0"]  # the QLoRA blog's
+
+
+def test_flux1_dev_qlora_plans_under_14_gib_on_a_t4_and_11_gib_of_host_ram():
+    """FLUX.1-dev from its shipped configs (offline), 512 px, batch 1, the 16 GB savers and a 4-bit base: the
+    transformer's 11.9 B parameters take ≈0.52 bytes each (NF4 + double-quantized absmax); the peak is the
+    prompts' encoding (T5-XXL in fp16, its `wo` kept in fp32 by transformers, before the transformer loads);
+    no component passes whole through host RAM (each streams onto the GPU)."""
+    from dreambooth_nb.planning.planner import GPUS, setup_for, trace_key
+    from dreambooth_nb.planning.trace import (component_facts, component_sizes, nf4_bytes, read_model_configs,
+                                              trace_step)
+
+    config = preset("object", "flux", "16gb", instance_data_dir="", instance_prompt=PROMPT, load_in_4bit=True)
+    configs = read_model_configs(config.pretrained_model_name_or_path)
+    sizes, facts = component_sizes(configs), component_facts(configs)
+    assert round(sizes["transformer"] / 1e9, 1) == 11.9 and round(sizes["text_encoder_2"] / 1e9, 2) == 4.76
+    assert facts["text_encoder_2"].fp32_in_fp16 == 24 * 2 * 4096 * 10240 // 2  # each layer's wo: d_ff × d_model
+    planned = plan(config, gpu="T4")
+    assert planned.fits and planned.gpu_required_bytes <= 14 * 2**30
+    assert planned.gpu_phase == "encoding the prompts"
+    assert planned.host_peak_bytes <= 11 * 2**30
+    assert nf4_bytes(sizes["transformer"]) < 0.53 * sizes["transformer"]
+    # The training step itself: the transformer's weights at their 4-bit size (norms, biases, embeddings in
+    # 16 bits are the rest), and the fp32 adapters, far below the encoding's peak.
+    step = trace_step(trace_key(configs, setup_for(config, GPUS["T4"])))
+    assert nf4_bytes(sizes["transformer"]) < step.peak["frozen"] < nf4_bytes(sizes["transformer"]) + 0.1e9
+    assert sum(step.peak.values()) + step.dequantized < 0.7 * planned.gpu_allocated_bytes
+
+
+def test_fit_loads_flux_in_4_bits_on_a_t4_and_says_why_and_not_on_a_large_gpu():
+    config = preset("object", "flux", "16gb", instance_data_dir="", instance_prompt=PROMPT)
+    report = fit_report(config, gpu="T4")
+    assert report.config.load_in_4bit and report.after.fits and not report.before.fits
+    (base,) = [c for c in report.choices if c.saver == "base weights"]
+    assert (base.before, base.after) == ("16-bit", "4-bit (NF4)") and "16-bit base needs" in base.why
+    assert not fit_report(config, gpu="A100-80GB").config.load_in_4bit  # the exact base where it fits
+
+
+def test_4bit_is_the_ladders_rung_before_giving_up_for_a_lora():
+    from dreambooth_nb.planning.memory import next_memory_saver
+
+    config = preset("object", "flux", "16gb", instance_data_dir="", instance_prompt=PROMPT)
+    assert next_memory_saver(config).changes == {"load_in_4bit": True}
+    assert next_memory_saver(config.replace(load_in_4bit=True)) is None
+    with pytest.raises(ConfigError, match="load_in_4bit: a 4-bit base cannot be trained itself"):
+        from dreambooth_nb.model.methods import method_for
+
+        full = preset("object", instance_data_dir="", instance_prompt=PROMPT, load_in_4bit=True)
+        method_for(full).check(BaseModel.of(full).family)
