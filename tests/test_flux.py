@@ -164,8 +164,8 @@ def test_flux1_dev_qlora_plans_under_14_gib_on_a_t4_and_11_gib_of_host_ram():
     prompts' encoding (T5-XXL in fp16, its `wo` kept in fp32 by transformers, before the transformer loads);
     no component passes whole through host RAM (each streams onto the GPU)."""
     from dreambooth_nb.planning.planner import GPUS, setup_for, trace_key
-    from dreambooth_nb.planning.trace import (component_facts, component_sizes, nf4_bytes, read_model_configs,
-                                              trace_step)
+    from dreambooth_nb.model.quantization import nf4_bytes
+    from dreambooth_nb.planning.trace import component_facts, component_sizes, read_model_configs, trace_step
 
     config = preset("object", "flux", "16gb", instance_data_dir="", instance_prompt=PROMPT, load_in_4bit=True)
     configs = read_model_configs(config.pretrained_model_name_or_path)
@@ -204,3 +204,20 @@ def test_4bit_is_the_ladders_rung_before_giving_up_for_a_lora():
 
         full = preset("object", instance_data_dir="", instance_prompt=PROMPT, load_in_4bit=True)
         method_for(full).check(BaseModel.of(full).family)
+
+
+def test_renders_on_a_t4_load_the_largest_parts_in_4_bits_only_where_16_bits_do_not_fit():
+    """FLUX.1-dev in 16 bits is 33 GB (transformer 24, T5-XXL 9.5): on a T4 both load in 4 bits; SD 3.5 Medium
+    only its T5; SD 1.5 and SDXL nothing; an A100-80GB nothing. (The 4-bit load itself needs CUDA: the GPU
+    check runs it.)"""
+    from dreambooth_nb.config import FLUX_DEV, SD15, SD35_MEDIUM, SDXL
+    from dreambooth_nb.model.quantization import quantized_to_fit
+    from dreambooth_nb.planning.planner import GPUS
+    from dreambooth_nb.planning.trace import component_sizes, read_model_configs
+
+    def chosen(model, gpu):
+        return quantized_to_fit(component_sizes(read_model_configs(model)), gpu_bytes=GPUS[gpu].total_bytes)
+
+    assert chosen(FLUX_DEV, "T4") == ["transformer", "text_encoder_2"]
+    assert chosen(SD35_MEDIUM, "T4") == ["text_encoder_3"]
+    assert chosen(SD15, "T4") == chosen(SDXL, "T4") == chosen(FLUX_DEV, "A100-80GB") == []

@@ -18,6 +18,7 @@ from dreambooth_nb.model.base import BaseModel, empty_modules
 from dreambooth_nb.model.dtypes import diffusers_dtype, transformers_dtype
 from dreambooth_nb.model.families import Family
 from dreambooth_nb.model.methods import method_for
+from dreambooth_nb.model.quantization import NF4
 
 
 @dataclass
@@ -194,9 +195,7 @@ def load_denoiser(parts: Components, config, *, device: torch.device, precision:
         # whole (FLUX.1-dev's transformer is 24 GB in bf16, a Colab VM has 12.7 GB).
         parts.denoiser = denoiser_class.from_pretrained(
             base.path, subfolder=family.denoiser, variant=config.variant, **diffusers_dtype(dtype),
-            quantization_config=diffusers.BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=dtype),
+            quantization_config=diffusers.BitsAndBytesConfig(**NF4, bnb_4bit_compute_dtype=dtype),
             device_map={"": device}, **base.load_kwargs())
     else:
         parts.denoiser = denoiser_class.from_pretrained(base.path, subfolder=family.denoiser, variant=config.variant,

@@ -27,8 +27,9 @@ import torch
 from dreambooth_nb import storage
 from dreambooth_nb.config import model_location
 from dreambooth_nb.errors import ConfigError, DataError
-from dreambooth_nb.model.base import BaseModel
+from dreambooth_nb.model.base import BaseModel, empty_modules
 from dreambooth_nb.model.dtypes import diffusers_dtype, transformers_dtype
+from dreambooth_nb.model.quantization import NF4, quantized_to_fit
 
 _DIFFUSERS_WEIGHTS, _TRANSFORMERS_WEIGHTS = "diffusion_pytorch_model.safetensors", "model.safetensors"
 
@@ -208,6 +209,13 @@ def load_pipeline(path, *, device: torch.device, dtype: torch.dtype | None = Non
             other_vae = family.half_precision_vae
         if other_vae:
             overrides["vae"] = AutoencoderKL.from_pretrained(other_vae, **diffusers_dtype(dtype))
+        quantized = _quantized(model, device=device, loaded=overrides)
+        if quantized:  # each quantized straight onto the GPU as it loads
+            from diffusers.quantizers import PipelineQuantizationConfig
+
+            overrides["quantization_config"] = PipelineQuantizationConfig(
+                quant_backend="bitsandbytes_4bit", quant_kwargs={**NF4, "bnb_4bit_compute_dtype": dtype},
+                components_to_quantize=quantized)
         pipe = getattr(diffusers, family.pipeline_class).from_pretrained(
             source, **diffusers_dtype(dtype), variant=meta.get("variant"), **model.load_kwargs(),
             **family.pipeline_kwargs(), **overrides)
@@ -217,8 +225,9 @@ def load_pipeline(path, *, device: torch.device, dtype: torch.dtype | None = Non
         raise DataError(f"{path}: this snapshot holds only the trained weights and needs its base model "
                         f"{source!r}, which could not be loaded ({str(err).splitlines()[0][:200]}). Connect to the "
                         "internet (Hub id) or restore that folder.") from None
-    if lora:
-        _load_adapters(pipe, Path(path), trained=meta["trained"], denoiser=family.denoiser)
+    if lora:  # (fused into 16-bit weights; a 4-bit denoiser keeps them beside its weights, exact)
+        _load_adapters(pipe, Path(path), trained=meta["trained"], denoiser=family.denoiser,
+                       fuse=family.denoiser not in quantized)
     pipe.set_progress_bar_config(disable=True)
     if device.type == "cuda":
         # The VAE decodes one image at a time, and in tiles above its native size: a batch of SDXL images at
@@ -228,11 +237,23 @@ def load_pipeline(path, *, device: torch.device, dtype: torch.dtype | None = Non
     return pipe.to(device)
 
 
-def _load_adapters(pipe, path: Path, *, trained: list[str], denoiser: str) -> None:
+def _quantized(model: BaseModel, *, device: torch.device, loaded: dict) -> list[str]:
+    """The components to load in 4 bits on this GPU (`loading.quantized_to_fit`; none on CPU, where
+    bitsandbytes' loader does not run, and none of those given already loaded)."""
+    if device.type != "cuda":
+        return []
+    sizes = {name: sum(p.numel() for p in module.parameters())
+             for name, module in empty_modules(model.component_configs).items()}
+    return [name for name in quantized_to_fit(sizes, gpu_bytes=torch.cuda.get_device_properties(device).total_memory)
+            if name not in loaded]
+
+
+def _load_adapters(pipe, path: Path, *, trained: list[str], denoiser: str, fuse: bool) -> None:
     """A LoRA snapshot's adapters into `pipe` (fused: inference runs at the base model's speed)."""
     if any(name.startswith("text_encoder") for name in trained):
         pipe.load_lora_weights(path, weight_name=LORA_WEIGHTS)
     else:  # the denoiser only: loading through the pipeline would warn that the text encoder has no adapter
         # (`load_lora_adapter`: diffusers ≥ 0.32, the floor in pyproject.toml)
         getattr(pipe, denoiser).load_lora_adapter(str(path), weight_name=LORA_WEIGHTS, prefix=denoiser)
-    pipe.fuse_lora()
+    if fuse:
+        pipe.fuse_lora()

@@ -26,17 +26,12 @@ from torch.utils._pytree import tree_leaves
 
 from dreambooth_nb.model.base import BaseModel, empty_modules, module_from_config
 from dreambooth_nb.model.families import family_named
+from dreambooth_nb.model.quantization import nf4_bytes
 from dreambooth_nb.model.methods import METHODS, freeze_as
 
 # The CUDA caching allocator hands out multiples of 512 bytes (c10/cuda/CUDACachingAllocator.cpp).
 ALLOCATION_ROUNDING = 512
 
-
-def nf4_bytes(numel: int) -> int:
-    """Bytes of a weight quantized by bitsandbytes to NF4 with double quantization (`load_in_4bit`): two 4-bit
-    codes a byte, an 8-bit absmax per 64-element block, and an fp32 absmax (and offset) per 256 of those."""
-    blocks = -(-numel // 64)
-    return -(-numel // 2) + blocks + 8 * -(-blocks // 256)
 
 
 # --- Model configs ----------------------------------------------------------------------------------------
