@@ -141,7 +141,7 @@ def test_a_caption_longer_than_the_text_encoder_reads_is_named(make_config, phot
     config = make_config()
     data = TrainingData.load(config)
     parts = load_components(config, device=torch.device("cpu"), precision="no")
-    [warning] = data.long_prompts(parts.tokenizers[0])
+    [warning] = data.long_prompts(parts.tokenizers, limits=[16])
     assert str(photos / "photo-1.txt") in warning and "tokens, the text encoder reads 16" in warning
     assert "is cut off" in warning
 

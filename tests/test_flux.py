@@ -78,6 +78,19 @@ def test_the_prediction_is_the_transformers_on_packed_latents_returned_on_the_la
     torch.testing.assert_close(out.view(2, 16, 2, 2, 3, 2).permute(0, 2, 4, 1, 3, 5).reshape(2, 6, 64), direct)
 
 
+def test_a_caption_only_clip_cuts_is_named_with_the_encoder_that_loses_it(flux_config, photos):
+    """FLUX.1's CLIP reads 77 tokens (the tiny one 16) and its T5 512: a caption between the two loses its end
+    for CLIP's pooled vector only, and the warning says so."""
+    (photos / "photo-1.txt").write_text("[trigger] " + "in the snow " * 6)
+    config = flux_config()
+    parts = load_components(config, device=CPU, precision="no")
+    limits = [FLUX.token_limit(number, tokenizer) for number, tokenizer in enumerate(parts.tokenizers)]
+    assert limits == [16, 512]
+    [warning] = TrainingData.load(config).long_prompts(parts.tokenizers, limits=limits)
+    assert str(photos / "photo-1.txt") in warning and "text encoder 1 reads 16 of them" in warning
+    assert "the others read it all" in warning
+
+
 # --- Training --------------------------------------------------------------------------------------------------
 def test_the_flow_loss_falls_on_the_photos(flux_config):
     """Forty steps on one batch (the transformer's own weights, a high rate): the flow-matching loss halves."""

@@ -109,8 +109,10 @@ def test_the_card_describes_the_run(project, recorded, monkeypatch):
 
 
 def test_license_and_base_come_from_the_hub_base(project):
-    assert hub.base_license("stable-diffusion-v1-5/stable-diffusion-v1-5") == "creativeml-openrail-m"  # offline
-    assert hub.base_license("stabilityai/stable-diffusion-2-1") == "openrail++"
+    assert hub.base_license("stable-diffusion-v1-5/stable-diffusion-v1-5").id == "creativeml-openrail-m"  # offline
+    assert hub.base_license("stabilityai/stable-diffusion-2-1").id == "openrail++"
+    flux = hub.base_license("black-forest-labs/FLUX.1-dev")  # gated: its card cannot be read without a token
+    assert (flux.id, flux.name) == ("other", "flux-1-dev-non-commercial-license") and flux.link.endswith("LICENSE.md")
     assert hub.base_license(str(project["base"])) is None
     meta = {"base": "stable-diffusion-v1-5/stable-diffusion-v1-5", "step": 1}
     card = hub.model_card(storage.snapshot_path(project["run"], 1), meta, repo_id="a/b", images=[])
@@ -118,6 +120,12 @@ def test_license_and_base_come_from_the_hub_base(project):
     assert front["license"] == "creativeml-openrail-m"
     assert front["base_model"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert "`creativeml-openrail-m`, applies" in card and "## Images" not in card
+    # FLUX.1-dev's own license: "other" for the Hub, with its name and terms
+    card = hub.model_card(storage.snapshot_path(project["run"], 1), {**meta, "base": "black-forest-labs/FLUX.1-dev"},
+                          repo_id="a/b", images=[])
+    front = yaml.safe_load(card.split("---")[1])
+    assert (front["license"], front["license_name"]) == ("other", "flux-1-dev-non-commercial-license")
+    assert "`flux-1-dev-non-commercial-license` ([terms](https://huggingface.co/black-forest-labs" in card
 
 
 def test_no_token_no_push(project, recorded, monkeypatch):

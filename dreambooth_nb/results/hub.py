@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,12 +38,36 @@ from dreambooth_nb.quiet import silenced
 LIBRARY = "dreambooth-nb"
 LIBRARY_URL = "https://github.com/dreambooth-nb/dreambooth-nb"
 GALLERY_SAMPLES = 8
-# Licenses of the usual bases, for when their cards cannot be read (offline): the `license` of each model card.
-KNOWN_LICENSES = {"stable-diffusion-v1-5/stable-diffusion-v1-5": "creativeml-openrail-m",
-                  "runwayml/stable-diffusion-v1-5": "creativeml-openrail-m",
-                  "CompVis/stable-diffusion-v1-4": "creativeml-openrail-m",
-                  "stabilityai/stable-diffusion-2-1": "openrail++",
-                  "stabilityai/stable-diffusion-2-1-base": "openrail++"}
+@dataclass(frozen=True)
+class License:
+    """A model's license as its Hub card states it: `license` (an id the Hub knows, or "other"), and for "other"
+    its `license_name` and `license_link`."""
+
+    id: str
+    name: str | None = None
+    link: str | None = None
+
+    @property
+    def title(self) -> str:
+        return self.name or self.id
+
+
+# Licenses of the usual bases, for when their cards cannot be read (offline, or gated: FLUX.1-dev's card needs
+# the accepted license): what each model card says.
+KNOWN_LICENSES = {"stable-diffusion-v1-5/stable-diffusion-v1-5": License("creativeml-openrail-m"),
+                  "runwayml/stable-diffusion-v1-5": License("creativeml-openrail-m"),
+                  "CompVis/stable-diffusion-v1-4": License("creativeml-openrail-m"),
+                  "stabilityai/stable-diffusion-2-1": License("openrail++"),
+                  "stabilityai/stable-diffusion-2-1-base": License("openrail++"),
+                  "stabilityai/stable-diffusion-xl-base-1.0": License("openrail++"),
+                  "stabilityai/stable-diffusion-3.5-medium": License(
+                      "other", "stabilityai-ai-community",
+                      "https://huggingface.co/stabilityai/stable-diffusion-3.5-medium/blob/main/LICENSE.md"),
+                  # Non-commercial, gated: what is made with it may be shared only under its terms.
+                  "black-forest-labs/FLUX.1-dev": License(
+                      "other", "flux-1-dev-non-commercial-license",
+                      "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md"),
+                  "black-forest-labs/FLUX.1-schnell": License("apache-2.0")}
 
 
 def push_to_hub(run_or_snapshot, repo_id: str, *, private: bool = True, token: str | None = None,
@@ -129,22 +154,26 @@ def gallery(snapshot: Path) -> list[tuple[Path, str]]:
     return found
 
 
-def base_license(base: str | None) -> str | None:
-    """The base model's license: its Hub card's `license`, else the table of usual bases, else a single
-    file's `modelspec.license`; None when unknown."""
+def base_license(base: str | None) -> License | None:
+    """The base model's license: its Hub card's, else the table of usual bases, else a single file's
+    `modelspec.license`; None when unknown."""
     where = BaseModel(base).location if base else None
     if where == "hub":
         try:
             from huggingface_hub import ModelCard
 
-            return ModelCard.load(base).data.license or KNOWN_LICENSES.get(base)
+            data = ModelCard.load(base).data
         except Exception:  # offline, gated, no card: the table still knows the usual bases
             return KNOWN_LICENSES.get(base)
+        if not data.license:
+            return KNOWN_LICENSES.get(base)
+        return License(data.license, data.get("license_name"), data.get("license_link"))
     if where == "file" and base.lower().endswith(".safetensors"):
         from safetensors import safe_open
 
         with safe_open(base, framework="pt") as handle:
-            return (handle.metadata() or {}).get("modelspec.license")
+            found = (handle.metadata() or {}).get("modelspec.license")
+        return License(found) if found else None
     return None
 
 
@@ -157,7 +186,9 @@ def model_card(snapshot: Path, meta: dict, *, repo_id: str, images: list[tuple[s
     prompt = subject_prompts(config)
     license_ = base_license(base)
     data = ModelCardData(
-        license=license_, base_model=base if base and base_name(base) == base else None, library_name="diffusers",
+        license=license_ and license_.id, license_name=license_ and license_.name,
+        license_link=license_ and license_.link,
+        base_model=base if base and base_name(base) == base else None, library_name="diffusers",
         tags=["text-to-image", "stable-diffusion", "dreambooth", "diffusers", LIBRARY], instance_prompt=prompt,
         widget=[{"text": caption, "output": {"url": path}} for path, caption in images] or None)
     title = f"{prompt} — Dreambooth" if prompt else f"{repo_id.split('/')[-1]} — Dreambooth"
@@ -171,7 +202,9 @@ def model_card(snapshot: Path, meta: dict, *, repo_id: str, images: list[tuple[s
              if "train_batch_size" in config else None),
             ("Resolution", config.get("resolution")), ("Seed", config.get("seed"))]
     table = "\n".join(f"| {name} | {value} |" for name, value in rows if value not in (None, ""))
-    license_text = (f"The base model's license, `{license_}`, applies to this fine-tune." if license_ else
+    license_text = (f"The base model's license, `{license_.title}`"
+                    + (f" ([terms]({license_.link}))" if license_.link else "") + ", applies to this fine-tune."
+                    if license_ else
                     "The base model's license applies to this fine-tune; see its card.")
     shown = [f"![{caption}]({path})" for path, caption in images]
     body = [f"# {title}", "",

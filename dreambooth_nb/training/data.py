@@ -264,17 +264,27 @@ class TrainingData:
                     for s, paths in zip(subjects, reference) if paths]
         return cls(photos, classes, reference=rendered)
 
-    def long_prompts(self, tokenizer) -> list[str]:
-        """A warning per prompt longer than the text encoder reads (77 tokens for CLIP), naming where it
-        comes from (the caption file, or the setting) and the words that are cut off."""
+    def long_prompts(self, tokenizers: list, *, limits: list[int]) -> list[str]:
+        """A warning per prompt longer than a text encoder reads (`limits`: 77 tokens for CLIP, 512 for FLUX.1's
+        T5), naming where it comes from (the caption file, or the setting), the words cut off and — where the
+        model has several encoders and one reads further — which one loses them."""
         warnings = []
-        limit = tokenizer.model_max_length
         for text, source in zip(self.texts, self._sources):
-            ids = tokenizer(text, truncation=False).input_ids
-            if len(ids) > limit:
-                lost = tokenizer.decode(ids[limit - 1:-1]).strip()
-                warnings.append(f"{source}: the prompt is {len(ids)} tokens, the text encoder reads {limit}; "
+            cut = []
+            for number, (tokenizer, limit) in enumerate(zip(tokenizers, limits)):
+                ids = tokenizer(text, truncation=False).input_ids
+                if len(ids) > limit:  # (the end-of-text token is kept: the words before it are lost)
+                    cut.append((number, len(ids), limit, tokenizer.decode(ids[limit - 1:-1]).strip()))
+            if not cut:
+                continue
+            number, length, limit, lost = cut[0]
+            if len(cut) == len(tokenizers):
+                warnings.append(f"{source}: the prompt is {length} tokens, the text encoder reads {limit}; "
                                 f"'{lost}' is cut off. Shorten it to keep those words.")
+            else:
+                warnings.append(f"{source}: the prompt is {length} tokens; text encoder {number + 1} reads {limit} "
+                                f"of them ('{lost}' is cut off there), the others read it all. Shorten it if "
+                                "those words matter.")
         return warnings
 
     def encode(self, *, vae, config, device: torch.device, dtype: torch.dtype, model_key: str = "") -> None:
