@@ -50,7 +50,7 @@ PROJECT_DIR = ""  #@param {type:"string"}
 #@markdown Photo folder (empty: `PROJECT_DIR/instance`). On Colab an upload button appears when it is empty.
 INSTANCE_DIR = ""  #@param {type:"string"}
 UPLOAD_PHOTOS = True  #@param {type:"boolean"}
-#@markdown Base model: a Hub id (SD 1.x / 2.x, SDXL, or `stabilityai/stable-diffusion-3.5-medium`, which needs more than 16 GB of GPU memory for now: see the README), a diffusers folder, or one `.safetensors` / `.ckpt` file in the original layout (a community SD 1.x / 2.x model, e.g. from Civitai, on Drive; converted once, cached).
+#@markdown Base model: a Hub id (SD 1.x / 2.x, SDXL, `stabilityai/stable-diffusion-3.5-medium`, or `black-forest-labs/FLUX.1-dev`: gated and non-commercial, accept its license on its Hub page and turn on HF_LOGIN; on a T4 it trains in 4 bits), a diffusers folder, or one `.safetensors` / `.ckpt` file in the original layout (a community SD 1.x / 2.x model, e.g. from Civitai, on Drive; converted once, cached).
 MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"  #@param {type:"string"}
 HF_LOGIN = False  #@param {type:"boolean"}
 PRESET = "object"  #@param ["object", "face"]
@@ -62,7 +62,7 @@ INSTANCE_PROMPT = "a photo of sks dog"  #@param {type:"string"}
 CLASS_PROMPT = "a photo of a dog"  #@param {type:"string"}
 PRIOR_PRESERVATION = "preset"  #@param ["preset", "on", "off"]
 NUM_CLASS_IMAGES = 0  #@param {type:"integer"}
-#@markdown Resolution 0: the model's native size (512 for SD 1.5, 1024 for SDXL and SD 3.5, which always train a LoRA).
+#@markdown Resolution 0: the model's own (512 for SD 1.5; 1024 for SDXL and SD 3.5, 512 for FLUX.1 — these three always train a LoRA).
 RESOLUTION = 0  #@param {type:"integer"}
 LEARNING_RATE = 0.0  #@param {type:"number"}
 MAX_STEPS = 0  #@param {type:"integer"}
@@ -118,7 +118,7 @@ print(f"Project folder: {project.root}")
 instance_dir = Path(INSTANCE_DIR) if INSTANCE_DIR else project.instance_dir
 if UPLOAD_PHOTOS:
     platform.upload_photos(instance_dir)
-resolution = RESOLUTION or projects.native_resolution(MODEL_ID)
+resolution = RESOLUTION or projects.default_resolution(MODEL_ID)
 for folder, prompt, *_ in [(instance_dir, INSTANCE_PROMPT), *CONCEPTS]:
     report = images.scan_images(folder, resolution=resolution, instance_prompt=prompt)
     print(report.summary())

@@ -171,6 +171,19 @@ def test_the_family_and_its_preset(flux_config):
     assert config.lora_target_modules == ["to_q", "to_k", "to_v", "to_out.0"]  # the QLoRA blog's
 
 
+def test_setup_takes_the_flux_preset_for_a_flux_model(tiny_flux_model, photos, tmp_path):
+    """Notebook 1 with MODEL_ID a FLUX.1 model: a LoRA whatever METHOD says, the QLoRA recipe's 512 px by
+    default; on a T4 (no GPU here: planned for one) the fit would load a full-size base in 4 bits."""
+    from dreambooth_nb.notebook import project as projects
+
+    assert projects.default_resolution(str(tiny_flux_model)) == 512  # RESOLUTION = 0 (the family's own: 1024)
+    project = projects.Project(tmp_path)
+    config = projects.setup_config(project, kind="object", method="full", model=str(tiny_flux_model),
+                                   instance_dir=photos, instance_prompt=PROMPT, resolution=32)
+    assert (config.method, config.learning_rate, config.max_train_steps, config.variant) == ("lora", 1e-4, 700, None)
+    assert config.fit_to_gpu and not config.load_in_4bit  # (the tiny transformer fits in 16 bits)
+
+
 def test_flux1_dev_qlora_plans_under_14_gib_on_a_t4_and_11_gib_of_host_ram():
     """FLUX.1-dev from its shipped configs (offline), 512 px, batch 1, the 16 GB savers and a 4-bit base: the
     transformer's 11.9 B parameters take ≈0.52 bytes each (NF4 + double-quantized absmax); the peak is the

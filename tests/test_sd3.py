@@ -156,7 +156,7 @@ def test_setup_takes_the_sd3_preset_for_an_sd3_model(tiny_sd3_model, photos, tmp
                                    instance_dir=photos, instance_prompt=PROMPT, resolution=32)
     assert (config.method, config.learning_rate, config.snr_gamma, config.variant) == ("lora", 4e-4, None, None)
     assert config.resolution == 32 and config.fit_to_gpu  # (fitted to a T4)
-    assert projects.native_resolution(str(tiny_sd3_model)) == 1024  # RESOLUTION = 0: the family's size
+    assert projects.default_resolution(str(tiny_sd3_model)) == 1024  # RESOLUTION = 0: the family's size
 
 
 def test_the_plan_of_sd35_medium_on_a_t4_and_colabs_ram():

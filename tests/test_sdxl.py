@@ -135,7 +135,7 @@ def test_setup_takes_the_sdxl_preset_for_an_sdxl_model(tiny_sdxl_model, tmp_path
     config = projects.setup_config(project, kind="object", method="full", model=str(tiny_sdxl_model),
                                    instance_prompt="a photo of sks dog")
     assert (config.method, config.resolution, config.snr_gamma, config.variant) == ("lora", 1024, 5.0, None)
-    assert projects.native_resolution(str(tiny_sdxl_model)) == 1024
+    assert projects.default_resolution(str(tiny_sdxl_model)) == 1024
 
 
 def test_a_merged_export_of_an_sdxl_lora_is_refused_before_anything_loads(sdxl_config, tmp_path, monkeypatch):

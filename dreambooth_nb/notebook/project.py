@@ -219,9 +219,13 @@ def subjects_from_rows(project: Project, rows, *, first: Concept) -> list[Concep
     return subjects
 
 
-def native_resolution(model: str) -> int:
-    """The image size `model`'s family was trained at (SD 1.5: 512, SDXL: 1024), from its model_index.json."""
-    return BaseModel(str(model)).family.native_resolution
+def default_resolution(model: str) -> int:
+    """The size a run of `model` trains at unless told (notebook 1's RESOLUTION = 0): its family preset's where it
+    has one (SDXL and SD 3.5: 1024; FLUX.1: 512, as Hugging Face's QLoRA recipe for consumer GPUs trains it),
+    else the size its family was trained at (SD 1.5: 512), from its model_index.json."""
+    family = BaseModel(str(model)).family
+    return PRESETS[family.preset].get("resolution", family.native_resolution) if family.preset else \
+        family.native_resolution
 
 
 def run_name(config: TrainConfig) -> str:
