@@ -182,6 +182,9 @@ def test_setup_takes_the_flux_preset_for_a_flux_model(tiny_flux_model, photos, t
                                    instance_dir=photos, instance_prompt=PROMPT, resolution=32)
     assert (config.method, config.learning_rate, config.max_train_steps, config.variant) == ("lora", 1e-4, 700, None)
     assert config.fit_to_gpu and not config.load_in_4bit  # (the tiny transformer fits in 16 bits)
+    from dreambooth_nb.notebook.settings import config_summary
+
+    assert "Method:             LoRA, rank 4 on the transformer's to_q, to_k, to_v, to_out.0" in config_summary(config)
 
 
 def test_flux1_dev_qlora_plans_under_14_gib_on_a_t4_and_11_gib_of_host_ram():

@@ -43,10 +43,9 @@ class FullFineTuning:
     def __init__(self, config):
         self.config = config
 
-    @property
-    def label(self) -> str:
-        """What trains, for summaries and plans."""
-        return self.title
+    def label(self, denoiser: str) -> str:
+        """What trains, for summaries (`denoiser`: what the family calls its denoiser, "UNet" or "transformer")."""
+        return f"{self.title} of the {denoiser}"
 
     @property
     def run_suffix(self) -> str:
@@ -114,9 +113,8 @@ class LoRA(FullFineTuning):
     lighter = None
     frozen_base = True
 
-    @property
-    def label(self) -> str:
-        return f"LoRA, rank {self.config.lora_rank} on {', '.join(self.config.lora_target_modules)}"
+    def label(self, denoiser: str) -> str:
+        return f"LoRA, rank {self.config.lora_rank} on the {denoiser}'s {', '.join(self.config.lora_target_modules)}"
 
     @property
     def run_suffix(self) -> str:

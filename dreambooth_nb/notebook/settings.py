@@ -9,6 +9,7 @@ import math
 from dreambooth_nb.config import PRESETS, TrainConfig, default_snapshot_steps
 from dreambooth_nb.model.methods import METHODS, method_for
 from dreambooth_nb.errors import ConfigError
+from dreambooth_nb.model.base import BaseModel
 
 
 # --- Parsing text fields --------------------------------------------------------------------------------
@@ -164,7 +165,7 @@ def config_summary(config: TrainConfig) -> str:
         f"Model:              {config.pretrained_model_name_or_path}",
         *who,
         f"Prior preservation: {prior}",
-        f"Method:             {method_for(config).label}",
+        f"Method:             {method_for(config).label(BaseModel.of(config).family.denoiser_label)}",
         f"Learning rate:      {config.learning_rate:.1e}",
         f"Steps:              {config.max_train_steps} (snapshots at {config.snapshot_steps or 'the end only'})",
         f"Batch:              {config.train_batch_size} x {config.gradient_accumulation_steps} accumulated = {batch}",
