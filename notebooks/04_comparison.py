@@ -41,10 +41,10 @@ if HOSTED and importlib.util.find_spec("dreambooth_nb") is None:
 # %% tags=["parameters"]
 #@title Settings { display-mode: "form" }
 PROJECT_DIR = ""  #@param {type:"string"}
-SCHEDULER = "ddim"  #@param ["ddim", "pndm", "dpm"]
+SCHEDULER = "ddim"  #@param ["ddim", "pndm", "dpm", "euler"]
 INFERENCE_STEPS = 50  #@param {type:"slider", min:10, max:150, step:5}
-#@markdown Classifier-free guidance: 7.5 is Stable Diffusion's default (the embedded toy model prefers about 4).
-GUIDANCE = 7.5  #@param {type:"slider", min:1, max:15, step:0.5}
+#@markdown Guidance, 0: the model's own (7.5 for SD and SDXL, 7 for SD 3.5, FLUX.1-dev's distilled guidance 3.5; the embedded toy model prefers about 4). Scheduler: a flow model (SD 3.5, FLUX.1) always uses its own Euler sampler.
+GUIDANCE = 0.0  #@param {type:"slider", min:0, max:15, step:0.5}
 #@markdown New settings for the subject, added after the instance prompt; separate them with `;`.
 CONTEXTS = "in the snow; as an oil painting"  #@param {type:"string"}
 SEEDS = "0, 1"  #@param {type:"string"}
@@ -75,5 +75,5 @@ spec = EvalSpec.for_config(config, contexts=[c.strip() for c in CONTEXTS.split("
 
 # %%
 panel = ui.ComparePanel(lambda: project.select_runs(RUNS), spec, out_dir=project.comparisons_dir, columns=COLUMNS,
-                        title=config.subjects_label).show()
+                        title=config.subjects_label, samplers=settings.sampler_choices(config)).show()
 panel.start()  # the first grid, as Draw makes it (headless: here, the cell waits for it)

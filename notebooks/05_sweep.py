@@ -44,10 +44,10 @@ if HOSTED and importlib.util.find_spec("dreambooth_nb") is None:
 PROJECT_DIR = ""  #@param {type:"string"}
 LEARNING_RATES = "5e-6, 2e-6"  #@param {type:"string"}
 SAVE_AT = "400, 800, 1200"  #@param {type:"string"}
-SCHEDULER = "ddim"  #@param ["ddim", "pndm", "dpm"]
+SCHEDULER = "ddim"  #@param ["ddim", "pndm", "dpm", "euler"]
 INFERENCE_STEPS = 50  #@param {type:"slider", min:10, max:150, step:5}
-#@markdown Classifier-free guidance: 7.5 is Stable Diffusion's default (the embedded toy model prefers about 4).
-GUIDANCE = 7.5  #@param {type:"slider", min:1, max:15, step:0.5}
+#@markdown Guidance, 0: the model's own (7.5 for SD and SDXL, 7 for SD 3.5, FLUX.1-dev's distilled guidance 3.5; the embedded toy model prefers about 4). Scheduler: a flow model (SD 3.5, FLUX.1) always uses its own Euler sampler.
+GUIDANCE = 0.0  #@param {type:"slider", min:0, max:15, step:0.5}
 CONTEXTS = "in the snow; as an oil painting"  #@param {type:"string"}
 RUN_NOW = False  #@param {type:"boolean"}
 

@@ -46,7 +46,7 @@ def count_loads(monkeypatch):
     ("seeds", [], "EvalSpec.seeds"),
     ("seeds", [0, -1], "EvalSpec.seeds"),
     ("seeds", [1, 1], "same seed twice"),
-    ("scheduler", "euler", "EvalSpec.scheduler.*ddim"),
+    ("scheduler", "heun", "EvalSpec.scheduler.*ddim"),
     ("num_inference_steps", 0, "EvalSpec.num_inference_steps"),
     ("guidance_scale", -1, "EvalSpec.guidance_scale"),
     ("resolution", 500, "EvalSpec.resolution"),

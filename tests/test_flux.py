@@ -8,6 +8,7 @@ import importlib
 
 import pytest
 import torch
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
 from dreambooth_nb import ConfigError, fit_report, preset, train
 from dreambooth_nb.model import snapshots
@@ -21,6 +22,7 @@ from dreambooth_nb.training.prompts import Prompts
 train_module = importlib.import_module("dreambooth_nb.training.train")
 PROMPT = "a photo of sks dog"
 CPU = torch.device("cpu")
+DDPM_CONFIG = DDPMScheduler().config
 
 
 @pytest.fixture
@@ -250,3 +252,22 @@ def test_renders_on_a_t4_load_the_largest_parts_in_4_bits_only_where_16_bits_do_
     assert chosen(FLUX_DEV, "T4") == ["transformer", "text_encoder_2"]
     assert chosen(SD35_MEDIUM, "T4") == ["text_encoder_3"]
     assert chosen(SD15, "T4") == chosen(SDXL, "T4") == chosen(FLUX_DEV, "A100-80GB") == []
+
+
+def test_comparisons_of_a_flux_run_use_its_sampler_and_its_distilled_guidance(flux_config, make_config):
+    """Notebook 4's defaults follow the model: FLUX.1-dev's own Euler sampler (a DDPM sampler's name means it
+    too) and its distilled guidance 3.5; an SD model keeps DDIM and 7.5, and every one of its samplers."""
+    from dreambooth_nb.model.objectives import Diffusion, Flow
+    from dreambooth_nb.notebook.settings import sampler_choices
+    from dreambooth_nb.results.evaluate import EvalSpec
+
+    flux = EvalSpec.for_config(flux_config(), scheduler="ddim", guidance_scale=0)
+    assert (flux.scheduler, flux.guidance_scale) == ("euler", 3.5)
+    assert EvalSpec.for_config(flux_config(), guidance_scale=2.0).guidance_scale == 2.0
+    sd = EvalSpec.for_config(make_config(), scheduler="euler", guidance_scale=0)
+    assert (sd.scheduler, sd.guidance_scale) == ("euler", 7.5)
+    assert EvalSpec.for_config(make_config()).scheduler == "ddim"
+    assert sampler_choices(flux_config()) == list(Flow.choices) and sampler_choices(make_config()) == list(Diffusion.choices)
+    config = FlowMatchEulerDiscreteScheduler().config
+    assert type(Diffusion().sampler("euler", DDPM_CONFIG)).__name__ == "EulerDiscreteScheduler"
+    assert type(Flow().sampler("dpm", config)).__name__ == "FlowMatchEulerDiscreteScheduler"

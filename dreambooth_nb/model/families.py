@@ -66,6 +66,9 @@ class Family:
     (None or absent: all of them): SD3's T5 reads 77, as diffusers' SD3 Dreambooth script trains it."""
     text_encoder_training: str | None = None
     """Why `train_text_encoder` is refused for this family, or None: its text encoders can train."""
+    guidance_scale: float = 7.5
+    """The guidance renders use unless told (`EvalSpec.for_config`): the study's 7.5; SD 3.5's pipeline default,
+    7; FLUX.1-dev's distilled guidance, 3.5 (it has no classifier-free guidance; 7.5 oversaturates)."""
 
     def check(self, config) -> None:
         """Refuse settings this family cannot train (its objective's, e.g. min-SNR weighting of a flow, or its
@@ -248,7 +251,8 @@ SDXL = SDXLFamily(
 SD3 = SD3Family(
     name="sd3", pipeline_class="StableDiffusion3Pipeline", text_encoders=("text_encoder", "text_encoder_2", "text_encoder_3"),
     tokenizers=("tokenizer", "tokenizer_2", "tokenizer_3"), native_resolution=1024, preset="sd3",
-    denoiser="transformer", denoiser_class="SD3Transformer2DModel", denoiser_label="transformer", objective=Flow(), token_limits=(None, None, 77),
+    denoiser="transformer", denoiser_class="SD3Transformer2DModel", denoiser_label="transformer", objective=Flow(),
+    token_limits=(None, None, 77), guidance_scale=7.0,
     full_fine_tuning="method: full fine-tuning of SD 3.x does not fit a 16 GB GPU (SD 3.5 Medium's transformer alone "
                      "is 2.5 B parameters: 10 GB as fp32 masters, as much again for gradients); use method='lora' "
                      "(the 'sd3' preset).",
@@ -259,7 +263,7 @@ FLUX = FluxFamily(
     name="flux", pipeline_class="FluxPipeline", text_encoders=("text_encoder", "text_encoder_2"),
     tokenizers=("tokenizer", "tokenizer_2"), native_resolution=1024, preset="flux", denoiser="transformer",
     denoiser_class="FluxTransformer2DModel", denoiser_label="transformer", objective=Flow(),
-    token_limits=(None, 512),
+    token_limits=(None, 512), guidance_scale=3.5,
     full_fine_tuning="method: full fine-tuning of FLUX.1 does not fit a 16 GB GPU (its transformer alone is 12 B "
                      "parameters: 48 GB as fp32 masters); use method='lora' (the 'flux' preset).",
     text_encoder_training="train_text_encoder: FLUX.1's text encoders (CLIP-L and T5-XXL, 4.9 B parameters) do not "

@@ -22,8 +22,9 @@ import torch
 
 from dreambooth_nb.errors import ConfigError
 
-SAMPLERS = ("ddim", "pndm", "dpm")
-"""The inference samplers a comparison may name (`EvalSpec.scheduler`); a DDPM family has each."""
+SAMPLERS = ("ddim", "pndm", "dpm", "euler")
+"""The inference samplers a comparison may name (`EvalSpec.scheduler`); a DDPM family has each, a flow its own
+Euler sampler whatever the name (`Flow.sampler`)."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,9 @@ class Diffusion:
 
     scheduler_class: str = "DDPMScheduler"
     """The diffusers scheduler that adds noise in training, loaded from the base model's scheduler config."""
+    choices: tuple = (("DDIM (recommended)", "ddim"), ("PNDM (SD 1.5's default)", "pndm"), ("DPM-Solver++", "dpm"),
+                      ("Euler", "euler"))
+    """The samplers a comparison panel offers, (label, `EvalSpec.scheduler` name), the default first."""
 
     def check(self, config) -> None:
         """Settings this objective cannot honour (none for diffusion)."""
@@ -55,7 +59,7 @@ class Diffusion:
     def sampler(self, name: str, config):
         """The inference sampler `name` ("ddim", "pndm", "dpm") from a pipeline's scheduler config: the same
         noise schedule, another solver (the study: DDIM or ~100 steps against noisy renders)."""
-        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
+        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
 
         if name == "ddim":
             return DDIMScheduler.from_config(config)
@@ -63,6 +67,8 @@ class Diffusion:
             return PNDMScheduler.from_config(config, skip_prk_steps=True)  # as Stable Diffusion ships it
         if name == "dpm":
             return DPMSolverMultistepScheduler.from_config(config)
+        if name == "euler":
+            return EulerDiscreteScheduler.from_config(config)
         raise ConfigError(f"EvalSpec.scheduler: {name!r} is unknown; choose one of {', '.join(SAMPLERS)}.")
 
     def weights(self, scheduler, indices, *, snr_gamma: float | None) -> torch.Tensor | None:
@@ -85,6 +91,7 @@ class Flow:
     scheduler_class: str = "FlowMatchEulerDiscreteScheduler"
     logit_mean: float = 0.0
     logit_std: float = 1.0
+    choices: tuple = (("Euler (flow matching: the model's own)", "euler"),)
 
     def check(self, config) -> None:
         if config.snr_gamma is not None:

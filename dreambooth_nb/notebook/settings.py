@@ -207,7 +207,12 @@ def batch_line(values: dict) -> str:
 
 
 # --- Comparison and sweep panels -----------------------------------------------------------------------------
-SCHEDULER_CHOICES = [("DDIM (recommended)", "ddim"), ("PNDM (SD 1.5's default)", "pndm"), ("DPM-Solver++", "dpm")]
+def sampler_choices(config: TrainConfig) -> list[tuple[str, str]]:
+    """The samplers the comparison panel offers for `config`'s model, (label, name): a DDPM family's four, a
+    flow model's own Euler sampler alone."""
+    return list(BaseModel.of(config).family.objective.choices)
+
+
 COLUMN_CHOICES = [("training steps", "step"), ("prompts", "prompt")]
 
 

@@ -18,10 +18,11 @@ from dreambooth_nb.units import gib
 from dreambooth_nb.config import MIXED_PRECISION, TrainConfig
 from dreambooth_nb.environment import is_headless
 from dreambooth_nb.model.methods import METHODS
+from dreambooth_nb.model.objectives import Diffusion
 from dreambooth_nb.errors import ActionStopped, DreamboothError, TrainingStopped
 from dreambooth_nb.notebook.views import (Fallback, LiveLoss, RunsLoss, loss_plot_png, replace_outputs, show_png,
                                            show_rendered, writing_into)
-from dreambooth_nb.notebook.settings import (COLUMN_CHOICES, SCHEDULER_CHOICES, adjust_snapshot_steps, batch_line,
+from dreambooth_nb.notebook.settings import (COLUMN_CHOICES, adjust_snapshot_steps, batch_line,
                                             config_from_widgets, grid_axes, method_learning_rate, parse_float_list,
                                             parse_int_list, widget_values, with_savers_of)
 from dreambooth_nb.planning.fitting import fit_report, previous_run
@@ -507,18 +508,20 @@ class ComparePanel(_Panel):
     """Scheduler, inference steps, guidance and layout widgets, a Draw button and a Stop button over `compare`.
 
     `runs`: {name: run folder}, or a function giving them (`project.select_runs`), asked again at every Draw so
-    that a run trained since is drawn too. `draw()` draws here and now (a cell); `start()` draws as the button
+    that a run trained since is drawn too. `samplers`: (label, name) the scheduler box offers
+    (`settings.sampler_choices`: a flow model has its own alone). `draw()` draws here and now (a cell); `start()` draws as the button
     does, in the background, where a person can press Stop (headless: here and now).
     """
 
-    def __init__(self, runs, spec, *, out_dir, columns: str = "step", title: str | None = None):
+    def __init__(self, runs, spec, *, out_dir, columns: str = "step", title: str | None = None,
+                 samplers=Diffusion.choices):
         import ipywidgets as widgets
 
         self.runs_for = runs if callable(runs) else (lambda: runs)
         self.base_spec, self.out_dir, self.title = spec, Path(out_dir), title
         style, layout = {"description_width": "150px"}, widgets.Layout(width="520px")
         # (wide enough for "DDIM (recommended)": the default width cut it to "DDIM (recommende")
-        self.scheduler = widgets.Dropdown(options=SCHEDULER_CHOICES, value=spec.scheduler, description="Scheduler",
+        self.scheduler = widgets.Dropdown(options=list(samplers), value=spec.scheduler, description="Scheduler",
                                           style=style, layout=layout)
         self.steps = widgets.IntSlider(value=spec.num_inference_steps, min=min(10, spec.num_inference_steps),
                                        max=max(150, spec.num_inference_steps), step=5, description="Inference steps",

@@ -49,8 +49,9 @@ _STEP_RE = re.compile(r"^step-(\d+)$")
 class EvalSpec:
     """What to render at every snapshot: each prompt × each seed, with one sampler setting.
 
-    `scheduler`: "ddim" (default; the study recommends it when images look noisy), "pndm" (SD 1.5's own)
-    or "dpm" (DPM-Solver++ multistep, good images in 20–25 steps). `resolution` None means the model's
+    `scheduler`: "ddim" (default; the study recommends it when images look noisy), "pndm" (SD 1.5's own),
+    "dpm" (DPM-Solver++ multistep, good images in 20–25 steps) or "euler"; a flow model (SD 3.x, FLUX.1)
+    renders with its own Euler sampler whatever the name. `resolution` None means the model's
     native size (512 for SD 1.5).
     """
 
@@ -152,7 +153,9 @@ class EvalSpec:
         then the instance prompt followed by each context (can the subject go somewhere new, or is it
         stuck in the training photos?). A run of several subjects (`concepts`) has these for each subject in
         turn, so the grid's rows come in one block per subject. `overrides` set any other EvalSpec field
-        (seeds, scheduler, ...).
+        (seeds, scheduler, ...). The model's family decides what is not given: the sampler (DDIM, or a flow's
+        own Euler sampler, which a DDPM sampler's name also means for a flow model) and the guidance (also
+        for `guidance_scale=0`: 7.5, SD 3.5's 7, FLUX.1-dev's 3.5).
         """
         if isinstance(contexts, str):
             contexts = [contexts]
@@ -163,7 +166,13 @@ class EvalSpec:
                 prompts.append(subject.class_prompt)
             prompts += [f"{subject.instance_prompt} {context}" for context in contexts]
         prompts = list(dict.fromkeys(prompts))  # a prompt two subjects share (their class) appears once
-        return cls(prompts=overrides.pop("prompts", prompts), **overrides)
+        family = BaseModel.of(config).family
+        offered = [name for _, name in family.objective.choices]
+        scheduler = overrides.pop("scheduler", offered[0])
+        if scheduler in SAMPLERS and scheduler not in offered:
+            scheduler = offered[0]
+        return cls(prompts=overrides.pop("prompts", prompts), scheduler=scheduler,
+                   guidance_scale=overrides.pop("guidance_scale", 0) or family.guidance_scale, **overrides)
 
 
 @dataclass
