@@ -514,16 +514,19 @@ PRESETS: dict[str, dict] = {
     # fine-tuning). The settings of diffusers' SD3 Dreambooth LoRA example (examples/dreambooth/README_sd3.md:
     # LR 4e-4, constant, 500 steps, fp16; adapters on the joint attention's image and text projections), at
     # the model's native 1024 px. Its T5 reads 77 tokens of each prompt, as that script trains it.
+    # (Class images one at a time, here and for FLUX.1: at these models' sizes a batch of four with guidance
+    # does not fit a T4 beside the pipeline.)
     "sd3": dict(pretrained_model_name_or_path=SD35_MEDIUM, variant=None, method="lora", learning_rate=4e-4,
-                max_train_steps=500, resolution=1024, snr_gamma=None,
+                max_train_steps=500, resolution=1024, snr_gamma=None, sample_batch_size=1,
                 lora_target_modules=["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
                                      "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v"]),
     # FLUX.1-dev always trains a LoRA. The settings of Hugging Face's "Fine-tune FLUX.1-dev on consumer
     # hardware with QLoRA" (2025-06-19; diffusers' research_projects/flux_lora_quantization): rank 4 on the
-    # attention's q, k, v and output projections, LR 1e-4, 700 steps at 512 px (batch 1 × 4 accumulated
-    # with "object" + "16gb"). On a 16 GB GPU `fit` loads its 12 B-parameter transformer in 4 bits (NF4).
+    # attention's q, k, v and output projections (the default targets), LR 1e-4, 700 steps at 512 px (batch
+    # 1 × 4 accumulated with "object" + "16gb"). On a 16 GB GPU `fit` loads its 12 B-parameter transformer in
+    # 4 bits (NF4).
     "flux": dict(pretrained_model_name_or_path=FLUX_DEV, variant=None, method="lora", learning_rate=1e-4,
-                 max_train_steps=700, resolution=512, snr_gamma=None, lora_rank=4),  # (targets: the default)
+                 max_train_steps=700, resolution=512, snr_gamma=None, lora_rank=4, sample_batch_size=1),
     # 16 GB memory profile: combines with any of the above.
     # Mixed precision "auto": fp16 on a T4 or P100, bf16 where the GPU has it, decided where training runs.
     "16gb": dict(use_8bit_adam=True, gradient_checkpointing=True, mixed_precision="auto",

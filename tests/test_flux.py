@@ -141,6 +141,19 @@ def test_a_flux_lora_trains_snapshots_and_loads_in_diffusers(flux_config, tiny_f
     assert metadata["ss_base_model_version"] == "flux1"
 
 
+def test_a_flux_lora_exports_in_kohyas_layout_with_its_model_spec(flux_config, tmp_path):
+    from safetensors import safe_open
+
+    from dreambooth_nb import export
+
+    final = train(flux_config(max_train_steps=1))
+    path = export(final.parent.parent, tmp_path / "sks-dog.safetensors")
+    with safe_open(path, "pt") as exported:
+        keys, metadata = set(exported.keys()), exported.metadata()
+    assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in keys
+    assert metadata["modelspec.architecture"] == "flux-1-dev/lora" and metadata["ss_base_model_version"] == "flux1"
+
+
 def test_what_flux_cannot_train_is_refused_before_anything_loads(flux_config, monkeypatch):
     monkeypatch.setattr(train_module.loading, "load_components", lambda *a, **k: pytest.fail("loaded the model"))
     for changes, message in [(dict(method="full", learning_rate=1e-5), "method: full fine-tuning of FLUX.1"),
@@ -170,6 +183,7 @@ def test_the_family_and_its_preset(flux_config):
     config = flux_config()
     assert BaseModel.of(config).family is FLUX
     assert (config.method, config.lora_rank, config.snr_gamma, config.load_in_4bit) == ("lora", 4, None, False)
+    assert config.sample_batch_size == 1  # class images one at a time on a T4
     assert config.lora_target_modules == ["to_q", "to_k", "to_v", "to_out.0"]  # the QLoRA blog's
 
 

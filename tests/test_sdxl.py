@@ -150,7 +150,7 @@ def test_a_merged_export_of_an_sdxl_lora_is_refused_before_anything_loads(sdxl_c
     final = train(sdxl_config(max_train_steps=1))
     monkeypatch.setattr(snapshots, "load_pipeline", lambda *a, **k: pytest.fail("loaded the pipeline"))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    with pytest.raises(ExportError, match=r"merged: an SDXL or SD 3.x LoRA cannot be merged.*merged=False"):
+    with pytest.raises(ExportError, match=r"merged: an SDXL, SD 3.x or FLUX.1 LoRA cannot be merged.*merged=False"):
         export(final, tmp_path / "merged.safetensors", merged=True)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 16 * 1024  # KiB: < 16 MiB more
     assert not (tmp_path / "merged.safetensors").exists()

@@ -202,8 +202,8 @@ def _export_lora(snapshot: Path, meta: dict, path: Path, *, half: bool, merged: 
         # Asked before anything loads: merging an SDXL LoRA would load the whole SDXL pipeline in fp32 on the CPU
         # (≈13.9 GB, more than a Colab VM has) only to find that its single-file layout is not written here.
         if not BaseModel(meta["base"], revision=meta.get("revision")).family.single_file_export:
-            raise ExportError("merged: an SDXL or SD 3.x LoRA cannot be merged into a single checkpoint here yet "
-                              "(single-file export covers SD 1.x and 2.x). Export the LoRA itself (merged=False: a "
+            raise ExportError("merged: an SDXL, SD 3.x or FLUX.1 LoRA cannot be merged into a single checkpoint here "
+                              "yet (single-file export covers SD 1.x and 2.x). Export the LoRA itself (merged=False: a "
                               "few MB) and load it on top of its base model in ComfyUI or AUTOMATIC1111.")
         with tempfile.TemporaryDirectory() as folder:  # the fused pipeline, saved, then exported as any snapshot
             pipe = snapshots.load_pipeline(snapshot, device=torch.device("cpu"), dtype=torch.float32)
