@@ -18,6 +18,9 @@ HARMLESS: list[tuple[str, str, str]] = [
      "avoids torchvision by design (Colab ships it, so Colab users never see this)."),
     ("bitsandbytes.backends.cpu.ops", r"Failed to load CPU gemm_4bit_forward",
      "bitsandbytes looks for an optional 4-bit CPU kernel at import; only its 8-bit AdamW is used here."),
+    ("kernels._internals.hf_hub", r"Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'",
+     "the same optional kernel looked up offline: the kernels library says it skips a trust check; bitsandbytes "
+     "then runs its own CPU code (on a GPU runtime it is never looked up)."),
 ]
 
 

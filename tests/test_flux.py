@@ -154,6 +154,64 @@ def test_a_flux_lora_exports_in_kohyas_layout_with_its_model_spec(flux_config, t
     assert metadata["modelspec.architecture"] == "flux-1-dev/lora" and metadata["ss_base_model_version"] == "flux1"
 
 
+@pytest.fixture
+def four_bit_on_cpu(monkeypatch):
+    """bitsandbytes ≥ 0.50 runs NF4 on CPU, but diffusers' 4-bit loader (and `loading.check_4bit`, which says so
+    before anything loads) refuses without a GPU: lifting those two checks runs the real loader — the same
+    quantization config, the same Linear4bit layers — on CPU. The GPU check loads it where it is meant to run."""
+    from diffusers.quantizers.bitsandbytes.bnb_quantizer import BnB4BitDiffusersQuantizer
+
+    monkeypatch.setattr(BnB4BitDiffusersQuantizer, "validate_environment", lambda self, *args, **kwargs: None)
+    monkeypatch.setattr(train_module.loading, "check_4bit", lambda config, *, device: None)
+    # On CPUs with AVX512-BF16, bitsandbytes repacks a layer's weights for its inference kernel in blocks of 64
+    # inputs, more than the tiny transformer's layers have: every CPU takes the generic path here.
+    monkeypatch.setattr("bitsandbytes.nn.modules.has_avx512bf16", lambda: False)
+
+
+def test_adapters_learn_on_a_4bit_base_qlora(flux_config, four_bit_on_cpu):
+    """The transformer loads as NF4 (`load_in_4bit`), its linear layers bitsandbytes' Linear4bit with the LoRA on
+    top; forty steps on one batch lower the flow loss, and the 4-bit weights do not move."""
+    import bitsandbytes as bnb
+
+    from dreambooth_nb.model.methods import method_for
+
+    config = flux_config(cache_latents=True, load_in_4bit=True)
+    parts = load_components(config, device=CPU, precision="no")
+    base = parts.denoiser.transformer_blocks[0].attn.to_q
+    assert isinstance(base, bnb.nn.Linear4bit) and base.weight.dtype == torch.uint8
+    codes = base.weight.detach().clone()
+    trained = method_for(config).setup(parts)
+    data = TrainingData.load(config)
+    data.encode(vae=parts.vae, config=config, device=CPU, dtype=torch.float32)
+    batch = data.batch(0, config=config, draw=lambda gen: parts.family.objective.draw(gen, parts.noise_scheduler))
+    prompts = Prompts([PROMPT], family=parts.family, tokenizers=parts.tokenizers)
+    prompts.encode_once(parts.text_encoders, device=CPU)
+    adapters = [p for module in trained.values() for p in module.parameters() if p.requires_grad]
+    assert adapters and all(p.dtype == torch.float32 for p in adapters)  # fp32 masters
+    optimizer = torch.optim.AdamW(adapters, lr=3e-2)
+    losses = []
+    for _ in range(40):
+        loss = train_module.compute_loss(batch, denoiser=parts.denoiser, family=parts.family, prompts=prompts,
+                                         encoders=None, scheduler=parts.noise_scheduler, config=config, device=CPU)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5  # (rank-4 adapters only: slower than all weights)
+    assert torch.equal(parts.denoiser.transformer_blocks[0].attn.to_q.base_layer.weight, codes)
+
+
+def test_a_qlora_run_trains_and_its_snapshot_loads_on_the_unquantized_base(flux_config, tiny_flux_model,
+                                                                           four_bit_on_cpu):
+    from diffusers import FluxPipeline
+
+    final = train(flux_config(load_in_4bit=True, max_train_steps=2))
+    pipe = FluxPipeline.from_pretrained(tiny_flux_model, local_files_only=True)
+    before = _image(pipe)
+    pipe.load_lora_weights(final, weight_name=snapshots.LORA_WEIGHTS)
+    assert abs(_image(pipe) - before).max() > 1e-4  # the adapters learned on the 4-bit base apply to the 16-bit one
+
+
 def test_what_flux_cannot_train_is_refused_before_anything_loads(flux_config, monkeypatch):
     monkeypatch.setattr(train_module.loading, "load_components", lambda *a, **k: pytest.fail("loaded the model"))
     for changes, message in [(dict(method="full", learning_rate=1e-5), "method: full fine-tuning of FLUX.1"),
