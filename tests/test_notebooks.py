@@ -338,6 +338,38 @@ def test_the_notebooks_train_and_export_an_sdxl_lora(sdxl_suite):
     assert list((sdxl_suite.project / "sweeps").glob("sweep-grid-*.json"))
 
 
+# --- The same notebooks on tiny SD 3.x and FLUX.1 pipelines, which always train a LoRA ------------------------
+@pytest.mark.parametrize("family, model_fixture, layout, key_prefix", [
+    pytest.param("sd3", "tiny_sd3_model", "diffusers' layout", "transformer.", id="sd3"),
+    pytest.param("flux", "tiny_flux_model", "kohya's layout", "lora_unet_", id="flux"),
+])
+def test_the_notebooks_train_and_export_a_flow_model_lora(family, model_fixture, layout, key_prefix, request,
+                                                          tmp_path_factory):
+    """01 → 06 headless on a flow-matching transformer: notebook 1 keeps its METHOD default ("full") and the
+    family's preset makes it a LoRA; training, comparison and sweep render with the family's pipeline, and
+    notebook 6 exports the LoRA (SD3 in diffusers' layout, FLUX.1 in kohya's)."""
+    from safetensors import safe_open
+
+    suite = Suite(tmp_path_factory.mktemp(f"{family}-suite"), request.getfixturevalue(model_fixture))
+    suite.parameters["01_setup"].update(LEARNING_RATE=1e-3, PRIOR_PRESERVATION="off")
+    suite.parameters["05_sweep"].update(LEARNING_RATES="1e-3, 5e-4")
+    for name in ORDER:
+        suite.run(name)
+    run = suite.project / "runs" / "lr1e-3-lora"
+    assert sorted(p.name for p in (run / "snapshots").iterdir()) == ["step-000002", "step-000004"]
+    info = snapshots.info(storage.snapshot_path(run, 4))
+    assert info["method"] == "lora" and info["trained"] == ["transformer"]
+    export = suite.project / "exports" / "lr1e-3-lora-step-000004.safetensors"
+    assert sorted((suite.project / "exports").iterdir()) == [export]
+    with safe_open(export, framework="pt") as file:
+        assert file.metadata()["modelspec.trigger_phrase"] == "a photo of sks dog"
+        assert file.keys() and all(key.startswith(key_prefix) for key in file.keys())
+    said = stream_text(suite.results["06_export"])
+    assert "Exported the LoRA of lr1e-3-lora/step-000004 (" in said and f"{layout}) to {export}" in said
+    assert widget_images(suite.results["04_comparison"]) == 1
+    assert (suite.project / "sweeps" / "sweep-grid-lr1e-3_5e-4-steps1_2.json").is_file()
+
+
 # --- Two subjects, one with captions ----------------------------------------------------------------------------
 def test_two_subjects_go_through_setup_class_images_training_and_comparison(tiny_model, tmp_path_factory):
     """CONCEPTS in notebook 1 (a cat beside the dog, captioned photos): the config holds both subjects, each
