@@ -158,11 +158,12 @@ LADDER = [  # (settings when memory ran out, the saver the message must name nex
      dict(train_batch_size=1, gradient_accumulation_steps=2)),
     (dict(ALL_ON, train_text_encoder=True), "train_text_encoder=False", dict(train_text_encoder=False)),
     (dict(ALL_ON), "method='lora'", None),  # a new run, not a resume: the message says so
-    (dict(ALL_ON, method="lora", learning_rate=1e-4), None, None),
+    # (a 4-bit base loads on a CUDA GPU only: the advice is checked, not followed, here)
+    (dict(ALL_ON, method="lora", learning_rate=1e-4), "load_in_4bit=True", None),
 ]
 
 
-@pytest.mark.parametrize("settings,saver,fix", LADDER, ids=[s or "all-savers-on" for _, s, _ in LADDER])
+@pytest.mark.parametrize("settings,saver,fix", LADDER, ids=[s for _, s, _ in LADDER])
 def test_out_of_memory_names_the_next_saver_and_the_advice_resumes(make_config, monkeypatch, capsys,
                                                                     settings, saver, fix):
     config = make_config(max_train_steps=3, checkpointing_steps=2, **settings)
@@ -171,9 +172,7 @@ def test_out_of_memory_names_the_next_saver_and_the_advice_resumes(make_config, 
         train(config)
     message = str(info.value)
     assert "ran out of memory" in message and "peak unknown" in message  # no CUDA here: no peak to measure
-    if saver is None:
-        assert "Every memory saver is already on" in message and "LoRA" not in message
-    elif saver.startswith("method="):
+    if saver.startswith("method="):
         assert f"Train a LoRA instead: {saver}" in message and "new output_dir" in message
     else:
         assert f"Turn on {saver}" in message and "resumes from the last saved state" in message
@@ -209,7 +208,15 @@ def test_the_memory_savers_come_in_the_documented_order():
                                    {"method": "lora", "learning_rate": 1e-4} if name == "method" else
                                    {name: not getattr(config, name)}))
     assert order == ["gradient_checkpointing", "use_8bit_adam", "cache_latents", "offload_ema", "train_batch_size",
-                     "train_text_encoder", "method"]
+                     "train_text_encoder", "method", "load_in_4bit"]
+
+
+def test_with_every_saver_on_the_advice_says_so():
+    from dreambooth_nb.planning.memory import out_of_memory_advice
+
+    config = TrainConfig(**ALL_ON, method="lora", learning_rate=1e-4, load_in_4bit=True)
+    message = out_of_memory_advice(config, peak_bytes=None)
+    assert "Every memory saver is already on; lower resolution" in message and "LoRA" not in message
 
 
 @pytest.mark.parametrize("where,stage", [
