@@ -51,9 +51,13 @@ SEEDS = "0, 1"  #@param {type:"string"}
 #@markdown Runs to compare (folder names under `PROJECT_DIR/runs`, separated by `,`; empty: all of them).
 RUNS = ""  #@param {type:"string"}
 COLUMNS = "step"  #@param ["step", "prompt"]
+#@markdown Also score each run the DreamBooth paper's way (DreamBench: 25 prompts × 4 images, DINO ViT-S/16 and CLIP ViT-B/32), to put beside its Table 1.
+DREAMBENCH = False  #@param {type:"boolean"}
 
 # %%
+from dreambooth_nb.errors import ConfigError
 from dreambooth_nb.notebook import platform, project as projects, settings, ui, views
+from dreambooth_nb.results import dreambench
 from dreambooth_nb.results.evaluate import EvalSpec
 
 views.show_errors_as_messages()  # our errors show as one message, not a stack trace
@@ -77,3 +81,19 @@ spec = EvalSpec.for_config(config, contexts=[c.strip() for c in CONTEXTS.split("
 panel = ui.ComparePanel(lambda: project.select_runs(RUNS), spec, out_dir=project.comparisons_dir, columns=COLUMNS,
                         title=config.subjects_label, samplers=settings.sampler_choices(config)).show()
 panel.start()  # the first grid, as Draw makes it (headless: here, the cell waits for it)
+
+# %% [markdown]
+# ## DreamBench numbers (optional)
+# With `DREAMBENCH = True`: each run's suggested snapshot (else its last) rendered with DreamBench's 25
+# prompts for its class (outfits for a dog or cat, settings for an object) × 4 seeds — 100 images per subject,
+# cached like the grid's — and scored as the DreamBooth paper does (DINO ViT-S/16 and CLIP ViT-B/32, ≈700 MB,
+# downloaded once): DINO and CLIP-I against your photos, CLIP-T against each prompt. The table puts them
+# beside the paper's (Stable Diffusion: DINO 0.668, CLIP-I 0.803, CLIP-T 0.305). Run it once the grid says Done.
+
+# %%
+if DREAMBENCH:
+    if panel.runner.busy:
+        raise ConfigError("DREAMBENCH: the grid above is still drawing; run this cell again when it says Done "
+                          "(one thing renders on the GPU at a time).")
+    for folder in project.select_runs(RUNS).values():
+        print(dreambench.measure(folder, num_inference_steps=INFERENCE_STEPS, guidance_scale=GUIDANCE).table, "\n")

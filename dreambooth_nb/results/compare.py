@@ -142,12 +142,12 @@ def _measured_runs(sources: list[dict], cells: list[dict]) -> list[dict]:
     prompts = list(dict.fromkeys(c["prompt"] for c in cells))
     for cell in (c for c in cells if c["step"] is not None):  # a bare pipeline folder has no step to judge
         images = runs[cell["run"]]["steps"].setdefault(cell["step"], {})
-        images.setdefault(cell["prompt"], []).append(_load(cell["image"]))
+        images.setdefault(cell["prompt"], []).append(load_rgb(cell["image"]))
     for run in runs.values():
         config = run.pop("config")
         run["subjects"] = [(quality.Roles.of(prompts, instance_prompt=subject.get("instance_prompt"),
                                              class_prompt=subject.get("class_prompt")),
-                            _photos(subject, resolution=config.get("resolution")))
+                            subject_photos(subject, resolution=config.get("resolution")))
                            for subject in config.get("concepts", [])]
     return list(runs.values())
 
@@ -157,11 +157,11 @@ def _measured_base(base_cells: list[dict]) -> dict | None:
         return None
     images: dict = {}
     for cell in base_cells:
-        images.setdefault(cell["prompt"], []).append(_load(cell["image"]))
+        images.setdefault(cell["prompt"], []).append(load_rgb(cell["image"]))
     return {"images": images}
 
 
-def _photos(subject: dict, *, resolution) -> list:
+def subject_photos(subject: dict, *, resolution) -> list:
     """A subject's instance photos (one of a run config's `concepts`), loaded as training loads them; none
     (with a note) if the folder is gone."""
     folder = subject.get("instance_data_dir")
@@ -176,7 +176,8 @@ def _photos(subject: dict, *, resolution) -> list:
     return [load_image(p, max_side=resolution) for p in report.usable]
 
 
-def _load(path):
+def load_rgb(path):
+    """An image file as an RGB PIL image, its file closed."""
     from PIL import Image
 
     with Image.open(path) as image:
