@@ -92,6 +92,31 @@ def test_toy_judge_on_rendered_ground_truth():
     assert "100 ★" in text and "toy world" in text and "LR 1e-4: step 100" in text
 
 
+def test_the_bleed_matrix_names_a_subject_that_looks_like_another():
+    """Two toy subjects, the striped circle and the striped square (same colours, other shapes): renders of each
+    scored against both subjects' photos. Each looks like its own photos only; a square prompt that draws the
+    circle is named."""
+    judge = quality.ToyJudge()
+    circle, square = "a photo of sks circle", "a photo of sks square"
+    subjects = [(Roles(instance=circle, klass=None, contexts=[]), toyworld.subject_images(4, seed=0)),
+                (Roles(instance=square, klass=None, contexts=[]), toyworld.subject_images(4, seed=0, shape="square"))]
+    own = {circle: toyworld.subject_images(4, seed=1), square: toyworld.subject_images(4, seed=1, shape="square")}
+    found = quality.bleed(judge, own, subjects=subjects)
+    (cc, cs), (sc, ss) = found["matrix"]
+    assert found["subjects"] == [circle, square] and cc > 0.5 and ss > 0.5 and cs == sc == 0.0
+    assert found["alike"] == []
+    bled = quality.bleed(judge, {**own, square: toyworld.subject_images(4, seed=2)}, subjects=subjects)
+    assert bled["alike"] == [f"'{square}' looks like the photos of '{circle}' ({bled['matrix'][1][0]:.2f}; its own "
+                             "0.00)"]
+    assert quality.bleed(judge, own, subjects=subjects[:1]) is None  # one subject: nothing to bleed into
+    # In a comparison's report: at the run's suggested step (none here: no base renders), else its last
+    run = {"run": "lr1e-4", "lr": 1e-4, "folder": None, "subjects": subjects, "steps": {200: own, 400: own}}
+    report = quality.assess([run], None, judge=judge)
+    assert report["runs"][0]["bleed"]["step"] == 400 and "No subject looks like another." in quality.summary(report)
+    lines = quality._bleed_lines("lr1e-4", {"step": 400, **bled})
+    assert lines[0].startswith("lr1e-4, step 400: renders of (rows) against photos of") and "looks like" in lines[-1]
+
+
 def test_tiny_embedding_judge_measures_what_it_should():
     judge = quality.EmbeddingJudge.tiny()
     a, b = circles("red"), circles("blue", "black")

@@ -339,6 +339,23 @@ def measure(judge, images: dict, *, subjects: list[tuple[Roles, list]], base_ima
     return {metric: round(float(np.mean(found)), 4) if found else None for metric, found in means.items()}
 
 
+def bleed(judge, images: dict, *, subjects: list[tuple[Roles, list]]) -> dict | None:
+    """Does one subject look like another? For a run of several subjects: each subject's instance-prompt renders
+    (rows) scored against every subject's photos (columns) with the subject-fidelity measure, and the subjects
+    whose renders score within the judge's `gain` of their own photos against another's — or above — named.
+    None for fewer than two subjects with renders and photos."""
+    rows = [(roles, photos) for roles, photos in subjects if roles.instance in images and photos]
+    if len(rows) < 2:
+        return None
+    names = [roles.instance for roles, _ in rows]
+    matrix = [[round(judge.subject_fidelity(images[mine.instance], photos, prompt=theirs.instance), 4)
+               for theirs, photos in rows] for mine, _ in rows]
+    alike = [f"'{names[i]}' looks like the photos of '{names[j]}' ({matrix[i][j]:.2f}; its own {matrix[i][i]:.2f})"
+             for i in range(len(rows)) for j in range(len(rows))
+             if i != j and matrix[i][j] >= matrix[i][i] - judge.tolerances.gain]
+    return {"subjects": names, "matrix": matrix, "alike": alike}
+
+
 def assess(runs: list[dict], base: dict | None, *, judge) -> dict:
     """Measure every run's snapshots against the base model and suggest one snapshot per run.
 
@@ -367,9 +384,13 @@ def assess(runs: list[dict], base: dict | None, *, judge) -> dict:
                 measured["validation"] = validation[step]
         step, why = suggest(steps, base=base_metrics, tolerances=tolerances) if base_metrics else \
             (None, "the base model was not rendered, so nothing can be compared with it.")
-        report["runs"].append({"run": run["run"], "lr": run["lr"], "folder": None if run["folder"] is None
-                               else str(run["folder"]), "base": base_metrics,
-                               "steps": {str(s): m for s, m in steps.items()}, "suggested": step, "why": why})
+        entry = {"run": run["run"], "lr": run["lr"], "folder": None if run["folder"] is None else str(run["folder"]),
+                 "base": base_metrics, "steps": {str(s): m for s, m in steps.items()}, "suggested": step, "why": why}
+        shown = step if step is not None else max(run["steps"], default=None)  # the snapshot one would take
+        crossed = bleed(judge, run["steps"][shown], subjects=run["subjects"]) if shown is not None else None
+        if crossed:
+            entry["bleed"] = {"step": shown, **crossed}
+        report["runs"].append(entry)
     suggested = [r for r in report["runs"] if r["suggested"] is not None]
     best = max(suggested, key=lambda r: r["steps"][str(r["suggested"])]["subject_fidelity"], default=None)
     report["suggested"] = None if best is None else {"run": best["run"], "step": best["suggested"]}
@@ -445,7 +466,19 @@ def summary(report: dict | None) -> str:
     lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
     lines.append("")
     lines += [f"{r['run']}: {r['why']}" for r in report["runs"]]
+    for run in (r for r in report["runs"] if r.get("bleed")):
+        lines += ["", *_bleed_lines(run["run"], run["bleed"])]
     return "\n".join(lines)
+
+
+def _bleed_lines(run: str, bleed: dict) -> list[str]:
+    """A run's subject × subject table (`bleed`), then which subject looks like another, if any."""
+    labels = [f"{i}. {name}" for i, name in enumerate(bleed["subjects"], 1)]
+    header = [f"{run}, step {bleed['step']}: renders of (rows) against photos of", *map(str, range(1, len(labels) + 1))]
+    rows = [[label, *[_number(v) for v in values]] for label, values in zip(labels, bleed["matrix"])]
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    return lines + (bleed["alike"] or ["No subject looks like another."])
 
 
 def _number(value, digits: int = 2) -> str:
