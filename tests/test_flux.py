@@ -152,6 +152,8 @@ def test_a_flux_lora_exports_in_kohyas_layout_with_its_model_spec(flux_config, t
         keys, metadata = set(exported.keys()), exported.metadata()
     assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in keys
     assert metadata["modelspec.architecture"] == "flux-1-dev/lora" and metadata["ss_base_model_version"] == "flux1"
+    assert metadata["modelspec.implementation"] == "https://github.com/black-forest-labs/flux"
+    assert FLUX.architecture({"guidance_embeds": False}) == "flux-1-schnell"  # (schnell has no guidance embedding)
 
 
 @pytest.fixture

@@ -52,6 +52,8 @@ class Family:
     None: no kohya file is written, the diffusers-format file is the one to share (ComfyUI reads SD3's)."""
     modelspec_architecture: str = "stable-diffusion-v1"
     """`modelspec.architecture` of an exported file (Stability's model spec), "/lora" added for a LoRA."""
+    modelspec_implementation: str = "https://github.com/Stability-AI/generative-models"
+    """`modelspec.implementation`: the reference code the exported weights are named after."""
     denoiser: str = "unet"
     """The pipeline component that denoises (and trains): "unet", or "transformer" for SD3 and Flux; also its
     subfolder in the model, its file name in states, its group in the optimizer and its LoRA prefix."""
@@ -117,6 +119,10 @@ class Family:
         """The UNet's `added_cond_kwargs` for a batch (each image's original (h, w) and crop's top-left corner), or
         None: SD takes none."""
         return None
+
+    def architecture(self, denoiser_config: dict) -> str:
+        """`modelspec.architecture` of a model of this family with this denoiser config (without "/lora")."""
+        return self.modelspec_architecture
 
     def kohya(self, layers: dict[str, dict], *, denoiser_config: dict) -> dict:
         """The adapters of each trained part (PEFT's layout, by part name) in kohya's layout, as this family's
@@ -226,6 +232,10 @@ class FluxFamily(Family):
                        txt_ids=text_ids, img_ids=image_ids).sample
         return FluxPipeline._unpack_latents(out, h, w, 1)
 
+    def architecture(self, denoiser_config: dict) -> str:
+        # FLUX.1-schnell is FLUX.1-dev's transformer without the guidance embedding.
+        return self.modelspec_architecture if denoiser_config.get("guidance_embeds") else "flux-1-schnell"
+
     def kohya(self, layers: dict[str, dict], *, denoiser_config: dict) -> dict:
         # BFL's module names, q/k/v fused (`kohya_flux`): what ComfyUI and Forge look a Flux LoRA up by.
         return kohya_flux.to_kohya(layers[self.denoiser], transformer_config=denoiser_config)
@@ -268,7 +278,8 @@ FLUX = FluxFamily(
                      "parameters: 48 GB as fp32 masters); use method='lora' (the 'flux' preset).",
     text_encoder_training="train_text_encoder: FLUX.1's text encoders (CLIP-L and T5-XXL, 4.9 B parameters) do not "
                           "train here; the transformer's LoRA learns the subject. Set train_text_encoder=False.",
-    single_file_export=False, kohya_base_version="flux1", modelspec_architecture="flux-1-dev")
+    single_file_export=False, kohya_base_version="flux1", modelspec_architecture="flux-1-dev",
+    modelspec_implementation="https://github.com/black-forest-labs/flux")
 FAMILIES = {"StableDiffusionPipeline": SD, "StableDiffusionXLPipeline": SDXL, "StableDiffusion3Pipeline": SD3,
             "FluxPipeline": FLUX}
 """Each family by the pipeline class its `model_index.json` names."""

@@ -212,7 +212,8 @@ def _export_lora(snapshot: Path, meta: dict, path: Path, *, half: bool, merged: 
             del pipe
             return _export_checkpoint(Path(folder), {"complete": True, "trained": [], "base": meta.get("base"),
                                                      "step": meta.get("step")}, path, half=half, described=snapshot)
-    family = BaseModel(meta["base"], revision=meta.get("revision")).family
+    base = BaseModel(meta["base"], revision=meta.get("revision"))
+    family = base.family
     # kohya's layout where the family has one (A1111, ComfyUI, Forge), else diffusers' (ComfyUI reads SD3's)
     source = snapshot / (snapshots.KOHYA_WEIGHTS if family.kohya_base_version else snapshots.LORA_WEIGHTS)
     with safe_open(source, framework="pt") as handle:
@@ -220,8 +221,8 @@ def _export_lora(snapshot: Path, meta: dict, path: Path, *, half: bool, merged: 
     config = run_config(snapshot)
     prompt = subject_prompts(config)
     info = {**source_meta, "modelspec.sai_model_spec": "1.0.0",
-            "modelspec.architecture": f"{family.modelspec_architecture}/lora",
-            "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+            "modelspec.architecture": f"{family.architecture(base.component_configs[family.denoiser])}/lora",
+            "modelspec.implementation": family.modelspec_implementation,
             "modelspec.title": f"{prompt} ({snapshot.parent.parent.name}, step {meta.get('step')})",
             "modelspec.description": f"Dreambooth LoRA of {base_name(meta.get('base'))} made with dreambooth-nb.",
             **({"modelspec.trigger_phrase": prompt} if prompt else {}),
