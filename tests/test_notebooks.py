@@ -257,6 +257,22 @@ def test_04_draws_the_comparison_grid(suite):
     assert any(s.get("_model_name") == "DropdownModel" and s.get("description") == "Scheduler" for s in states)
 
 
+def test_04_scores_the_runs_the_dreambench_way_when_asked(suite):
+    """Notebook 4's last cell, run again with DREAMBENCH on: each run's snapshot rendered with DreamBench's 25
+    prompts × 4 seeds and tabled beside the paper. (The paper's judges are a download: tiny random ones stand in,
+    swapped in the kernel before the notebook's own cell runs again.)"""
+    suite.run("04_comparison")
+    notebook = nbformat.read(NOTEBOOKS / "04_comparison.ipynb", as_version=4)
+    last = [c for c in notebook.cells if c.cell_type == "code"][-1].source
+    assert last.startswith("if DREAMBENCH:")
+    swap = ("from dreambooth_nb.results import dreambench\n"
+            "dreambench.DreamBenchJudge.standard = classmethod(lambda cls: cls.tiny())\nDREAMBENCH = True")
+    nb = suite.execute("04_comparison", suite.parameters["04_comparison"], label="04_dreambench",
+                       extra_cells=[swap, last])
+    text = stream_text(nb)
+    assert "(100 images) |" in text and "| DreamBooth (Stable Diffusion), paper | 0.668 | 0.803 | 0.305 |" in text
+
+
 def test_05_sweep_trains_each_rate_and_draws_the_grid(suite):
     nb = suite.run("05_sweep")
     sweep = suite.project / "sweeps"
