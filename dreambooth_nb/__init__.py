@@ -11,7 +11,7 @@ quiet.install()  # before torch, diffusers and transformers load: see quiet.HARM
 
 from dreambooth_nb.config import PRESETS, Concept, TrainConfig, preset  # noqa: E402
 from dreambooth_nb.errors import ConfigError, DataError, DreamboothError, TrainingStopped  # noqa: E402
-from dreambooth_nb.training.train import train  # noqa: E402
+from dreambooth_nb.results.early_stop import train  # noqa: E402  (training.train, watched for stop_when)
 from dreambooth_nb.training.priors import generate_class_images  # noqa: E402
 from dreambooth_nb.results.evaluate import EvalSpec  # noqa: E402
 from dreambooth_nb.results.compare import compare  # noqa: E402

@@ -202,6 +202,14 @@ class TrainConfig:
     snapshot_steps: list[int] = field(default_factory=list, metadata=RESUMABLE)
     """Steps at which the trained weights are saved for comparison (fp16 with mixed precision, only the
     trained parts: ≈1.7 GB for SD 1.5's UNet); the final step is always saved as a complete pipeline."""
+    stop_when: str = field(default="end", metadata=RESUMABLE)
+    """"end": train to max_train_steps. "suggested": measure each snapshot as it is saved (rendered and judged
+    as the comparison does, `results.early_stop`) and stop once the comparison's rule (`quality.suggest`) has
+    a suggested snapshot and `stop_patience` later snapshots did not better it: the run keeps that snapshot
+    (`<run>/stopped.json` says why; export takes it). Needs a judge (the toy model's, or DINOv2 + CLIP: a
+    download) and one process."""
+    stop_patience: int = field(default=1, metadata=RESUMABLE)
+    """With stop_when="suggested": how many snapshots after the suggested one must fail to better it."""
 
     # ------------------------------------------------------------------------------------------------------
     def validate(self, *, check_paths: bool = True) -> "TrainConfig":
@@ -265,6 +273,10 @@ class TrainConfig:
                  f"{self.checkpointing_steps!r}.")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             fail("checkpoints_total_limit", "must be 1 or more, or None to keep every state.")
+        if self.stop_when not in ("end", "suggested"):
+            fail("stop_when", f"{self.stop_when!r} is unknown; choose 'end' or 'suggested'.")
+        if not isinstance(self.stop_patience, int) or self.stop_patience < 1:
+            fail("stop_patience", f"must be 1 or more snapshots, got {self.stop_patience!r}.")
         bad_steps = [s for s in self.snapshot_steps if not 0 < s <= self.max_train_steps]
         if bad_steps:
             fail("snapshot_steps", f"{bad_steps} fall outside 1..max_train_steps={self.max_train_steps}.")

@@ -66,6 +66,8 @@ NUM_CLASS_IMAGES = 0  #@param {type:"integer"}
 RESOLUTION = 0  #@param {type:"integer"}
 LEARNING_RATE = 0.0  #@param {type:"number"}
 MAX_STEPS = 0  #@param {type:"integer"}
+#@markdown Stop by itself at the snapshot notebook 4 would suggest (each snapshot rendered and measured as it is saved; the judge downloads once), or train to MAX_STEPS.
+STOP_WHEN = "end"  #@param ["end", "suggested"]
 # More subjects in the same run (optional), one row each after the one above: (photo folder, instance prompt,
 # class prompt). Every batch then holds the subjects in turn. Captions: `photo.txt` beside `photo.jpg` in a
 # photo folder describes that photo ("[trigger] wearing a hat"; [trigger] stands for the instance prompt).
@@ -134,7 +136,7 @@ config, fitted = projects.setup_config(
     project, kind=PRESET, method=METHOD, fit_to_gpu=FIT_TO_GPU, model=MODEL_ID,
     instance_dir=instance_dir, instance_prompt=INSTANCE_PROMPT, class_prompt=CLASS_PROMPT,
     prior_preservation=PRIOR_PRESERVATION, num_class_images=NUM_CLASS_IMAGES, resolution=resolution,
-    learning_rate=LEARNING_RATE, max_steps=MAX_STEPS, concepts=CONCEPTS, with_report=True)
+    learning_rate=LEARNING_RATE, max_steps=MAX_STEPS, concepts=CONCEPTS, stop_when=STOP_WHEN, with_report=True)
 print(f"Saved {project.save_config(config)}\n")
 print(settings.config_summary(config))
 

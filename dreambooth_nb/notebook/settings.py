@@ -167,7 +167,8 @@ def config_summary(config: TrainConfig) -> str:
         f"Prior preservation: {prior}",
         f"Method:             {method_for(config).label(BaseModel.of(config).family.denoiser_label)}",
         f"Learning rate:      {config.learning_rate:.1e}",
-        f"Steps:              {config.max_train_steps} (snapshots at {config.snapshot_steps or 'the end only'})",
+        f"Steps:              {config.max_train_steps} (snapshots at {config.snapshot_steps or 'the end only'})"
+        + ("; stops by itself at the suggested snapshot" if config.stop_when == "suggested" else ""),
         f"Batch:              {config.train_batch_size} x {config.gradient_accumulation_steps} accumulated = {batch}",
         f"Text encoder:       {'trained' if config.train_text_encoder else 'frozen'}",
         f"Resolution:         {config.resolution}",

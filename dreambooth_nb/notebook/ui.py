@@ -35,7 +35,7 @@ from dreambooth_nb.results.evaluate import EvalSpec, render, render_dir
 from dreambooth_nb.results.sweep import run_folder, sweep
 from dreambooth_nb.storage import latest_state, list_snapshots
 from dreambooth_nb.training.distributed import for_processes, visible_gpus
-from dreambooth_nb.training.train import train
+from dreambooth_nb.results.early_stop import train
 
 
 # --- Long actions: a Stop button, one progress bar, the kernel free --------------------------------------------

@@ -25,7 +25,7 @@ from dreambooth_nb.errors import ConfigError
 from dreambooth_nb.results.compare import compare
 from dreambooth_nb.results.evaluate import EvalSpec
 from dreambooth_nb.training import priors
-from dreambooth_nb.training.train import train
+from dreambooth_nb.results.early_stop import train
 
 
 

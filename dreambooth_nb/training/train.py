@@ -75,15 +75,17 @@ class Progress:
 
 
 def train(config: TrainConfig, *, num_processes: int | None = None, on_step=None, on_validation=None,
-          progress_bar: bool = True) -> Path:
+          on_snapshot=None, progress_bar: bool = True) -> Path:
     """Run (or resume, or skip if finished) the training described by `config`.
 
     `num_processes`: data-parallel processes, one per GPU; None means every visible GPU (one on Colab), and
     several are launched as fresh processes (`distributed.py`).
     `on_step(step, loss, lr)` is called after every optimizer step (the notebook's live plot),
     `on_validation(step, losses)` at every snapshot with the validation losses (`validation.py`);
+    `on_snapshot(step, snapshot)` after every snapshot is saved may stop the run: it returns None, or (the step
+    of the snapshot to keep, why) — `results.early_stop` measures the snapshots for `stop_when="suggested"`.
     `progress_bar=False` leaves progress to them (the training panel has its own bar).
-    Returns the folder of the final snapshot.
+    Returns the folder of the final snapshot (of a run stopped early: the one it kept).
     """
     problem = loading.gpu_problem()  # (a torch without kernels for this GPU fails at its first launch otherwise)
     if problem:
@@ -93,11 +95,15 @@ def train(config: TrainConfig, *, num_processes: int | None = None, on_step=None
         if processes != config.num_processes:
             config = distributed.for_processes(config, processes)
         if config.num_processes > 1:
+            if on_snapshot is not None:
+                raise ConfigError("stop_when: stopping at the suggested snapshot measures each snapshot in the "
+                                  "training process, which is one GPU's for now; train on one GPU "
+                                  "(num_processes=1, the panel's GPUs choice) or set stop_when='end'.")
             return distributed.launch(config, on_step=on_step, on_validation=on_validation)
     progress = Progress()
     try:
-        final = _train(config, on_step=on_step, on_validation=on_validation, progress_bar=progress_bar,
-                       progress=progress)
+        final = _train(config, on_step=on_step, on_validation=on_validation, on_snapshot=on_snapshot,
+                       progress_bar=progress_bar, progress=progress)
     except (OutOfMemoryError, RuntimeError) as error:
         failure = memory.cuda_failure(error)
         if failure is None:  # a bug, not the GPU: its traceback, untouched
@@ -126,6 +132,21 @@ def train(config: TrainConfig, *, num_processes: int | None = None, on_step=None
     return final
 
 
+STOPPED_FILE = "stopped.json"
+"""Written when a run stopped at its suggested snapshot (`stop_when`): the step it stopped at, the step it kept,
+why. Training it again with stop_when="suggested" returns that snapshot; with "end" it resumes and goes on."""
+
+
+def stopped_early(output_dir) -> dict | None:
+    """{"step", "kept", "why"} of a run that stopped early, or None."""
+    path = Path(output_dir) / STOPPED_FILE
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    storage.check_format(data, source=str(path), what="Delete it to train the run on.")
+    return data
+
+
 def _drop_frames(error: BaseException | None) -> None:
     """The traceback holds the loop's frames, and in them the models, the optimizer and the last activations.
     A notebook keeps the last exception, so a rerun with the advised setting would find the GPU still full:
@@ -135,7 +156,8 @@ def _drop_frames(error: BaseException | None) -> None:
         error = error.__cause__ or error.__context__
 
 
-def _train(config: TrainConfig, *, on_step, on_validation, progress_bar: bool, progress: Progress) -> Path:
+def _train(config: TrainConfig, *, on_step, on_validation, on_snapshot=None, progress_bar: bool,
+           progress: Progress) -> Path:
     config.validate()
     out = Path(config.output_dir)
     precision = loading.resolve_precision(config.mixed_precision, loading.default_device())
@@ -152,6 +174,10 @@ def _train(config: TrainConfig, *, on_step, on_validation, progress_bar: bool, p
     if snapshots.is_snapshot(final):
         print(f"Training already finished: {final}")
         return final
+    stopped = stopped_early(out) if config.stop_when == "suggested" else None
+    if stopped is not None:
+        print(f"Training stopped early at step {stopped['step']}: {stopped['why']}")
+        return storage.snapshot_path(out, stopped["kept"])
 
     method = method_for(config)
     method.check(base.family)  # e.g. full fine-tuning of SDXL: refused before any download
@@ -271,6 +297,7 @@ def _train(config: TrainConfig, *, on_step, on_validation, progress_bar: bool, p
     micro_per_step = config.gradient_accumulation_steps
     # (`disable` only when asked: passing False would override TQDM_DISABLE, which tests and CI set)
     bar = tqdm(total=config.max_train_steps, initial=step, desc="Training", **({} if progress_bar else {"disable": True}))
+    stopping = None
     while step < config.max_train_steps:
         progress.stage, progress.step = "training", step + 1
         step_losses = []
@@ -324,6 +351,9 @@ def _train(config: TrainConfig, *, on_step, on_validation, progress_bar: bool, p
                 storage.write_json(out / "history.json", history.to_dict())
             save_snapshot(storage.snapshot_path(out, step), step=step, parts=parts, method=method,
                           trained=trained_now, ema=ema, precision=precision)
+            if on_snapshot is not None and step < config.max_train_steps:
+                progress.stage = f"measuring the snapshot of step {step}"
+                stopping = on_snapshot(step, storage.snapshot_path(out, step))
         if checkpointing_steps and step % checkpointing_steps == 0 and step < config.max_train_steps:
             progress.stage = f"saving the training state of step {step}"
             rng = gather_rng(accelerator)  # every rank's generators (a collective: all ranks take part)
@@ -336,6 +366,13 @@ def _train(config: TrainConfig, *, on_step, on_validation, progress_bar: bool, p
         if on_step is not None and main:
             on_step(step, history.losses[-1], lr)
         report("training", step, config.max_train_steps)  # (a panel's Stop ends the run here, a state kept)
+        if stopping is not None:  # (`on_snapshot` said so: the snapshot to keep, and why)
+            kept, why = stopping
+            storage.write_json(out / "history.json", history.to_dict())
+            storage.write_json(out / STOPPED_FILE, {"format": storage.FORMAT, "step": step, "kept": kept, "why": why})
+            print(f"Stopped at step {step}: {why}")
+            final = storage.snapshot_path(out, kept)
+            break
     bar.close()
     if disk.trash_bytes and main:
         print(disk.trash_note())
