@@ -189,6 +189,7 @@ def main(argv=None) -> int:
     grid_reports = {prior: quality.read(out / ("prior-on" if prior else "prior-off") / "sweep-grid.png")[0]
                     for prior in (False, True)}
     mark_suggestions(rows, reports, grid_reports)
+    stops = mark_early_stops(rows, reports, max_step=max(args.steps))
     times["render + measure (wall)"] = time.monotonic() - t0
 
     # --- The overview: every run and step as a row, the three prompts as columns, 2×2 seeds per cell. ------
@@ -220,10 +221,11 @@ def main(argv=None) -> int:
         "rows": rows, "checks": checks, "times_s": {k: round(v, 1) for k, v in times.items()},
         "grids": {"overview": str(overview), "prior_off": str(out / "prior-off" / "sweep-grid.png"),
                   "prior_on": str(out / "prior-on" / "sweep-grid.png"), "metrics": str(curves)},
-        "quality": {"prior_off": reports[False], "prior_on": reports[True]},
+        "quality": {"prior_off": reports[False], "prior_on": reports[True]}, "early_stop": stops,
     }
     (out / "study.json").write_text(json.dumps(summary, indent=2) + "\n")
-    lines = [table, "", *[f"- {c['expectation']}: **{c['verdict']}** — {c['evidence']}" for c in checks]]
+    lines = [table, "", *[f"- {c['expectation']}: **{c['verdict']}** — {c['evidence']}" for c in checks], "",
+             *[f"- early stop, {s['run']}: {s['verdict']}" for s in stops]]
     (out / "study.md").write_text("\n".join(lines) + "\n")
     print("\n" + "\n".join(lines))
     print("\nTimes: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
@@ -432,16 +434,52 @@ def agreement(base: dict, runs: list[dict], *, prior: bool, lr: float) -> dict:
             "evidence": evidence}
 
 
+def mark_early_stops(rows: list[dict], reports: dict, *, max_step: int, patience: int = 1) -> list[dict]:
+    """What `stop_when="suggested"` would have done in each run: the Watcher's rule (`early_stop.should_stop` on
+    `quality.suggest`) replayed on the same measurements, snapshot by snapshot — a stopped run is the full run's
+    prefix, the same weights at every step up to its stop. Each row of a run gets `early_stop` (on the kept row:
+    "kept, stopped at N"; on the last row of a run that trains on: "ran to the end"); returned per run, with the
+    toy world's best step (`study_score`) beside it."""
+    from dreambooth_nb.config import lr_label
+    from dreambooth_nb.results import early_stop, quality
+
+    found = []
+    for prior, report in reports.items():
+        for run in report["runs"]:
+            measured, stop, kept = {}, None, None
+            for step in sorted(int(s) for s in run["steps"]):
+                measured[step] = run["steps"][str(step)]
+                if step == max_step:  # (the last snapshot ends training anyway)
+                    break
+                suggested, _ = quality.suggest(measured, base=run["base"], tolerances=quality.Tolerances(**report["tolerances"]))
+                if early_stop.should_stop(measured, suggested=suggested, patience=patience):
+                    stop, kept = step, suggested
+                    break
+            own = [r for r in rows if r["prior"] == prior and r["lr"] is not None
+                   and f"LR {lr_label(r['lr'])}" == run["run"]]
+            best = max(own, key=lambda r: r["score"])["step"]
+            for row in own:
+                row["early_stop"] = (f"kept, stopped at {stop}" if row["step"] == kept else "") if stop else \
+                    ("ran to the end" if row["step"] == max_step else "")
+            name = f"prior {'on' if prior else 'off'}, {run['run']}"
+            verdict = (f"stopped at step {stop}, kept {kept}" if stop else f"ran to step {max_step}") + \
+                f"; the toy world's best step {best}"
+            found.append({"run": name, "stopped": stop, "kept": kept if stop else max_step, "best": best,
+                          "verdict": verdict})
+    return found
+
+
 def format_table(rows: list[dict]) -> str:
     head = ("| prior | LR | step | subject fidelity ↑ | class drift ↓ | class → subject ↓ | prompt fidelity ↑ | "
-            "score ↑ |\n|---|---|---|---|---|---|---|---|")
+            "score ↑ | early stop |\n|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         prior = "—" if r["prior"] is None else ("on" if r["prior"] else "off")
         lr = "base model" if r["lr"] is None else f"{r['lr']:g}"
         step = "—" if r["lr"] is None else str(r["step"]) + (" ★" if r.get("suggested") else "")
         lines.append(f"| {prior} | {lr} | {step} | {r['subject_fidelity']:.2f} | {r['class_drift']:.3f} | "
-                     f"{r['class_subject_leak']:.2f} | {r['prompt_fidelity']:.2f} | {r['score']:.2f} |")
+                     f"{r['class_subject_leak']:.2f} | {r['prompt_fidelity']:.2f} | {r['score']:.2f} | "
+                     f"{r.get('early_stop', '')} |")
     return "\n".join(lines)
 
 

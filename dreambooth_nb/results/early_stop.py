@@ -31,6 +31,12 @@ WATCHED = ("prompt_fidelity", "prior_preservation", "subject_fidelity")
 """What the stop message reports as fallen since the kept snapshot, in this order of interest."""
 
 
+def should_stop(steps: dict, *, suggested: int | None, patience: int) -> bool:
+    """The stop rule, on the snapshots measured so far (`steps`, by step) and the comparison's suggestion among
+    them: stop once there is one and `patience` later snapshots did not become it."""
+    return suggested is not None and sum(1 for step in steps if step > suggested) >= patience
+
+
 class Watcher:
     """`training.train`'s `on_snapshot` hook for `stop_when="suggested"` (see the module's docstring).
 
@@ -56,8 +62,7 @@ class Watcher:
                                            base_images=self._base_images)
         suggested, why = quality.suggest(self.steps, base=base, tolerances=self.judge.tolerances)
         self._write_suggestion(suggested, why, base=base)
-        later = [s for s in self.steps if suggested is not None and s > suggested]
-        if suggested is None or len(later) < self.config.stop_patience:
+        if not should_stop(self.steps, suggested=suggested, patience=self.config.stop_patience):
             return None
         return suggested, self._why(suggested, step)
 
