@@ -164,3 +164,27 @@ def empty_modules(configs: dict[str, dict]) -> dict:
 
     with torch.device("meta"):
         return {name: module_from_config(config) for name, config in configs.items()}
+
+
+@dataclass(frozen=True)
+class ComponentFacts:
+    """What a component's config says about its weights, read from its modules built on the meta device."""
+
+    parameters: int
+    fp32_in_fp16: int
+    """Parameters transformers keeps in fp32 when the component loads in fp16 (`_keep_in_fp32_modules`: T5's
+    `wo` projections, which overflow in fp16)."""
+    largest: int
+    """Elements of its largest tensor: what host memory holds at once while it streams onto the GPU."""
+
+
+def facts_from_configs(configs: dict[str, dict]) -> dict[str, ComponentFacts]:
+    """Each component's `ComponentFacts`, from its config alone (no weights)."""
+    facts = {}
+    for name, module in empty_modules(configs).items():
+        keep = set(getattr(module, "_keep_in_fp32_modules", None) or ())
+        params = list(module.named_parameters())
+        facts[name] = ComponentFacts(parameters=sum(p.numel() for _, p in params),
+                                     fp32_in_fp16=sum(p.numel() for n, p in params if keep & set(n.split("."))),
+                                     largest=max(p.numel() for _, p in params))
+    return facts

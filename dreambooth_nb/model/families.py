@@ -82,10 +82,10 @@ class Family:
     def _limit(self, number: int) -> int | None:
         return self.token_limits[number] if number < len(self.token_limits) else None
 
-    def token_limit(self, number: int, tokenizer) -> int:
-        """Tokens per prompt training gives the `number`-th tokenizer (`token_limits`, else all it reads)."""
-        limit = self._limit(number)
-        return min(limit, tokenizer.model_max_length) if limit else tokenizer.model_max_length
+    def tokens_read(self, tokenizers: list) -> list[int]:
+        """Tokens per prompt training gives each tokenizer (`token_limits`, else all it reads)."""
+        return [min(self._limit(number) or tokenizer.model_max_length, tokenizer.model_max_length)
+                for number, tokenizer in enumerate(tokenizers)]
 
     def token_lengths(self, components: dict) -> list[int]:
         """Tokens per prompt for each text encoder, from their configs (CLIP's 77) or `token_limits`: what the

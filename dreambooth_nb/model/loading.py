@@ -188,18 +188,17 @@ def load_denoiser(parts: Components, config, *, device: torch.device, precision:
     method = method or method_for(config)
     family = parts.family
     dtype = method.load_dtype(family.denoiser, frozen=weight_dtype(precision, device))
-    denoiser_class = getattr(diffusers, family.denoiser_class)
+    quantized = {}
     if config.load_in_4bit:
         check_4bit(config, device=device)
         # Quantized tensor by tensor as it is placed on the GPU: the 16-bit weights never sit in host memory
         # whole (FLUX.1-dev's transformer is 24 GB in bf16, a Colab VM has 12.7 GB).
-        parts.denoiser = denoiser_class.from_pretrained(
-            base.path, subfolder=family.denoiser, variant=config.variant, **diffusers_dtype(dtype),
-            quantization_config=diffusers.BitsAndBytesConfig(**NF4, bnb_4bit_compute_dtype=dtype),
-            device_map={"": device}, **base.load_kwargs())
-    else:
-        parts.denoiser = denoiser_class.from_pretrained(base.path, subfolder=family.denoiser, variant=config.variant,
-                                                        **diffusers_dtype(dtype), **base.load_kwargs()).to(device)
+        quantized = dict(quantization_config=diffusers.BitsAndBytesConfig(**NF4, bnb_4bit_compute_dtype=dtype),
+                         device_map={"": device})
+    denoiser = getattr(diffusers, family.denoiser_class).from_pretrained(
+        base.path, subfolder=family.denoiser, variant=config.variant, **diffusers_dtype(dtype), **quantized,
+        **base.load_kwargs())
+    parts.denoiser = denoiser if quantized else denoiser.to(device)
     parts.denoiser.requires_grad_(False)
 
 

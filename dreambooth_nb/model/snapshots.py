@@ -27,7 +27,7 @@ import torch
 from dreambooth_nb import storage
 from dreambooth_nb.config import model_location
 from dreambooth_nb.errors import ConfigError, DataError
-from dreambooth_nb.model.base import BaseModel, empty_modules
+from dreambooth_nb.model.base import BaseModel, facts_from_configs
 from dreambooth_nb.model.dtypes import diffusers_dtype, transformers_dtype
 from dreambooth_nb.model.quantization import NF4, quantized_to_fit
 
@@ -242,8 +242,7 @@ def _quantized(model: BaseModel, *, device: torch.device, loaded: dict) -> list[
     bitsandbytes' loader does not run, and none of those given already loaded)."""
     if device.type != "cuda":
         return []
-    sizes = {name: sum(p.numel() for p in module.parameters())
-             for name, module in empty_modules(model.component_configs).items()}
+    sizes = {name: facts.parameters for name, facts in facts_from_configs(model.component_configs).items()}
     return [name for name in quantized_to_fit(sizes, gpu_bytes=torch.cuda.get_device_properties(device).total_memory)
             if name not in loaded]
 

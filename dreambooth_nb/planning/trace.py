@@ -24,7 +24,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from dreambooth_nb.model.base import BaseModel, empty_modules, module_from_config
+from dreambooth_nb.model.base import BaseModel, ComponentFacts, facts_from_configs, module_from_config
 from dreambooth_nb.model.families import family_named
 from dreambooth_nb.model.quantization import nf4_bytes
 from dreambooth_nb.model.methods import METHODS, freeze_as
@@ -299,31 +299,12 @@ def trace_vae_encode(configs: ModelConfigs, *, resolution: int, dtype_bytes: int
         return tracker.peak - tracker.live["frozen"]
 
 
-@dataclass(frozen=True)
-class ComponentFacts:
-    """A component's weights beyond their count: what loading it in fp16 keeps in fp32, and its largest tensor."""
-
-    fp32_in_fp16: int
-    """Parameters transformers keeps in fp32 when the component loads in fp16 (`_keep_in_fp32_modules`: T5's
-    `wo` projections, which overflow in fp16)."""
-    largest: int
-    """Elements of its largest tensor: what host memory holds at once while it streams onto the GPU."""
-
-
 @functools.lru_cache(maxsize=16)
 def component_facts(configs: ModelConfigs) -> dict[str, ComponentFacts]:
-    facts = {}
-    for name, module in empty_modules(configs.components).items():
-        keep = set(getattr(module, "_keep_in_fp32_modules", None) or ())
-        params = list(module.named_parameters())
-        facts[name] = ComponentFacts(
-            fp32_in_fp16=sum(p.numel() for n, p in params if keep & set(n.split("."))),
-            largest=max(p.numel() for _, p in params))
-    return facts
+    """`base.facts_from_configs` of a model's configs, built once per process (the planner asks often)."""
+    return facts_from_configs(configs.components)
 
 
-@functools.lru_cache(maxsize=16)
 def component_sizes(configs: ModelConfigs) -> dict[str, int]:
     """Parameter count of each component, from its config alone (built on the meta device: no memory)."""
-    return {name: sum(p.numel() for p in module.parameters())
-            for name, module in empty_modules(configs.components).items()}
+    return {name: facts.parameters for name, facts in component_facts(configs).items()}

@@ -67,21 +67,17 @@ class Watcher:
         return suggested, self._why(suggested, step)
 
     # --- the pieces
-    def _images(self, model) -> dict:
+    def _images(self, model, *, cache_dir=None) -> dict:
         images: dict = {}
-        cache = Path(self.config.output_dir).parent / "base-renders" if model == self._base_model else None
-        for item in render(model, self.spec, device=self.device, cache_dir=cache):
+        for item in render(model, self.spec, device=self.device, cache_dir=cache_dir):
             images.setdefault(item.prompt, []).append(load_rgb(item.image))
         return images
 
-    @property
-    def _base_model(self) -> str:
-        return BaseModel.of(self.config).path
-
     def _base_metrics(self) -> dict:
-        """The base model's renders (once, where the comparison finds them) and metrics."""
+        """The base model's renders (once, where the comparison finds them: beside the runs) and metrics."""
         if self._base is None:
-            self._base_images = self._images(self._base_model)
+            self._base_images = self._images(BaseModel.of(self.config).path,
+                                              cache_dir=Path(self.config.output_dir).parent / "base-renders")
             self._base = quality.measure(self.judge, self._base_images, subjects=self._subjects(), base_images=None)
         return self._base
 

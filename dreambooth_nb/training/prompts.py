@@ -22,8 +22,8 @@ def tokenize(prompts: list[str], *, tokenizer, length: int | None = None) -> tor
 class Prompts:
     def __init__(self, texts: list[str], *, family: Family, tokenizers: list):
         self.texts, self.family = list(texts), family
-        self.token_ids = [tokenize(self.texts, tokenizer=tokenizer, length=family.token_limit(number, tokenizer))
-                          for number, tokenizer in enumerate(tokenizers)]
+        self.token_ids = [tokenize(self.texts, tokenizer=tokenizer, length=length)
+                          for tokenizer, length in zip(tokenizers, family.tokens_read(tokenizers))]
         self._encoded: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     @torch.no_grad()

@@ -218,8 +218,7 @@ def _train(config: TrainConfig, *, on_step, on_validation, on_snapshot=None, pro
     # --- Data: images loaded (and checked) before any step, so a bad photo never stops training midway.
     progress.stage = "encoding the photos"
     data = TrainingData.load(config, reference=reference)
-    limits = [parts.family.token_limit(number, tokenizer) for number, tokenizer in enumerate(parts.tokenizers)]
-    for warning in data.long_prompts(parts.tokenizers, limits=limits):
+    for warning in data.long_prompts(parts.tokenizers, limits=parts.family.tokens_read(parts.tokenizers)):
         print(f"Warning: {warning}")
     data.encode(vae=parts.vae, config=config, device=device, dtype=loading.weight_dtype(precision, device),
                 model_key=_model_key(config, base=base))
