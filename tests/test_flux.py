@@ -18,6 +18,7 @@ from dreambooth_nb.model.loading import load_components
 from dreambooth_nb.planning.planner import plan
 from dreambooth_nb.training.data import TrainingData
 from dreambooth_nb.training.prompts import Prompts
+from one_batch import losses_on_one_batch
 
 train_module = importlib.import_module("dreambooth_nb.training.train")
 PROMPT = "a photo of sks dog"
@@ -86,7 +87,7 @@ def test_a_caption_only_clip_cuts_is_named_with_the_encoder_that_loses_it(flux_c
     (photos / "photo-1.txt").write_text("[trigger] " + "in the snow " * 6)
     config = flux_config()
     parts = load_components(config, device=CPU, precision="no")
-    limits = [FLUX.token_limit(number, tokenizer) for number, tokenizer in enumerate(parts.tokenizers)]
+    limits = FLUX.tokens_read(parts.tokenizers)
     assert limits == [16, 512]
     [warning] = TrainingData.load(config).long_prompts(parts.tokenizers, limits=limits)
     assert str(photos / "photo-1.txt") in warning and "text encoder 1 reads 16 of them" in warning
@@ -98,21 +99,8 @@ def test_the_flow_loss_falls_on_the_photos(flux_config):
     """Forty steps on one batch (the transformer's own weights, a high rate): the flow-matching loss halves."""
     config = flux_config(cache_latents=True)
     parts = load_components(config, device=CPU, precision="no")
-    data = TrainingData.load(config)
-    data.encode(vae=parts.vae, config=config, device=CPU, dtype=torch.float32)
-    batch = data.batch(0, config=config, draw=lambda gen: parts.family.objective.draw(gen, parts.noise_scheduler))
-    prompts = Prompts([PROMPT], family=parts.family, tokenizers=parts.tokenizers)
-    prompts.encode_once(parts.text_encoders, device=CPU)
     parts.denoiser.requires_grad_(True)
-    optimizer = torch.optim.AdamW(parts.denoiser.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(40):
-        loss = train_module.compute_loss(batch, denoiser=parts.denoiser, family=parts.family, prompts=prompts,
-                                         encoders=None, scheduler=parts.noise_scheduler, config=config, device=CPU)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = losses_on_one_batch(config, parts, torch.optim.AdamW(parts.denoiser.parameters(), lr=1e-2))
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
 
 
@@ -183,22 +171,9 @@ def test_adapters_learn_on_a_4bit_base_qlora(flux_config, four_bit_on_cpu):
     assert isinstance(base, bnb.nn.Linear4bit) and base.weight.dtype == torch.uint8
     codes = base.weight.detach().clone()
     trained = method_for(config).setup(parts)
-    data = TrainingData.load(config)
-    data.encode(vae=parts.vae, config=config, device=CPU, dtype=torch.float32)
-    batch = data.batch(0, config=config, draw=lambda gen: parts.family.objective.draw(gen, parts.noise_scheduler))
-    prompts = Prompts([PROMPT], family=parts.family, tokenizers=parts.tokenizers)
-    prompts.encode_once(parts.text_encoders, device=CPU)
     adapters = [p for module in trained.values() for p in module.parameters() if p.requires_grad]
     assert adapters and all(p.dtype == torch.float32 for p in adapters)  # fp32 masters
-    optimizer = torch.optim.AdamW(adapters, lr=3e-2)
-    losses = []
-    for _ in range(40):
-        loss = train_module.compute_loss(batch, denoiser=parts.denoiser, family=parts.family, prompts=prompts,
-                                         encoders=None, scheduler=parts.noise_scheduler, config=config, device=CPU)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = losses_on_one_batch(config, parts, torch.optim.AdamW(adapters, lr=3e-2))
     assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5  # (rank-4 adapters only: slower than all weights)
     assert torch.equal(parts.denoiser.transformer_blocks[0].attn.to_q.base_layer.weight, codes)
 

@@ -16,8 +16,8 @@ from dreambooth_nb.model.families import SD3
 from dreambooth_nb.model.loading import load_components
 from dreambooth_nb.model.objectives import Flow
 from dreambooth_nb.planning.planner import plan
-from dreambooth_nb.training.data import TrainingData
 from dreambooth_nb.training.prompts import Prompts
+from one_batch import losses_on_one_batch
 
 train_module = importlib.import_module("dreambooth_nb.training.train")
 PROMPT = "a photo of sks dog"
@@ -85,22 +85,8 @@ def test_the_flow_loss_falls_on_the_photos(sd3_config):
     """Forty steps on one batch (the transformer's own weights, a high rate): the flow-matching loss halves."""
     config = sd3_config(cache_latents=True)
     parts = load_components(config, device=torch.device("cpu"), precision="no")
-    data = TrainingData.load(config)
-    data.encode(vae=parts.vae, config=config, device=torch.device("cpu"), dtype=torch.float32)
-    batch = data.batch(0, config=config, draw=lambda gen: parts.family.objective.draw(gen, parts.noise_scheduler))
-    prompts = Prompts([PROMPT], family=parts.family, tokenizers=parts.tokenizers)
-    prompts.encode_once(parts.text_encoders, device=torch.device("cpu"))
     parts.denoiser.requires_grad_(True)
-    optimizer = torch.optim.AdamW(parts.denoiser.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(40):
-        loss = train_module.compute_loss(batch, denoiser=parts.denoiser, family=parts.family, prompts=prompts,
-                                         encoders=None, scheduler=parts.noise_scheduler, config=config,
-                                         device=torch.device("cpu"))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = losses_on_one_batch(config, parts, torch.optim.AdamW(parts.denoiser.parameters(), lr=1e-2))
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
 
 

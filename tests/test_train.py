@@ -16,6 +16,7 @@ from dreambooth_nb.model.loading import load_components
 from dreambooth_nb.model.objectives import Diffusion
 from dreambooth_nb.training.prompts import Prompts
 from dreambooth_nb.training.train import compute_loss, make_optimizer
+from one_batch import losses_on_one_batch
 from recording import gradients_of
 
 # The tiny models' draw: a DDPM schedule of 1000 timesteps (what `train` passes as `draw`)
@@ -244,22 +245,9 @@ def test_loss_falls_on_a_fixed_batch(make_config):
     config = make_config(learning_rate=1e-3, train_batch_size=2)
     parts = load_components(config, device=torch.device("cpu"), precision="no")
     method_for(config).setup(parts)  # (which weights train is the method's business)
-    data = TrainingData.load(config)
-    data.encode(vae=parts.vae, config=config.replace(cache_latents=True), device=torch.device("cpu"),
-                dtype=torch.float32)
-    batch = data.batch(0, config=config, draw=uniform_timestep)
-    prompts = Prompts([config.concepts[0].instance_prompt], family=parts.family, tokenizers=parts.tokenizers)
-    prompts.encode_once(parts.text_encoders, device=torch.device("cpu"))
     optimizer, _ = make_optimizer([{"params": parts.denoiser.parameters(), "lr": 1e-3}], config=config,
                                   device=torch.device("cpu"))
-    losses = []
-    for _ in range(40):
-        loss = compute_loss(batch, denoiser=parts.denoiser, family=parts.family, prompts=prompts, encoders=None,
-                            scheduler=parts.noise_scheduler, config=config, device=torch.device("cpu"))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = losses_on_one_batch(config, parts, optimizer, draw=uniform_timestep)
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
 
 
