@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from dreambooth_nb import train
+from dreambooth_nb.dataset.crop import resized_size
 from dreambooth_nb.training.data import item_index, resize_and_crop, sample_generator, to_tensor
 
 data_module = importlib.import_module("dreambooth_nb.training.data")
@@ -35,7 +36,7 @@ def test_resize_and_crop_gives_a_square_of_the_resolution(size):
         out, (top, left) = resize_and_crop(image, resolution=32, center_crop=center,
                                            gen=torch.Generator().manual_seed(0))
         assert out.size == (32, 32)
-        w, h = data_module.resized_size(size, 32)
+        w, h = resized_size(size, 32)
         assert 0 <= top <= h - 32 and 0 <= left <= w - 32
 
 

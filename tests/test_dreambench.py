@@ -52,7 +52,7 @@ def test_the_averages_match_a_hand_computation(monkeypatch):
     dino = {10: e[0], 11: e[0], 12: e[1], 13: e[1], 14: e[0], 15: e[2], 16: e[2], 17: e[2], 20: e[0], 21: e[1]}
     clip = {w: e[0] for w in range(10, 18)} | {20: e[0], 21: diagonal[0]}
     texts = {"a dog in the jungle": e[0], "a dog in the snow": e[1]}  # the token is gone from CLIP-T's text
-    monkeypatch.setattr(judge, "_dino", lambda ims: np.stack([dino[im.width] for im in ims]))
+    monkeypatch.setattr(judge, "image_embeddings", lambda ims: np.stack([dino[im.width] for im in ims]))
     monkeypatch.setattr(judge, "_clip_images", lambda ims: np.stack([clip[im.width] for im in ims]))
     monkeypatch.setattr(judge, "_clip_texts", lambda ts: np.stack([texts[t] for t in ts]))
     renders = {"a sks dog in the jungle": [Image.new("RGB", (w, 8)) for w in (10, 11, 12, 13)],

@@ -130,7 +130,7 @@ def test_unusable_files_in_the_class_folder_are_named_and_not_counted(class_conf
     (folder / "notes.txt").write_text("regularization set v2")
     generate_class_images(config)
     out = capsys.readouterr().out
-    assert "Skipped broken.jpg" in out and "Skipped notes.txt" in out
+    assert "Skipped broken.jpg" in out and "notes.txt is ignored" in out
     found = class_images_of(config)
     assert [p.name for p in found.yours] == ["good.png"] and len(found.selected) == 3
 
@@ -154,3 +154,38 @@ def test_training_uses_exactly_num_class_images_yours_first(class_config, monkey
     monkeypatch.setattr(snapshots, "load_pipeline", no_pipeline)
     train(config)
     assert loaded[-1] == own[:2]
+
+
+def test_class_images_from_captions_see_the_photos_scenes_and_train_with_them(class_config, monkeypatch):
+    """Class image i comes from photo (i mod n)'s caption with the class prompt for `[trigger]` (a photo without
+    a caption: the class prompt alone), keeps that prompt beside it, and trains with it."""
+    from dreambooth_nb.training.data import TrainingData
+
+    config = class_config(class_images_from_captions=True, num_class_images=5)
+    photos = Path(config.concepts[0].instance_data_dir)
+    (photos / "photo-0.txt").write_text("[trigger] on a beach")
+    (photos / "photo-2.txt").write_text("[trigger] in the snow")
+    asked = []
+    real = snapshots.load_pipeline
+
+    def recording(*args, **kwargs):
+        pipe = real(*args, **kwargs)
+
+        def call(prompts, **kw):
+            asked.extend(prompts)
+            return pipe(prompts, **kw)
+        return call
+
+    monkeypatch.setattr(snapshots, "load_pipeline", recording)
+    [folder] = generate_class_images(config)
+    scenes = ["a photo of a dog on a beach", "a photo of a dog", "a photo of a dog in the snow", "a photo of a dog"]
+    assert asked == [scenes[i % 4] for i in range(5)]
+    assert sorted(p.name for p in folder.glob("*.txt")) == ["class-00000.txt", "class-00002.txt", "class-00004.txt"]
+    assert (folder / "class-00002.txt").read_text() == "a photo of a dog in the snow"
+    data = TrainingData.load(config)
+    assert data.classes[0].prompts == [scenes[i % 4] for i in range(5)]
+
+    # Plain class images again (captions off): an image made anew under a number drops the caption it had.
+    classes.class_image_path(folder, 0).unlink()
+    generate_class_images(with_subject(config, num_class_images=5).replace(class_images_from_captions=False))
+    assert not (folder / "class-00000.txt").exists() and (folder / "class-00002.txt").exists()

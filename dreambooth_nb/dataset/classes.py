@@ -1,6 +1,10 @@
 """What a class folder holds for prior preservation: your images first, generated ones by index, and what is
 still missing. Training uses exactly `num_class_images`: your usable images (any name but `class-NNNNN.png`,
 in name order), then generated ones by index; `training.priors` generates only what is missing.
+
+A caption beside a class image (`class-00003.txt`, or one of yours) is that image's prompt, `[trigger]` standing
+for the class prompt, as in a photo folder: `class_images_from_captions` writes the prompt each image was
+generated from there, so training pairs the image with its own scene.
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dreambooth_nb.dataset.images import CAPTION_SUFFIX, IMAGE_SUFFIXES, scan_images
+from dreambooth_nb.dataset.images import IMAGE_SUFFIXES, caption_prompt, scan_images
 
 _NAME = "class-{:05d}.png"
 _NAME_RE = re.compile(r"^class-(\d{5})\.png$")
@@ -31,6 +35,16 @@ class ClassImages:
     """Usable generated images by index."""
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     """Files that cannot be used, with the reason (not counted)."""
+    captions: dict[Path, str] = field(default_factory=dict)
+    """The caption of each usable image that has one (`images.scan_images`)."""
+    warnings: list[str] = field(default_factory=list)
+    """What the folder's scan warned about (a caption without its image, identical images, ...)."""
+
+    def prompts(self, class_prompt: str) -> list[str]:
+        """The prompt of each selected image: its caption with `[trigger]` replaced by `class_prompt`, else
+        `class_prompt`."""
+        return [caption_prompt(self.captions[p], class_prompt) if p in self.captions else class_prompt
+                for p in self.selected]
 
     @property
     def to_generate(self) -> list[int]:
@@ -50,6 +64,7 @@ class ClassImages:
                  + (f" (of {len(self.yours)} found)" if len(self.yours) > self.wanted else "")
                  + f", {used_generated} generated earlier, {len(self.to_generate)} to generate."]
         lines += [f"  Skipped {path.name}: {reason}" for path, reason in self.skipped]
+        lines += [f"  Warning: {warning}" for warning in self.warnings]
         return "\n".join(lines)
 
 
@@ -61,11 +76,8 @@ def class_images(subject, *, resolution: int, decode: bool = True) -> ClassImage
     found = ClassImages(folder=folder, wanted=subject.num_class_images)
     if decode:
         report = scan_images(folder, resolution=resolution, min_images=0, allow_empty=True)
-        usable, found.skipped = report.usable, report.skipped
-        found.skipped += [(path, "a text file: class images all train with the class prompt (captions are read "
-                                 "in photo folders only)")
-                          for path in sorted(folder.iterdir()) if path.suffix.lower() == CAPTION_SUFFIX] \
-            if folder.is_dir() else []
+        usable, found.skipped, found.captions, found.warnings = (report.usable, report.skipped, report.captions,
+                                                                 report.warnings)
     else:
         usable = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
     for path in usable:

@@ -9,7 +9,10 @@ that names the file, says what is wrong with it and what to do.
 `scan_images` runs that once over the whole folder before training, so the user sees every problem at
 once (skipped files with reasons, tiny or duplicate photos, too few photos) instead of one at a time.
 It also reads captions: `dog1.txt` beside `dog1.jpg` describes that photo ("[trigger] wearing a red
-hat"), and `[trigger]` stands for the subject's instance prompt (`caption_prompt`).
+hat"), and `[trigger]` stands for the subject's instance prompt (`caption_prompt`). Masks are paired the same
+way: `dog1.mask.png` beside `dog1.jpg` marks the subject in that photo (white = subject); it is not a photo
+itself, so it is neither trained on nor skipped, and one with no photo of its name is named in a warning.
+`dataset.audit` looks closer at the usable photos (near-duplicates, small or cut-off subjects).
 
 Decisions:
 
@@ -55,6 +58,11 @@ _MAGIC = {
 }
 _HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1", b"avif")
 CAPTION_SUFFIX = ".txt"
+MASK_SUFFIX = ".mask.png"
+"""`photo.mask.png` beside `photo.jpg` is that photo's subject mask (white = subject), for `masked_loss`."""
+SMALL_PHOTO_FRACTION = 0.5
+"""A photo whose shorter side is under this fraction of the training resolution is warned about by `scan_images`
+(scaled up more than 2x, it looks blurry); `dataset.audit` grades the ones between this and the resolution."""
 TRIGGER = "[trigger]"
 """Written in a caption, it stands for the subject's instance prompt: "[trigger] on a beach"."""
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif", ".avif"}
@@ -304,6 +312,17 @@ def _why_unreadable(head: bytes) -> tuple[str, str]:
             "Use JPEG, PNG or WebP photos; delete other files from the folder.")
 
 
+def mask_file(photo) -> Path:
+    """The mask file of `photo`: `dog1.jpg` → `dog1.mask.png` in the same folder."""
+    photo = Path(photo)
+    return photo.with_name(photo.stem + MASK_SUFFIX)
+
+
+def is_mask_file(path) -> bool:
+    """Whether `path` is a mask (`*.mask.png`, any case) rather than a photo, so folder scans can tell them apart."""
+    return Path(path).name.lower().endswith(MASK_SUFFIX)
+
+
 def caption_prompt(caption: str, instance_prompt: str) -> str:
     """The prompt a photo trains with: its caption with `[trigger]` (any case) replaced by the instance prompt."""
     return re.sub(re.escape(TRIGGER), lambda _: instance_prompt, caption, flags=re.IGNORECASE)
@@ -312,13 +331,15 @@ def caption_prompt(caption: str, instance_prompt: str) -> str:
 @dataclass
 class ScanReport:
     """What `scan_images` found in a photo folder. `usable` is sorted; `skipped` holds (file, reason);
-    `captions` maps a usable photo to the text of its `.txt` caption (photos without one are absent)."""
+    `captions` maps a usable photo to the text of its `.txt` caption and `masks` to its `.mask.png` file
+    (photos without one are absent from either)."""
 
     folder: Path
     usable: list[Path] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     captions: dict[Path, str] = field(default_factory=dict)
+    masks: dict[Path, Path] = field(default_factory=dict)
     instance_prompt: str | None = None
 
     def prompts(self, instance_prompt: str) -> list[str]:
@@ -327,9 +348,11 @@ class ScanReport:
                 for p in self.usable]
 
     def summary(self) -> str:
-        """Several lines for the notebook: counts, then each skipped file with its reason, then warnings,
-        then each photo's prompt when some photos have captions."""
+        """Several lines for the notebook: counts (and how many photos have a mask), then each skipped file with
+        its reason, then warnings, then each photo's prompt when some photos have captions."""
         lines = [f"{self.folder}: {len(self.usable)} usable, {len(self.skipped)} skipped"]
+        if self.masks:
+            lines.append(f"Masks: {len(self.masks)} of {len(self.usable)} photos have one ({MASK_SUFFIX})")
         if self.skipped:
             lines.append("Skipped:")
             lines += [f"  - {p.name}: {reason}" for p, reason in self.skipped]
@@ -372,13 +395,19 @@ def scan_images(folder, *, resolution: int = 512, min_images: int = 3, allow_emp
     Each file is loaded exactly as training will load it (`load_image(path, max_side=resolution)`), so a
     file that passes here cannot fail later. Hidden files (`.DS_Store`, `.ipynb_checkpoints`) and
     subfolders are skipped with a reason. Warnings: photos whose shorter side is under half the
-    training resolution (they get blurry when scaled up), identical pictures (same pixels, so also
-    byte-identical copies), and fewer than `min_images` usable photos.
+    training resolution (`SMALL_PHOTO_FRACTION`: they get blurry when scaled up), identical pictures (same
+    pixels, so also byte-identical copies), and fewer than `min_images` usable photos. These two facts are
+    warned about here only; `dataset.audit` leaves them out (it grades the milder sizes, and finds pictures
+    that are alike without being identical).
 
     Captions: `name.txt` beside the photo `name.jpg` (same name, any image extension) is that photo's
     caption. A `.txt` with no photo of its name, or one that is empty, unreadable or not UTF-8, is named in
     a warning (its photo, if any, trains with the instance prompt). `instance_prompt` only serves the
     summary, which then shows each photo's prompt with `[trigger]` replaced.
+
+    Masks: `name.mask.png` beside the photo `name.jpg` is that photo's subject mask (`report.masks`); it is
+    not opened here (it is not a photo: neither usable nor skipped). One with no usable photo of its name is
+    named in a warning, like a caption.
 
     Raises `DataError` when the folder is missing, empty, or holds no usable photo at all — unless
     `allow_empty` (a class-image folder, filled later by generation), which reports that as it is.
@@ -404,6 +433,7 @@ def scan_images(folder, *, resolution: int = 512, min_images: int = 3, allow_emp
     sizes: dict[Path, tuple[int, int]] = {}
     by_pixels: dict[str, list[Path]] = {}
     caption_files: list[Path] = []
+    mask_files: list[Path] = []
     for path in entries:
         if path.name.startswith("."):
             report.skipped.append((path, "hidden or system file"))
@@ -413,6 +443,9 @@ def scan_images(folder, *, resolution: int = 512, min_images: int = 3, allow_emp
             continue
         if path.suffix.lower() == CAPTION_SUFFIX:
             caption_files.append(path)
+            continue
+        if is_mask_file(path):
+            mask_files.append(path)
             continue
         try:
             with load_image(path, max_side=resolution) as im:
@@ -426,10 +459,12 @@ def scan_images(folder, *, resolution: int = 512, min_images: int = 3, allow_emp
         by_pixels.setdefault(digest.hexdigest(), []).append(path)
     report.usable.sort()
     _match_captions(report, caption_files)
+    _match_masks(report, mask_files)
 
     if not report.usable and not allow_empty:
         why = "\n".join([f"  - {p.name}: {reason}" for p, reason in report.skipped]
-                        + [f"  - {p.name}: a caption, with no photo of its name" for p in caption_files])
+                        + [f"  - {p.name}: a caption, with no photo of its name" for p in caption_files]
+                        + [f"  - {p.name}: a mask, with no photo of its name" for p in mask_files])
         subfolders = [p.name for p, r in report.skipped if r.startswith("a subfolder")]
         hint = (f" Your photos may be in the subfolder {', '.join(subfolders)}: point the setting at it."
                 if subfolders else "")
@@ -438,7 +473,7 @@ def scan_images(folder, *, resolution: int = 512, min_images: int = 3, allow_emp
 
     for path in report.usable:
         w, h = sizes[path]
-        if min(w, h) < resolution / 2:
+        if min(w, h) < resolution * SMALL_PHOTO_FRACTION:
             report.warnings.append(
                 f"{path.name} is only {w}x{h} px, much smaller than the training resolution "
                 f"{resolution}x{resolution}; it will look blurry. Use a larger original if you have one.")
@@ -454,19 +489,28 @@ def scan_images(folder, *, resolution: int = 512, min_images: int = 3, allow_emp
     return report
 
 
-def _match_captions(report: ScanReport, caption_files: list[Path]) -> None:
-    """Attach each `.txt` to the usable photos of its name; warn about the ones that fit no photo."""
+def _photos_by_stem(report: ScanReport) -> dict[str, list[Path]]:
+    """Usable photos by name without extension: `dog1.txt` and `dog1.mask.png` belong to `dog1.jpg`."""
     photos_by_stem: dict[str, list[Path]] = {}
     for photo in report.usable:
         photos_by_stem.setdefault(photo.stem, []).append(photo)
-    skipped = {p.stem for p, _ in report.skipped}
+    return photos_by_stem
+
+
+def _warn_unmatched(report: ScanReport, path: Path, stem: str, *, what: str, example: str) -> None:
+    """Warn that the caption or mask `path`, which belongs to the photo named `stem`, has no usable photo."""
+    why = (f"its photo {stem}.* was skipped (see above)" if stem in {p.stem for p, _ in report.skipped} else
+           f"there is no photo named {stem}.jpg (or .png, ...)")
+    report.warnings.append(f"{path.name} is ignored: {why}. A {what} must have its photo's name, e.g. {example}.")
+
+
+def _match_captions(report: ScanReport, caption_files: list[Path]) -> None:
+    """Attach each `.txt` to the usable photos of its name; warn about the ones that fit no photo."""
+    photos_by_stem = _photos_by_stem(report)
     for path in caption_files:
         photos = photos_by_stem.get(path.stem)
         if not photos:
-            why = (f"its photo {path.stem}.* was skipped (see above)" if path.stem in skipped else
-                   f"there is no photo named {path.stem}.jpg (or .png, ...)")
-            report.warnings.append(f"{path.name} is ignored: {why}. A caption must have its photo's name, "
-                                   f"e.g. dog1.jpg + dog1.txt.")
+            _warn_unmatched(report, path, path.stem, what="caption", example="dog1.jpg + dog1.txt")
             continue
         caption, warning = read_caption(path)
         if warning:
@@ -474,6 +518,19 @@ def _match_captions(report: ScanReport, caption_files: list[Path]) -> None:
             continue
         for photo in photos:
             report.captions[photo] = caption
+
+
+def _match_masks(report: ScanReport, mask_files: list[Path]) -> None:
+    """Attach each `name.mask.png` to the usable photos named `name`; warn about the ones that fit no photo."""
+    photos_by_stem = _photos_by_stem(report)
+    for path in mask_files:
+        stem = path.name[: -len(MASK_SUFFIX)]
+        photos = photos_by_stem.get(stem)
+        if not photos:
+            _warn_unmatched(report, path, stem, what="mask", example=f"dog1.jpg + dog1{MASK_SUFFIX}")
+            continue
+        for photo in photos:
+            report.masks[photo] = path
 
 
 def thumbnail_grid(paths, *, size: int = 96, columns: int = 8) -> Image.Image:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dreambooth_nb.config import TrainConfig
+from dreambooth_nb.config import TrainConfig, class_noun
 from dreambooth_nb.errors import ConfigError, DataError, DreamboothError
 from dreambooth_nb.results.compare import load_rgb, subject_photos
 from dreambooth_nb.results.evaluate import EvalSpec, render
@@ -116,7 +116,7 @@ class DreamBenchJudge(EmbeddingJudge):
                    name="tiny random DINO + CLIP (tests)", image_pixels=clip._image_pixels,
                    clip_pixels=clip._clip_pixels)
 
-    def _dino(self, images) -> np.ndarray:
+    def image_embeddings(self, images) -> np.ndarray:
         import torch
 
         # DINO's embedding is the CLS token after the last layer norm (ViTModel's last_hidden_state is normed).
@@ -159,7 +159,7 @@ def score(judge: DreamBenchJudge, *, renders: dict, photos: list, token: str) ->
     # Each prompt's text embedding, repeated for its images (in `generated`'s order).
     text = np.repeat(judge._clip_texts(texts), IMAGES_PER_PROMPT, axis=0)
     clip = judge._clip_images(generated)
-    return {"DINO": float((judge._dino(generated) @ judge._dino(photos).T).mean()),
+    return {"DINO": float((judge.image_embeddings(generated) @ judge.image_embeddings(photos).T).mean()),
             "CLIP-I": float((clip @ judge._clip_images(photos).T).mean()),
             "CLIP-T": float((clip * text).sum(axis=1).mean()),
             "images": len(generated)}
@@ -197,7 +197,7 @@ def subject_words(instance_prompt: str, class_prompt: str | None) -> tuple[str, 
     last word ("a photo of a dog" → "dog"; without one, the instance prompt's), the token the instance
     prompt's words before it that the class prompt lacks ("a photo of sks dog" → "sks")."""
     words = instance_prompt.split()
-    noun = (class_prompt or instance_prompt).split()[-1]
+    noun = class_noun(instance_prompt, class_prompt)
     if noun not in words:
         raise ConfigError(f"dreambench: the instance prompt {instance_prompt!r} does not name the class {noun!r} of "
                           f"{class_prompt!r}; DreamBench's prompts need both, as 'a photo of sks {noun}'.")

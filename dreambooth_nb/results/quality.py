@@ -211,23 +211,23 @@ class EmbeddingJudge:
 
     # --- the four metrics
     def subject_fidelity(self, renders, photos, *, prompt: str | None = None) -> float:
-        return float((self._dino(renders) @ self._dino(photos).T).mean())  # (the photos say it all: no prompt)
+        return float((self.image_embeddings(renders) @ self.image_embeddings(photos).T).mean())  # (the photos say it all: no prompt)
 
     def prompt_fidelity(self, renders, prompt: str) -> float:
         return float((self._clip_images(renders) @ self._clip_texts([prompt]).T).mean())
 
     def prior_preservation(self, renders, base_renders) -> float:
-        return float((self._dino(renders) * self._dino(base_renders)).sum(axis=1).mean())
+        return float((self.image_embeddings(renders) * self.image_embeddings(base_renders)).sum(axis=1).mean())
 
     def diversity(self, renders) -> float | None:
         if len(renders) < 2:
             return None
-        e = self._dino(renders)
+        e = self.image_embeddings(renders)
         similarity = e @ e.T
         return float(1 - similarity[np.triu_indices(len(e), k=1)].mean())
 
     # --- embeddings (unit length)
-    def _dino(self, images) -> np.ndarray:
+    def image_embeddings(self, images) -> np.ndarray:
         import torch
 
         with torch.no_grad():

@@ -16,6 +16,10 @@ this world from captions such as ``"a photo of a red circle"`` or
   Neither purple nor orange occurs in the captioned world, nor does its identifier `sks` (never in a
   caption). `subject_images` gives a few instance photos of it; `SUBJECT_INSTANCE_PROMPT`,
   `SUBJECT_CLASS_PROMPT` and `SUBJECT_CONTEXT_PROMPT` are the prompts to use with it.
+* Photo sets for the photo-folder audit (`dataset.audit`): `subject_photo_with_mask` renders one photo with its
+  ground-truth subject mask (any canvas size, e.g. a 48x32 "landscape" photo), `subject_photos_with_masks` the
+  `subject_images` with their masks, and `photo_set_with_problems` a set with planted problems (a near-duplicate
+  pair, a tiny subject, a subject the square training crop cuts off).
 """
 
 from __future__ import annotations
@@ -143,8 +147,10 @@ def _fill(colour, *, pattern: str, second_colour, cell: int, origin, vertical: b
 
 
 def render(colour, shape: str, *, background="white", size: float = DEFAULT_SIZE, position=None, rng=None,
-           pattern: str = "solid", second_colour=None, cell: int = 4, vertical: bool = False) -> Image.Image:
-    """Render one `shape` in `colour` (a name or an RGB tuple) over `background` as a 32 px RGB image.
+           pattern: str = "solid", second_colour=None, cell: int = 4, vertical: bool = False,
+           canvas: tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE)) -> Image.Image:
+    """Render one `shape` in `colour` (a name or an RGB tuple) over `background` as a 32 px RGB image
+    (`canvas`: another (width, height), e.g. (48, 32) for a landscape photo; the world's images are square).
 
     `size` is the circle's diameter, the square's side, or the (upward-pointing) triangle's base and
     height, in pixels; `position` its centre (default: the image centre). Without `rng` the result is an
@@ -155,8 +161,10 @@ def render(colour, shape: str, *, background="white", size: float = DEFAULT_SIZE
     """
     if shape not in SHAPES and shape != "ellipse":
         raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    width, height = canvas
+    side = max(canvas)  # drawn on a square `side` canvas, as the square images are, then cut to `canvas`
     if position is None:
-        position = (IMAGE_SIZE / 2, IMAGE_SIZE / 2)
+        position = (width / 2, height / 2)
     fg, bg = np.array(_rgb(colour), float), np.array(_rgb(background), float)
     fg2 = np.array(_rgb(second_colour), float) if second_colour is not None else fg
     if rng is not None:
@@ -165,12 +173,13 @@ def render(colour, shape: str, *, background="white", size: float = DEFAULT_SIZE
         bg = bg + rng.normal(0, 6, 3)
     clip = lambda c: tuple(int(v) for v in np.clip(np.round(c), 0, 255))  # noqa: E731
     origin = (position[0] - size / 2, position[1] - size / 2)
-    fill = _fill(clip(fg), pattern=pattern, second_colour=clip(fg2), cell=cell, origin=origin, vertical=vertical)
+    fill = _fill(clip(fg), pattern=pattern, second_colour=clip(fg2), cell=cell, origin=origin, vertical=vertical,
+                 image_size=side)
     big = Image.new("RGB", fill.size, clip(bg))
-    big.paste(fill, (0, 0), _shape_mask(shape, size, position))
-    image = big.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX)
+    big.paste(fill, (0, 0), _shape_mask(shape, size, position, image_size=side))
+    image = big.crop((0, 0, width * _SUPERSAMPLE, height * _SUPERSAMPLE)).resize(canvas, Image.BOX)
     if rng is not None:
-        pixels = np.asarray(image, float) + rng.normal(0, 3, (IMAGE_SIZE, IMAGE_SIZE, 3))
+        pixels = np.asarray(image, float) + rng.normal(0, 3, (height, width, 3))
         image = Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8), "RGB")
     return image
 
@@ -313,11 +322,27 @@ def sample_broad(n: int, seed: int = 0, *, p_world: float = 0.2) -> list[Image.I
 
 
 def render_subject(*, background="white", size: float = 20, position=None, rng=None,
-                   shape: str = SUBJECT_CLASS) -> Image.Image:
+                   shape: str = SUBJECT_CLASS, canvas: tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE)) -> Image.Image:
     """The Dreambooth subject: a circle with horizontal purple-and-orange stripes (`shape`: the same paint on
     another shape, a second subject for runs of several concepts, "a photo of sks square")."""
     return render(SUBJECT_COLOURS[0], shape, background=background, size=size, position=position, rng=rng,
-                  pattern=SUBJECT_PATTERN, second_colour=SUBJECT_COLOURS[1], cell=SUBJECT_STRIPE_WIDTH)
+                  pattern=SUBJECT_PATTERN, second_colour=SUBJECT_COLOURS[1], cell=SUBJECT_STRIPE_WIDTH, canvas=canvas)
+
+
+def subject_photo_with_mask(*, background="white", size: float = 20, position=None, rng=None,
+                            shape: str = SUBJECT_CLASS,
+                            canvas: tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE)) -> tuple[Image.Image, Image.Image]:
+    """(`render_subject`'s photo, its subject mask): the mask is the ground truth the photo was painted through,
+    an "L" image of the photo's size whose value is the fraction of each pixel the subject covers (255 = all),
+    so the subject's area in pixels is exactly `sum(mask) / 255`. Part of the subject outside `canvas` is in
+    neither: a photo shows what the camera framed."""
+    width, height = canvas
+    if position is None:
+        position = (width / 2, height / 2)
+    photo = render_subject(background=background, size=size, position=position, rng=rng, shape=shape, canvas=canvas)
+    mask = _shape_mask(shape, size, position, image_size=max(canvas))
+    mask = mask.crop((0, 0, width * _SUPERSAMPLE, height * _SUPERSAMPLE)).resize(canvas, Image.BOX)
+    return photo, mask
 
 
 def subject_images(n: int = 5, seed: int = 0, *, shape: str = SUBJECT_CLASS) -> list[Image.Image]:
@@ -327,6 +352,12 @@ def subject_images(n: int = 5, seed: int = 0, *, shape: str = SUBJECT_CLASS) -> 
     so the subject is never shown on the black background of `SUBJECT_CONTEXT_PROMPT`. `shape` paints the
     subject's stripes on another of `SHAPES` (a second subject; see `render_subject`).
     """
+    return [photo for photo, _ in subject_photos_with_masks(n, seed, shape=shape)]
+
+
+def subject_photos_with_masks(n: int = 5, seed: int = 0, *,
+                              shape: str = SUBJECT_CLASS) -> list[tuple[Image.Image, Image.Image]]:
+    """`subject_images(n, seed, shape=shape)`, each photo with its subject mask (`subject_photo_with_mask`)."""
     rng = np.random.default_rng(10_000 + seed)
     out = []
     for i in range(n):
@@ -334,5 +365,36 @@ def subject_images(n: int = 5, seed: int = 0, *, shape: str = SUBJECT_CLASS) -> 
         c = IMAGE_SIZE / 2
         position = (c + float(rng.uniform(-3, 3)), c + float(rng.uniform(-3, 3)))
         background = SUBJECT_BACKGROUNDS[i % len(SUBJECT_BACKGROUNDS)]
-        out.append(render_subject(background=background, size=size, position=position, rng=rng, shape=shape))
+        out.append(subject_photo_with_mask(background=background, size=size, position=position, rng=rng, shape=shape))
     return out
+
+
+def photo_set_with_problems(seed: int = 0) -> dict[str, tuple[Image.Image, Image.Image]]:
+    """A subject's photo set with three planted problems, as file name -> (photo, subject mask).
+
+    * `photo-1.png` .. `photo-3.png`: good photos (32x32, the subject 17-22 px wide, placed and sized apart).
+    * `burst-1.png`, `burst-2.png`: a near-duplicate pair, like two shots of a burst: the same subject, size,
+      background and colours (one exposure), 1 px apart along the stripes, and the second with more pixel noise
+      (so not pixel-identical). A shift across the stripes is not a near-duplicate at this size: 1 px is an
+      eighth of the stripes' period, which changes the picture as much as a new photo would.
+    * `tiny.png`: the subject only 5 px wide (2 % of the picture).
+    * `edge.png`: a 48x32 (3:2) photo with the subject at its left edge, where the square centre crop of
+      training (columns 8-39) cuts off about half of it.
+
+    The placements are fixed, so every `seed` plants the same problems; `seed` only changes jitter and noise.
+    """
+    def photo(k, **placement):
+        return subject_photo_with_mask(rng=np.random.default_rng([seed, k]), **placement)
+
+    burst, burst_mask = photo(4, background="white", size=19, position=(19.0, 14.0))
+    noise = np.random.default_rng([seed, 5]).normal(0, 3, (IMAGE_SIZE, IMAGE_SIZE, 3))
+    burst = Image.fromarray(np.clip(np.round(np.asarray(burst, float) + noise), 0, 255).astype(np.uint8), "RGB")
+    return {
+        "photo-1.png": photo(1, background="white", size=20, position=(13.0, 17.5)),
+        "photo-2.png": photo(2, background="gray", size=22, position=(18.5, 15.0)),
+        "photo-3.png": photo(3, background="gray", size=17, position=(14.0, 19.0)),
+        "burst-1.png": photo(4, background="white", size=19, position=(18.0, 14.0)),
+        "burst-2.png": (burst, burst_mask),
+        "tiny.png": photo(6, background="white", size=5, position=(16.0, 16.0)),
+        "edge.png": photo(7, background="gray", size=18, position=(7.0, 16.0), canvas=(48, 32)),
+    }

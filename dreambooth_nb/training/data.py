@@ -27,7 +27,9 @@ from PIL import Image
 from dreambooth_nb.training import distributed
 from dreambooth_nb.errors import DataError
 from dreambooth_nb.dataset.classes import class_images
+from dreambooth_nb.dataset.crop import center_crop_origin, resized_size
 from dreambooth_nb.dataset.images import load_image, scan_images
+from dreambooth_nb.dataset.masks import Mask, Segmenter, subject_masks
 from dreambooth_nb.storage import atomic_write_bytes
 
 INSTANCE, CLASS = 0, 1  # stream ids of subject 0: photos and class images draw from independent streams
@@ -48,19 +50,6 @@ def item_index(seed: int, stream: int, position: int, n_items: int) -> int:
     """
     epoch, offset = divmod(position, n_items)
     return int(np.random.default_rng((seed, stream, epoch)).permutation(n_items)[offset])
-
-
-def resized_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
-    """(width, height) after scaling so that the shorter side is `resolution`."""
-    w, h = size
-    scale = resolution / min(w, h)
-    return max(resolution, round(w * scale)), max(resolution, round(h * scale))
-
-
-def center_crop_origin(size: tuple[int, int], resolution: int) -> tuple[int, int]:
-    """(top, left) of the centred square crop of an image of `size` (width, height) at `resolution`."""
-    w, h = resized_size(size, resolution)
-    return (h - resolution) // 2, (w - resolution) // 2
 
 
 def resize_and_crop(image: Image.Image, *, resolution: int, center_crop: bool,
@@ -101,6 +90,9 @@ class ImageFolder:
     names: list[str]
     caption_files: list[Path | None]
     """Per image: the `.txt` its prompt came from, or None (the folder's prompt)."""
+    masks: list[Image.Image | None] | None = None
+    """Per image, with `masked_loss`: its subject mask ("L", white = subject) at the image's size; None: every
+    pixel counts the same."""
 
     def original_size(self, index: int) -> tuple[int, int]:
         """(height, width) of the photo as it was, before any scaling (SDXL's `original_size`)."""
@@ -108,8 +100,9 @@ class ImageFolder:
         return h, w
 
     @classmethod
-    def load(cls, folder, *, prompt: str, resolution: int, min_images: int = 1) -> "ImageFolder":
-        """The photos of `folder` with their captions (`images.scan_images`), warnings printed."""
+    def load(cls, folder, *, prompt: str, resolution: int, min_images: int = 1, masks=None) -> "ImageFolder":
+        """The photos of `folder` with their captions (`images.scan_images`), warnings printed. `masks`: a
+        `MaskSource` to give each photo its subject mask (`masked_loss`)."""
         report = scan_images(folder, resolution=resolution, instance_prompt=prompt)
         for warning in report.warnings:
             print(f"Warning: {warning}")
@@ -120,21 +113,37 @@ class ImageFolder:
         folder = cls.from_paths(report.usable, prompt=prompt, resolution=resolution)
         folder.prompts = report.prompts(prompt)
         folder.caption_files = [p.with_suffix(".txt") if p in report.captions else None for p in report.usable]
+        if masks is not None:
+            folder.masks = [mask.image for mask in masks.of(report.usable, folder.images)]
         return folder
 
     @classmethod
-    def from_paths(cls, paths, *, prompt: str, resolution: int) -> "ImageFolder":
-        """These images, all with `prompt` (already checked, e.g. the class images `dataset.classes.class_images`
-        selected)."""
+    def from_paths(cls, paths, *, prompt: str, resolution: int, prompts: list[str] | None = None) -> "ImageFolder":
+        """These images (already checked, e.g. the class images `dataset.classes.class_images` selected), each with
+        its entry of `prompts`, else all with `prompt`."""
         paths = list(paths)
         if not paths:
             raise DataError("No images to train on: the list is empty.")
         images = [load_image(path, max_side=resolution) for path in paths]
-        return cls(images=images, prompts=[prompt] * len(paths), names=[Path(p).name for p in paths],
-                   caption_files=[None] * len(paths))
+        return cls(images=images, prompts=list(prompts) if prompts is not None else [prompt] * len(paths),
+                   names=[Path(p).name for p in paths], caption_files=[None] * len(paths))
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def loss_weights(self, index: int, *, resolution: int, flip: bool, crop: tuple[int, int],
+                     latent_size: tuple[int, int], background: float) -> torch.Tensor:
+        """(1, h, w) loss weights of image `index` on the latent grid: its mask cut exactly as its pixels were
+        (scaled, mirrored when `flip`, cropped at `crop` — the corner `pixels` and `LatentSource.sample` return,
+        already in mirrored coordinates), averaged over each latent cell (a cell half on the subject weighs half),
+        then `background` + (1 − `background`) × mask."""
+        mask = self.masks[index].resize(resized_size(self.masks[index].size, resolution), Image.BILINEAR)
+        if flip:
+            mask = mask.transpose(Image.FLIP_LEFT_RIGHT)
+        top, left = crop
+        mask = mask.crop((left, top, left + resolution, top + resolution))
+        cells = np.asarray(mask.resize((latent_size[1], latent_size[0]), Image.BOX), dtype=np.float32) / 255.0
+        return torch.from_numpy(background + (1.0 - background) * cells)[None]
 
     def pixels(self, index: int, *, resolution: int, center_crop: bool, flip: bool,
                gen: torch.Generator) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -144,6 +153,35 @@ class ImageFolder:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
             crop = _flipped(crop, width=resized_size(self.images[index].size, resolution)[0], resolution=resolution)
         return to_tensor(image), crop
+
+
+SUBJECT_MASKS = "subject-masks"
+"""Beside the run folders (`output_dir`'s parent): the automatic subject masks, made once per photo and shared by
+every run there (notebook 1 shows them; training reads them back)."""
+
+
+def mask_cache_dir(config) -> Path:
+    return Path(config.output_dir).parent / SUBJECT_MASKS
+
+
+@dataclass
+class MaskSource:
+    """Where one subject's masks come from (`masked_loss`): `photo.mask.png`, else `segmenter` prompted with the
+    class `word`, loaded only if some photo needs it and cached in `cache_dir` (`masks.subject_masks`)."""
+
+    word: str
+    segmenter: str
+    cache_dir: Path
+    device: torch.device | None = None
+
+    @classmethod
+    def of_subject(cls, config, subject, *, device: torch.device | None = None) -> "MaskSource":
+        return cls(word=subject.class_noun, segmenter=config.mask_segmenter, cache_dir=mask_cache_dir(config),
+                   device=device)
+
+    def of(self, photos: list[Path], images: list[Image.Image]) -> list[Mask]:
+        return subject_masks(photos, images, word=self.word, cache_dir=self.cache_dir,
+                             segmenter=Segmenter.loader(self.segmenter, device=self.device))
 
 
 class LatentSource:
@@ -249,17 +287,19 @@ class TrainingData:
         return self.texts.index(text)
 
     @classmethod
-    def load(cls, config, *, reference: list[list] = ()) -> "TrainingData":
-        """Every subject's photos (captions read) and, with prior preservation, exactly its selected class
-        images (`dataset.classes.class_images`: yours first, then generated ones); `reference`: per subject, the
-        validation renders of its class prompt (`priors.reference_images`). Bad files are reported here,
-        before any step."""
+    def load(cls, config, *, reference: list[list] = (), device: torch.device | None = None) -> "TrainingData":
+        """Every subject's photos (captions read; with `masked_loss` their masks, an automatic one made on
+        `device`) and, with prior preservation, exactly its selected class images (`dataset.classes.class_images`:
+        yours first, then generated ones); `reference`: per subject, the validation renders of its class prompt
+        (`priors.reference_images`). Bad files are reported here, before any step."""
         subjects = config.concepts
-        photos = [ImageFolder.load(s.instance_data_dir, prompt=s.instance_prompt, resolution=config.resolution)
+        photos = [ImageFolder.load(s.instance_data_dir, prompt=s.instance_prompt, resolution=config.resolution,
+                                   masks=MaskSource.of_subject(config, s, device=device) if config.masked_loss else None)
                   for s in subjects]
-        classes = [ImageFolder.from_paths(class_images(s, resolution=config.resolution).selected, prompt=s.class_prompt,
-                                          resolution=config.resolution)
-                   for s in subjects] if config.with_prior_preservation else []
+        found = [class_images(s, resolution=config.resolution) for s in subjects] if config.with_prior_preservation \
+            else []
+        classes = [ImageFolder.from_paths(f.selected, prompt=s.class_prompt, prompts=f.prompts(s.class_prompt),
+                                          resolution=config.resolution) for s, f in zip(subjects, found)]
         rendered = [ImageFolder.from_paths(paths, prompt=s.class_prompt, resolution=config.resolution)
                     for s, paths in zip(subjects, reference) if paths]
         return cls(photos, classes, reference=rendered)
@@ -335,6 +375,11 @@ class TrainingData:
                 rows.append(dict(latents=latent, noise=noise, timesteps=timestep, prompt=prompt_ids[subject][index],
                                  is_prior=is_prior, subject=subject, image=index,
                                  original_size=source.folder.original_size(index), crop=crop))
+                if config.masked_loss:  # class images are never masked: they keep the whole picture of the class
+                    rows[-1]["mask_weights"] = torch.ones((1, *latent.shape[-2:])) if source.folder.masks is None else \
+                        source.folder.loss_weights(index, resolution=config.resolution, flip=flip, crop=crop,
+                                                   latent_size=latent.shape[-2:],
+                                                   background=config.mask_background_weight)
         return {key: torch.stack([torch.as_tensor(row[key]) for row in rows]) for key in rows[0]}
 
 

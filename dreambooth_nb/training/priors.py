@@ -22,7 +22,7 @@ from dreambooth_nb.model import snapshots
 from dreambooth_nb.errors import DataError
 from dreambooth_nb.model.base import BaseModel
 from dreambooth_nb.dataset.classes import class_image_path, class_images
-from dreambooth_nb.dataset.images import png_bytes
+from dreambooth_nb.dataset.images import CAPTION_SUFFIX, png_bytes, scan_images
 from dreambooth_nb.progress import in_task, report
 from dreambooth_nb.training.validation import REFERENCE_IMAGES, hash_seed
 from dreambooth_nb.storage import atomic_write_bytes
@@ -129,20 +129,38 @@ def _missing(subject, *, resolution: int, shard: tuple[int, int], quiet: bool) -
     return [index for index in found.to_generate if index % processes == rank]
 
 
+def class_image_prompts(subject, *, config) -> list[str]:
+    """The prompts class images are generated from, image i from entry i mod n: the class prompt alone, or with
+    `class_images_from_captions` one per photo — its caption with the class prompt in place of `[trigger]` (a
+    photo without a caption: the class prompt), as the photo's own prompt has the instance prompt there."""
+    if not config.class_images_from_captions:
+        return [subject.class_prompt]
+    report = scan_images(subject.instance_data_dir, resolution=config.resolution)
+    return report.prompts(subject.class_prompt)
+
+
 def _generate(subject, missing: list[int], *, config, pipe, quiet: bool) -> None:
-    """Images `missing` of `subject`'s class prompt (at `config`'s seed, size and batch), written atomically one
-    by one."""
+    """Images `missing` of `subject`'s class prompt (at `config`'s seed, size and batch; from the photos' captions
+    with `class_images_from_captions`), written atomically one by one; an image made from another prompt than
+    the class prompt keeps it in its caption file."""
     folder = Path(subject.class_data_dir)
+    prompts = class_image_prompts(subject, config=config)
     with tqdm(total=len(missing), desc="Class images", **({"disable": True} if in_task() else {})) as bar:
         for start in range(0, len(missing), config.sample_batch_size):
             report("generating class images", start, len(missing))
             batch = missing[start:start + config.sample_batch_size]
             # One generator per image: image i does not depend on which batch it lands in.
             generators = [torch.Generator("cpu").manual_seed(image_seed(config.seed, i)) for i in batch]
-            images = pipe([subject.class_prompt] * len(batch), generator=generators,
-                          height=config.resolution, width=config.resolution).images
-            for index, image in zip(batch, images):
-                atomic_write_bytes(class_image_path(folder, index), png_bytes(image))
+            texts = [prompts[i % len(prompts)] for i in batch]
+            images = pipe(texts, generator=generators, height=config.resolution, width=config.resolution).images
+            for index, text, image in zip(batch, texts, images):
+                path = class_image_path(folder, index)
+                caption = path.with_suffix(CAPTION_SUFFIX)  # (before the image: an image is used once it exists)
+                if text != subject.class_prompt:
+                    atomic_write_bytes(caption, text.encode())
+                else:  # a caption left from an earlier image of this number must not describe this one
+                    caption.unlink(missing_ok=True)
+                atomic_write_bytes(path, png_bytes(image))
             bar.update(len(batch))
     still_missing = [i for i in missing if not class_image_path(folder, i).is_file()]
     if still_missing:

@@ -206,6 +206,12 @@ def _train(config: TrainConfig, *, on_step, on_validation, on_snapshot=None, pro
         accelerator.wait_for_everyone()
         reference = reference_images(config) if main else []
 
+    # --- Data: images loaded (and checked) before any step, so a bad photo never stops training midway; before
+    # the model, so an automatic subject mask's segmenter never shares the GPU with it. (Each process masks the
+    # photos it lacks masks for; the first to finish caches them for the others and for every later run.)
+    progress.stage = "loading the photos"
+    data = TrainingData.load(config, reference=reference, device=accelerator.device)
+
     progress.stage = "loading the model"
     device = accelerator.device
     # Frozen text encoders encode every prompt before the denoiser loads, so the two never share the GPU
@@ -215,9 +221,7 @@ def _train(config: TrainConfig, *, on_step, on_validation, on_snapshot=None, pro
                                     with_denoiser=not encode_first)
     loading.enable_tf32(device)
 
-    # --- Data: images loaded (and checked) before any step, so a bad photo never stops training midway.
     progress.stage = "encoding the photos"
-    data = TrainingData.load(config, reference=reference)
     for warning in data.long_prompts(parts.tokenizers, limits=parts.family.tokens_read(parts.tokenizers)):
         print(f"Warning: {warning}")
     data.encode(vae=parts.vae, config=config, device=device, dtype=loading.weight_dtype(precision, device),
@@ -392,7 +396,8 @@ def compute_loss(batch, *, denoiser, family, prompts, encoders, scheduler, confi
     noisy, timesteps, target = objective.noisy_and_target(scheduler, latents, noise, indices)
     hidden, added = prompts.conditioning(batch, encoders=encoders, device=device, resolution=config.resolution)
     prediction = family.predict(denoiser, noisy, timesteps, hidden, added)
-    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    mask_weights = batch["mask_weights"].to(device) if "mask_weights" in batch else None
+    per_sample = per_sample_loss(prediction, target, mask_weights=mask_weights)
     weights = objective.weights(scheduler, indices, snr_gamma=config.snr_gamma)
     if weights is not None:
         per_sample = per_sample * weights
@@ -401,6 +406,19 @@ def compute_loss(batch, *, denoiser, family, prompts, encoders, scheduler, confi
     if config.with_prior_preservation:
         return instance + config.prior_loss_weight * per_sample[prior].mean()
     return instance
+
+
+def per_sample_loss(prediction: torch.Tensor, target: torch.Tensor, *, mask_weights: torch.Tensor | None = None):
+    """Each sample's mean squared error; with `mask_weights` ((B, 1, h, w) on the latent grid, the same for every
+    channel: `masked_loss`) each error weighted before the mean. Not renormalised by the weights' mean: a subject
+    pixel then pulls exactly as hard as without a mask — the study's learning rates still hold for the subject —
+    and only the background pulls less (renormalising would raise the subject's effective learning rate by
+    1 / mean weight, ×2.7 for a subject filling a third of the photo: on the toy model that overfit within 150
+    steps). A mask of ones is exactly the unmasked loss."""
+    error = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    if mask_weights is None:
+        return error.mean(dim=(1, 2, 3))
+    return (error * mask_weights).mean(dim=(1, 2, 3))
 
 
 # --- Optimizer --------------------------------------------------------------------------------
