@@ -68,6 +68,14 @@ LEARNING_RATE = 0.0  #@param {type:"number"}
 MAX_STEPS = 0  #@param {type:"integer"}
 #@markdown Stop by itself at the snapshot notebook 4 would suggest (each snapshot rendered and measured as it is saved; the judge downloads once), or train to MAX_STEPS.
 STOP_WHEN = "end"  #@param ["end", "suggested"]
+#@markdown Your photos: the captioning model "Draft captions" uses below (Florence-2 base: about a second per photo on a T4; or `Salesforce/blip-image-captioning-large`), and whether to draft when the cell runs (the button does the same).
+CAPTIONER = "florence-community/Florence-2-base"  #@param {type:"string"}
+DRAFT_CAPTIONS = False  #@param {type:"boolean"}
+#@markdown Masked loss: learn the subject, not the room — the background counts 0.3 in the loss. A photo's mask is `photo.mask.png` beside it (white = subject), else made by the segmenter from the class word ("Make masks" below).
+MASKED_LOSS = False  #@param {type:"boolean"}
+MASK_SEGMENTER = "CIDAS/clipseg-rd64-refined"  #@param {type:"string"}
+#@markdown With prior preservation and captions: generate each class image from a photo's caption (the class prompt in place of [trigger]), so the class images show the same scenes.
+CLASS_IMAGES_FROM_CAPTIONS = False  #@param {type:"boolean"}
 # More subjects in the same run (optional), one row each after the one above: (photo folder, instance prompt,
 # class prompt). Every batch then holds the subjects in turn. Captions: `photo.txt` beside `photo.jpg` in a
 # photo folder describes that photo ("[trigger] wearing a hat"; [trigger] stands for the instance prompt).
@@ -136,9 +144,28 @@ config, fitted = projects.setup_config(
     project, kind=PRESET, method=METHOD, fit_to_gpu=FIT_TO_GPU, model=MODEL_ID,
     instance_dir=instance_dir, instance_prompt=INSTANCE_PROMPT, class_prompt=CLASS_PROMPT,
     prior_preservation=PRIOR_PRESERVATION, num_class_images=NUM_CLASS_IMAGES, resolution=resolution,
-    learning_rate=LEARNING_RATE, max_steps=MAX_STEPS, concepts=CONCEPTS, stop_when=STOP_WHEN, with_report=True)
+    learning_rate=LEARNING_RATE, max_steps=MAX_STEPS, concepts=CONCEPTS, stop_when=STOP_WHEN, masked_loss=MASKED_LOSS,
+    mask_segmenter=MASK_SEGMENTER, class_images_from_captions=CLASS_IMAGES_FROM_CAPTIONS, with_report=True)
 print(f"Saved {project.save_config(config)}\n")
 print(settings.config_summary(config))
+
+# %% [markdown]
+# ## Your photos, one by one: captions, audit, masks
+# Each photo as training sees it: the yellow square is what the centre crop keeps of a photo that is not
+# square; with masked loss, the tinted part is background. Beside it, its caption (`photo.txt`: edit it and it
+# is saved as you leave the box; `[trigger]` stands for the instance prompt) and what the audit found:
+# near-duplicates, a subject too small or cut off by the crop, a very long photo, a low resolution — each with
+# what to do; nothing is deleted. **Draft captions** writes a caption for every photo without one (the class
+# word becomes `[trigger]`; captions you wrote are never touched): read and edit them before training.
+# **Make masks** (with masked loss) masks the photos without `photo.mask.png`, as training will (cached).
+
+# %%
+from dreambooth_nb.notebook import ui
+
+tables = [ui.PhotoTable(config, subject=subject, captioner=CAPTIONER).show() for subject in config.concepts]
+if DRAFT_CAPTIONS:
+    for table in tables:
+        table.start()  # what the Draft captions button does
 
 # %% [markdown]
 # ## Will it fit? The fastest settings that fit

@@ -19,6 +19,8 @@ import pytest
 from dreambooth_nb.model import snapshots
 from dreambooth_nb import storage
 from dreambooth_nb.notebook.demo import ORDER, inject_parameters, run_notebook
+from tiny_captioner import build_tiny_blip
+from tiny_segmenter import build_tiny_clipseg
 
 # The first test that needs a notebook runs every earlier one too, each in its own kernel (imports alone
 # take ~5 s per kernel): the module gets more than the suite's 300 s per test.
@@ -85,11 +87,17 @@ class Suite:
 
         self.instance_prompt, self.class_prompt, _ = write_subject(photos, n=4)
         p = str(self.project)
+        # Notebook 1 drafts the photos' captions (a tiny random BLIP), the run trains with a masked loss (masks
+        # made by a tiny random CLIPSeg) and its class images are drawn from the captions: every family's
+        # notebooks run the data-set path end to end (what the words mean is not the point here).
         self.parameters = {
             "01_setup": dict(PROJECT_DIR=p, MODEL_ID=str(model), UPLOAD_PHOTOS=False, HF_LOGIN=True,
                              PRESET="object", FIT_TO_GPU=True, INSTANCE_PROMPT="a photo of sks dog",
                              CLASS_PROMPT="a photo of a dog", PRIOR_PRESERVATION="on", NUM_CLASS_IMAGES=3,
-                             RESOLUTION=32, LEARNING_RATE=1e-4, MAX_STEPS=6),
+                             RESOLUTION=32, LEARNING_RATE=1e-4, MAX_STEPS=6,
+                             CAPTIONER=str(build_tiny_blip(root / "captioner")), DRAFT_CAPTIONS=True,
+                             MASKED_LOSS=True, MASK_SEGMENTER=str(build_tiny_clipseg(root / "segmenter")),
+                             CLASS_IMAGES_FROM_CAPTIONS=True),
             "02_class_images": dict(PROJECT_DIR=p),
             # MAX_STEPS differs from setup's 6: the executed panel must show the injected value.
             "03_training": dict(PROJECT_DIR=p, MAX_STEPS=4, SNAPSHOT_STEPS="2", CHECKPOINTING_STEPS=2,
@@ -195,6 +203,13 @@ def test_01_setup_writes_the_project_config(suite):
     assert config["fit_to_gpu"] is True and config["snapshot_steps"] == [3]  # (what notebook 3's panel starts from)
     assert "Hugging Face token from the HF_TOKEN environment variable is set" in text
     assert has_image(nb)  # the thumbnail grid
+    # The photo table: every photo drafted a caption (the class word's place as [trigger]), its thumbnail shown.
+    captions = sorted((suite.project / "instance").glob("*.txt"))
+    assert len(captions) == 4 and all("[trigger]" in c.read_text() for c in captions)
+    states = widget_states(nb)
+    assert any("Drafted 4 caption(s)" in str(state.get("value", "")) for state in states)
+    assert sum(state.get("_model_name") == "ImageModel" for state in states) >= 4
+    assert config["masked_loss"] is True and config["class_images_from_captions"] is True
 
 
 def test_02_makes_the_class_images(suite):
@@ -202,6 +217,9 @@ def test_02_makes_the_class_images(suite):
     assert sorted(p.name for p in (suite.project / "class_images").glob("*.png")) == \
         [f"class-{i:05d}.png" for i in range(3)]
     assert has_image(nb)
+    # drawn from the photos' drafted captions: each keeps its prompt, the class prompt where [trigger] was
+    prompts = [(suite.project / "class_images" / f"class-{i:05d}.txt").read_text() for i in range(3)]
+    assert all("a photo of a dog" in p and p != "a photo of a dog" for p in prompts)
 
 
 def test_03_trains_headless_with_the_panel_values(suite):

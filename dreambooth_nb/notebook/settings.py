@@ -158,6 +158,8 @@ def config_summary(config: TrainConfig) -> str:
                    else "") for i, s in enumerate(subjects, 1)]
         prior = "class images per subject (above), "
     prior = f"on: {prior}weight {config.prior_loss_weight:g}" if config.with_prior_preservation else "off"
+    if config.with_prior_preservation and config.class_images_from_captions:
+        prior += "; class images drawn from the photos' captions"
     memory = ", ".join(name for name, on in (("8-bit Adam", config.use_8bit_adam),
                                              ("gradient checkpointing", config.gradient_checkpointing),
                                              ("cached latents", config.cache_latents)) if on) or "none"
@@ -171,6 +173,8 @@ def config_summary(config: TrainConfig) -> str:
         + ("; stops by itself at the suggested snapshot" if config.stop_when == "suggested" else ""),
         f"Batch:              {config.train_batch_size} x {config.gradient_accumulation_steps} accumulated = {batch}",
         f"Text encoder:       {'trained' if config.train_text_encoder else 'frozen'}",
+        f"Loss:               " + (f"masked: background weight {config.mask_background_weight:g} (photo.mask.png, else "
+                                   f"{config.mask_segmenter})" if config.masked_loss else "every pixel alike"),
         f"Resolution:         {config.resolution}",
         f"Mixed precision:    {config.mixed_precision}; memory savers: {memory}",
     ])

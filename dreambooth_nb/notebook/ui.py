@@ -1,4 +1,5 @@
-"""The notebooks' panels: training, comparison and sweep, each with its long action run stoppably (`Runner`).
+"""The notebooks' panels: training, comparison, sweep and notebook 1's photo table, each with its long action run
+stoppably (`Runner`).
 
 The rule: widgets only *collect values*. A plain function (`settings.config_from_widgets`) turns those values
 into a `TrainConfig`, and the Train button and a headless run call the very same code path
@@ -15,13 +16,18 @@ import math
 from pathlib import Path
 
 from dreambooth_nb.units import gib
-from dreambooth_nb.config import MIXED_PRECISION, TrainConfig
+from dreambooth_nb.config import MIXED_PRECISION, Concept, TrainConfig
+from dreambooth_nb.dataset.audit import audit, summary as audit_summary
+from dreambooth_nb.dataset.captions import DEFAULT_MODEL as CAPTIONER, Captioner, Draft, draft_captions
+from dreambooth_nb.dataset.crop import centre_crop_box
+from dreambooth_nb.dataset.images import CAPTION_SUFFIX, ImageError, load_image, scan_images
+from dreambooth_nb.dataset.masks import Segmenter, subject_masks
 from dreambooth_nb.environment import is_headless
 from dreambooth_nb.model.methods import METHODS
 from dreambooth_nb.model.objectives import Diffusion
 from dreambooth_nb.errors import ActionStopped, DreamboothError, TrainingStopped
-from dreambooth_nb.notebook.views import (Fallback, LiveLoss, RunsLoss, loss_plot_png, replace_outputs, show_png,
-                                           show_rendered, writing_into)
+from dreambooth_nb.notebook.views import (Fallback, LiveLoss, RunsLoss, loss_plot_png, photo_thumbnail,
+                                           replace_outputs, show_png, show_rendered, writing_into)
 from dreambooth_nb.notebook.settings import (COLUMN_CHOICES, adjust_snapshot_steps, batch_line,
                                             config_from_widgets, grid_axes, method_learning_rate, parse_float_list,
                                             parse_int_list, widget_values, with_savers_of)
@@ -33,7 +39,8 @@ from dreambooth_nb.results import quality
 from dreambooth_nb.results.compare import compare
 from dreambooth_nb.results.evaluate import EvalSpec, render, render_dir
 from dreambooth_nb.results.sweep import run_folder, sweep
-from dreambooth_nb.storage import latest_state, list_snapshots
+from dreambooth_nb.storage import atomic_write_bytes, latest_state, list_snapshots
+from dreambooth_nb.training.data import mask_cache_dir
 from dreambooth_nb.training.distributed import for_processes, visible_gpus
 from dreambooth_nb.results.early_stop import train
 
@@ -705,3 +712,185 @@ def _finished_losses(runs: dict) -> dict:
         except (OSError, ValueError):
             continue
     return found
+
+
+# --- Notebook 1's photo table ---------------------------------------------------------------------------------
+class PhotoTable(_Panel):
+    """A subject's photos, one row each: the photo as training sees it, its caption, and what the audit found.
+
+    The thumbnail tints the background where the photo's mask says (`photo.mask.png`, or an automatic mask that
+    "Make masks" made and cached where training reads it, `training.data.mask_cache_dir`) and outlines the square
+    training keeps of a photo that is not square. The caption box is the photo's `photo.txt`: edit it and it is
+    saved as you leave the box (emptied, the file goes and the photo trains with the instance prompt). The notes
+    are `dataset.audit`'s findings for the photo (near-duplicates, a small or cut-off subject, the aspect ratio, a
+    low resolution) and what drafting made of it; nothing is ever deleted.
+
+    "Draft captions" (`draft()`) writes a caption for every photo that has none with `captioner` (Florence-2 base:
+    `dataset.captions`), the subject's noun phrase as `[trigger]`; a caption already there is never touched.
+    "Make masks" (`make_masks()`, shown with `masked_loss`) masks the photos without a mask file with the config's
+    `mask_segmenter`, as training would. Both run in the background, where Stop (or the kernel's ■) ends them at
+    the next batch of photos, keeping what is done; headless, here and now.
+    """
+
+    def __init__(self, config: TrainConfig, *, subject: Concept | None = None, captioner: str = CAPTIONER,
+                 size: int = 160):
+        import functools
+
+        import ipywidgets as widgets
+
+        self.config, self.subject = config, subject or config.concepts[0]
+        self.captioner, self.size = captioner, size
+        report = scan_images(self.subject.instance_data_dir, resolution=config.resolution)
+        self.photos = report.usable
+        self.images = [load_image(photo, max_side=config.resolution) for photo in self.photos]
+        self.drafts: dict[Path, Draft] = {}
+        self.findings: list = []
+        self._writing = False  # (a box filled by drafting is not an edit to save again)
+        no_caption = f"No caption: trains as “{self.subject.instance_prompt}”."
+        self.captions = [widgets.Textarea(value=report.captions.get(photo, ""), placeholder=no_caption,
+                                          continuous_update=False, layout=widgets.Layout(width="380px", height="70px"))
+                         for photo in self.photos]
+        for photo, box in zip(self.photos, self.captions):
+            box.observe(functools.partial(self._edited, photo), names="value")
+        self.thumbnails = [widgets.Image(format="png", width=size) for _ in self.photos]
+        self.notes = [widgets.HTML(layout=widgets.Layout(width="420px")) for _ in self.photos]
+        self.summary = widgets.HTML()
+        self.button = widgets.Button(description="Draft captions", button_style="primary", icon="pencil",
+                                     tooltip="Caption every photo that has no caption yet (existing ones stay)")
+        self.mask_button = widgets.Button(description="Make masks", icon="paint-brush",
+                                          tooltip="Mask the photos without photo.mask.png, as training will",
+                                          layout=widgets.Layout(display=None if config.masked_loss else "none"))
+        self.button.on_click(self._clicked)
+        self.mask_button.on_click(self._mask_clicked)
+        self.progress = widgets.IntProgress(value=0, min=0, max=1, description="Progress")
+        self.status = widgets.HTML(value="Edit a caption and it is saved as you leave its box.")
+        self.output = widgets.Output()
+        self.runner = Runner(button=self.button, progress=self.progress, status=self.status)
+        self.fallback = Fallback("photo table")
+        rows = [widgets.HBox([thumbnail, caption, note])
+                for thumbnail, caption, note in zip(self.thumbnails, self.captions, self.notes)]
+        self.box = widgets.VBox([self.summary, *rows,
+                                 widgets.HBox([self.button, self.mask_button, self.runner.stop_button]),
+                                 self.progress, self.status, self.output, self.fallback.hider()])
+        self.refresh()
+
+    # --- what the table shows
+    def masks(self, *, make: bool = False) -> list:
+        """Each photo's mask (`masks.Mask`) or None: the files and cached automatic masks; `make` makes the rest."""
+        return subject_masks(self.photos, self.images, word=self.subject.class_noun, make=make,
+                             segmenter=Segmenter.loader(self.config.mask_segmenter), cache_dir=mask_cache_dir(self.config))
+
+    def refresh(self) -> None:
+        """Thumbnails, notes and the summary from what is on disk now (captions, masks) and the audit."""
+        try:
+            masks = self.masks()
+            mask_error = None
+        except ImageError as err:  # a mask file to fix: named, and the table still shows the photos
+            masks, mask_error = [None] * len(self.photos), err
+        self.findings = audit(self.photos, self.images, resolution=self.config.resolution,
+                              masks=[mask.image if mask else None for mask in masks])
+        for i, (photo, image, mask) in enumerate(zip(self.photos, self.images, masks)):
+            crop = centre_crop_box(image.size, self.config.resolution)
+            self.thumbnails[i].value = photo_thumbnail(image, mask=mask.image if mask else None, crop=crop,
+                                                       size=self.size)
+            self.notes[i].value = self._notes(photo, mask)
+        captioned = sum(bool(box.value.strip()) for box in self.captions)
+        lines = [f"<b>{len(self.photos)} photos</b> of “{html.escape(self.subject.instance_prompt)}”: "
+                 f"{captioned} with a caption, {sum(m is not None for m in masks)} with a mask"
+                 + (" (the tinted part is background, weighted "
+                    f"{self.config.mask_background_weight:g} in the loss)" if self.config.masked_loss else "")
+                 + ". Audit: " + (f"{len(self.findings)} thing(s) to look at, beside their photos; nothing was "
+                                  "changed or deleted." if self.findings else "nothing to fix.")]
+        if mask_error is not None:
+            lines.append(f"<b style='color:#c00'>Mask:</b> {html.escape(str(mask_error))}")
+        self.summary.value = "<br>".join(lines)
+        self.fallback.update(status=self.summary.value + "<pre>" + html.escape(audit_summary(self.findings)) + "</pre>")
+
+    def _notes(self, photo: Path, mask) -> str:
+        notes = [f"<b>{html.escape(f.kind)}</b>: {html.escape(f.message)}" for f in self.findings if photo in f.photos]
+        draft = self.drafts.get(photo)
+        if draft is not None and draft.written:
+            notes.append("Drafted." if draft.found_subject else
+                         f"Drafted; “{html.escape(self.subject.class_noun)}” was not in the caption: put [trigger] "
+                         "where the subject is named.")
+        if self.config.masked_loss:
+            notes.append({None: "No mask yet: Make masks (or put a photo.mask.png beside it).",
+                          "file": "Mask: its own file.", "auto": "Mask: made automatically (cached)."}[
+                              mask.source if mask else None])
+        return "<br>".join(notes) or "<span style='color:#2e7d32'>Looks fine.</span>"
+
+    def _edited(self, photo: Path, change) -> None:
+        if self._writing:
+            return
+        text = " ".join(change["new"].split())
+        path = photo.with_suffix(CAPTION_SUFFIX)
+        if text:
+            atomic_write_bytes(path, text.encode())
+            self.status.value = f"Saved {html.escape(path.name)}."
+        else:
+            path.unlink(missing_ok=True)
+            self.status.value = f"Removed {html.escape(path.name)}: {html.escape(photo.name)} trains with the instance prompt."
+        self.refresh()
+
+    # --- the actions
+    def draft(self) -> dict:
+        """Draft the missing captions here and now (what the button does, in the background); {photo: Draft}."""
+        return self.runner.run(self._draft_and_say)
+
+    def make_masks(self) -> list:
+        """Make the missing masks here and now (what "Make masks" does, in the background)."""
+        return self.runner.run(self._masks_and_say)
+
+    def _act(self):
+        return self.draft()
+
+    def _clicked(self, _button=None) -> None:
+        self.output.outputs = ()
+        self.runner.start(lambda: _say_errors(self.output, self._draft_and_say))
+
+    def _mask_clicked(self, _button=None) -> None:
+        self.output.outputs = ()
+        self.runner.start(lambda: _say_errors(self.output, self._masks_and_say))
+
+    def _draft_and_say(self) -> dict:
+        return self._said(self._draft, stopped="Drafting stopped; the captions written so far are kept.")
+
+    def _masks_and_say(self) -> list:
+        return self._said(lambda: self.masks(make=True), stopped="Masking stopped; nothing was half-written.")
+
+    def _said(self, work, *, stopped: str):
+        """`work()`, then the table redrawn and the status set; a stop or an error said in the status line."""
+        self.mask_button.disabled = True
+        try:
+            result = work()
+        except KeyboardInterrupt:
+            err = ActionStopped(stopped)
+        except DreamboothError as error:
+            err = error
+        else:
+            err = None
+        finally:
+            self.mask_button.disabled = False
+            self.refresh()
+        if err is not None:
+            self.status.value = _failure_html(err)
+            raise err
+        self.progress.description, self.progress.value = "Done", self.progress.max
+        return result
+
+    def _draft(self) -> dict:
+        drafts = draft_captions(self.photos, class_noun=self.subject.class_noun,
+                                captioner=lambda: Captioner.load(self.captioner))
+        self._writing = True
+        try:
+            for draft in drafts:
+                self.drafts[draft.photo] = draft
+                if draft.written:
+                    self.captions[self.photos.index(draft.photo)].value = draft.text
+        finally:
+            self._writing = False
+        written = [d for d in drafts if d.written]
+        self.status.value = (f"Drafted {len(written)} caption(s) ({len(drafts) - len(written)} photo(s) had one): read "
+                             f"and edit them; [trigger] stands for “{html.escape(self.subject.instance_prompt)}”."
+                             if written else "Every photo has a caption already: nothing drafted.")
+        return {draft.photo: draft for draft in drafts}

@@ -11,6 +11,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from dreambooth_nb.dataset.masks import overlay
 from dreambooth_nb.environment import COLAB, detect_platform
 from dreambooth_nb.errors import DreamboothError
 from dreambooth_nb.results.grids import draw_grid
@@ -102,6 +103,23 @@ def loss_plot_png(steps, losses, *, total: int | None = None, title: str = "", v
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     return figure_png(fig)
+
+
+def photo_thumbnail(image, *, mask=None, crop=None, size: int = 160) -> bytes:
+    """PNG of a photo as training sees it, scaled to fit `size`: the background tinted where `mask` says
+    (`masks.overlay`: what stays clear is what training learns) and `crop` — (left, top, right, bottom), the
+    square training keeps of a photo that is not square — outlined."""
+    from PIL import ImageDraw
+
+    shown = overlay(image, mask) if mask is not None else image.convert("RGB")
+    scale = size / max(shown.size)
+    shown = shown.resize((max(1, round(shown.width * scale)), max(1, round(shown.height * scale))))
+    if crop is not None and tuple(crop) != (0, 0, *image.size):
+        left, top, right, bottom = (round(v * scale) for v in crop)
+        ImageDraw.Draw(shown).rectangle((left, top, right - 1, bottom - 1), outline=(255, 215, 0), width=2)
+    buffer = io.BytesIO()
+    shown.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def show_png(data: bytes) -> None:
