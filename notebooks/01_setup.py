@@ -71,6 +71,8 @@ STOP_WHEN = "end"  #@param ["end", "suggested"]
 #@markdown Your photos: the captioning model "Draft captions" uses below (Florence-2 base: about a second per photo on a T4; or `Salesforce/blip-image-captioning-large`), and whether to draft when the cell runs (the button does the same).
 CAPTIONER = "florence-community/Florence-2-base"  #@param {type:"string"}
 DRAFT_CAPTIONS = False  #@param {type:"boolean"}
+#@markdown How the audit finds near-duplicate photos: small thumbnails compared (offline), or DINOv2 image embeddings (the comparison's judge; downloads once).
+NEAR_DUPLICATES = "thumbnails"  #@param ["thumbnails", "DINOv2"]
 #@markdown Masked loss: learn the subject, not the room — the background counts 0.3 in the loss. A photo's mask is `photo.mask.png` beside it (white = subject), else made by the segmenter from the class word ("Make masks" below).
 MASKED_LOSS = False  #@param {type:"boolean"}
 MASK_SEGMENTER = "CIDAS/clipseg-rd64-refined"  #@param {type:"string"}
@@ -162,7 +164,8 @@ print(settings.config_summary(config))
 # %%
 from dreambooth_nb.notebook import ui
 
-tables = [ui.PhotoTable(config, subject=subject, captioner=CAPTIONER).show() for subject in config.concepts]
+tables = [ui.PhotoTable(config, subject=subject, captioner=CAPTIONER, duplicates_by=NEAR_DUPLICATES).show()
+          for subject in config.concepts]
 if DRAFT_CAPTIONS:
     for table in tables:
         table.start()  # what the Draft captions button does

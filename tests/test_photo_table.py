@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from dreambooth_nb import preset
+from dreambooth_nb import ConfigError, preset
 from dreambooth_nb.dataset.images import mask_file
 from dreambooth_nb.notebook import ui
 from dreambooth_nb.toy import world
@@ -76,3 +76,21 @@ def test_make_masks_masks_the_rest_as_training_will_and_the_audit_then_measures_
     assert len(list(mask_cache_dir(table.config).glob("*.png"))) == len(missing)
     assert all(mask is not None for mask in table.masks())
     assert all("Mask: made automatically" in table.notes[table.photos.index(p)].value for p in missing)
+
+
+def test_near_duplicates_by_dinov2_embed_each_photo_once(table, monkeypatch):
+    """NEAR_DUPLICATES="DINOv2": the comparison's image model (here its tiny random stand-in) embeds every photo
+    once; the audit then compares those embeddings at every redraw, an edit included, without embedding again."""
+    from dreambooth_nb.results import quality
+
+    judge = quality.EmbeddingJudge.tiny()
+    calls = []
+    real = judge.image_embeddings
+    monkeypatch.setattr(judge, "image_embeddings", lambda images: calls.append(len(images)) or real(images))
+    monkeypatch.setattr(quality.EmbeddingJudge, "standard", classmethod(lambda cls: judge))
+    dinov2 = ui.PhotoTable(table.config, duplicates_by="DINOv2")
+    dinov2.captions[0].value = "[trigger] on a chair"
+    assert calls == [len(dinov2.photos)]
+    assert all(finding.kind for finding in dinov2.findings)  # (what a random model finds alike means nothing)
+    with pytest.raises(ConfigError, match="NEAR_DUPLICATES: 'pixels' is unknown"):
+        ui.PhotoTable(table.config, duplicates_by="pixels")

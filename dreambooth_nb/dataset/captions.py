@@ -35,6 +35,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from dreambooth_nb.dataset.images import CAPTION_SUFFIX, TRIGGER, load_image
+from dreambooth_nb.dtypes import transformers_dtype
 from dreambooth_nb.errors import ConfigError, DataError
 from dreambooth_nb.progress import in_task, report
 from dreambooth_nb.storage import atomic_write_text
@@ -78,11 +79,8 @@ class Captioner:
         do when it cannot be downloaded, is not a captioning model this understands, or its weights do not fit.
         """
         import torch
-        from transformers import (AutoConfig, BlipForConditionalGeneration, BlipProcessor,
-                                  Florence2ForConditionalGeneration, Florence2Processor)
+        from transformers import AutoConfig
 
-        classes = {"florence2": (Florence2ForConditionalGeneration, Florence2Processor),
-                   "blip": (BlipForConditionalGeneration, BlipProcessor)}
         name = str(name_or_path)
         device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype if dtype is not None else torch.float16 if device.type == "cuda" else torch.float32
@@ -90,13 +88,10 @@ class Captioner:
             kind = AutoConfig.from_pretrained(name).model_type
         except Exception as err:  # offline, gated, misspelt, not a model folder: each means "cannot load it"
             raise ConfigError(_cannot_load(name, err)) from None
-        if kind not in classes:
-            raise ConfigError(f"Captioning model {name!r} is a {kind!r} model; drafting captions needs Florence-2 "
-                              f"(e.g. {DEFAULT_MODEL!r}) or BLIP (e.g. {BLIP_MODEL!r}).")
-        model_class, processor_class = classes[kind]
+        model_class, processor_class = _classes(kind, name)
         try:
             processor = processor_class.from_pretrained(name)
-            model, info = model_class.from_pretrained(name, dtype=dtype, output_loading_info=True)
+            model, info = model_class.from_pretrained(name, **transformers_dtype(dtype), output_loading_info=True)
         except Exception as err:  # the same, or files of another version of the processor or weights
             raise ConfigError(_cannot_load(name, err)) from None
         missing = sorted(info["missing_keys"])
@@ -146,6 +141,28 @@ class Captioner:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _classes(kind: str, name: str) -> tuple:
+    """(model class, processor class) for a checkpoint's `model_type`; Florence-2's need transformers 4.56 or later
+    (where it became native), which an older Colab image may not have."""
+    if kind == "blip":
+        from transformers import BlipForConditionalGeneration, BlipProcessor
+
+        return BlipForConditionalGeneration, BlipProcessor
+    if kind != "florence2":
+        raise ConfigError(f"Captioning model {name!r} is a {kind!r} model; drafting captions needs Florence-2 "
+                          f"(e.g. {DEFAULT_MODEL!r}) or BLIP (e.g. {BLIP_MODEL!r}).")
+    try:
+        from transformers import Florence2ForConditionalGeneration, Florence2Processor
+    except ImportError:
+        import transformers
+
+        raise ConfigError(f"Captioning model {name!r} is a Florence-2, which this transformers "
+                          f"({transformers.__version__}) does not have yet (it came in 4.56): run "
+                          "`pip install -U transformers` and restart, or set CAPTIONER to "
+                          f"{BLIP_MODEL!r}.") from None
+    return Florence2ForConditionalGeneration, Florence2Processor
 
 
 def _cannot_load(name: str, err: BaseException) -> str:

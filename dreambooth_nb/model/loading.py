@@ -15,7 +15,7 @@ import torch
 
 from dreambooth_nb.errors import ConfigError
 from dreambooth_nb.model.base import BaseModel, empty_modules
-from dreambooth_nb.model.dtypes import diffusers_dtype, transformers_dtype
+from dreambooth_nb.dtypes import diffusers_dtype, transformers_dtype
 from dreambooth_nb.model.families import Family
 from dreambooth_nb.model.methods import method_for
 from dreambooth_nb.model.quantization import NF4

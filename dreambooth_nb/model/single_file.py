@@ -37,7 +37,7 @@ from dreambooth_nb.config import is_single_file
 from dreambooth_nb.quiet import silenced
 from dreambooth_nb.model import KNOWN_MODELS
 from dreambooth_nb.errors import ConfigError
-from dreambooth_nb.model.dtypes import diffusers_dtype
+from dreambooth_nb.dtypes import diffusers_dtype
 from dreambooth_nb.model.layout import LAYOUTS, Weights, entries_for
 
 CACHE_ENV = "DREAMBOOTH_NB_CACHE"

@@ -28,7 +28,7 @@ from dreambooth_nb import storage
 from dreambooth_nb.config import model_location
 from dreambooth_nb.errors import ConfigError, DataError
 from dreambooth_nb.model.base import BaseModel, facts_from_configs
-from dreambooth_nb.model.dtypes import diffusers_dtype, transformers_dtype
+from dreambooth_nb.dtypes import diffusers_dtype, transformers_dtype
 from dreambooth_nb.model.quantization import NF4, quantized_to_fit
 
 _DIFFUSERS_WEIGHTS, _TRANSFORMERS_WEIGHTS = "diffusion_pytorch_model.safetensors", "model.safetensors"

@@ -173,7 +173,7 @@ def config_summary(config: TrainConfig) -> str:
         + ("; stops by itself at the suggested snapshot" if config.stop_when == "suggested" else ""),
         f"Batch:              {config.train_batch_size} x {config.gradient_accumulation_steps} accumulated = {batch}",
         f"Text encoder:       {'trained' if config.train_text_encoder else 'frozen'}",
-        f"Loss:               " + (f"masked: background weight {config.mask_background_weight:g} (photo.mask.png, else "
+        "Loss:               " + (f"masked: background weight {config.mask_background_weight:g} (photo.mask.png, else "
                                    f"{config.mask_segmenter})" if config.masked_loss else "every pixel alike"),
         f"Resolution:         {config.resolution}",
         f"Mixed precision:    {config.mixed_precision}; memory savers: {memory}",

@@ -25,7 +25,7 @@ from dreambooth_nb.dataset.masks import Segmenter, subject_masks
 from dreambooth_nb.environment import is_headless
 from dreambooth_nb.model.methods import METHODS
 from dreambooth_nb.model.objectives import Diffusion
-from dreambooth_nb.errors import ActionStopped, DreamboothError, TrainingStopped
+from dreambooth_nb.errors import ActionStopped, ConfigError, DreamboothError, TrainingStopped
 from dreambooth_nb.notebook.views import (Fallback, LiveLoss, RunsLoss, loss_plot_png, photo_thumbnail,
                                            replace_outputs, show_png, show_rendered, writing_into)
 from dreambooth_nb.notebook.settings import (COLUMN_CHOICES, adjust_snapshot_steps, batch_line,
@@ -733,7 +733,7 @@ class PhotoTable(_Panel):
     """
 
     def __init__(self, config: TrainConfig, *, subject: Concept | None = None, captioner: str = CAPTIONER,
-                 size: int = 160):
+                 duplicates_by: str = "thumbnails", size: int = 160):
         import functools
 
         import ipywidgets as widgets
@@ -743,6 +743,7 @@ class PhotoTable(_Panel):
         report = scan_images(self.subject.instance_data_dir, resolution=config.resolution)
         self.photos = report.usable
         self.images = [load_image(photo, max_side=config.resolution) for photo in self.photos]
+        self.embed = self._embeddings(duplicates_by)
         self.drafts: dict[Path, Draft] = {}
         self.findings: list = []
         self._writing = False  # (a box filled by drafting is not an edit to save again)
@@ -775,6 +776,17 @@ class PhotoTable(_Panel):
         self.refresh()
 
     # --- what the table shows
+    def _embeddings(self, duplicates_by: str):
+        """How the audit compares photos: "thumbnails" (offline, `audit.thumbnail_similarity`), or "DINOv2" — the
+        comparison's image model (a download once, `quality.EmbeddingJudge`), each photo embedded once here."""
+        if duplicates_by == "thumbnails":
+            return None
+        if duplicates_by != "DINOv2":
+            raise ConfigError(f"NEAR_DUPLICATES: {duplicates_by!r} is unknown; choose 'thumbnails' or 'DINOv2'.")
+        vectors = quality.EmbeddingJudge.standard().image_embeddings(self.images)
+        row = {id(image): i for i, image in enumerate(self.images)}
+        return lambda images: vectors[[row[id(image)] for image in images]]
+
     def masks(self, *, make: bool = False) -> list:
         """Each photo's mask (`masks.Mask`) or None: the files and cached automatic masks; `make` makes the rest."""
         return subject_masks(self.photos, self.images, word=self.subject.class_noun, make=make,
@@ -787,7 +799,7 @@ class PhotoTable(_Panel):
             mask_error = None
         except ImageError as err:  # a mask file to fix: named, and the table still shows the photos
             masks, mask_error = [None] * len(self.photos), err
-        self.findings = audit(self.photos, self.images, resolution=self.config.resolution,
+        self.findings = audit(self.photos, self.images, resolution=self.config.resolution, embed=self.embed,
                               masks=[mask.image if mask else None for mask in masks])
         for i, (photo, image, mask) in enumerate(zip(self.photos, self.images, masks)):
             crop = centre_crop_box(image.size, self.config.resolution)
