@@ -64,7 +64,7 @@ def test_draft_fills_only_the_missing_captions_and_edits_are_saved(table):
 
     edited = table.captions[row(table, "photo-2.png")]
     edited.value = "[trigger]   on the grass "
-    assert table.photos[row(table, "photo-2.png")].with_suffix(".txt").read_text() == "[trigger] on the grass"
+    assert table.photos[row(table, "photo-2.png")].with_suffix(".txt").read_text() == "[trigger] on the grass\n"
     edited.value = ""
     assert not table.photos[row(table, "photo-2.png")].with_suffix(".txt").exists()
     assert "trains with the instance prompt" in table.status.value

@@ -39,7 +39,7 @@ from dreambooth_nb.results import quality
 from dreambooth_nb.results.compare import compare
 from dreambooth_nb.results.evaluate import EvalSpec, render, render_dir
 from dreambooth_nb.results.sweep import run_folder, sweep
-from dreambooth_nb.storage import atomic_write_bytes, latest_state, list_snapshots
+from dreambooth_nb.storage import atomic_write_text, latest_state, list_snapshots
 from dreambooth_nb.training.data import mask_cache_dir
 from dreambooth_nb.training.distributed import for_processes, visible_gpus
 from dreambooth_nb.results.early_stop import train
@@ -837,7 +837,7 @@ class PhotoTable(_Panel):
         text = " ".join(change["new"].split())
         path = photo.with_suffix(CAPTION_SUFFIX)
         if text:
-            atomic_write_bytes(path, text.encode())
+            atomic_write_text(path, text + "\n")  # (as drafted captions are written)
             self.status.value = f"Saved {html.escape(path.name)}."
         else:
             path.unlink(missing_ok=True)
