@@ -61,7 +61,8 @@ def test_subject_pixels_count_as_without_a_mask_and_a_weightless_background_not_
     torch.testing.assert_close(per_sample_loss(prediction, moved, mask_weights=weights), subject_error)
 
 
-def test_a_masked_run_reads_mask_files_makes_the_others_and_caches_them(make_config, photos, tmp_path, monkeypatch):
+def test_a_masked_run_reads_mask_files_makes_the_others_and_caches_them(make_config, photos, tmp_path, monkeypatch,
+                                                                        capsys):
     """Two photos bring `photo.mask.png`; the others are masked by the (tiny, random) segmenter from the class
     word, cached beside the runs; the run trains, and a second load reuses the cache without the segmenter."""
     paths = sorted(photos.glob("*.png"))
@@ -73,6 +74,8 @@ def test_a_masked_run_reads_mask_files_makes_the_others_and_caches_them(make_con
                          class_prompt="a photo of a dog")
     data = TrainingData.load(config)
     assert len(data.photos[0]) == len(paths)  # the masks are not photos
+    assert f"Masked loss: 2 of {len(paths)} photos in photos have a mask file; {segmenter} masked the other " \
+           f"{len(paths) - 2} as 'dog'" in capsys.readouterr().out
     masks = data.photos[0].masks
     assert [np.asarray(m).shape for m in masks] == [np.asarray(i.convert("L")).shape for i in data.photos[0].images]
     first = np.asarray(masks[0])  # the file's left third, scaled with its photo (the shorter side to 32 px)

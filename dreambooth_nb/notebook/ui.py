@@ -806,15 +806,20 @@ class PhotoTable(_Panel):
             self.thumbnails[i].value = photo_thumbnail(image, mask=mask.image if mask else None, crop=crop,
                                                        size=self.size)
             self.notes[i].value = self._notes(photo, mask)
+        self._masked, self._mask_error = sum(m is not None for m in masks), mask_error
+        self._summarize()
+
+    def _summarize(self) -> None:
+        """The line above the table (and the saved notebook's copy of it): counts and the audit's verdict."""
         captioned = sum(bool(box.value.strip()) for box in self.captions)
         lines = [f"<b>{len(self.photos)} photos</b> of “{html.escape(self.subject.instance_prompt)}”: "
-                 f"{captioned} with a caption, {sum(m is not None for m in masks)} with a mask"
+                 f"{captioned} with a caption, {self._masked} with a mask"
                  + (" (the tinted part is background, weighted "
                     f"{self.config.mask_background_weight:g} in the loss)" if self.config.masked_loss else "")
                  + ". Audit: " + (f"{len(self.findings)} thing(s) to look at, beside their photos; nothing was "
                                   "changed or deleted." if self.findings else "nothing to fix.")]
-        if mask_error is not None:
-            lines.append(f"<b style='color:#c00'>Mask:</b> {html.escape(str(mask_error))}")
+        if self._mask_error is not None:
+            lines.append(f"<b style='color:#c00'>Mask:</b> {html.escape(str(self._mask_error))}")
         self.summary.value = "<br>".join(lines)
         self.fallback.update(status=self.summary.value + "<pre>" + html.escape(audit_summary(self.findings)) + "</pre>")
 
@@ -842,7 +847,7 @@ class PhotoTable(_Panel):
         else:
             path.unlink(missing_ok=True)
             self.status.value = f"Removed {html.escape(path.name)}: {html.escape(photo.name)} trains with the instance prompt."
-        self.refresh()
+        self._summarize()  # (a caption changes no thumbnail and no finding)
 
     # --- the actions
     def draft(self) -> dict:

@@ -110,12 +110,17 @@ class ImageFolder:
             print(f"Skipped {path.name}: {reason}")
         if len(report.usable) < min_images:
             raise DataError(f"{folder}: {len(report.usable)} usable images, need at least {min_images}.")
-        folder = cls.from_paths(report.usable, prompt=prompt, resolution=resolution)
-        folder.prompts = report.prompts(prompt)
-        folder.caption_files = [p.with_suffix(".txt") if p in report.captions else None for p in report.usable]
+        loaded = cls.from_paths(report.usable, prompt=prompt, resolution=resolution)
+        loaded.prompts = report.prompts(prompt)
+        loaded.caption_files = [p.with_suffix(".txt") if p in report.captions else None for p in report.usable]
         if masks is not None:
-            folder.masks = [mask.image for mask in masks.of(report.usable, folder.images)]
-        return folder
+            found = masks.of(report.usable, loaded.images)
+            loaded.masks = [mask.image for mask in found]
+            own = sum(mask.source == "file" for mask in found)
+            print(f"Masked loss: {own} of {len(found)} photos in {Path(folder).name} have a mask file; "
+                  f"{masks.segmenter} masked the other {len(found) - own} as '{masks.word}' (cached in "
+                  f"{masks.cache_dir}).")
+        return loaded
 
     @classmethod
     def from_paths(cls, paths, *, prompt: str, resolution: int, prompts: list[str] | None = None) -> "ImageFolder":
