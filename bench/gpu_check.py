@@ -3,6 +3,7 @@
     python bench/gpu_check.py            # prints a table; with $OUT set, also writes $OUT/gpu_check.json
     python bench/gpu_check.py --skip-tests --cases "16gb, UNet;fit(gpu='T4'): checkpointing off"   # a short lease
     python bench/gpu_check.py --skip-tests --cases "FLUX.1-dev QLoRA, 512 px, fit;SD3.5 Medium LoRA, 1024 px, 16gb"
+    python bench/gpu_check.py --skip-tests --cases "fit + each snapshot measured (stop_when='suggested')"
 
 The last line is the one for a lease of about 8 minutes: both full-size models built and saved, then both
 cases (≈ 6 minutes on an H100 by estimate, not yet measured; the build times are printed). All the cases
@@ -58,12 +59,20 @@ FP16_FIX_VAE = "vae-fp16-fix"  # a folder beside the SDXL-shaped model's own par
 FIT = "fit(gpu='T4'): checkpointing off"
 SD3 = "SD3.5 Medium LoRA, 1024 px, 16gb"
 FLUX = "FLUX.1-dev QLoRA, 512 px, fit"
+WATCHED = "fit + each snapshot measured (stop_when='suggested')"
+WATCH_INTERVAL = 100
+"""Steps between snapshots that early stop is costed against: 4 over the object preset's 400 steps (a suggestion
+needs a later snapshot to be confirmed, so halfway-and-end is too few)."""
 FLUX_PUBLISHED = ("published T4: ≈20 s/optimizer step at 512×768, batch 1 × 4, 8-bit Adam, cached latents and "
                   "embeddings (Hugging Face, 'Fine-tune FLUX.1-dev on consumer hardware with QLoRA', 2025-06-19)")
 CASES = {
     "16gb, UNet": dict(PROFILE),
     "16gb, UNet + text encoder": dict(PROFILE, train_text_encoder=True),
     FIT: dict(PROFILE, train_batch_size=1, gradient_accumulation_steps=4, fit=True),  # the object preset's 4 per step
+    # Issue 26: what measuring a snapshot beside training costs (time, and the memory of the second pipeline the
+    # memory plan does not count yet). The judge is the tiny random one (DINOv2 + CLIP cannot be downloaded
+    # there): the renders, the bulk of the cost, are the comparison's own (EvalSpec.for_config).
+    WATCHED: dict(PROFILE, train_batch_size=1, gradient_accumulation_steps=4, fit=True, watch=True),
     "16gb + prior, batch 1 x 4 accumulated": dict(PROFILE, with_prior_preservation=True, gradient_accumulation_steps=4),
     "16gb + EMA offloaded, resumed": dict(PROFILE, use_ema=True, offload_ema=True),
     "two runs in one process": dict(PROFILE),
@@ -94,6 +103,7 @@ def run_case(name: str, model: str, photos: str, classes: str, out: str) -> dict
     if options.pop("model", "sd15") == "sdxl":  # with a local stand-in for the fp16-fix VAE (the Hub is out of reach)
         options["vae_model_name_or_path"] = str(Path(model) / FP16_FIX_VAE)
     fitted, presets, published = options.pop("fit", False), options.pop("presets", ()), options.pop("published", None)
+    watch = options.pop("watch", False)
     base = dict(pretrained_model_name_or_path=model, instance_data_dir=photos, instance_prompt="a photo of sks dog",
                 max_train_steps=STEPS, checkpointing_steps=10**6, output_dir=out)
     if not presets:
@@ -130,6 +140,8 @@ def run_case(name: str, model: str, photos: str, classes: str, out: str) -> dict
         torch.cuda.reset_peak_memory_stats()
         times.clear()
         train(config(), on_step=on_step)
+    elif watch:
+        result.update(watched(config(snapshot_steps=[STEPS // 3, 2 * STEPS // 3]), on_step=on_step))
     else:
         train(config(), on_step=on_step)
     from dreambooth_nb import plan
@@ -147,6 +159,25 @@ def run_case(name: str, model: str, photos: str, classes: str, out: str) -> dict
     if published:
         result["published"] = published
     return result
+
+
+def watched(config, *, on_step) -> dict:
+    """Train `config` with every snapshot measured as `stop_when="suggested"` measures it (never stopping), and
+    time each measuring: the first includes the base model's renders, made once per project."""
+    from dreambooth_nb.results.early_stop import Watcher
+    from dreambooth_nb.results.quality import EmbeddingJudge
+    from dreambooth_nb.training.train import train as train_steps
+
+    watcher, seconds = Watcher(config, judge=EmbeddingJudge.tiny()), []
+
+    def on_snapshot(step, snapshot):
+        started = time.perf_counter()
+        watcher(step, snapshot)
+        seconds.append(time.perf_counter() - started)
+
+    train_steps(config, on_step=on_step, on_snapshot=on_snapshot)
+    return {"measure_seconds": seconds, "renders_per_snapshot": len(watcher.spec.prompts) * len(watcher.spec.seeds),
+            "render_steps": watcher.spec.num_inference_steps}
 
 
 def build_model(kind: str, folder: Path) -> Path:
@@ -261,6 +292,13 @@ def main() -> int:
         if "published" in case:
             notes.append(f"{case['s_per_step']:.2f} s per optimizer step (batch {case['batch']}) on the {props.name}: "
                          f"a T4's memory (the cap), not a T4's speed; {case['published']}")
+        if "measure_seconds" in case:
+            first, *later = case["measure_seconds"]
+            each = later[-1] if later else first
+            notes.append(f"measuring a snapshot ({case['renders_per_snapshot']} renders × {case['render_steps']} steps "
+                         f"+ the judge): {each:.1f} s (the first, with the base model's renders: {first:.1f} s) = "
+                         f"{each / (WATCH_INTERVAL * case['s_per_step']):.1%} of {WATCH_INTERVAL} steps' training "
+                         "(issue 26: on by default at ≤ 10 %); the peak includes the renders beside training")
         if "allocated_between_runs_mib" in case:
             notes.append(f"{case['allocated_between_runs_mib']:.0f} MiB still allocated between the runs")
         error = case["planned_gib"] / case["peak_gib"] - 1
