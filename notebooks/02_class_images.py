@@ -18,7 +18,10 @@
 # turn every dog into yours. The study found it necessary for faces; objects usually do without. The images
 # are made once (about 7 s each on a T4) and kept in the project folder; a rerun makes only the missing ones.
 # Have a regularization set already (hundreds of class photos)? Put it in the class folder first: your
-# images count, and only the shortfall up to the number asked for is generated.
+# images count, and only the shortfall up to the number asked for is generated. With
+# `CLASS_IMAGES_FROM_CAPTIONS` in notebook 1, each image is drawn from one of your photos' captions with the
+# class prompt for `[trigger]` ("a photo of a dog on a beach"), so the class images show the same scenes; each
+# keeps its prompt beside it (`class-00003.txt`) and trains with it.
 
 # %%
 #@title Install (Colab and Kaggle only; keeps the preinstalled torch)
