@@ -33,6 +33,7 @@ from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 from dreambooth_nb.dataset.images import MASK_SUFFIX, ImageError, is_mask_file, mask_file, png_bytes
 from dreambooth_nb.errors import ConfigError
+from dreambooth_nb.progress import report
 from dreambooth_nb.storage import atomic_write_bytes
 
 __all__ = ["DEFAULT_SEGMENTER", "Mask", "Segmenter", "SegmenterLoader", "is_mask_file", "load_mask",
@@ -178,6 +179,7 @@ class Segmenter:
             raise ConfigError(f"The segmenter {self.name} was closed; load it again with Segmenter.load.")
         masks = []
         for start in range(0, len(images), _BATCH):
+            report("masking the photos", start, len(images))  # (a panel's Stop ends it here)
             batch = [im.convert("RGB") for im in images[start:start + _BATCH]]
             inputs = self.processor(text=[word] * len(batch), images=batch, padding=True, return_tensors="pt")
             with torch.inference_mode():

@@ -214,6 +214,8 @@ def render(snapshot, spec: EvalSpec, *, device=None, cache_dir=None) -> list[Ren
     storage.write_json(folder / "settings.json", settings)
     device = torch.device(device) if device is not None else \
         torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":  # beside training (early stop): the blocks its last step freed go to the pipeline
+        torch.cuda.empty_cache()
     pipe = snapshots.load_pipeline(snapshot, device=device)
     try:
         family = family_of({"_class_name": type(pipe).__name__}, source=str(snapshot))
