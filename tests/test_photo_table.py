@@ -94,3 +94,24 @@ def test_near_duplicates_by_dinov2_embed_each_photo_once(table, monkeypatch):
     assert all(finding.kind for finding in dinov2.findings)  # (what a random model finds alike means nothing)
     with pytest.raises(ConfigError, match="NEAR_DUPLICATES: 'pixels' is unknown"):
         ui.PhotoTable(table.config, duplicates_by="pixels")
+
+
+def test_stop_ends_make_masks_at_its_next_batch_with_one_message(table, monkeypatch):
+    """Stop (or the kernel's ■) while the segmenter works: the action ends at its next batch of photos, says so
+    in the status line, and leaves no mask half-written; Make masks again makes them all."""
+    from dreambooth_nb.dataset import masks
+    from dreambooth_nb.errors import ActionStopped
+
+    real = masks.report
+
+    def stop_first(phase, done, total):
+        table.runner.stop()  # as the Stop button does, from the panel
+        real(phase, done, total)
+
+    monkeypatch.setattr(masks, "report", stop_first)
+    with pytest.raises(ActionStopped, match="Masking stopped"):
+        table.make_masks()
+    assert "Stopped" in table.status.value and not list(mask_cache_dir(table.config).glob("*.png"))
+    monkeypatch.setattr(masks, "report", real)
+    table.make_masks()
+    assert all(mask is not None for mask in table.masks())
