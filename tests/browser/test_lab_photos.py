@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 import test_lab_training as training
-from test_lab_training import MISSING, NOTEBOOKS, REQUIRE_ENV, _decoded, _keep_evidence, _menu, _open_and_run_all
+from test_lab_training import (MISSING, NOTEBOOKS, REQUIRE_ENV, _decoded, _menu, _open_and_run_all,
+                               run_keeping_evidence)
 
 # Module-scoped fixtures of the training test, resolved against this module's `lab_dirs` ("root", "served").
 lab, page = training.lab, training.page
@@ -108,14 +109,8 @@ class PhotoPanel:
 
 def test_photo_table_drafts_edits_and_masks_in_jupyterlab(page, lab, lab_dirs):
     panel = PhotoPanel(page)
-    try:
-        _scenario(page, lab, panel, lab_dirs["instance"])
-    except BaseException as err:
-        evidence = _keep_evidence(page, panel, lab_dirs["root"] / "evidence")
-        if isinstance(err, AssertionError):
-            raise AssertionError(f"{err}\n({evidence}; server log {lab.log_path})") from None
-        print(f"\n{evidence}; server log tail:\n{lab.log_tail()}")
-        raise
+    run_keeping_evidence(lambda: _scenario(page, lab, panel, lab_dirs["instance"]), page=page, lab=lab, panel=panel,
+                         folder=lab_dirs["root"] / "evidence")
 
 
 def _scenario(page, lab, panel: PhotoPanel, instance: Path) -> None:

@@ -317,19 +317,26 @@ def _keep_evidence(page, panel: Panel, folder: Path) -> str:
     return f"screenshot and notebook text in {folder}"
 
 
+def run_keeping_evidence(scenario, *, page, lab, panel, folder: Path) -> None:
+    """`scenario()`; on a failure, a screenshot and the notebook's text kept in `folder` (`_keep_evidence`) and
+    named in the failure, with the server's log."""
+    try:
+        scenario()
+    except BaseException as err:
+        evidence = _keep_evidence(page, panel, folder)
+        if isinstance(err, AssertionError):
+            raise AssertionError(f"{err}\n({evidence}; server log {lab.log_path})") from None
+        print(f"\n{evidence}; server log tail:\n{lab.log_tail()}")
+        raise
+
+
 # --- The test ------------------------------------------------------------------------------------------
 def test_training_panel_in_jupyterlab(page, lab, lab_dirs):
     name = "03_training.ipynb"
     project = lab_dirs["project"]
     panel = Panel(page)
-    try:
-        _scenario(page, lab, panel, name, project)
-    except BaseException as err:
-        evidence = _keep_evidence(page, panel, lab_dirs["root"] / "evidence")
-        if isinstance(err, AssertionError):
-            raise AssertionError(f"{err}\n({evidence}; server log {lab.log_path})") from None
-        print(f"\n{evidence}; server log tail:\n{lab.log_tail()}")
-        raise
+    run_keeping_evidence(lambda: _scenario(page, lab, panel, name, project), page=page, lab=lab, panel=panel,
+                         folder=lab_dirs["root"] / "evidence")
 
 
 def _scenario(page, lab, panel: Panel, name: str, project: Path) -> None:
@@ -491,14 +498,8 @@ def _kernel_answers(lab, name: str) -> None:
 
 
 def test_comparison_and_sweep_panels_stop_show_progress_and_leave_a_static_copy(page, lab, lab_dirs):
-    try:
-        _comparison_and_sweep(page, lab, lab_dirs)
-    except BaseException as err:
-        panel = Panel(page)
-        evidence = _keep_evidence(page, panel, lab_dirs["root"] / "evidence-compare")
-        if isinstance(err, AssertionError):
-            raise AssertionError(f"{err}\n({evidence}; server log {lab.log_path})") from None
-        raise
+    run_keeping_evidence(lambda: _comparison_and_sweep(page, lab, lab_dirs), page=page, lab=lab, panel=Panel(page),
+                         folder=lab_dirs["root"] / "evidence-compare")
 
 
 def _comparison_and_sweep(page, lab, lab_dirs) -> None:
