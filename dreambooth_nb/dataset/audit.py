@@ -30,7 +30,6 @@ texture, though: 1 px across the toy subject's 8 px stripes changes them as much
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ import numpy as np
 from PIL import Image
 
 from dreambooth_nb.dataset.crop import center_crop_origin, centre_crop_box, resized_size
-from dreambooth_nb.dataset.images import SMALL_PHOTO_FRACTION
+from dreambooth_nb.dataset.images import SMALL_PHOTO_FRACTION, pixel_digest
 from dreambooth_nb.errors import ConfigError
 
 __all__ = ["Finding", "audit", "summary", "thumbnail_similarity"]
@@ -141,11 +140,9 @@ def audit(photos: Sequence[Path], images: Sequence[Image.Image], *, resolution: 
 
 def _near_duplicates(photos: list[Path], images, embed) -> list[Finding]:
     """One finding per group of photos that look alike (pairs above the threshold, joined transitively)."""
-    firsts: dict[bytes, int] = {}  # pixel-identical photos are one photo here: the scan names them already
+    firsts: dict[str, int] = {}  # pixel-identical photos are one photo here: the scan names them already
     for i, image in enumerate(images):
-        digest = hashlib.blake2b(image.tobytes(), digest_size=16)
-        digest.update(repr((image.mode, image.size)).encode())
-        firsts.setdefault(digest.digest(), i)
+        firsts.setdefault(pixel_digest(image), i)
     kept = sorted(firsts.values())
     if len(kept) < 2:
         return []

@@ -312,6 +312,15 @@ def _why_unreadable(head: bytes) -> tuple[str, str]:
             "Use JPEG, PNG or WebP photos; delete other files from the folder.")
 
 
+def pixel_digest(image: Image.Image) -> str:
+    """A digest of the picture itself (its mode, size and pixels): equal for the same picture in any file, so
+    a copy saved under another name or format is found (the scan's "same picture"; the audit takes such copies
+    as one photo)."""
+    digest = hashlib.blake2b(image.tobytes(), digest_size=16)
+    digest.update(repr((image.mode, image.size)).encode())
+    return digest.hexdigest()
+
+
 def mask_file(photo) -> Path:
     """The mask file of `photo`: `dog1.jpg` → `dog1.mask.png` in the same folder."""
     photo = Path(photo)
@@ -450,13 +459,12 @@ def scan_images(folder, *, resolution: int = 512, min_images: int = 3, allow_emp
         try:
             with load_image(path, max_side=resolution) as im:
                 sizes[path] = im.size
-                digest = hashlib.blake2b(im.tobytes(), digest_size=16)
-                digest.update(repr(im.size).encode())
+                digest = pixel_digest(im)
         except ImageError as e:
             report.skipped.append((path, e.reason))
             continue
         report.usable.append(path)
-        by_pixels.setdefault(digest.hexdigest(), []).append(path)
+        by_pixels.setdefault(digest, []).append(path)
     report.usable.sort()
     _match_captions(report, caption_files)
     _match_masks(report, mask_files)

@@ -110,8 +110,7 @@ class ImageFolder:
             print(f"Skipped {path.name}: {reason}")
         if len(report.usable) < min_images:
             raise DataError(f"{folder}: {len(report.usable)} usable images, need at least {min_images}.")
-        loaded = cls.from_paths(report.usable, prompt=prompt, resolution=resolution)
-        loaded.prompts = report.prompts(prompt)
+        loaded = cls.from_paths(report.usable, prompt=prompt, prompts=report.prompts(prompt), resolution=resolution)
         loaded.caption_files = [p.with_suffix(".txt") if p in report.captions else None for p in report.usable]
         if masks is not None:
             found = masks.of(report.usable, loaded.images)

@@ -21,7 +21,7 @@ import pytest
 
 import test_lab_training as training
 from test_lab_training import (MISSING, NOTEBOOKS, REQUIRE_ENV, _decoded, _menu, _open_and_run_all,
-                               run_keeping_evidence)
+                               assert_log_console_clean, run_keeping_evidence)
 
 # Module-scoped fixtures of the training test, resolved against this module's `lab_dirs` ("root", "served").
 lab, page = training.lab, training.page
@@ -189,9 +189,4 @@ def _scenario(page, lab, panel: PhotoPanel, instance: Path) -> None:
     page.wait_for_timeout(500)
     notebook = page.locator(".jp-Notebook").inner_text()
     assert "Traceback" not in notebook, "the notebook shows a traceback"
-    _menu(page, "View", "logconsole:open")
-    console = page.locator(".jp-LogConsolePanel")
-    console.wait_for()
-    page.wait_for_timeout(500)
-    log = console.inner_text()
-    assert "Traceback" not in log and "KeyboardInterrupt" not in log, f"the log console holds:\n{log[:3000]}"
+    assert_log_console_clean(page)

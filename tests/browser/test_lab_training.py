@@ -317,6 +317,16 @@ def _keep_evidence(page, panel: Panel, folder: Path) -> str:
     return f"screenshot and notebook text in {folder}"
 
 
+def assert_log_console_clean(page) -> None:
+    """JupyterLab's log console, where a widget callback's uncaught error lands unseen, holds no traceback."""
+    _menu(page, "View", "logconsole:open")
+    console = page.locator(".jp-LogConsolePanel")
+    console.wait_for()
+    page.wait_for_timeout(500)
+    log = console.inner_text()
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log, f"the log console holds:\n{log[:3000]}"
+
+
 def run_keeping_evidence(scenario, *, page, lab, panel, folder: Path) -> None:
     """`scenario()`; on a failure, a screenshot and the notebook's text kept in `folder` (`_keep_evidence`) and
     named in the failure, with the server's log."""
@@ -446,12 +456,7 @@ def _scenario(page, lab, panel: Panel, name: str, project: Path) -> None:
     assert not panel.button.is_disabled(), "Train is not clickable again after the failure"
 
     # Nothing went to JupyterLab's log console (where a widget callback's uncaught error would land).
-    _menu(page, "View", "logconsole:open")
-    console = page.locator(".jp-LogConsolePanel")
-    console.wait_for()
-    page.wait_for_timeout(500)
-    log = console.inner_text()
-    assert "Traceback" not in log and "KeyboardInterrupt" not in log, f"the log console holds:\n{log[:3000]}"
+    assert_log_console_clean(page)
 
 
 # --- Notebooks 4 and 5: Stop, the interrupt, progress, the dropdown, the saved notebook ---------------------------
