@@ -450,10 +450,12 @@ def is_single_file(model: str) -> bool:
     return path.suffix.lower() in SINGLE_FILE_SUFFIXES and path.is_file()
 
 
-def default_snapshot_steps(max_steps: int) -> list[int]:
+def default_snapshot_steps(max_steps: int, *, stop_when: str = "end") -> list[int]:
     """Halfway and the end (the end is always saved): enough to see overfitting coming, light on disk. What
-    notebook 1 saves and the training panel starts from."""
-    return [max_steps // 2] if max_steps >= 2 else []
+    notebook 1 saves and the training panel starts from. With stop_when="suggested", every quarter: early stop
+    needs a snapshot after the suggested one to confirm it, so halfway-and-end could only stop at the end."""
+    parts = 4 if stop_when == "suggested" else 2
+    return [max_steps * i // parts for i in range(1, parts)] if max_steps >= parts else []
 
 
 def lr_label(lr: float) -> str:

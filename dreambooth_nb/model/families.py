@@ -71,6 +71,10 @@ class Family:
     guidance_scale: float = 7.5
     """The guidance renders use unless told (`EvalSpec.for_config`): the study's 7.5; SD 3.5's pipeline default,
     7; FLUX.1-dev's distilled guidance, 3.5 (it has no classifier-free guidance; 7.5 oversaturates)."""
+    guided_passes: int = 2
+    """Samples the denoiser runs per sampling step of a guided render: 2 with classifier-free guidance (the
+    prompt and the empty prompt, one batch; the pipelines guide when guidance_scale > 1), 1 for FLUX.1-dev,
+    whose guidance is an input of its one pass."""
 
     def check(self, config) -> None:
         """Refuse settings this family cannot train (its objective's, e.g. min-SNR weighting of a flow, or its
@@ -273,7 +277,7 @@ FLUX = FluxFamily(
     name="flux", pipeline_class="FluxPipeline", text_encoders=("text_encoder", "text_encoder_2"),
     tokenizers=("tokenizer", "tokenizer_2"), native_resolution=1024, preset="flux", denoiser="transformer",
     denoiser_class="FluxTransformer2DModel", denoiser_label="transformer", objective=Flow(),
-    token_limits=(None, 512), guidance_scale=3.5,
+    token_limits=(None, 512), guidance_scale=3.5, guided_passes=1,
     full_fine_tuning="method: full fine-tuning of FLUX.1 does not fit a 16 GB GPU (its transformer alone is 12 B "
                      "parameters: 48 GB as fp32 masters); use method='lora' (the 'flux' preset).",
     text_encoder_training="train_text_encoder: FLUX.1's text encoders (CLIP-L and T5-XXL, 4.9 B parameters) do not "

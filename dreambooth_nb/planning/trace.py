@@ -1,4 +1,4 @@
-"""The trace: what one training micro-step holds in memory, measured on fake tensors, from configs alone.
+"""The trace: what one training micro-step holds in memory and computes, measured on fake tensors, from configs alone.
 
 One micro-step (text encoder and denoiser forward, loss, backward) runs under
 `torch._subclasses.fake_tensor.FakeTensorMode`: the real diffusers / transformers modules, the real autocast
@@ -7,6 +7,12 @@ it is created and freed, so the peak and what is alive at that moment (weights, 
 weight copies, activations) come out exact for that code path. The CPU build of torch cannot run CUDA
 autocast, so the trace runs CPU autocast in bf16 (the same bytes as fp16) with CUDA's fp32 list (group_norm,
 layer_norm, softmax) patched in for the length of the trace. `planner` adds what a trace cannot see.
+
+`step_flops` runs the same micro-step again to count its floating-point operations (`torch.utils.flop_counter`:
+matrix products, convolutions and attention; forward, backward and checkpointing's recompute), and
+`trace_render` measures and counts one sampling step of a render and one VAE decode: what `planning.compute`
+weighs against each other. Counting runs apart from the memory trace: the FLOP counter decomposes some ops to
+count them, which would change what the trace sees alive.
 
 Traces are cached by `TraceKey` (the model's configs and the settings that shape the step).
 """
@@ -21,6 +27,7 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -31,6 +38,25 @@ from dreambooth_nb.model.methods import METHODS, freeze_as
 
 # The CUDA caching allocator hands out multiples of 512 bytes (c10/cuda/CUDACachingAllocator.cpp).
 ALLOCATION_ROUNDING = 512
+
+
+def _cpu_attention(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+def _cpu_attention_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# On CPU tensors (fake ones too) SDPA runs its CPU flash kernel, which torch's FLOP table does not list: counted as
+# the CUDA flash kernel is (the same products), so attention weighs what it weighs on the GPU.
+_CPU_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention,
+                        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward}
+
+
+def counting_flops() -> flop_counter.FlopCounterMode:
+    """A FLOP counter (`get_total_flops()`) that also counts attention on CPU tensors."""
+    return flop_counter.FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS)
 
 
 
@@ -227,6 +253,26 @@ def trace_step(key: TraceKey) -> StepTrace:
                          dequantized=max((2 * w.numel() for w in quantized), default=0))
 
 
+@functools.lru_cache(maxsize=64)
+def step_flops(key: TraceKey) -> int:
+    """Floating-point operations of the micro-step `trace_step` traces: forward, backward, and the forward again
+    that gradient checkpointing recomputes (frozen weights get no weight gradient: a LoRA's backward is lighter)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    components = key.configs.components
+    family = family_named(key.configs.family)
+    low = torch.bfloat16
+    frozen_dtype = low if key.half and key.device == "cuda" else torch.float32
+    with FakeTensorMode(), _policy(key):
+        modules = _build_trained_modules(components, family=family, key=key, frozen_dtype=frozen_dtype)
+        inputs = _step_inputs(components, family=family, key=key)
+        with counting_flops() as flops:
+            loss = _micro_step(modules, inputs, family=family, resolution=key.resolution,
+                               autocast_dtype=low if key.half else None, cache=key.autocast_cache)
+            loss.backward()
+    return flops.get_total_flops()
+
+
 def _policy(key: TraceKey):
     return _CudaAutocastPolicy() if key.half and key.device == "cuda" else contextlib.nullcontext()
 
@@ -297,6 +343,72 @@ def trace_vae_encode(configs: ModelConfigs, *, resolution: int, dtype_bytes: int
         with tracker:
             vae.encode(pixels).latent_dist.mean.float()
         return tracker.peak - tracker.live["frozen"]
+
+
+@dataclass(frozen=True)
+class RenderTrace:
+    """One sampling step of a render and one image's VAE decode, as a 16-bit pipeline runs them on a GPU:
+    their FLOPs, and the bytes each needs beyond the weights (activations and temporaries)."""
+
+    step_flops: int
+    """The denoiser on the step's samples: the prompt and, with classifier-free guidance, the empty prompt."""
+    step_bytes: int
+    decode_flops: int
+    decode_bytes: int
+
+
+def render_resolution(configs, resolution: int | None = None) -> int:
+    """The size renders are made at: `resolution`, else the model's native size (`EvalSpec`'s None)."""
+    if resolution:
+        return resolution
+    components = configs.components
+    family = family_named(configs.family)
+    return family.native_size(components[family.denoiser], components["vae"])
+
+
+def render_passes(configs, guidance_scale: float) -> int:
+    """Denoiser samples per sampling step: the family's guided passes where the pipeline guides (scale > 1)."""
+    return family_named(configs.family).guided_passes if guidance_scale > 1 else 1
+
+
+@functools.lru_cache(maxsize=16)
+def trace_render(configs: ModelConfigs, *, resolution: int, passes: int) -> RenderTrace:
+    """Trace a render of one image at `resolution` on fake tensors: one sampling step of the denoiser on `passes`
+    samples (2 with classifier-free guidance), then the VAE decode; 16-bit weights, no gradients."""
+    from diffusers import AutoencoderKL
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    components = configs.components
+    family = family_named(configs.family)
+    dtype = torch.bfloat16  # stands in for fp16: the same bytes and products
+    key = TraceKey(configs=configs, device="cuda", half=True, method="full", method_options=(),
+                   train_text_encoder=False, batch=passes, resolution=resolution, checkpointing=False,
+                   grads_present=False, autocast_cache=False)
+    with FakeTensorMode(), torch.no_grad():
+        denoiser = module_from_config(components[family.denoiser]).eval()
+        freeze_as(denoiser, dtype)
+        inputs = _step_inputs(components, family=family, key=key)
+        hidden, pooled = (t.to(dtype) if t is not None else None for t in inputs["encoded"])
+        added = family.added_conditioning(pooled, original_sizes=[(resolution, resolution)] * passes,
+                                          crops=[(0, 0)] * passes, resolution=resolution, device="cpu")
+        if added:
+            added = {name: value.to(dtype) for name, value in added.items()}
+        latents = inputs["latents"].to(dtype)
+        vae = AutoencoderKL.from_config(components["vae"]).eval()
+        freeze_as(vae, dtype)
+        # Each twice: its bytes, then its FLOPs (see the module's docstring).
+        tracker = _LiveBytes(trained=[], frozen=list(denoiser.parameters()))
+        with tracker:
+            family.predict(denoiser, latents, inputs["timesteps"], hidden, added)
+        with counting_flops() as step:
+            family.predict(denoiser, latents, inputs["timesteps"], hidden, added)
+        decoder = _LiveBytes(trained=[], frozen=list(vae.parameters()))
+        with decoder:
+            vae.decode(latents[:1]).sample.float()
+        with counting_flops() as decode:
+            vae.decode(latents[:1]).sample.float()
+    return RenderTrace(step_flops=step.get_total_flops(), step_bytes=tracker.peak - tracker.live["frozen"],
+                       decode_flops=decode.get_total_flops(), decode_bytes=decoder.peak - decoder.live["frozen"])
 
 
 @functools.lru_cache(maxsize=16)
