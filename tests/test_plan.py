@@ -208,6 +208,30 @@ def test_sdxl_lora_fits_a_t4_with_the_savers():
     assert result.fits and result.gpu_peak_bytes < 14 * GIB
 
 
+def test_early_stop_plans_the_snapshots_pipeline_beside_training():
+    """stop_when="suggested" renders each snapshot while training holds its weights and optimizer state: for
+    SDXL's LoRA that is the peak; on a 12 GiB card the run fits without it, not with the 16-bit pipeline beside
+    it, and the advice turns early stop off."""
+    config = sd15(method="lora", pretrained_model_name_or_path=SDXL, resolution=1024, variant="fp16")
+    off, on = plan(config, gpu="T4"), plan(config.replace(stop_when="suggested"), gpu="T4")
+    assert "snapshot's pipeline (measuring)" not in off.gpu_breakdown
+    assert on.gpu_phase == "measuring a snapshot" and on.gpu_required_bytes > off.gpu_required_bytes
+    pipeline = 2 * sum(component_sizes(read_model_configs(SDXL)).values())  # every part in 16 bits on a T4
+    assert on.gpu_breakdown["snapshot's pipeline (measuring)"] == pipeline
+    # Besides it, what training keeps between steps, and the render's activations (the decode at 1024 px).
+    assert on.gpu_breakdown["frozen weights"] == off.gpu_breakdown["frozen weights"]
+    assert on.gpu_breakdown["gradients"] == 0 and on.gpu_breakdown["activations and temporaries"] > 0
+    # The pipeline passes through host RAM on its way to the GPU (from_pretrained, then .to("cuda")): more than
+    # loading the base's largest part (its fp16 UNet, 5.1 GB).
+    assert on.host_phase.startswith("training, loading a snapshot's pipeline")
+    assert on.host_breakdown["snapshot's pipeline"] == pipeline
+    small = plan(config.replace(stop_when="suggested"), gpu=12)
+    assert plan(config, gpu=12).fits and not small.fits
+    assert small.advice[0].startswith("stop_when='end'") and small.advised_changes == {"stop_when": "end"}
+    # A CPU run's plan (tests, the toy model) leaves the renders out.
+    assert "snapshot's pipeline" not in plan(sd15(stop_when="suggested"), gpu="cpu").host_breakdown
+
+
 def test_the_goal_cases_fit_without_the_autocast_weight_cache(monkeypatch):
     """SD 1.5, prior preservation, batch 1 × 4, 16gb profile: UNet only ≤ 9.5 GiB and UNet + text encoder
     ≤ 11 GiB at the peak (allocated). With accumulation the gradients live through the forward; autocast's

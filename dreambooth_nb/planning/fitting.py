@@ -326,7 +326,11 @@ class _Search:
             need = self.need(candidate)
             if self.plan(candidate).fits and not self.fits(candidate):
                 return f"ran out of memory on this GPU before (planned {gib(need)} of {gib(total)} GiB)"
-            return f"needs {gib(need)} of {gib(total)} GiB" if total else f"needs {gib(need)} GiB of RAM"
+            if not total:
+                return f"needs {gib(need)} GiB of RAM"
+            measuring = self.plan(candidate).gpu_phase == planner.MEASURING
+            return f"needs {gib(need)} of {gib(total)} GiB" + \
+                (" while a snapshot is measured beside training (stop_when='suggested')" if measuring else "")
 
         choices = []
         if not ck:

@@ -300,6 +300,9 @@ def next_memory_saver(config) -> Saver | None:
         return Saver({"train_batch_size": 1,
                       "gradient_accumulation_steps": config.train_batch_size * config.gradient_accumulation_steps},
                      "same effective batch")
+    if config.stop_when == "suggested":
+        return Saver({"stop_when": "end"}, "no snapshot's pipeline beside training; notebook 4 measures the "
+                     "snapshots after it and suggests the same one")
     if config.train_text_encoder:
         return Saver({"train_text_encoder": False}, "saves ≈1 GB; quality drops a little")
     method = method_for(config)

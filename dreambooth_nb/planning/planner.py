@@ -12,6 +12,8 @@ component's `config.json`, shipped in `known_models/` for the usual bases) and c
 - **Arithmetic** (here) for what the trace cannot see: optimizer state (bitsandbytes 8-bit or torch AdamW),
   the optimizer step's temporaries, EMA, the VAE when latents are not cached, DDP's buckets, the CUDA
   context, and the caching allocator's fragmentation; then host RAM and disk (`memory`).
+- With `stop_when="suggested"`, **measuring a snapshot** beside training: the snapshot's pipeline loaded in
+  16 bits next to what training keeps between steps, and a render's activations (`trace.trace_render`).
 
 Traces are cached, so a settings panel re-plans instantly unless batch, resolution, checkpointing, precision
 or what is trained changes (a new SD 1.5 trace takes about 4 s on one core; the first plan in a process
@@ -35,8 +37,10 @@ from dreambooth_nb.config import Concept
 from dreambooth_nb.errors import ConfigError
 from dreambooth_nb.model.families import family_named
 from dreambooth_nb.model.methods import METHODS, method_for
+from dreambooth_nb.model.quantization import nf4_bytes, quantized_to_fit
 from dreambooth_nb.planning.trace import (ALLOCATION_ROUNDING, ModelConfigs, StepTrace, TraceKey, component_facts,
-                                         component_sizes, read_model_configs, trace_step, trace_vae_encode)
+                                         component_sizes, read_model_configs, render_passes, render_resolution,
+                                         trace_render, trace_step, trace_vae_encode)
 from dreambooth_nb.units import GIB, gib, memory_size
 
 
@@ -134,6 +138,7 @@ class Setup:
     variant: str | None
     processes: int = 1          # data-parallel processes, one per GPU: the plan is per GPU
     load_in_4bit: bool = False  # the frozen denoiser in 4 bits (QLoRA)
+    watched: bool = False       # each snapshot rendered and measured beside training (`stop_when="suggested"`)
 
     @property
     def half(self) -> bool:
@@ -161,7 +166,7 @@ def setup_for(config, gpu: Gpu | None) -> Setup:
         resolution=config.resolution, checkpointing=config.gradient_checkpointing,
         eight_bit_adam=config.use_8bit_adam, cache_latents=config.cache_latents, ema=config.use_ema,
         offload_ema=config.offload_ema, variant=config.variant, processes=config.num_processes,
-        load_in_4bit=config.load_in_4bit)
+        load_in_4bit=config.load_in_4bit, watched=config.stop_when == "suggested")
 
 
 # --- The trace's key: what a config asks of it -----------------------------------------------------------
@@ -296,7 +301,8 @@ def _plan(config, card: Gpu | None) -> MemoryPlan:
     sizes = component_sizes(configs)
     step = trace_step(trace_key(configs, setup))
     trained_params = sum(step.trained_numels)
-    device = device_peak(setup, configs=configs, sizes=sizes, step=step)
+    measuring = measuring_for(configs, sizes, card=card) if setup.watched and card is not None else None
+    device = device_peak(setup, configs=configs, sizes=sizes, step=step, measuring=measuring)
     host = _host_parts(config, setup, sizes=sizes, trained_params=trained_params, configs=configs)
     notes = []
     if card is None:  # a CPU run: the device's memory is host RAM
@@ -316,7 +322,7 @@ def _plan(config, card: Gpu | None) -> MemoryPlan:
         peak = min(reserved + CUDA_CONTEXT_BYTES, total) if fits else reserved + CUDA_CONTEXT_BYTES
         gpu_parts = {**device.allocated, "allocator cache": peak - CUDA_CONTEXT_BYTES - allocated,
                      "CUDA context": CUDA_CONTEXT_BYTES}
-        host_phase, host_parts = _host_peak(host, device=None)
+        host_phase, host_parts = _host_peak(host, device=None, measuring=measuring)
     disk_bytes, disk = _disk_parts(config, sizes=sizes, trained_params=trained_params)
     what = METHODS[setup.method].trains.format(denoiser=family_named(configs.family).denoiser_label)
     if setup.train_text_encoder:
@@ -331,6 +337,32 @@ def _plan(config, card: Gpu | None) -> MemoryPlan:
                       total_params=sum(sizes.values()), summary=summary, notes=notes)
 
 
+MEASURING = "measuring a snapshot"
+"""The GPU phase of early stop's render beside training (`Measuring`)."""
+
+
+@dataclass(frozen=True)
+class Measuring:
+    """What rendering a snapshot beside training adds (`stop_when="suggested"`): the snapshot's pipeline on the
+    GPU, in 16 bits or in 4 where `quantized_to_fit` loads a component so on this card; the larger of a
+    sampling step's and a VAE decode's activations; and the pipeline in host RAM while it loads (its 16-bit
+    parts: `from_pretrained` reads them into RAM and moves the whole pipeline to the GPU after)."""
+
+    weights: int
+    activations: int
+    host: int
+
+
+def measuring_for(configs: ModelConfigs, sizes: dict, *, card: Gpu) -> Measuring:
+    family = family_named(configs.family)
+    quantized = set(quantized_to_fit(sizes, gpu_bytes=card.total_bytes))
+    render = trace_render(configs, resolution=render_resolution(configs),
+                          passes=render_passes(configs, family.guidance_scale))
+    half = sum(2 * n for name, n in sizes.items() if name not in quantized)
+    return Measuring(weights=half + sum(nf4_bytes(sizes[name]) for name in quantized),
+                     activations=max(render.step_bytes, render.decode_bytes), host=half)
+
+
 @dataclass(frozen=True)
 class DevicePeak:
     """The training device's peak: the phase, what is allocated then by kind, and what the allocator reserves."""
@@ -340,8 +372,10 @@ class DevicePeak:
     reserved: int
 
 
-def device_peak(setup: Setup, *, configs: ModelConfigs, sizes: dict, step: StepTrace) -> DevicePeak:
-    """The largest of the micro-step, the optimizer step, the VAE encode (uncached) and the offloaded EMA update.
+def device_peak(setup: Setup, *, configs: ModelConfigs, sizes: dict, step: StepTrace,
+                measuring: Measuring | None = None) -> DevicePeak:
+    """The largest of the micro-step, the optimizer step, the VAE encode (uncached), the offloaded EMA update and,
+    with `measuring` (early stop on a GPU), the render of a snapshot beside training.
 
     Allocated: what is alive in each phase, the trace's peak plus what stays resident outside it (optimizer
     state, EMA, the VAE when latents are not cached). Reserved: PyTorch's caching allocator keeps every block a
@@ -385,6 +419,11 @@ def device_peak(setup: Setup, *, configs: ModelConfigs, sizes: dict, step: StepT
         phases["VAE encode"] = phase(peak, grads=grads if setup.accumulation > 1 else kept_grads, activations=encode)
     if ema and not resident_ema:
         phases["EMA update"] = phase(peak, grads=kept_grads, ema_bytes=ema)  # brought to the GPU for its update
+    if measuring is not None:
+        # Between two optimizer steps (the gradients set to None): training keeps its weights, optimizer state and
+        # EMA on the GPU while the snapshot's pipeline renders beside them (`results.early_stop`).
+        phases[MEASURING] = {**phase(peak, grads=kept_grads, activations=measuring.activations),
+                             "snapshot's pipeline (measuring)": measuring.weights}
     if cuda and not setup.train_text_encoder:
         # Frozen text encoders encode every prompt once, before the denoiser loads, then leave the GPU: small
         # for SD's CLIP (0.25 GB), not for SD3's T5-XXL (9.5 GB in fp16). Beside them only the VAE, when the
@@ -474,20 +513,20 @@ def _count_files(folder, *, default: int) -> int:
     return sum(1 for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith("."))
 
 
-def _host_peak(host: _HostParts, *, device: DevicePeak | None) -> tuple[str, dict]:
-    """The larger of loading and training (on a GPU while a state is saved; on CPU the step itself), by kind."""
+def _host_peak(host: _HostParts, *, device: DevicePeak | None, measuring: Measuring | None = None) -> tuple[str, dict]:
+    """The largest of loading, training (on a GPU while a state is saved; on CPU the step itself) and, with
+    `measuring`, loading a snapshot's pipeline beside training, by kind."""
     base = {"Python libraries": host.libraries, "CUDA runtime (host side)": host.cuda_runtime}
-    training = {**base, **host.kept, "photos, class images, latents": host.data}
+    kept = {**base, **host.kept, "photos, class images, latents": host.data}
     if device is not None:  # a CPU run: the training step itself is in RAM
-        training.update(device.allocated)
-        phase = f"training, {device.phase}"
+        phases = {f"training, {device.phase}": {**kept, **device.allocated}}
     else:
-        training["saving a state"] = host.saving
-        phase = "training, saving a state"
-    loading = {**base, "loading (largest part)": host.loading}
-    if sum(loading.values()) > sum(training.values()):
-        return "loading", loading
-    return phase, training
+        phases = {"training, saving a state": {**kept, "saving a state": host.saving}}
+    if measuring is not None:
+        phases["training, loading a snapshot's pipeline to measure it"] = {**kept, "snapshot's pipeline": measuring.host}
+    phases["loading"] = {**base, "loading (largest part)": host.loading}
+    name = max(phases, key=lambda n: sum(phases[n].values()))  # (a tie goes to training: the first)
+    return name, phases[name]
 
 
 def _host_ram_bytes() -> int | None:
