@@ -66,7 +66,7 @@ NUM_CLASS_IMAGES = 0  #@param {type:"integer"}
 RESOLUTION = 0  #@param {type:"integer"}
 LEARNING_RATE = 0.0  #@param {type:"number"}
 MAX_STEPS = 0  #@param {type:"integer"}
-#@markdown Stop by itself at the snapshot notebook 4 would suggest (each snapshot rendered and measured as it is saved; the judge downloads once), or train to MAX_STEPS.
+#@markdown Stop by itself at the snapshot notebook 4 would suggest (each snapshot rendered and measured as it is saved; the judge downloads once), or train to MAX_STEPS. Off by default: measuring a snapshot costs about half the training between snapshots (the summary below says how much for your settings).
 STOP_WHEN = "end"  #@param ["end", "suggested"]
 #@markdown Your photos: the captioning model "Draft captions" uses below (Florence-2 base: about a second per photo on a T4; or `Salesforce/blip-image-captioning-large`), and whether to draft when the cell runs (the button does the same).
 CAPTIONER = "florence-community/Florence-2-base"  #@param {type:"string"}
@@ -139,7 +139,8 @@ for folder, prompt, *_ in [(instance_dir, INSTANCE_PROMPT), *CONCEPTS]:
 # %% [markdown]
 # ## Save the settings
 # Written to `PROJECT_DIR/config.json`; notebooks 2–6 read it. Change a setting above and rerun this cell
-# to update it. Snapshots: one halfway and one at the end (notebook 3 can add more).
+# to update it. Snapshots: one halfway and one at the end; every quarter with `STOP_WHEN = "suggested"` (notebook 3
+# can add more).
 
 # %%
 config, fitted = projects.setup_config(

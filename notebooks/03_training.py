@@ -57,7 +57,7 @@ if HOSTED and importlib.util.find_spec("dreambooth_nb") is None:
 PROJECT_DIR = ""  #@param {type:"string"}
 LEARNING_RATE = 0.0  #@param {type:"number"}
 MAX_STEPS = 0  #@param {type:"integer"}
-#@markdown Steps with an extra snapshot to compare later, e.g. `200, 400` (empty: halfway; the last step is always saved).
+#@markdown Steps with an extra snapshot to compare later, e.g. `200, 400` (empty: halfway, every quarter with early stop; the last step is always saved).
 SNAPSHOT_STEPS = ""  #@param {type:"string"}
 #@markdown Inference steps of the sample images shown after training.
 SAMPLE_INFERENCE_STEPS = 50  #@param {type:"slider", min:10, max:150, step:5}

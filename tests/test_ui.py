@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -78,6 +79,11 @@ def test_apply_parameters_keeps_setup_values_for_zero_and_empty(base):
     assert (changed.learning_rate, changed.max_train_steps, changed.snapshot_steps) == (1e-6, 800, [400])
     explicit = settings.apply_parameters(base, max_train_steps=600, snapshot_steps="200, 600, 900")
     assert explicit.snapshot_steps == [200]
+    # Early stop confirms a suggestion at a later snapshot: its default is every quarter, and it follows Steps.
+    watched = settings.apply_parameters(base.replace(stop_when="suggested"), max_train_steps=800, snapshot_steps="")
+    assert watched.snapshot_steps == [200, 400, 600]
+    assert settings.adjust_snapshot_steps("200, 400, 600", old_steps=800, new_steps=1200) == ("300, 600, 900", "")
+    assert settings.adjust_snapshot_steps("400", old_steps=800, new_steps=1200) == ("600", "")
 
 
 def test_parse_lists():
@@ -315,6 +321,13 @@ def test_setup_config_applies_presets_and_choices(tmp_path):
     assert ui.TrainingPanel(face).fit_box.value and not ui.TrainingPanel(fixed).fit_box.value
     assert face.snapshot_steps == [600]  # halfway, as notebook 3's panel starts: the summary says what happens
     assert "snapshots at [600]" in settings.config_summary(face)
+    # Early stop: a snapshot every quarter, and what measuring each costs against the training between them.
+    watched = projects.setup_config(project, kind="face", model="stable-diffusion-v1-5/stable-diffusion-v1-5",
+                                    instance_prompt="a photo of sks person", class_prompt="a photo of a person",
+                                    resolution=512, gpu="T4", stop_when="suggested")
+    assert watched.snapshot_steps == [300, 600, 900]
+    assert re.search(r"stops by itself at the suggested snapshot: measuring a snapshot \(8 images × 50 sampling "
+                     r"steps\) costs ≈ \d+% of the 300 training steps", settings.config_summary(watched))
     [subject] = face.concepts
     assert subject.class_data_dir == str(project.class_dir) and subject.instance_data_dir == str(project.instance_dir)
     obj = projects.setup_config(project, kind="object", fit_to_gpu=False, model="stable-diffusion-v1-5/stable-diffusion-v1-5",

@@ -191,7 +191,8 @@ def setup_config(project: Project, *, kind: str = "object", method: str = "full"
     names = (kind, *extra, "16gb")
     config = preset(*names, **values, fit_to_gpu=bool(fit_to_gpu))
     if "snapshot_steps" not in values:  # (saved as notebook 3's panel will start: one at halfway, one at the end)
-        config = config.replace(snapshot_steps=default_snapshot_steps(config.max_train_steps))
+        config = config.replace(snapshot_steps=default_snapshot_steps(config.max_train_steps,
+                                                                      stop_when=config.stop_when))
     config = config.validate()
     report = None
     if config.fit_to_gpu:

@@ -10,6 +10,7 @@ from dreambooth_nb.config import PRESETS, TrainConfig, default_snapshot_steps
 from dreambooth_nb.model.methods import METHODS, method_for
 from dreambooth_nb.errors import ConfigError
 from dreambooth_nb.model.base import BaseModel
+from dreambooth_nb.results import early_stop
 
 
 # --- Parsing text fields --------------------------------------------------------------------------------
@@ -56,7 +57,7 @@ def parse_float_list(text, *, name: str = "learning rates") -> list[float]:
 def adjust_snapshot_steps(text: str, *, old_steps: int, new_steps: int) -> tuple[str, str]:
     """The snapshot-steps field after Steps changed from `old_steps` to `new_steps`, and a note for the user.
 
-    The default (halfway) follows the new step count; chosen steps at or past the new end are dropped, and
+    A default (halfway; every quarter for early stop) follows the new step count; chosen steps at or past the new end are dropped, and
     the note says which (the last step is always saved anyway). Text that does not parse is left alone:
     Train reports it.
     """
@@ -64,8 +65,10 @@ def adjust_snapshot_steps(text: str, *, old_steps: int, new_steps: int) -> tuple
         steps = parse_int_list(text, name="snapshot steps")
     except ConfigError:
         return text, ""
-    if steps == default_snapshot_steps(old_steps):
-        steps = default_snapshot_steps(new_steps)
+    for stop_when in ("end", "suggested"):  # (a default, for either: it follows the new step count)
+        if steps == default_snapshot_steps(old_steps, stop_when=stop_when):
+            steps = default_snapshot_steps(new_steps, stop_when=stop_when)
+            break
     kept = [s for s in steps if s < new_steps]
     dropped = [s for s in steps if s >= new_steps]
     note = (f"Snapshot step(s) {', '.join(map(str, dropped))} dropped: past the new {new_steps} steps "
@@ -131,14 +134,14 @@ def apply_parameters(config: TrainConfig, **values) -> TrainConfig:
     """`config` with notebook parameters applied; 0 (numbers), "" and None mean "keep the value from setup".
 
     Keys are TrainConfig field names; `snapshot_steps` may be text. With a new step count and no explicit
-    snapshot steps, snapshots default to halfway (`default_snapshot_steps`).
+    snapshot steps, snapshots default to halfway, every quarter with early stop (`default_snapshot_steps`).
     """
     changes = {k: v for k, v in values.items() if not _keep(v)}
     if "snapshot_steps" in changes:
         changes["snapshot_steps"] = parse_int_list(changes["snapshot_steps"], name="SNAPSHOT_STEPS")
     steps = int(changes.get("max_train_steps", config.max_train_steps))
     if "snapshot_steps" not in changes and (not config.snapshot_steps or "max_train_steps" in changes):
-        changes["snapshot_steps"] = default_snapshot_steps(steps)
+        changes["snapshot_steps"] = default_snapshot_steps(steps, stop_when=changes.get("stop_when", config.stop_when))
     changes["snapshot_steps"] = [s for s in changes["snapshot_steps"] if s < steps]
     return config.replace(**changes)
 
@@ -170,7 +173,8 @@ def config_summary(config: TrainConfig) -> str:
         f"Method:             {method_for(config).label(BaseModel.of(config).family.denoiser_label)}",
         f"Learning rate:      {config.learning_rate:.1e}",
         f"Steps:              {config.max_train_steps} (snapshots at {config.snapshot_steps or 'the end only'})"
-        + ("; stops by itself at the suggested snapshot" if config.stop_when == "suggested" else ""),
+        + (f"; stops by itself at the suggested snapshot: {early_stop.measuring_share(config)}"
+           if config.stop_when == "suggested" else ""),
         f"Batch:              {config.train_batch_size} x {config.gradient_accumulation_steps} accumulated = {batch}",
         f"Text encoder:       {'trained' if config.train_text_encoder else 'frozen'}",
         "Loss:               " + (f"masked: background weight {config.mask_background_weight:g} (photo.mask.png, else "

@@ -12,6 +12,10 @@ it did not better it — the subject was learned, and later steps only lost prom
 preservation (or gained nothing). The run then keeps the suggested snapshot: `suggestion.json` points export
 at it, and the message says what fell ("subject learned at step 600; by step 800 prior preservation fell
 0.92 → 0.81: stopped, kept 600").
+
+What it costs: `measuring_share` (said when a watched run starts). Measuring is inference beside training,
+about half the FLOPs of 100 training steps at the object preset's batch (`planning.compute`, README), which is
+why it is off by default; on a GPU the memory plan counts the snapshot's pipeline beside training.
 """
 
 from __future__ import annotations
@@ -19,9 +23,12 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import torch
+
 from dreambooth_nb import storage
 from dreambooth_nb.config import TrainConfig
 from dreambooth_nb.model.base import BaseModel
+from dreambooth_nb.planning import compute
 from dreambooth_nb.results import quality
 from dreambooth_nb.results.compare import load_rgb, subject_photos
 from dreambooth_nb.results.evaluate import EvalSpec, render
@@ -53,6 +60,8 @@ class Watcher:
         if self.judge is None:
             print("Note: stop_when='suggested' cannot measure the snapshots without a judge: this run trains to "
                   "its last step.")
+        else:
+            print(f"Early stop: {measuring_share(config, self.spec, device=device)}.")
 
     def __call__(self, step: int, snapshot: Path) -> tuple[int, str] | None:
         if self.judge is None:
@@ -100,6 +109,18 @@ class Watcher:
         change = (f"by step {step} {quality.TITLES[fallen[0][0]].rstrip(' ↑')} fell {fallen[0][1]:.2f} → "
                   f"{fallen[0][2]:.2f}" if fallen else f"step {step} did not better it")
         return f"subject learned at step {kept}; {change}: stopped, kept {kept}"
+
+
+def measuring_share(config: TrainConfig, spec: EvalSpec | None = None, *, device=None) -> compute.MeasuringShare:
+    """What measuring each snapshot of `config` costs against the training between two snapshots, in FLOPs
+    (`planning.compute`): `spec` rendered (notebook 4's, unless given) where training runs: `device`, else the GPU
+    here, else the CPU."""
+    spec = spec or EvalSpec.for_config(config)
+    on_cpu = torch.device(device).type == "cpu" if device is not None else not torch.cuda.is_available()
+    gpu = "cpu" if on_cpu else None
+    return compute.measuring_share(config, images=len(spec.prompts) * len(spec.seeds),
+                                   inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale,
+                                   resolution=spec.resolution, gpu=gpu)
 
 
 def train(config: TrainConfig, *, spec: EvalSpec | None = None, **kwargs) -> Path:
