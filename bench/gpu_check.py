@@ -41,6 +41,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -69,10 +70,12 @@ CASES = {
     "16gb, UNet": dict(PROFILE),
     "16gb, UNet + text encoder": dict(PROFILE, train_text_encoder=True),
     FIT: dict(PROFILE, train_batch_size=1, gradient_accumulation_steps=4, fit=True),  # the object preset's 4 per step
-    # Issue 26: what measuring a snapshot beside training costs (time, and the memory of the second pipeline the
-    # memory plan does not count yet). The judge is the tiny random one (DINOv2 + CLIP cannot be downloaded
-    # there): the renders, the bulk of the cost, are the comparison's own (EvalSpec.for_config).
-    WATCHED: dict(PROFILE, train_batch_size=1, gradient_accumulation_steps=4, fit=True, watch=True),
+    # Issue 26: what measuring a snapshot beside training costs: its time against the FLOP count's prediction
+    # (`planning.compute`), and its memory against the plan's "measuring a snapshot" phase. The judge is the tiny
+    # random one (DINOv2 + CLIP cannot be downloaded there): the renders, the bulk of the cost, are the
+    # comparison's own (EvalSpec.for_config).
+    WATCHED: dict(PROFILE, train_batch_size=1, gradient_accumulation_steps=4, fit=True, watch=True,
+                  stop_when="suggested"),
     "16gb + prior, batch 1 x 4 accumulated": dict(PROFILE, with_prior_preservation=True, gradient_accumulation_steps=4),
     "16gb + EMA offloaded, resumed": dict(PROFILE, use_ema=True, offload_ema=True),
     "two runs in one process": dict(PROFILE),
@@ -153,7 +156,8 @@ def run_case(name: str, model: str, photos: str, classes: str, out: str) -> dict
                   planned_required_gib=planned.gpu_required_bytes / 2**30,
                   peak_gib=torch.cuda.max_memory_allocated() / 2**30,
                   reserved_gib=torch.cuda.max_memory_reserved() / 2**30,
-                  s_per_step=(warm[-1] - warm[0]) / max(1, len(warm) - 1),  # (`on_step`: once per optimizer step)
+                  # (`on_step`: once per optimizer step; the median leaves out the steps a snapshot was measured at)
+                  s_per_step=statistics.median(b - a for a, b in zip(warm, warm[1:])) if len(warm) > 1 else 0.0,
                   batch=f"{final.train_batch_size} x {final.gradient_accumulation_steps}",
                   finite=all(math.isfinite(x) for x in losses), steps=len(losses))
     if published:
@@ -164,7 +168,7 @@ def run_case(name: str, model: str, photos: str, classes: str, out: str) -> dict
 def watched(config, *, on_step) -> dict:
     """Train `config` with every snapshot measured as `stop_when="suggested"` measures it (never stopping), and
     time each measuring: the first includes the base model's renders, made once per project."""
-    from dreambooth_nb.results.early_stop import Watcher
+    from dreambooth_nb.results.early_stop import Watcher, measuring_share
     from dreambooth_nb.results.quality import EmbeddingJudge
     from dreambooth_nb.training.train import train as train_steps
 
@@ -176,8 +180,10 @@ def watched(config, *, on_step) -> dict:
         seconds.append(time.perf_counter() - started)
 
     train_steps(config, on_step=on_step, on_snapshot=on_snapshot)
+    share = measuring_share(config, watcher.spec)  # (the FLOP count's prediction, per WATCH_INTERVAL steps below)
     return {"measure_seconds": seconds, "renders_per_snapshot": len(watcher.spec.prompts) * len(watcher.spec.seeds),
-            "render_steps": watcher.spec.num_inference_steps}
+            "render_steps": watcher.spec.num_inference_steps,
+            "predicted_share": share.fraction * share.interval / WATCH_INTERVAL}
 
 
 def build_model(kind: str, folder: Path) -> Path:
@@ -297,8 +303,9 @@ def main() -> int:
             each = later[-1] if later else first
             notes.append(f"measuring a snapshot ({case['renders_per_snapshot']} renders × {case['render_steps']} steps "
                          f"+ the judge): {each:.1f} s (the first, with the base model's renders: {first:.1f} s) = "
-                         f"{each / (WATCH_INTERVAL * case['s_per_step']):.1%} of {WATCH_INTERVAL} steps' training "
-                         "(issue 26: on by default at ≤ 10 %); the peak includes the renders beside training")
+                         f"{each / (WATCH_INTERVAL * case['s_per_step']):.1%} of {WATCH_INTERVAL} steps' training; "
+                         f"by FLOPs {case['predicted_share']:.1%} (`planning.compute`; on by default at ≤ 10 %); "
+                         "the peak includes the renders beside training, as the plan does")
         if "allocated_between_runs_mib" in case:
             notes.append(f"{case['allocated_between_runs_mib']:.0f} MiB still allocated between the runs")
         error = case["planned_gib"] / case["peak_gib"] - 1
