@@ -224,12 +224,9 @@ def trace_step(key: TraceKey) -> StepTrace:
     """Trace one micro-step on fake tensors: text encoder(s) if trained, the denoiser, loss, backward."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    components = key.configs.components
     family = family_named(key.configs.family)
-    low = torch.bfloat16  # stands in for fp16: the same bytes
-    frozen_dtype = low if key.half and key.device == "cuda" else torch.float32  # see models.weight_dtype
     with FakeTensorMode(), _policy(key):
-        modules = _build_trained_modules(components, family=family, key=key, frozen_dtype=frozen_dtype)
+        modules, inputs = _step_parts(key)
         trained = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
         frozen = [p for m in modules.values() for p in m.parameters() if not p.requires_grad]
         # bitsandbytes quantizes every linear layer's weight of the base (biases and norms stay 16-bit).
@@ -238,15 +235,13 @@ def trace_step(key: TraceKey) -> StepTrace:
         if key.grads_present:
             for p in trained:
                 p.grad = torch.zeros_like(p)
-        inputs = _step_inputs(components, family=family, key=key)
         tracker = _LiveBytes(trained=trained, frozen=frozen, quantized=quantized)
         for p in trained:
             p.register_post_accumulate_grad_hook(lambda p: tracker.mark_grad(p.grad))
             if p.grad is not None:
                 tracker.mark_grad(p.grad)
         with tracker:
-            loss = _micro_step(modules, inputs, family=family, resolution=key.resolution,
-                               autocast_dtype=low if key.half else None, cache=key.autocast_cache)
+            loss = _micro_step(modules, inputs, key=key)
             forward = dict(tracker.at_peak)
             loss.backward()
         return StepTrace(forward=forward, peak=tracker.at_peak, trained_numels=tuple(p.numel() for p in trained),
@@ -259,18 +254,20 @@ def step_flops(key: TraceKey) -> int:
     that gradient checkpointing recomputes (frozen weights get no weight gradient: a LoRA's backward is lighter)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    with FakeTensorMode(), _policy(key):
+        modules, inputs = _step_parts(key)
+        with counting_flops() as flops:
+            _micro_step(modules, inputs, key=key).backward()
+    return flops.get_total_flops()
+
+
+def _step_parts(key: TraceKey) -> tuple[dict, dict]:
+    """The modules a micro-step trains (see `_build_trained_modules`) and its inputs, on fake tensors."""
     components = key.configs.components
     family = family_named(key.configs.family)
-    low = torch.bfloat16
-    frozen_dtype = low if key.half and key.device == "cuda" else torch.float32
-    with FakeTensorMode(), _policy(key):
-        modules = _build_trained_modules(components, family=family, key=key, frozen_dtype=frozen_dtype)
-        inputs = _step_inputs(components, family=family, key=key)
-        with counting_flops() as flops:
-            loss = _micro_step(modules, inputs, family=family, resolution=key.resolution,
-                               autocast_dtype=low if key.half else None, cache=key.autocast_cache)
-            loss.backward()
-    return flops.get_total_flops()
+    frozen_dtype = torch.bfloat16 if key.half and key.device == "cuda" else torch.float32  # see models.weight_dtype
+    return (_build_trained_modules(components, family=family, key=key, frozen_dtype=frozen_dtype),
+            _step_inputs(components, family=family, key=key))
 
 
 def _policy(key: TraceKey):
@@ -311,10 +308,12 @@ def _step_inputs(components: dict, *, family, key: TraceKey) -> dict:
     return inputs
 
 
-def _micro_step(modules: dict, inputs: dict, *, family, resolution: int, autocast_dtype, cache: bool):
+def _micro_step(modules: dict, inputs: dict, *, key: TraceKey):
     """The forward and loss of `train.compute_loss`, under the autocast accelerate applies: the family encodes
-    the prompts (when its encoders are traced) and conditions the denoiser, as in training."""
-    context = torch.autocast("cpu", dtype=autocast_dtype, cache_enabled=cache) if autocast_dtype \
+    the prompts (when its encoders are traced) and conditions the denoiser, as in training; CPU autocast in bf16
+    stands in for CUDA's in fp16 (the same bytes)."""
+    family, resolution = family_named(key.configs.family), key.resolution
+    context = torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=key.autocast_cache) if key.half \
         else contextlib.nullcontext()
     with context:
         if "encoded" in inputs:
