@@ -102,6 +102,10 @@ class Family:
         denoiser's sample size × the VAE's downsampling (SD 1.5: 64 × 8)."""
         return int(denoiser["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
+    def native_size_of(self, components: dict[str, dict]) -> int:
+        """`native_size` from a model's component configs, by component name."""
+        return self.native_size(components[self.denoiser], components["vae"])
+
     def predict(self, denoiser, noisy: torch.Tensor, timesteps: torch.Tensor, hidden: torch.Tensor,
                 added: dict | None) -> torch.Tensor:
         """The denoiser's prediction for a batch: `hidden` the prompts' hidden states, `added` what

@@ -170,7 +170,7 @@ def native_resolution(path) -> int:
         return int(meta["native_resolution"])
     try:
         base = BaseModel(str(path))
-        return base.family.native_size(base.component_configs[base.family.denoiser], base.component_configs["vae"])
+        return base.family.native_size_of(base.component_configs)
     except (OSError, KeyError, TypeError, ValueError, ConfigError) as err:
         raise DataError(f"{path}: cannot read the denoiser/VAE config to find the native image size ({err}); "
                         "set EvalSpec.resolution explicitly (512 for SD 1.5).") from None

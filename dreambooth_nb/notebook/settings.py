@@ -57,9 +57,9 @@ def parse_float_list(text, *, name: str = "learning rates") -> list[float]:
 def adjust_snapshot_steps(text: str, *, old_steps: int, new_steps: int) -> tuple[str, str]:
     """The snapshot-steps field after Steps changed from `old_steps` to `new_steps`, and a note for the user.
 
-    A default (halfway; every quarter for early stop) follows the new step count; chosen steps at or past the new end are dropped, and
-    the note says which (the last step is always saved anyway). Text that does not parse is left alone:
-    Train reports it.
+    A default (halfway; every quarter for early stop) follows the new step count; chosen steps at or past the
+    new end are dropped, and the note says which (the last step is always saved anyway). Text that does not
+    parse is left alone: Train reports it.
     """
     try:
         steps = parse_int_list(text, name="snapshot steps")

@@ -358,11 +358,7 @@ class RenderTrace:
 
 def render_resolution(configs, resolution: int | None = None) -> int:
     """The size renders are made at: `resolution`, else the model's native size (`EvalSpec`'s None)."""
-    if resolution:
-        return resolution
-    components = configs.components
-    family = family_named(configs.family)
-    return family.native_size(components[family.denoiser], components["vae"])
+    return resolution or family_named(configs.family).native_size_of(configs.components)
 
 
 def render_passes(configs, guidance_scale: float) -> int:

@@ -246,8 +246,7 @@ def native_resolution(model) -> int:
     base = BaseModel(str(model))
     if base.location != "hub":
         return snapshots.native_resolution(model)
-    configs = base.component_configs
-    return base.family.native_size(configs[base.family.denoiser], configs["vae"])
+    return base.family.native_size_of(base.component_configs)
 
 
 def snapshot_step(snapshot) -> int | None:
